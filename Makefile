@@ -1,0 +1,52 @@
+# sharedlvm: `make demo` and `make test` do all their own set-up on a fresh Debian
+# machine, as root: Debian packages for the engines, a venv that sees python3-sanlock.
+
+PYTHON_SYSTEM := /usr/bin/python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEB_PACKAGES := lvm2 sanlock python3-sanlock qemu-utils util-linux gcc
+STAMP_DEB := $(VENV)/.deb-stamp
+STAMP_PIP := $(VENV)/.pip-stamp
+
+.PHONY: all deps venv demo test lint unit integration bench clean
+
+all: test
+
+# Debian packages: the system engines. Installed only when missing.
+$(STAMP_DEB):
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+# The venv sees Debian's python3-sanlock (built for /usr/bin/python3).
+$(STAMP_PIP): $(STAMP_DEB) pyproject.toml requirements-dev.txt
+	@test -x $(PY) || $(PYTHON_SYSTEM) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+deps venv: $(STAMP_PIP)
+
+demo: $(STAMP_PIP)
+	$(PY) -m sharedlvm.demo
+
+lint: $(STAMP_PIP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+unit: $(STAMP_PIP)
+	$(PY) -m pytest tests/unit -q
+
+test: $(STAMP_PIP) lint
+	$(PY) -m pytest tests -q --timeout=900 -p no:cacheprovider
+
+bench: $(STAMP_PIP)
+	$(PY) bench/metadata_ops.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

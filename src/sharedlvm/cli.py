@@ -1,0 +1,314 @@
+"""The ``sharedlvm`` command.
+
+Every failure is one line on stderr, ``sharedlvm: <message>``, and exit code 1
+(2 for a command line argparse cannot parse). ``--json`` output is for programs; the
+tables are for people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from . import domain as domain_mod
+from . import errors, sim, tags, units
+from . import volume as volume_mod
+from .command import Runner
+from .paths import HostPaths
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return units.parse_size(text)
+    except errors.InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of the command."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"sharedlvm: {message} (see {self.prog} --help)\n")
+
+
+def _open(args: argparse.Namespace) -> domain_mod.Domain:
+    return domain_mod.Domain.open(HostPaths.from_env(), Runner(), args.domain)
+
+
+# domain
+
+def cmd_domain_create(args: argparse.Namespace) -> None:
+    d = domain_mod.create_domain(HostPaths.from_env(), Runner(), args.name, args.lun,
+                                 args.host_id, io_timeout=args.io_timeout)
+    _show_domain(d.info(), args.json)
+
+
+def cmd_domain_attach(args: argparse.Namespace) -> None:
+    d = domain_mod.attach_domain(HostPaths.from_env(), Runner(), args.name, args.lun,
+                                 args.host_id)
+    _show_domain(d.info(), args.json)
+
+
+def cmd_domain_info(args: argparse.Namespace) -> None:
+    _show_domain(_open(args).info(), args.json)
+
+
+def cmd_domain_list(args: argparse.Namespace) -> None:
+    names = domain_mod.attached_domains(HostPaths.from_env())
+    if args.json:
+        _print_json(names)
+    else:
+        for name in names:
+            print(name)
+
+
+def cmd_domain_remove(args: argparse.Namespace) -> None:
+    d = _open(args)
+    d.remove(force=args.force)
+    print(f"domain {d.name} removed")
+
+
+def cmd_domain_detach(args: argparse.Namespace) -> None:
+    d = _open(args)
+    if d.is_writer:
+        raise errors.Busy(f"host {d.host_id} is the writer of domain {d.name}; "
+                          "use 'domain remove' to destroy it")
+    d.detach()
+    print(f"domain {d.name} detached from this host")
+
+
+def _show_domain(info: domain_mod.DomainInfo, as_json: bool) -> None:
+    if as_json:
+        _print_json(asdict(info))
+        return
+    rows = [
+        ("name", info.name), ("uuid", info.domain_uuid),
+        ("format version", str(info.format_version)),
+        ("this host", f"{info.host_id}" + (" (writer)" if info.is_writer else " (reader)")),
+        ("writer", f"host {info.writer_host_id}"),
+        ("manager generation", str(info.manager_generation)),
+        ("io timeout", f"{info.io_timeout} s"),
+        ("luns", ", ".join(info.luns)),
+        ("size", units.format_size(info.size)), ("free", units.format_size(info.free)),
+        ("extent size", units.format_size(info.extent_size)),
+        ("volumes", str(info.volumes)),
+        ("metadata", f"{units.format_size(info.metadata_free)} free of "
+                     f"{units.format_size(info.metadata_size)} (seqno {info.seqno})"),
+        ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}")
+
+
+# volume
+
+def _tag_args(values: Sequence[str] | None) -> list[tuple[str, str]]:
+    return [tags.parse_user_tag(t) for t in values or []]
+
+
+def cmd_volume_create(args: argparse.Namespace) -> None:
+    info = volume_mod.create_volume(_open(args), args.size, fmt=args.format, alloc=args.alloc,
+                                    image=args.image, user_tags=_tag_args(args.tag),
+                                    request_id=args.request_id)
+    _show_volumes([info], args.json, single=True)
+
+
+def cmd_volume_list(args: argparse.Namespace) -> None:
+    found = volume_mod.list_volumes(_open(args), image=args.image, user_tags=_tag_args(args.tag))
+    _show_volumes(found, args.json)
+
+
+def cmd_volume_info(args: argparse.Namespace) -> None:
+    _show_volumes([volume_mod.get_volume(_open(args), args.volume)], args.json, single=True)
+
+
+def cmd_volume_extend(args: argparse.Namespace) -> None:
+    text = args.size
+    units.parse_resize(text, 0)  # validate before touching anything
+    info = volume_mod.extend_volume(_open(args), args.volume,
+                                    lambda current: units.parse_resize(text, current),
+                                    request_id=args.request_id)
+    _show_volumes([info], args.json, single=True)
+
+
+def cmd_volume_delete(args: argparse.Namespace) -> None:
+    result = volume_mod.delete_volume(_open(args), args.volume, wipe=args.wipe,
+                                      request_id=args.request_id)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"volume {args.volume} deleted" + (" (wiped)" if args.wipe else ""))
+
+
+def cmd_volume_path(args: argparse.Namespace) -> None:
+    print(volume_mod.volume_path(_open(args), args.volume))
+
+
+def cmd_volume_deactivate(args: argparse.Namespace) -> None:
+    d = _open(args)
+    volume_mod.check_uuid(args.volume)
+    d.activator.deactivate(d.vg_name, args.volume)
+
+
+def _show_volumes(found: list[volume_mod.VolumeInfo], as_json: bool,
+                  single: bool = False) -> None:
+    if as_json:
+        data = [v.as_dict() for v in found]
+        _print_json(data[0] if single else data)
+        return
+    rows = [[v.uuid, v.image, v.format, v.alloc, units.format_size(v.capacity),
+             units.format_size(v.size), v.state,
+             ",".join(f"{k}={val}" for k, val in sorted(v.user_tags.items()))] for v in found]
+    _table(rows, ["VOLUME", "IMAGE", "FORMAT", "ALLOC", "CAPACITY", "LV SIZE", "STATE", "TAGS"])
+
+
+# sim
+
+def cmd_sim_up(args: argparse.Namespace) -> None:
+    bed = sim.sim_up(Runner(), Path(args.dir).absolute(), args.hosts, args.size,
+                     sector_size=args.sector_size, luns=args.luns)
+    print(f"simulation in {bed.dir}")
+    for lun in bed.luns:
+        print(f"  LUN {lun.device} ({units.format_size(args.size)}, "
+              f"{lun.sector_size} B sectors) backed by {lun.file}")
+    luns = " ".join(f"--lun {lun.device}" for lun in bed.luns)
+    print("hosts (address each with SHAREDLVM_ROOT):")
+    for i, host in enumerate(bed.hosts, start=1):
+        verb = (f"domain create --name demo {luns} --host-id {i}" if i == 1 else
+                f"domain attach demo {luns} --host-id {i}")
+        print(f"  host {i}: SHAREDLVM_ROOT={host} sharedlvm {verb}")
+    print(f"tear down: sharedlvm sim down --dir {bed.dir}")
+
+
+def cmd_sim_down(args: argparse.Namespace) -> None:
+    sim.sim_down(Runner(), Path(args.dir).absolute())
+    print(f"simulation in {args.dir} removed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sharedlvm", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    top = parser.add_subparsers(dest="group", required=True)
+
+    def common(p: argparse.ArgumentParser, domain: bool = True) -> None:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        if domain:
+            p.add_argument("--domain", help="domain name (default: the only attached one)")
+
+    dom = top.add_parser("domain", help="format, attach, inspect domains").add_subparsers(
+        dest="command", required=True)
+    p = dom.add_parser("create", help="format LUNs as a new domain; this host is the writer")
+    p.add_argument("--name", required=True)
+    p.add_argument("--lun", action="append", required=True, help="block device (repeatable)")
+    p.add_argument("--host-id", type=int, required=True)
+    p.add_argument("--io-timeout", type=int, default=10, help="sanlock io_timeout, seconds")
+    common(p, domain=False)
+    p.set_defaults(func=cmd_domain_create)
+    p = dom.add_parser("attach", help="use an existing domain on this host")
+    p.add_argument("name")
+    p.add_argument("--lun", action="append", required=True)
+    p.add_argument("--host-id", type=int, required=True)
+    common(p, domain=False)
+    p.set_defaults(func=cmd_domain_attach)
+    p = dom.add_parser("info", help="show a domain")
+    common(p)
+    p.set_defaults(func=cmd_domain_info)
+    p = dom.add_parser("list", help="domains attached on this host")
+    common(p, domain=False)
+    p.set_defaults(func=cmd_domain_list)
+    p = dom.add_parser("remove", help="destroy a domain (writer only)")
+    p.add_argument("--force", action="store_true", help="even if volumes exist")
+    common(p)
+    p.set_defaults(func=cmd_domain_remove)
+    p = dom.add_parser("detach", help="forget a domain on this host (readers)")
+    common(p)
+    p.set_defaults(func=cmd_domain_detach)
+
+    vol = top.add_parser("volume", help="create, list, extend, delete volumes").add_subparsers(
+        dest="command", required=True)
+    p = vol.add_parser("create", help="create a volume (writer only)")
+    p.add_argument("--size", type=_size_arg, required=True, help="capacity, e.g. 10G")
+    p.add_argument("--format", default="raw", choices=volume_mod.FORMATS)
+    p.add_argument("--alloc", choices=volume_mod.ALLOCATIONS)
+    p.add_argument("--image", help="image UUID (default: a new image)")
+    p.add_argument("--tag", action="append", help="user tag key=value (repeatable)")
+    p.add_argument("--request-id", help="makes the request idempotent")
+    common(p)
+    p.set_defaults(func=cmd_volume_create)
+    p = vol.add_parser("list", help="list volumes")
+    p.add_argument("--image")
+    p.add_argument("--tag", action="append", help="only volumes with tag key=value")
+    common(p)
+    p.set_defaults(func=cmd_volume_list)
+    p = vol.add_parser("info", help="show one volume")
+    p.add_argument("volume")
+    common(p)
+    p.set_defaults(func=cmd_volume_info)
+    p = vol.add_parser("extend", help="grow a volume (writer only)")
+    p.add_argument("volume")
+    p.add_argument("--size", required=True, help="+2G (grow by) or 12G (grow to)")
+    p.add_argument("--request-id")
+    common(p)
+    p.set_defaults(func=cmd_volume_extend)
+    p = vol.add_parser("delete", help="delete a volume (writer only)")
+    p.add_argument("volume")
+    p.add_argument("--wipe", action="store_true", help="zero the data before removing")
+    p.add_argument("--request-id")
+    common(p)
+    p.set_defaults(func=cmd_volume_delete)
+    p = vol.add_parser("path", help="activate on this host and print the device path")
+    p.add_argument("volume")
+    common(p)
+    p.set_defaults(func=cmd_volume_path)
+    p = vol.add_parser("deactivate", help="deactivate on this host")
+    p.add_argument("volume")
+    common(p)
+    p.set_defaults(func=cmd_volume_deactivate)
+
+    sims = top.add_parser("sim", help="local playground of simulated hosts").add_subparsers(
+        dest="command", required=True)
+    p = sims.add_parser("up", help="make file-backed LUNs and host roots")
+    p.add_argument("--hosts", type=int, default=3)
+    p.add_argument("--dir", required=True)
+    p.add_argument("--size", type=_size_arg, default=20 * units.GiB)
+    p.add_argument("--sector-size", type=int, default=512, choices=(512, 4096))
+    p.add_argument("--luns", type=int, default=1)
+    p.set_defaults(func=cmd_sim_up)
+    p = sims.add_parser("down", help="remove everything 'sim up' made")
+    p.add_argument("--dir", required=True)
+    p.set_defaults(func=cmd_sim_down)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except errors.Error as exc:
+        print(f"sharedlvm: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sharedlvm: interrupted", file=sys.stderr)
+        return 130
+    return 0

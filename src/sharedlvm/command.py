@@ -1,0 +1,114 @@
+"""The one way sharedlvm runs external commands.
+
+argv lists only (never a shell), failure by default, a timeout on every call, the argv
+logged at debug level. A :class:`Runner` is passed to the code that needs it, so tests
+can record or replace it (see :class:`RecordingRunner`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .errors import CommandError, CommandTimeout
+
+log = logging.getLogger(__name__)
+
+# No external command sharedlvm runs should take this long; LVM on a VG with
+# thousands of LVs takes well under a second. A stuck SAN path is the usual reason to
+# hit it, and then failing beats hanging the caller forever.
+DEFAULT_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: list[str]
+    rc: int
+    out: str
+    err: str
+    seconds: float
+
+
+class Runner:
+    """Runs argv lists with an optional extra environment."""
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self.env = dict(env or {})
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
+        input: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Result:
+        argv = [str(a) for a in argv]
+        full_env = dict(os.environ)
+        full_env.update(self.env)
+        if env:
+            full_env.update(env)
+        log.debug("run %s", argv)
+        start = time.monotonic()
+        try:
+            proc = subprocess.run(
+                argv,
+                input=input,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=full_env,
+                stdin=None if input is not None else subprocess.DEVNULL,
+                close_fds=True,
+            )
+        except subprocess.TimeoutExpired as exc:
+            out = _text(exc.stdout)
+            err = _text(exc.stderr)
+            raise CommandTimeout(argv, timeout, out, err) from exc
+        except FileNotFoundError as exc:
+            raise CommandError(argv, 127, "", f"{argv[0]}: command not found") from exc
+        elapsed = time.monotonic() - start
+        log.debug("rc=%d in %.3f s: %s", proc.returncode, elapsed, argv[0])
+        if check and proc.returncode != 0:
+            raise CommandError(argv, proc.returncode, proc.stdout, proc.stderr)
+        return Result(argv, proc.returncode, proc.stdout, proc.stderr, elapsed)
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, bytes):
+        return data.decode(errors="replace")
+    return data
+
+
+@dataclass
+class RecordingRunner(Runner):
+    """A runner that records every argv and delegates to a real runner.
+
+    Used by tests that assert on exact command lines (for example that a non-writer
+    host passes ``locking_type=4``) while still running the real command.
+    """
+
+    inner: Runner = field(default_factory=Runner)
+    calls: list[list[str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.inner.env)
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
+        input: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Result:
+        self.calls.append([str(a) for a in argv])
+        return self.inner.run(argv, check=check, timeout=timeout, input=input, env=env)

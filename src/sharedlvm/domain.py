@@ -1,0 +1,347 @@
+"""A sharedlvm domain: one VG on shared LUNs, its special LVs and its domain record.
+
+``create_domain`` formats LUNs (on the host that becomes the writer), ``attach_domain``
+makes another host use an existing domain, and :class:`Domain` is an attached domain
+opened on this host: its LVM (read-only unless this host is the writer), its
+activator, and its domain record read fresh from the ``journal`` LV.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import stat
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+from . import errors, journal, ondisk
+from .activation import Activator, make_activator
+from .command import Runner
+from .errors import CommandError
+from .lvm import Lvm, LvmConfig, device_mapper_available
+from .paths import HostPaths
+
+log = logging.getLogger(__name__)
+
+DOMAIN_TAG = "sharedlvm.domain"
+FORMAT_TAG = "sharedlvm.format=1"
+SPECIAL_TAG = "sharedlvm.special"
+
+# The special LVs of format version 1 (DESIGN.md "On-disk layout"), created in this
+# order right after the VG so each is a single segment at the start of the first PV.
+SPECIAL_LVS: dict[str, int] = {
+    "ids": 8 * 1024 * 1024,
+    "leases": 1024 * 1024 * 1024,
+    "mailbox": 16 * 1024 * 1024,
+    "journal": 64 * 1024 * 1024,
+}
+
+MAX_HOST_ID = 2000
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_+.-]{0,63}$")
+
+
+def check_name(name: str) -> None:
+    if not _NAME_RE.match(name) or name in SPECIAL_LVS:
+        raise errors.InvalidArgument(
+            f"invalid domain name {name!r}: use 1-64 characters of letters, digits, "
+            "'_', '+', '.', '-', not starting with '+', '.' or '-'")
+
+
+def check_host_id(host_id: int) -> None:
+    if not 1 <= host_id <= MAX_HOST_ID:
+        raise errors.InvalidArgument(f"invalid host id {host_id}: must be 1..{MAX_HOST_ID}")
+
+
+def check_lun(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise errors.NotFound(f"LUN {path} does not exist") from None
+    if not stat.S_ISBLK(mode):
+        raise errors.InvalidArgument(f"LUN {path} is not a block device")
+
+
+@dataclass(frozen=True)
+class HostDomainConfig:
+    """What this host knows about an attached domain (etc/sharedlvm/domains/NAME.json)."""
+
+    name: str
+    domain_uuid: str
+    luns: tuple[str, ...]
+    host_id: int
+
+    def save(self, paths: HostPaths) -> None:
+        paths.ensure()
+        target = paths.domain_config(self.name)
+        tmp = target.with_suffix(".tmp")
+        data = asdict(self)
+        data["luns"] = list(self.luns)
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, target)
+
+    @classmethod
+    def load(cls, paths: HostPaths, name: str) -> HostDomainConfig:
+        try:
+            data = json.loads(paths.domain_config(name).read_text())
+        except FileNotFoundError:
+            raise errors.DomainNotFound(f"domain {name} is not attached on this host") from None
+        return cls(data["name"], data["domain_uuid"], tuple(data["luns"]), int(data["host_id"]))
+
+
+def attached_domains(paths: HostPaths) -> list[str]:
+    if not paths.domains_dir.is_dir():
+        return []
+    return sorted(p.stem for p in paths.domains_dir.glob("*.json"))
+
+
+def _write_lvm_conf(paths: HostPaths) -> None:
+    """LVM_SYSTEM_DIR needs an lvm.conf; ours is empty on purpose: every setting
+    sharedlvm relies on is in the --config of each command (see lvm.py)."""
+    paths.ensure()
+    conf = paths.lvm_system_dir / "lvm.conf"
+    if not conf.exists():
+        # LVM refuses a file with no section at all.
+        conf.write_text("# sharedlvm: settings are passed with --config; see lvm.py\n"
+                        "config {\n    checks = 1\n}\n")
+
+
+def make_lvm(paths: HostPaths, runner: Runner, luns: Sequence[str], writable: bool) -> Lvm:
+    _write_lvm_conf(paths)
+    return Lvm(runner, LvmConfig(devices=tuple(luns), writable=writable,
+                                 system_dir=paths.lvm_system_dir, lock_dir=paths.lvm_lock_dir,
+                                 activation=device_mapper_available()))
+
+
+class Domain:
+    """An attached domain, opened on this host."""
+
+    def __init__(self, paths: HostPaths, runner: Runner, config: HostDomainConfig) -> None:
+        self.paths = paths
+        self.runner = runner
+        self.config = config
+        self.name = config.name
+        self.vg_name = config.name
+        self.host_id = config.host_id
+        # Read-only until the domain record says this host is the writer.
+        self.lvm = make_lvm(paths, runner, config.luns, writable=False)
+        self.activator: Activator = make_activator(self.lvm, runner, paths.activations_dir)
+        self.record = self.read_record()
+        if self.record.domain_uuid != config.domain_uuid:
+            raise errors.CorruptRecord(
+                f"domain record on {self.name} has UUID {self.record.domain_uuid}, "
+                f"this host attached {config.domain_uuid}")
+        if self.is_writer:
+            self.lvm = make_lvm(paths, runner, config.luns, writable=True)
+            self.activator = make_activator(self.lvm, runner, paths.activations_dir)
+
+    @classmethod
+    def open(cls, paths: HostPaths, runner: Runner, name: str | None = None) -> Domain:
+        if name is None:
+            names = attached_domains(paths)
+            if not names:
+                raise errors.DomainNotFound("no domain is attached on this host")
+            if len(names) > 1:
+                raise errors.InvalidArgument(
+                    f"several domains are attached ({', '.join(names)}): use --domain")
+            name = names[0]
+        check_name(name)
+        return cls(paths, runner, HostDomainConfig.load(paths, name))
+
+    @property
+    def is_writer(self) -> bool:
+        return self.record.writer_host_id == self.host_id
+
+    def require_writer(self) -> None:
+        if not self.is_writer:
+            raise errors.NotWriter(self.host_id, self.name, self.record.writer_host_id)
+
+    def special_path(self, lv_name: str) -> str:
+        """Device path of a special LV, activating it on first use. Special LVs never
+        move, so an existing activation is reused without another LVM scan."""
+        return self.activator.path(self.vg_name, lv_name) or self.activator.activate(
+            self.vg_name, lv_name)
+
+    def read_record(self) -> journal.DomainRecord:
+        with ondisk.BlockFile(self.special_path("journal")) as dev:
+            return journal.read_domain_record(dev)
+
+    @contextlib.contextmanager
+    def journal(self) -> Iterator[ondisk.BlockFile]:
+        self.require_writer()
+        with ondisk.BlockFile(self.special_path("journal"), writable=True) as dev:
+            yield dev
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Serialize metadata operations of processes on the writer host: the journal's
+        request records are read-modify-write."""
+        self.require_writer()
+        self.paths.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.paths.run_dir / f"{self.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def info(self) -> DomainInfo:
+        vg = self.lvm.vg(self.vg_name)
+        volumes = len([lv for lv in self.lvm.lvs(self.vg_name) if lv.name not in SPECIAL_LVS])
+        return DomainInfo(
+            name=self.name, domain_uuid=self.record.domain_uuid, vg_uuid=vg.uuid,
+            format_version=ondisk.FORMAT_VERSION, host_id=self.host_id,
+            writer_host_id=self.record.writer_host_id, is_writer=self.is_writer,
+            io_timeout=self.record.io_timeout,
+            manager_generation=self.record.manager_generation, luns=list(self.config.luns),
+            size=vg.size, free=vg.free, extent_size=vg.extent_size, volumes=volumes,
+            metadata_size=vg.mda_size, metadata_free=vg.mda_free, seqno=vg.seqno,
+            created=self.record.created)
+
+    def deactivate_all(self) -> None:
+        for lv_name in self.activator.active(self.vg_name):
+            self.activator.deactivate(self.vg_name, lv_name)
+
+    def detach(self) -> None:
+        """Forget the domain on this host (non-writer hosts); the LUN is untouched."""
+        self.deactivate_all()
+        self.paths.domain_config(self.name).unlink(missing_ok=True)
+
+    def remove(self, force: bool = False) -> None:
+        """Destroy the domain: VG, PV labels, this host's config (writer only)."""
+        self.require_writer()
+        volumes = [lv.name for lv in self.lvm.lvs(self.vg_name) if lv.name not in SPECIAL_LVS]
+        if volumes and not force:
+            raise errors.Busy(f"domain {self.name} has {len(volumes)} volume(s); "
+                              "delete them or use --force")
+        self.deactivate_all()
+        self.lvm.vgremove(self.vg_name)
+        self.lvm.pvremove(self.config.luns)
+        self.paths.domain_config(self.name).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    name: str
+    domain_uuid: str
+    vg_uuid: str
+    format_version: int
+    host_id: int
+    writer_host_id: int
+    is_writer: bool
+    io_timeout: int
+    manager_generation: int
+    luns: list[str]
+    size: int
+    free: int
+    extent_size: int
+    volumes: int
+    metadata_size: int
+    metadata_free: int
+    seqno: int
+    created: float
+
+
+def _lun_signature(runner: Runner, lun: str) -> str | None:
+    """What blkid finds on the LUN (a filesystem, an LVM PV, a partition table)."""
+    result = runner.run(["blkid", "--probe", "--output", "export", lun], check=False)
+    if result.rc == 2:  # nothing found
+        return None
+    if result.rc != 0:
+        raise errors.LvmError(f"cannot probe {lun}: {result.err.strip()}")
+    fields = dict(line.split("=", 1) for line in result.out.splitlines() if "=" in line)
+    kind = fields.get("TYPE") or fields.get("PTTYPE") or "unknown data"
+    return {"LVM2_member": "an LVM physical volume"}.get(kind, kind)
+
+
+def create_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[str],
+                  host_id: int, io_timeout: int = 10) -> Domain:
+    """Format ``luns`` as a new domain with this host as its writer."""
+    check_name(name)
+    check_host_id(host_id)
+    if not luns:
+        raise errors.InvalidArgument("at least one --lun is needed")
+    if len(set(luns)) != len(luns):
+        raise errors.InvalidArgument("the same LUN is given twice")
+    if not 1 <= io_timeout <= 60:
+        raise errors.InvalidArgument(f"invalid io_timeout {io_timeout}: must be 1..60 s")
+    for lun in luns:
+        check_lun(lun)
+    if paths.domain_config(name).exists():
+        raise errors.AlreadyExists(f"domain {name} is already attached on this host")
+    for lun in luns:
+        found = _lun_signature(runner, lun)
+        if found:
+            raise errors.AlreadyExists(f"LUN {lun} is not empty: it holds {found}")
+
+    domain_uuid = str(uuid.uuid4())
+    lvm = make_lvm(paths, runner, luns, writable=True)
+    lvm.pvcreate(luns)
+    try:
+        lvm.vgcreate(name, luns, [f"{DOMAIN_TAG}={domain_uuid}", FORMAT_TAG])
+        for lv_name, size in SPECIAL_LVS.items():
+            lvm.lvcreate(name, lv_name, size, [SPECIAL_TAG])
+        activator = make_activator(lvm, runner, paths.activations_dir)
+        record = journal.DomainRecord(domain_uuid=domain_uuid, vg_name=name,
+                                      writer_host_id=host_id, created=time.time(),
+                                      io_timeout=io_timeout)
+        with ondisk.BlockFile(activator.activate(name, "journal"), writable=True) as dev:
+            dev.write(0, b"\0" * journal.REQUESTS_OFFSET)
+            journal.write_domain_record(dev, record)
+    except BaseException:
+        _undo_format(lvm, paths, runner, name, luns)
+        raise
+    config = HostDomainConfig(name, domain_uuid, tuple(luns), host_id)
+    config.save(paths)
+    return Domain(paths, runner, config)
+
+
+def _undo_format(lvm: Lvm, paths: HostPaths, runner: Runner, name: str,
+                 luns: Sequence[str]) -> None:
+    """Best effort: leave the LUNs as empty as they were found."""
+    activator = make_activator(lvm, runner, paths.activations_dir)
+    for lv_name in SPECIAL_LVS:
+        with contextlib.suppress(errors.Error):
+            activator.deactivate(name, lv_name)
+    with contextlib.suppress(errors.Error):
+        lvm.vgremove(name)
+    with contextlib.suppress(errors.Error):
+        lvm.pvremove(luns)
+
+
+def attach_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[str],
+                  host_id: int) -> Domain:
+    """Attach an existing domain on this host after verifying its domain record."""
+    check_name(name)
+    check_host_id(host_id)
+    if not luns:
+        raise errors.InvalidArgument("at least one --lun is needed")
+    for lun in luns:
+        check_lun(lun)
+    if paths.domain_config(name).exists():
+        raise errors.AlreadyExists(f"domain {name} is already attached on this host")
+    lvm = make_lvm(paths, runner, luns, writable=False)
+    try:
+        vg = lvm.vg(name)
+    except errors.LvmError as exc:
+        raise errors.DomainNotFound(f"no domain {name} on {', '.join(luns)}: {exc}") from exc
+    tags = dict(t.split("=", 1) for t in vg.tags if "=" in t)
+    domain_uuid = tags.get(DOMAIN_TAG)
+    if not domain_uuid:
+        raise errors.DomainNotFound(f"volume group {name} is not a sharedlvm domain")
+    if vg.pv_count != len(luns):
+        raise errors.InvalidArgument(
+            f"domain {name} has {vg.pv_count} LUN(s); give all of them with --lun")
+    config = HostDomainConfig(name, domain_uuid, tuple(luns), host_id)
+    try:
+        domain = Domain(paths, runner, config)  # reads and verifies the domain record
+    except (errors.Error, CommandError):
+        make_activator(lvm, runner, paths.activations_dir).deactivate(name, "journal")
+        raise
+    config.save(paths)
+    return domain
