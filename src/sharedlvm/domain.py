@@ -328,8 +328,8 @@ def attach_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[st
     lvm = make_lvm(paths, runner, luns, writable=False)
     try:
         vg = lvm.vg(name)
-    except errors.LvmError as exc:
-        raise errors.DomainNotFound(f"no domain {name} on {', '.join(luns)}: {exc}") from exc
+    except (errors.LvmError, errors.DomainNotFound):
+        raise errors.DomainNotFound(f"domain {name} not found on {', '.join(luns)}") from None
     tags = dict(t.split("=", 1) for t in vg.tags if "=" in t)
     domain_uuid = tags.get(DOMAIN_TAG)
     if not domain_uuid:

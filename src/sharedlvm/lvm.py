@@ -330,12 +330,14 @@ _ERROR_PATTERNS: list[tuple[str, type[errors.Error]]] = [
 
 def _map_error(exc: CommandError) -> errors.Error:
     text = exc.err
-    line = exc.last_line()
     for pattern, cls in _ERROR_PATTERNS:
-        if pattern in text:
-            if cls is errors.DomainNotFound and "not found" not in text:
-                continue
-            if cls is errors.ReadOnlyDenied:
-                line = "LVM refused to change metadata: this host has read-only locking"
-            return cls(line)
-    return errors.LvmError(f"{exc.argv[1] if len(exc.argv) > 1 else 'lvm'}: {line}")
+        matching = [ln.strip() for ln in text.splitlines() if pattern in ln]
+        if cls is errors.DomainNotFound:
+            matching = [ln for ln in matching if "not found" in ln]
+        if not matching:
+            continue
+        if cls is errors.ReadOnlyDenied:
+            return cls("LVM refused to change metadata: this host has read-only locking")
+        return cls(matching[0])
+    command = exc.argv[1] if len(exc.argv) > 1 else "lvm"
+    return errors.LvmError(f"{command}: {exc.last_line()}")

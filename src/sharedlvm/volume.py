@@ -24,7 +24,7 @@ from typing import Any
 from . import errors, journal, qemu_img, tags
 from .domain import SPECIAL_LVS, Domain
 from .lvm import LogicalVolume
-from .units import GiB
+from .units import GiB, format_size
 
 log = logging.getLogger(__name__)
 
@@ -184,14 +184,13 @@ def _create(domain: Domain, a: dict[str, Any]) -> VolumeInfo:
         if "resumed" in a else []
     if fmt == "raw":
         if not existing:
-            domain.lvm.lvcreate(domain.vg_name, vol, size, [*base, tags.make_tag("state", "ready")])
+            _lvcreate(domain, vol, size, [*base, tags.make_tag("state", "ready")])
         return get_volume(domain, vol)
     lv_size = (min(size, THIN_INITIAL_SIZE) if a["alloc"] == "thin" else size)
     lv_size += qemu_img.metadata_overhead(size)
     creating = tags.make_tag("state", "creating")
     if not existing:
-        domain.lvm.lvcreate(domain.vg_name, vol, lv_size,
-                            [*base, creating, tags.make_tag("capacity", str(size))])
+        _lvcreate(domain, vol, lv_size, [*base, creating, tags.make_tag("capacity", str(size))])
     path = domain.activator.activate(domain.vg_name, vol)
     try:
         qemu_img.create(domain.runner, path, "qcow2", size)
@@ -201,6 +200,15 @@ def _create(domain: Domain, a: dict[str, Any]) -> VolumeInfo:
     domain.lvm.change_tags(domain.vg_name, vol, add=[tags.make_tag("state", "ready")],
                            delete=[creating])
     return get_volume(domain, vol)
+
+
+def _lvcreate(domain: Domain, vol: str, size: int, lv_tags: list[str]) -> None:
+    try:
+        domain.lvm.lvcreate(domain.vg_name, vol, size, lv_tags)
+    except errors.NoSpace:
+        free = domain.lvm.vg(domain.vg_name).free
+        raise errors.NoSpace(f"not enough free space in domain {domain.name}: need "
+                             f"{format_size(size)}, free {format_size(free)}") from None
 
 
 def extend_volume(domain: Domain, volume_id: str, target: Callable[[int], int],

@@ -1,0 +1,65 @@
+"""DESIGN.md rule 1: only the writer changes LVM metadata, enforced twice: sharedlvm
+refuses on a non-writer host, and LVM itself refuses (locking_type=4) even when the
+project's LVM module is asked directly."""
+
+from __future__ import annotations
+
+import pytest
+from bed import Cluster
+
+from sharedlvm import errors
+from sharedlvm.command import RecordingRunner
+from sharedlvm.domain import make_lvm
+
+pytestmark = pytest.mark.integration
+
+NOT_WRITER = "sharedlvm: host {id} is not the writer of domain dom1 (writer: host 1)"
+
+
+def test_non_writer_cli_refused(cluster: Cluster) -> None:
+    vol = cluster.writer.cli_json("volume", "create", "--size", "1G")["uuid"]
+    before = cluster.disk_state()
+    for host in cluster.hosts[1:]:
+        for args in (["volume", "create", "--size", "1G"],
+                     ["volume", "create", "--size", "1G", "--request-id", "r1"],
+                     ["volume", "extend", vol, "--size", "+1G"],
+                     ["volume", "delete", vol],
+                     ["volume", "delete", vol, "--wipe"],
+                     ["domain", "remove", "--force"]):
+            proc = host.cli(*args, check=False)
+            assert proc.returncode == 1, args
+            assert proc.stderr == NOT_WRITER.format(id=host.host_id) + "\n", args
+    assert cluster.disk_state() == before
+
+
+def test_lvm_itself_refuses_on_non_writer(cluster: Cluster) -> None:
+    reader = cluster.hosts[1]
+    runner = RecordingRunner()
+    d = reader.domain()
+    lvm = make_lvm(reader.paths, runner, cluster.luns, writable=d.is_writer)
+    before = cluster.disk_state()
+    with pytest.raises(errors.ReadOnlyDenied):
+        lvm.lvcreate(cluster.name, "sneaky", 128 * 1024**2, [])
+    with pytest.raises(errors.ReadOnlyDenied):
+        lvm.change_tags(cluster.name, "journal", add=["x"])
+    with pytest.raises(errors.ReadOnlyDenied):
+        lvm.vgremove(cluster.name)
+    assert cluster.disk_state() == before
+    # The refusal came from LVM because of the config the module passed.
+    for argv in runner.calls:
+        assert argv[0] == "lvm" and argv[2] == "--config"
+        assert "locking_type = 4" in argv[3]
+
+
+def test_domain_object_of_reader_is_read_only(cluster: Cluster) -> None:
+    d = cluster.hosts[2].domain()
+    assert not d.is_writer and not d.lvm.writable
+    with pytest.raises(errors.ReadOnlyDenied):
+        d.lvm.lvcreate(cluster.name, "x", 128 * 1024**2, [])
+    with pytest.raises(errors.NotWriter):
+        d.require_writer()
+    with pytest.raises(errors.NotWriter), d.journal():
+        pass
+    w = cluster.writer.domain()
+    assert w.is_writer and w.lvm.writable
+    assert "locking_type = 4" not in w.lvm.config.text()
