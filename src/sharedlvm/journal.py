@@ -26,6 +26,7 @@ from typing import Any
 
 from . import ondisk
 from .errors import CorruptRecord, DomainNotFound
+from .lvm import EXTENT_SIZE
 
 DOMAIN_MAGIC = b"SLVMDOM1"
 REQUEST_MAGIC = b"SLVMREQ1"
@@ -45,6 +46,7 @@ class DomainRecord:
     created: float
     io_timeout: int = 10
     manager_generation: int = 0
+    extent_size: int = EXTENT_SIZE
     seq: int = 0
 
     def payload(self) -> dict[str, Any]:
@@ -52,6 +54,7 @@ class DomainRecord:
             "domain_uuid": self.domain_uuid, "vg_name": self.vg_name,
             "writer_host_id": self.writer_host_id, "created": self.created,
             "io_timeout": self.io_timeout, "manager_generation": self.manager_generation,
+            "extent_size": self.extent_size,
         }
 
     @classmethod
@@ -61,7 +64,8 @@ class DomainRecord:
             return cls(domain_uuid=p["domain_uuid"], vg_name=p["vg_name"],
                        writer_host_id=int(p["writer_host_id"]), created=float(p["created"]),
                        io_timeout=int(p["io_timeout"]),
-                       manager_generation=int(p["manager_generation"]), seq=rec.seq)
+                       manager_generation=int(p["manager_generation"]),
+                       extent_size=int(p["extent_size"]), seq=rec.seq)
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptRecord(f"domain record is missing {exc}") from exc
 

@@ -72,10 +72,11 @@ backup {{
 # backup/archive: only the writer keeps metadata backups (in its private
 #   LVM_SYSTEM_DIR); a reader could only archive someone else's changes.
 
-# Metadata area per PV. Measured: 10,000 volumes with full sharedlvm tags need
-# 13.4 MiB of metadata text, and LVM keeps two copies in the circular buffer while it
-# commits, so 128 MiB (vdsm's figure) leaves ample room. bench/metadata_ops.py prints
-# the measured figure.
+# Metadata area per PV. Measured (bench/metadata_ops.py, vgcfgbackup): 632 bytes of
+# metadata text per volume with its tags, so 10,000 volumes take about 6 MiB. LVM
+# keeps the old and the new copy in the circular area while it commits, and user
+# tags can make a volume several times larger, so vdsm's 128 MiB leaves a wide
+# margin for the 10,000-volume target.
 METADATA_SIZE = 128 * 1024 * 1024
 
 # Extent size: vdsm's 128 MiB keeps the extent count (and so the metadata) small for
@@ -264,6 +265,12 @@ class Lvm:
 
     def lvremove(self, vg_name: str, lv_names: Sequence[str]) -> None:
         self.run("lvremove", "--yes", *[f"{vg_name}/{lv}" for lv in lv_names])
+
+    def lvremove_selected(self, vg_name: str, select: str) -> list[str]:
+        """Remove the LVs of ``vg_name`` matching an LVM selection; returns their names
+        (empty when nothing matched, which LVM does not treat as an error)."""
+        out = self.run("lvremove", "--yes", "--select", select, vg_name)
+        return re.findall(r'Logical volume "([^"]+)" successfully removed', out)
 
     def change_tags(self, vg_name: str, lv_name: str, add: Sequence[str] = (),
                     delete: Sequence[str] = ()) -> None:

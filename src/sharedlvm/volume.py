@@ -18,13 +18,13 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import errors, journal, qemu_img, tags
 from .domain import SPECIAL_LVS, Domain
 from .lvm import LogicalVolume
-from .units import GiB, format_size
+from .units import GiB, format_size, round_up
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,25 @@ class VolumeInfo:
                    state=meta.get("state", "unknown"), generation=int(meta.get("gen", "0")),
                    user_tags=user, segments=lv.segments)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VolumeInfo:
+        return cls(uuid=d["uuid"], domain=d["domain"], image=d["image"], parent=d["parent"],
+                   format=d["format"], alloc=d["alloc"], capacity=int(d["capacity"]),
+                   size=int(d["size"]), state=d["state"], generation=int(d["generation"]),
+                   user_tags=dict(d["tags"]))
+
     def as_dict(self) -> dict[str, Any]:
         return {"uuid": self.uuid, "domain": self.domain, "image": self.image,
                 "parent": self.parent, "format": self.format, "alloc": self.alloc,
                 "capacity": self.capacity, "size": self.size, "state": self.state,
                 "generation": self.generation, "tags": dict(self.user_tags)}
+
+
+# LVM selection matching sharedlvm volumes: every volume carries one sl.state tag.
+# (LVM allows no regex on tag lists, and "{a,b}" did not match either tag on 2.03.16;
+# "{a}" means "has tag a".)
+VOLUME_SELECT = "(" + " || ".join(
+    f"lv_tags={{sl.state={state}}}" for state in ("ready", "creating", "removing")) + ")"
 
 
 def _is_volume(lv: LogicalVolume) -> bool:
@@ -172,7 +186,7 @@ def create_volume(domain: Domain, size: int, fmt: str = "raw", alloc: str | None
     with domain.writer_lock():
         result = _once(domain, request_id, "create", args,
                        lambda a: _create(domain, a).as_dict())
-    return get_volume(domain, result["uuid"])
+    return VolumeInfo.from_dict(result)
 
 
 def _create(domain: Domain, a: dict[str, Any]) -> VolumeInfo:
@@ -182,10 +196,17 @@ def _create(domain: Domain, a: dict[str, Any]) -> VolumeInfo:
             tags.make_tag("gen", str(domain.record.manager_generation)), *a["tags"]]
     existing = domain.lvm.lvs(domain.vg_name, select=f"lv_name={vol}") \
         if "resumed" in a else []
+    extent = domain.record.extent_size
     if fmt == "raw":
-        if not existing:
-            _lvcreate(domain, vol, size, [*base, tags.make_tag("state", "ready")])
-        return get_volume(domain, vol)
+        if existing:
+            return get_volume(domain, vol)
+        _lvcreate(domain, vol, size, [*base, tags.make_tag("state", "ready")])
+        # What one lvcreate just committed: no second LVM command to read it back.
+        size = round_up(size, extent)
+        return VolumeInfo(uuid=vol, domain=domain.name, image=a["image"], parent="none",
+                          format="raw", alloc="preallocated", capacity=size, size=size,
+                          state="ready", generation=domain.record.manager_generation,
+                          user_tags=tags.parse_tags(a["tags"])[1])
     lv_size = (min(size, THIN_INITIAL_SIZE) if a["alloc"] == "thin" else size)
     lv_size += qemu_img.metadata_overhead(size)
     creating = tags.make_tag("state", "creating")
@@ -217,8 +238,11 @@ def extend_volume(domain: Domain, volume_id: str, target: Callable[[int], int],
     check_uuid(volume_id)
     domain.require_writer()
     with domain.writer_lock():
+        current: list[VolumeInfo] = []
+
         def resolve() -> dict[str, Any]:
             info = get_volume(domain, volume_id)  # fresh view (rule 4)
+            current.append(info)
             new = target(info.capacity)
             if new < info.capacity:
                 raise errors.InvalidArgument(
@@ -233,16 +257,19 @@ def extend_volume(domain: Domain, volume_id: str, target: Callable[[int], int],
         else:
             args = resolve()
         result = _once(domain, request_id, "extend", args,
-                       lambda a: _extend(domain, a).as_dict())
-    return get_volume(domain, result["uuid"])
+                       lambda a: _extend(domain, a, None if "resumed" in a else
+                                         current[0] if current else None).as_dict())
+    return VolumeInfo.from_dict(result)
 
 
-def _extend(domain: Domain, a: dict[str, Any]) -> VolumeInfo:
+def _extend(domain: Domain, a: dict[str, Any], info: VolumeInfo | None) -> VolumeInfo:
     vol, capacity = a["volume"], int(a["capacity"])
-    info = get_volume(domain, vol)
+    if info is None:
+        info = get_volume(domain, vol)
     if info.format == "raw":
         domain.lvm.lvextend(domain.vg_name, vol, capacity)
-        return get_volume(domain, vol)
+        size = max(info.size, round_up(capacity, domain.record.extent_size))
+        return replace(info, capacity=size, size=size)
     if capacity == info.capacity:
         return info
     # qcow2: grow the virtual size; a preallocated volume's LV grows with it.
@@ -271,6 +298,15 @@ def delete_volume(domain: Domain, volume_id: str, wipe: bool = False,
 
 def _delete(domain: Domain, a: dict[str, Any]) -> dict[str, Any]:
     vol = a["volume"]
+    if not a["wipe"]:
+        # One command: the selection matches only a sharedlvm volume of that name,
+        # never a special LV or a foreign LV (rule: never touch what is not ours).
+        domain.activator.deactivate(domain.vg_name, vol)
+        if domain.lvm.lvremove_selected(domain.vg_name, f"lv_name={vol} && {VOLUME_SELECT}"):
+            return {"uuid": vol, "deleted": True}
+        if "resumed" in a:
+            return {"uuid": vol, "deleted": True}
+        raise errors.VolumeNotFound(f"volume {vol} not found in domain {domain.name}")
     try:
         info = get_volume(domain, vol)
     except errors.VolumeNotFound:
