@@ -1,0 +1,223 @@
+"""sanlock, behind one small module: the only place that knows its flags and errnos.
+
+Delta leases (a host id in a lockspace) and Paxos resource leases on shared storage,
+through Debian's ``python3-sanlock`` binding. Each process talks to the sanlock daemon
+of its own host; on a machine with several simulated hosts that daemon is chosen by
+``SANLOCK_RUN_DIR`` (:func:`use_run_dir`), read by the library at each connection.
+
+Errors are mapped to the project's errors at one place, :func:`_map`, from the table
+:data:`ERRNO_MAP` (measured with sanlock 3.8.5; vdsm's clusterlock.py documents the
+same codes).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import errors
+
+try:
+    import sanlock
+except ImportError:  # pragma: no cover - the Makefile installs python3-sanlock
+    sanlock = None
+
+T = TypeVar("T")
+
+RUN_DIR_ENV = "SANLOCK_RUN_DIR"
+
+# sanlock's fixed watchdog term: a host that stopped renewing is reset by its
+# watchdog this long after renewal failure, so others may take its leases only then.
+WATCHDOG_FIRE_TIMEOUT = 60
+
+# errno -> (error class, meaning). Negative values are sanlock's own SANLK_* codes.
+ERRNO_MAP: dict[int, tuple[type[errors.Error], str]] = {
+    -243: (errors.LeaseHeld, "held by another live host"),  # SANLK_ACQUIRE_IDLIVE
+    -244: (errors.LeaseHeld, "held by another host"),  # SANLK_ACQUIRE_OWNED
+    -245: (errors.LeaseHeld, "held by another host (retry later)"),  # SANLK_ACQUIRE_OTHER
+    -246: (errors.LeaseError, "owner is not yet known dead"),  # SANLK_ACQUIRE_SHRETRY
+    -247: (errors.LeaseHeld, "held by another host, its lockspace is unknown"),  # IDDISK
+    errno.EAGAIN: (errors.LeaseHeld, "held in a conflicting mode"),
+    -223: (errors.LeaseError, "no lease initialized there"),  # SANLK_LEADER_MAGIC
+    -226: (errors.LeaseError, "lease belongs to another lockspace"),  # LEADER_LOCKSPACE
+    -227: (errors.LeaseError, "lease belongs to another resource"),  # LEADER_RESOURCE
+    errno.ENOSPC: (errors.LockspaceError, "this host has not joined the lockspace"),
+    errno.EEXIST: (errors.LockspaceError, "already joined"),
+    errno.EINPROGRESS: (errors.LockspaceError, "join or leave in progress"),
+    errno.ENOENT: (errors.LockspaceError, "lockspace not found (or sanlock not running)"),
+    errno.EPIPE: (errors.LeaseError, "the sanlock daemon went away"),
+    errno.ECONNREFUSED: (errors.LeaseError, "the sanlock daemon is not running"),
+    errno.EIO: (errors.LeaseError, "I/O error on lease storage"),
+    errno.ETIMEDOUT: (errors.LeaseError, "lease storage timed out"),
+}
+
+
+def host_dead_seconds(io_timeout: int) -> int:
+    """When other hosts may take a silent host's leases: renewal failure (8 x io
+    timeout) plus the watchdog term (DESIGN.md "Leases: sanlock")."""
+    return 8 * io_timeout + WATCHDOG_FIRE_TIMEOUT
+
+
+def align_for(sector_size: int) -> int:
+    """sanlock's lease alignment for 2000 hosts: 1 MiB on 512 B, 8 MiB on 4 KiB."""
+    return 1024 * 1024 if sector_size == 512 else 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Disk:
+    path: str
+    offset: int
+
+    def pair(self) -> tuple[str, int]:
+        return (self.path, self.offset)
+
+
+@dataclass(frozen=True)
+class HostState:
+    host_id: int
+    state: str  # live | failing | dead | free | unknown
+    generation: int
+    timestamp: int
+
+
+@dataclass(frozen=True)
+class Held:
+    lockspace: str
+    resource: str
+    version: int
+    shared: bool
+
+
+@dataclass(frozen=True)
+class Owner:
+    host_id: int
+    generation: int
+
+
+def use_run_dir(path: Path) -> None:
+    """Talk to the sanlock daemon whose run dir is ``path`` (this host's)."""
+    os.environ[RUN_DIR_ENV] = str(path)
+
+
+def _map(exc: Exception, what: str) -> errors.Error:
+    code = getattr(exc, "errno", None)
+    if code is None and getattr(exc, "args", None):
+        code = exc.args[0]
+    cls, meaning = ERRNO_MAP.get(int(code) if isinstance(code, int) else 0,
+                                 (errors.LeaseError, str(exc)))
+    return cls(f"{what}: {meaning} (sanlock error {code})")
+
+
+def _call(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    if sanlock is None:
+        raise errors.Unsupported("python3-sanlock is not installed")
+    try:
+        return fn(*args, **kwargs)
+    except sanlock.SanlockException as exc:
+        raise _map(exc, what) from exc
+
+
+def _disks(disks: Sequence[Disk]) -> list[tuple[str, int]]:
+    return [d.pair() for d in disks]
+
+
+def _geometry(sector_size: int) -> dict[str, int]:
+    return {"align": align_for(sector_size), "sector": sector_size}
+
+
+# Formatting
+
+def init_lockspace(name: str, disk: Disk, sector_size: int, io_timeout: int) -> None:
+    _call(f"cannot write lockspace {name}", sanlock.write_lockspace, name.encode(),
+          disk.path, offset=disk.offset, iotimeout=io_timeout, **_geometry(sector_size))
+
+
+def init_resource(lockspace: str, resource: str, disk: Disk, sector_size: int) -> None:
+    _call(f"cannot write lease {resource}", sanlock.write_resource, lockspace.encode(),
+          resource.encode(), [disk.pair()], **_geometry(sector_size))
+
+
+# Lockspace membership (daemon-wide: survives the calling process)
+
+def join_lockspace(name: str, host_id: int, disk: Disk, io_timeout: int) -> None:
+    """Acquire host id ``host_id`` in the lockspace; blocks until done (about
+    3 x io_timeout for a free id, longer if the id was used recently)."""
+    try:
+        _call(f"host {host_id} cannot join lockspace {name}", sanlock.add_lockspace,
+              name.encode(), host_id, disk.path, offset=disk.offset, iotimeout=io_timeout)
+    except errors.LockspaceError as exc:
+        if "already joined" not in str(exc):
+            raise
+
+
+def leave_lockspace(name: str, host_id: int, disk: Disk) -> None:
+    _call(f"host {host_id} cannot leave lockspace {name}", sanlock.rem_lockspace,
+          name.encode(), host_id, disk.path, offset=disk.offset)
+
+
+def lockspace_joined(name: str, host_id: int, disk: Disk) -> bool:
+    return bool(_call("cannot inquire lockspace", sanlock.inq_lockspace, name.encode(),
+                      host_id, disk.path, offset=disk.offset))
+
+
+_HOST_STATES = {1: "unknown", 2: "free", 3: "live", 4: "failing", 5: "dead"}
+
+
+def host_states(name: str, retries: int = 10) -> dict[int, HostState]:
+    """Every host id sanlock has seen in the lockspace, with its state. Right after
+    joining sanlock answers EAGAIN until it has read the lockspace once: retried."""
+    for attempt in range(retries):
+        try:
+            hosts = _call(f"cannot list hosts of {name}", sanlock.get_hosts, name.encode())
+            break
+        except errors.LeaseHeld:  # EAGAIN
+            if attempt == retries - 1:
+                raise
+            time.sleep(0.5)
+    result = {}
+    for h in hosts:
+        state = _HOST_STATES.get(h["flags"] & 0x7, "unknown")
+        result[int(h["host_id"])] = HostState(int(h["host_id"]), state,
+                                              int(h["generation"]), int(h["timestamp"]))
+    return result
+
+
+# Resource leases, held by a process
+
+def register() -> int:
+    """Connect this process to its host's sanlock daemon; leases acquired through the
+    returned fd belong to this process and are released when it exits."""
+    return int(_call("cannot register with sanlock", sanlock.register))
+
+
+def acquire(lockspace: str, resource: str, disks: Sequence[Disk], *, shared: bool,
+            fd: int) -> None:
+    _call(f"cannot acquire lease {resource}", sanlock.acquire, lockspace.encode(),
+          resource.encode(), _disks(disks), slkfd=fd, shared=shared)
+
+
+def release(lockspace: str, resource: str, disks: Sequence[Disk], *, fd: int) -> None:
+    _call(f"cannot release lease {resource}", sanlock.release, lockspace.encode(),
+          resource.encode(), _disks(disks), slkfd=fd)
+
+
+def inquire(fd: int) -> list[Held]:
+    """The leases this process holds now, with their versions (the fencing token)."""
+    held = _call("cannot inquire leases", sanlock.inquire, slkfd=fd)
+    return [Held(h["lockspace"].decode(), h["resource"].decode(), int(h["version"]),
+                 bool(h["flags"] & sanlock.RES_SHARED)) for h in held]
+
+
+def read_resource_owners(lockspace: str, resource: str, disks: Sequence[Disk],
+                         sector_size: int) -> list[Owner]:
+    """Hosts that hold the lease according to the lease on disk (not filtered by
+    liveness: combine with host_states)."""
+    owners = _call(f"cannot read owners of {resource}", sanlock.read_resource_owners,
+                   lockspace.encode(), resource.encode(), _disks(disks),
+                   **_geometry(sector_size))
+    return [Owner(int(o["host_id"]), int(o["generation"])) for o in owners]
