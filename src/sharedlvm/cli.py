@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from . import domain as domain_mod
-from . import errors, sim, tags, units
+from . import errors, leases, rpc, sim, tags, units
 from . import volume as volume_mod
 from .command import Runner
+from .leases import host_dead_seconds
 from .paths import HostPaths
 
 
@@ -55,15 +56,46 @@ def _open(args: argparse.Namespace) -> domain_mod.Domain:
 # domain
 
 def cmd_domain_create(args: argparse.Namespace) -> None:
-    d = domain_mod.create_domain(HostPaths.from_env(), Runner(), args.name, args.lun,
-                                 args.host_id, io_timeout=args.io_timeout)
-    _show_domain(d.info(), args.json)
+    paths = HostPaths.from_env()
+    d = domain_mod.create_domain(paths, Runner(), args.name, args.lun, args.host_id,
+                                 io_timeout=args.io_timeout, format_leases=_format_leases)
+    _start_using(paths, d, wait=not args.no_wait, quiet=args.json)
+    _show_domain(domain_mod.Domain.open(paths, Runner(), d.name).info(), args.json)
+
+
+def _format_leases(d: domain_mod.Domain) -> None:
+    from .lease_layout import LeaseLayout
+
+    leases.use_run_dir(d.paths.sanlock_run_dir)
+    LeaseLayout(d).format()
 
 
 def cmd_domain_attach(args: argparse.Namespace) -> None:
-    d = domain_mod.attach_domain(HostPaths.from_env(), Runner(), args.name, args.lun,
-                                 args.host_id)
+    paths = HostPaths.from_env()
+    d = domain_mod.attach_domain(paths, Runner(), args.name, args.lun, args.host_id)
+    _start_using(paths, d, wait=not args.no_wait, quiet=args.json)
     _show_domain(d.info(), args.json)
+
+
+def _start_using(paths: HostPaths, d: domain_mod.Domain, wait: bool, quiet: bool) -> None:
+    """Tell the local daemon about the domain; wait until it joined the lockspace."""
+    try:
+        rpc.call(paths.run_dir, "reload")
+    except rpc.DaemonNotRunning:
+        if not quiet:
+            print(f"note: the sharedlvm daemon is not running on this host; start it to "
+                  f"join domain {d.name}", file=sys.stderr)
+        return
+    if not wait:
+        return
+    deadline = time.monotonic() + 30 * d.record.io_timeout + 60
+    while time.monotonic() < deadline:
+        status = {s["domain"]: s for s in rpc.call(paths.run_dir, "status")}
+        if status.get(d.name, {}).get("joined"):
+            return
+        time.sleep(0.2)
+    raise errors.LockspaceError(f"host {d.host_id} did not join the lockspace of "
+                                f"{d.name} in time; see the daemon log")
 
 
 def cmd_domain_info(args: argparse.Namespace) -> None:
@@ -79,18 +111,29 @@ def cmd_domain_list(args: argparse.Namespace) -> None:
             print(name)
 
 
+def _daemon(op: str, args: dict[str, Any]) -> Any:
+    return rpc.call(HostPaths.from_env().run_dir, op, args)
+
+
 def cmd_domain_remove(args: argparse.Namespace) -> None:
     d = _open(args)
-    d.remove(force=args.force)
+    _daemon("domain.remove", {"domain": d.name, "force": args.force})
     print(f"domain {d.name} removed")
 
 
 def cmd_domain_detach(args: argparse.Namespace) -> None:
     d = _open(args)
-    if d.is_writer:
-        raise errors.Busy(f"host {d.host_id} is the writer of domain {d.name}; "
-                          "use 'domain remove' to destroy it")
+    paths = HostPaths.from_env()
+    try:
+        status = {s["domain"]: s for s in rpc.call(paths.run_dir, "status")}
+    except rpc.DaemonNotRunning:
+        status = {}
+    if status.get(d.name, {}).get("manager"):
+        raise errors.Busy(f"host {d.host_id} is the manager of domain {d.name}; "
+                          "use 'manager release' first, or 'domain remove' to destroy it")
     d.detach()
+    if status:
+        rpc.call(paths.run_dir, "reload")  # the daemon leaves the lockspace
     print(f"domain {d.name} detached from this host")
 
 
@@ -101,10 +144,11 @@ def _show_domain(info: domain_mod.DomainInfo, as_json: bool) -> None:
     rows = [
         ("name", info.name), ("uuid", info.domain_uuid),
         ("format version", str(info.format_version)),
-        ("this host", f"{info.host_id}" + (" (writer)" if info.is_writer else " (reader)")),
-        ("writer", f"host {info.writer_host_id}"),
+        ("this host", f"{info.host_id}" + (" (manager)" if info.is_manager else "")),
+        ("manager", f"host {info.manager_host_id}" if info.manager_host_id else "none yet"),
         ("manager generation", str(info.manager_generation)),
-        ("io timeout", f"{info.io_timeout} s"),
+        ("io timeout", f"{info.io_timeout} s (a dead host's leases free after "
+                       f"{host_dead_seconds(info.io_timeout)} s)"),
         ("luns", ", ".join(info.luns)),
         ("size", units.format_size(info.size)), ("free", units.format_size(info.free)),
         ("extent size", units.format_size(info.extent_size)),
@@ -125,10 +169,13 @@ def _tag_args(values: Sequence[str] | None) -> list[tuple[str, str]]:
 
 
 def cmd_volume_create(args: argparse.Namespace) -> None:
-    info = volume_mod.create_volume(_open(args), args.size, fmt=args.format, alloc=args.alloc,
-                                    image=args.image, user_tags=_tag_args(args.tag),
-                                    request_id=args.request_id)
-    _show_volumes([info], args.json, single=True)
+    user_tags = _tag_args(args.tag)
+    for key, value in user_tags:
+        tags.make_user_tag(key, value)  # validate here: one clear line, nothing sent
+    result = _daemon("volume.create", {
+        "domain": args.domain, "size": args.size, "format": args.format, "alloc": args.alloc,
+        "image": args.image, "tags": user_tags, "request_id": args.request_id})
+    _show_volumes([volume_mod.VolumeInfo.from_dict(result)], args.json, single=True)
 
 
 def cmd_volume_list(args: argparse.Namespace) -> None:
@@ -141,17 +188,16 @@ def cmd_volume_info(args: argparse.Namespace) -> None:
 
 
 def cmd_volume_extend(args: argparse.Namespace) -> None:
-    text = args.size
-    units.parse_resize(text, 0)  # validate before touching anything
-    info = volume_mod.extend_volume(_open(args), args.volume,
-                                    lambda current: units.parse_resize(text, current),
-                                    request_id=args.request_id)
-    _show_volumes([info], args.json, single=True)
+    units.parse_resize(args.size, 0)  # validate before sending anything
+    result = _daemon("volume.extend", {"domain": args.domain, "volume": args.volume,
+                                       "size": args.size, "request_id": args.request_id})
+    _show_volumes([volume_mod.VolumeInfo.from_dict(result)], args.json, single=True)
 
 
 def cmd_volume_delete(args: argparse.Namespace) -> None:
-    result = volume_mod.delete_volume(_open(args), args.volume, wipe=args.wipe,
-                                      request_id=args.request_id)
+    volume_mod.check_uuid(args.volume)
+    result = _daemon("volume.delete", {"domain": args.domain, "volume": args.volume,
+                                       "wipe": args.wipe, "request_id": args.request_id})
     if args.json:
         _print_json(result)
     else:
@@ -160,6 +206,18 @@ def cmd_volume_delete(args: argparse.Namespace) -> None:
 
 def cmd_volume_path(args: argparse.Namespace) -> None:
     print(volume_mod.volume_path(_open(args), args.volume))
+
+
+def cmd_volume_prepare(args: argparse.Namespace) -> None:
+    volume_mod.check_uuid(args.volume)
+    result = _daemon("volume.prepare", {"domain": args.domain, "volume": args.volume,
+                                        "shared": args.shared})
+    print(result["path"])
+
+
+def cmd_volume_teardown(args: argparse.Namespace) -> None:
+    volume_mod.check_uuid(args.volume)
+    _daemon("volume.teardown", {"domain": args.domain, "volume": args.volume})
 
 
 def cmd_volume_deactivate(args: argparse.Namespace) -> None:
@@ -178,6 +236,49 @@ def _show_volumes(found: list[volume_mod.VolumeInfo], as_json: bool,
              units.format_size(v.size), v.state,
              ",".join(f"{k}={val}" for k, val in sorted(v.user_tags.items()))] for v in found]
     _table(rows, ["VOLUME", "IMAGE", "FORMAT", "ALLOC", "CAPACITY", "LV SIZE", "STATE", "TAGS"])
+
+
+# daemon, manager, hosts, consumers
+
+def cmd_daemon(args: argparse.Namespace) -> None:
+    from .daemon import run_daemon
+
+    run_daemon(HostPaths.from_env(), Path(args.log_file) if args.log_file else None)
+
+
+def cmd_manager_status(args: argparse.Namespace) -> None:
+    result = _daemon("manager.status", {"domain": args.domain})
+    if args.json:
+        _print_json(result)
+        return
+    who = f"host {result['manager']}" if result["manager"] else "none"
+    print(f"domain {result['domain']}: manager {who}, generation {result['generation']}"
+          + (" (this host)" if result["this_host"] else ""))
+
+
+def cmd_manager_release(args: argparse.Namespace) -> None:
+    result = _daemon("manager.release", {"domain": args.domain})
+    print("manager role released" if result["released"] else "this host was not manager")
+
+
+def cmd_host_list(args: argparse.Namespace) -> None:
+    hosts = _daemon("host.list", {"domain": args.domain})
+    if args.json:
+        _print_json(hosts)
+        return
+    rows = [[str(h["host_id"]), h["state"], str(h["generation"]), ", ".join(h["holds"])]
+            for h in hosts]
+    _table(rows, ["HOST", "STATE", "GENERATION", "HOLDS"])
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .consumer import exec_with_leases, parse_volume_arg
+
+    volumes = [parse_volume_arg(v) for v in args.volume]
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    exec_with_leases(_open(args), volumes, command)
 
 
 # sim
@@ -220,12 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lun", action="append", required=True, help="block device (repeatable)")
     p.add_argument("--host-id", type=int, required=True)
     p.add_argument("--io-timeout", type=int, default=10, help="sanlock io_timeout, seconds")
+    p.add_argument("--no-wait", action="store_true", help="do not wait for the lockspace")
     common(p, domain=False)
     p.set_defaults(func=cmd_domain_create)
     p = dom.add_parser("attach", help="use an existing domain on this host")
     p.add_argument("name")
     p.add_argument("--lun", action="append", required=True)
     p.add_argument("--host-id", type=int, required=True)
+    p.add_argument("--no-wait", action="store_true", help="do not wait for the lockspace")
     common(p, domain=False)
     p.set_defaults(func=cmd_domain_attach)
     p = dom.add_parser("info", help="show a domain")
@@ -282,6 +385,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("volume")
     common(p)
     p.set_defaults(func=cmd_volume_deactivate)
+
+    p = vol.add_parser("prepare", help="hold the volume's lease in the daemon, activate, "
+                       "print the device")
+    p.add_argument("volume")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--exclusive", dest="shared", action="store_false", default=False)
+    mode.add_argument("--shared", dest="shared", action="store_true")
+    common(p)
+    p.set_defaults(func=cmd_volume_prepare)
+    p = vol.add_parser("teardown", help="deactivate and release a prepared volume")
+    p.add_argument("volume")
+    common(p)
+    p.set_defaults(func=cmd_volume_teardown)
+
+    p = top.add_parser("daemon", help="run this host's daemon (foreground)")
+    p.add_argument("--log-file")
+    p.set_defaults(func=cmd_daemon)
+
+    mgr = top.add_parser("manager", help="the manager role").add_subparsers(
+        dest="command", required=True)
+    p = mgr.add_parser("status", help="which host is manager, at which generation")
+    common(p)
+    p.set_defaults(func=cmd_manager_status)
+    p = mgr.add_parser("release", help="make this host give the role up")
+    common(p)
+    p.set_defaults(func=cmd_manager_release)
+
+    hosts = top.add_parser("host", help="hosts of a domain").add_subparsers(
+        dest="command", required=True)
+    p = hosts.add_parser("list", help="host ids, their sanlock state and what they hold")
+    common(p)
+    p.set_defaults(func=cmd_host_list)
+
+    p = top.add_parser("run", help="run a command holding volume leases (like flock)")
+    p.add_argument("--volume", action="append", required=True, help="UUID or UUID:ro")
+    p.add_argument("--domain")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS")
+    p.set_defaults(func=cmd_run)
 
     sims = top.add_parser("sim", help="local playground of simulated hosts").add_subparsers(
         dest="command", required=True)

@@ -17,7 +17,7 @@ import re
 import stat
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 from . import errors, journal, ondisk
@@ -111,11 +111,13 @@ def _write_lvm_conf(paths: HostPaths) -> None:
                         "config {\n    checks = 1\n}\n")
 
 
-def make_lvm(paths: HostPaths, runner: Runner, luns: Sequence[str], writable: bool) -> Lvm:
+def make_lvm(paths: HostPaths, runner: Runner, luns: Sequence[str], writable: bool,
+             before_write: Callable[[], None] | None = None) -> Lvm:
     _write_lvm_conf(paths)
     return Lvm(runner, LvmConfig(devices=tuple(luns), writable=writable,
                                  system_dir=paths.lvm_system_dir, lock_dir=paths.lvm_lock_dir,
-                                 activation=device_mapper_available()))
+                                 activation=device_mapper_available()),
+               before_write=before_write)
 
 
 class Domain:
@@ -128,7 +130,12 @@ class Domain:
         self.name = config.name
         self.vg_name = config.name
         self.host_id = config.host_id
-        # Read-only until the domain record says this host is the writer.
+        # Read-only (locking_type=4) unless this process holds the manager role:
+        # see become_writer().
+        self._writer = False
+        self._pe_start_cache: dict[str, int] | None = None
+        # Set by the daemon: allocates and initializes a volume lease slot (manager).
+        self.lease_allocator: Callable[[str], int] | None = None
         self.lvm = make_lvm(paths, runner, config.luns, writable=False)
         self.activator: Activator = make_activator(self.lvm, runner, paths.activations_dir)
         self.record = self.read_record()
@@ -136,9 +143,6 @@ class Domain:
             raise errors.CorruptRecord(
                 f"domain record on {self.name} has UUID {self.record.domain_uuid}, "
                 f"this host attached {config.domain_uuid}")
-        if self.is_writer:
-            self.lvm = make_lvm(paths, runner, config.luns, writable=True)
-            self.activator = make_activator(self.lvm, runner, paths.activations_dir)
 
     @classmethod
     def open(cls, paths: HostPaths, runner: Runner, name: str | None = None) -> Domain:
@@ -155,17 +159,59 @@ class Domain:
 
     @property
     def is_writer(self) -> bool:
-        return self.record.writer_host_id == self.host_id
+        """True in the one process that holds the manager role (manager.py)."""
+        return self._writer
+
+    def become_writer(self, guard: Callable[[], None]) -> None:
+        """Switch to read-write LVM, with ``guard`` (the fencing check) run before
+        every metadata write. Called by the manager role only."""
+        self.lvm = make_lvm(self.paths, self.runner, self.config.luns, writable=True,
+                            before_write=guard)
+        self.activator = make_activator(self.lvm, self.runner, self.paths.activations_dir)
+        self._writer = True
+
+    def become_reader(self) -> None:
+        self._writer = False
+        self.lvm = make_lvm(self.paths, self.runner, self.config.luns, writable=False)
+        self.activator = make_activator(self.lvm, self.runner, self.paths.activations_dir)
 
     def require_writer(self) -> None:
         if not self.is_writer:
-            raise errors.NotWriter(self.host_id, self.name, self.record.writer_host_id)
+            manager = self.read_record().manager_host_id
+            raise errors.NotManager(self.host_id, self.name, manager)
+
+    @property
+    def lockspace(self) -> str:
+        """sanlock lockspace name: the domain UUID without dashes (sanlock allows 48)."""
+        return self.config.domain_uuid.replace("-", "")
 
     def special_path(self, lv_name: str) -> str:
         """Device path of a special LV, activating it on first use. Special LVs never
         move, so an existing activation is reused without another LVM scan."""
         return self.activator.path(self.vg_name, lv_name) or self.activator.activate(
             self.vg_name, lv_name)
+
+    def lv_location(self, lv_name: str, offset: int) -> tuple[str, int]:
+        """(device path, byte offset) where byte ``offset`` of a special LV lives, for
+        sanlock, which takes a path and an offset. With device-mapper that is the
+        activated LV; without it, the PV itself, so that a special LV that grew into
+        several segments (``leases``) stays reachable."""
+        if self.lvm.config.activation:
+            return self.special_path(lv_name), offset
+        extent = self.record.extent_size
+        for seg in self.lvm.segments(self.vg_name, lv_name):
+            if seg.start * extent <= offset < (seg.start + seg.count) * extent:
+                pe_start = self._pe_starts().get(seg.pv)
+                if pe_start is None:
+                    raise errors.NotFound(f"PV {seg.pv} of {lv_name} is not a LUN of "
+                                          f"domain {self.name}")
+                return seg.pv, pe_start + seg.pv_start * extent + offset - seg.start * extent
+        raise errors.InvalidArgument(f"offset {offset} is beyond {self.vg_name}/{lv_name}")
+
+    def _pe_starts(self) -> dict[str, int]:
+        if self._pe_start_cache is None:
+            self._pe_start_cache = {pv.name: pv.pe_start for pv in self.lvm.pvs()}
+        return self._pe_start_cache
 
     def read_record(self) -> journal.DomainRecord:
         with ondisk.BlockFile(self.special_path("journal")) as dev:
@@ -196,7 +242,7 @@ class Domain:
         return DomainInfo(
             name=self.name, domain_uuid=self.record.domain_uuid, vg_uuid=vg.uuid,
             format_version=ondisk.FORMAT_VERSION, host_id=self.host_id,
-            writer_host_id=self.record.writer_host_id, is_writer=self.is_writer,
+            manager_host_id=self.record.manager_host_id, is_manager=self.is_writer,
             io_timeout=self.record.io_timeout,
             manager_generation=self.record.manager_generation, luns=list(self.config.luns),
             size=vg.size, free=vg.free, extent_size=vg.extent_size, volumes=volumes,
@@ -212,16 +258,23 @@ class Domain:
         self.deactivate_all()
         self.paths.domain_config(self.name).unlink(missing_ok=True)
 
-    def remove(self, force: bool = False) -> None:
-        """Destroy the domain: VG, PV labels, this host's config (writer only)."""
-        self.require_writer()
+    def check_removable(self, force: bool = False) -> None:
         volumes = [lv.name for lv in self.lvm.lvs(self.vg_name) if lv.name not in SPECIAL_LVS]
         if volumes and not force:
             raise errors.Busy(f"domain {self.name} has {len(volumes)} volume(s); "
                               "delete them or use --force")
+
+    def destroy(self, force: bool = False) -> None:
+        """Destroy the domain: VG, PV labels, this host's config.
+
+        Like formatting, this runs outside the manager role: the daemon gives the role
+        up and leaves the lockspace first (sanlock must stop renewing on ``ids`` before
+        the LV goes), after checking no other host is still live in it."""
+        self.check_removable(force)
         self.deactivate_all()
-        self.lvm.vgremove(self.vg_name)
-        self.lvm.pvremove(self.config.luns)
+        lvm = make_lvm(self.paths, self.runner, self.config.luns, writable=True)
+        lvm.vgremove(self.vg_name)
+        lvm.pvremove(self.config.luns)
         self.paths.domain_config(self.name).unlink(missing_ok=True)
 
 
@@ -232,8 +285,8 @@ class DomainInfo:
     vg_uuid: str
     format_version: int
     host_id: int
-    writer_host_id: int
-    is_writer: bool
+    manager_host_id: int
+    is_manager: bool
     io_timeout: int
     manager_generation: int
     luns: list[str]
@@ -260,7 +313,8 @@ def _lun_signature(runner: Runner, lun: str) -> str | None:
 
 
 def create_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[str],
-                  host_id: int, io_timeout: int = 10) -> Domain:
+                  host_id: int, io_timeout: int = 10,
+                  format_leases: Callable[[Domain], None] | None = None) -> Domain:
     """Format ``luns`` as a new domain with this host as its writer."""
     check_name(name)
     check_host_id(host_id)
@@ -288,17 +342,20 @@ def create_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[st
             lvm.lvcreate(name, lv_name, size, [SPECIAL_TAG])
         activator = make_activator(lvm, runner, paths.activations_dir)
         record = journal.DomainRecord(domain_uuid=domain_uuid, vg_name=name,
-                                      writer_host_id=host_id, created=time.time(),
+                                      manager_host_id=0, created=time.time(),
                                       io_timeout=io_timeout)
         with ondisk.BlockFile(activator.activate(name, "journal"), writable=True) as dev:
             dev.write(0, b"\0" * journal.REQUESTS_OFFSET)
             journal.write_domain_record(dev, record)
+        config = HostDomainConfig(name, domain_uuid, tuple(luns), host_id)
+        domain = Domain(paths, runner, config)
+        if format_leases is not None:
+            format_leases(domain)  # the lockspace and the manager lease
     except BaseException:
         _undo_format(lvm, paths, runner, name, luns)
         raise
-    config = HostDomainConfig(name, domain_uuid, tuple(luns), host_id)
     config.save(paths)
-    return Domain(paths, runner, config)
+    return domain
 
 
 def _undo_format(lvm: Lvm, paths: HostPaths, runner: Runner, name: str,

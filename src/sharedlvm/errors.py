@@ -14,7 +14,7 @@ boundary each (``command.py``, ``lvm.py``, ``leases.py``) with ``raise ... from 
     │   └── VolumeNotFound
     ├── AlreadyExists         a name or LUN is taken
     ├── NoSpace               the domain has not enough free extents
-    ├── NotWriter             this host may not change metadata of the domain
+    ├── NotManager            this host may not change metadata of the domain
     ├── ReadOnlyDenied        LVM itself refused a write (locking_type=4)
     ├── CorruptRecord         a checksummed on-disk record did not verify
     ├── Unsupported           the request is valid but cannot be served here
@@ -85,13 +85,14 @@ class NoSpace(Error):
     pass
 
 
-class NotWriter(Error):
-    def __init__(self, host_id: int, domain: str, writer: int | None) -> None:
+class NotManager(Error):
+    def __init__(self, host_id: int, domain: str, manager: int | None) -> None:
         self.host_id = host_id
         self.domain = domain
-        self.writer = writer
-        who = f"host {writer}" if writer is not None else "unknown"
-        super().__init__(f"host {host_id} is not the writer of domain {domain} (writer: {who})")
+        self.manager = manager
+        who = f"host {manager}" if manager else "none yet"
+        super().__init__(
+            f"host {host_id} is not the manager of domain {domain} (manager: {who})")
 
 
 class ReadOnlyDenied(Error):

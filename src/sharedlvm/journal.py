@@ -42,7 +42,7 @@ BUCKET_SIZE = BUCKET_SLOTS * ondisk.BLOCK_SIZE
 class DomainRecord:
     domain_uuid: str
     vg_name: str
-    writer_host_id: int
+    manager_host_id: int
     created: float
     io_timeout: int = 10
     manager_generation: int = 0
@@ -52,7 +52,7 @@ class DomainRecord:
     def payload(self) -> dict[str, Any]:
         return {
             "domain_uuid": self.domain_uuid, "vg_name": self.vg_name,
-            "writer_host_id": self.writer_host_id, "created": self.created,
+            "manager_host_id": self.manager_host_id, "created": self.created,
             "io_timeout": self.io_timeout, "manager_generation": self.manager_generation,
             "extent_size": self.extent_size,
         }
@@ -62,7 +62,7 @@ class DomainRecord:
         p = rec.payload
         try:
             return cls(domain_uuid=p["domain_uuid"], vg_name=p["vg_name"],
-                       writer_host_id=int(p["writer_host_id"]), created=float(p["created"]),
+                       manager_host_id=int(p["manager_host_id"]), created=float(p["created"]),
                        io_timeout=int(p["io_timeout"]),
                        manager_generation=int(p["manager_generation"]),
                        extent_size=int(p["extent_size"]), seq=rec.seq)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,12 @@ T = TypeVar("T")
 
 RUN_DIR_ENV = "SANLOCK_RUN_DIR"
 
+# A registered connection (the fd of register()) carries one request and its answer
+# at a time: two threads acquiring through the same fd get each other's answers (seen
+# as a manager acquire answered with a volume lease's result). Calls through a
+# registered fd are serialized; the others open their own connection.
+_FD_LOCK = threading.Lock()
+
 # sanlock's fixed watchdog term: a host that stopped renewing is reset by its
 # watchdog this long after renewal failure, so others may take its leases only then.
 WATCHDOG_FIRE_TIMEOUT = 60
@@ -47,7 +54,7 @@ ERRNO_MAP: dict[int, tuple[type[errors.Error], str]] = {
     -226: (errors.LeaseError, "lease belongs to another lockspace"),  # LEADER_LOCKSPACE
     -227: (errors.LeaseError, "lease belongs to another resource"),  # LEADER_RESOURCE
     errno.ENOSPC: (errors.LockspaceError, "this host has not joined the lockspace"),
-    errno.EEXIST: (errors.LockspaceError, "already joined"),
+    errno.EEXIST: (errors.LockspaceError, "already held or joined by this host"),
     errno.EINPROGRESS: (errors.LockspaceError, "join or leave in progress"),
     errno.ENOENT: (errors.LockspaceError, "lockspace not found (or sanlock not running)"),
     errno.EPIPE: (errors.LeaseError, "the sanlock daemon went away"),
@@ -151,7 +158,7 @@ def join_lockspace(name: str, host_id: int, disk: Disk, io_timeout: int) -> None
         _call(f"host {host_id} cannot join lockspace {name}", sanlock.add_lockspace,
               name.encode(), host_id, disk.path, offset=disk.offset, iotimeout=io_timeout)
     except errors.LockspaceError as exc:
-        if "already joined" not in str(exc):
+        if "already held or joined" not in str(exc):
             raise
 
 
@@ -197,18 +204,21 @@ def register() -> int:
 
 def acquire(lockspace: str, resource: str, disks: Sequence[Disk], *, shared: bool,
             fd: int) -> None:
-    _call(f"cannot acquire lease {resource}", sanlock.acquire, lockspace.encode(),
-          resource.encode(), _disks(disks), slkfd=fd, shared=shared)
+    with _FD_LOCK:
+        _call(f"cannot acquire lease {resource}", sanlock.acquire, lockspace.encode(),
+              resource.encode(), _disks(disks), slkfd=fd, shared=shared)
 
 
 def release(lockspace: str, resource: str, disks: Sequence[Disk], *, fd: int) -> None:
-    _call(f"cannot release lease {resource}", sanlock.release, lockspace.encode(),
-          resource.encode(), _disks(disks), slkfd=fd)
+    with _FD_LOCK:
+        _call(f"cannot release lease {resource}", sanlock.release, lockspace.encode(),
+              resource.encode(), _disks(disks), slkfd=fd)
 
 
 def inquire(fd: int) -> list[Held]:
     """The leases this process holds now, with their versions (the fencing token)."""
-    held = _call("cannot inquire leases", sanlock.inquire, slkfd=fd)
+    with _FD_LOCK:
+        held = _call("cannot inquire leases", sanlock.inquire, slkfd=fd)
     return [Held(h["lockspace"].decode(), h["resource"].decode(), int(h["version"]),
                  bool(h["flags"] & sanlock.RES_SHARED)) for h in held]
 

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +152,17 @@ class VolumeGroup:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """A linear segment: LV extents [start, start + count) live on ``pv`` from
+    physical extent ``pv_start``."""
+
+    start: int
+    count: int
+    pv: str
+    pv_start: int
+
+
+@dataclass(frozen=True)
 class PhysicalVolume:
     name: str
     vg_name: str
@@ -162,10 +173,14 @@ class PhysicalVolume:
 class Lvm:
     """LVM commands for one host and one set of devices."""
 
-    def __init__(self, runner: Runner, config: LvmConfig) -> None:
+    def __init__(self, runner: Runner, config: LvmConfig,
+                 before_write: Callable[[], None] | None = None) -> None:
         self.runner = runner
         self.config = config
         self._config_text = config.text()
+        # Called before every metadata-writing command: the manager's fencing-token
+        # check (DESIGN.md rule 2). It raises to stop the write.
+        self.before_write = before_write
 
     @property
     def writable(self) -> bool:
@@ -187,6 +202,12 @@ class Lvm:
         except CommandError as exc:
             raise _map_error(exc) from exc
         return result.out
+
+    def write(self, command: str, *args: str) -> str:
+        """Run a metadata-changing command, after the fencing check."""
+        if self.before_write is not None:
+            self.before_write()
+        return self.run(command, *args)
 
     def _report(self, command: str, kind: str, fields: str, *args: str) -> list[dict[str, str]]:
         out = self.run(command, "--reportformat", "json", "--units", "b", "--nosuffix",
@@ -231,51 +252,61 @@ class Lvm:
             raise errors.VolumeNotFound(f"logical volume {vg_name}/{lv_name} not found")
         return lvs[0]
 
+    def segments(self, vg_name: str, lv_name: str) -> list[Segment]:
+        rows = self._report("lvs", "seg", "seg_start_pe,seg_size_pe,seg_pe_ranges",
+                            "--segments", f"{vg_name}/{lv_name}")
+        found = []
+        for r in rows:
+            pv, _, extents = r["seg_pe_ranges"].rpartition(":")
+            found.append(Segment(int(r["seg_start_pe"]), int(r["seg_size_pe"]), pv,
+                                 int(extents.split("-")[0])))
+        return sorted(found, key=lambda seg: seg.start)
+
     # Metadata writes. LVM refuses every one of these under locking_type=4.
 
     def pvcreate(self, devices: Sequence[str]) -> None:
-        self.run("pvcreate", "--metadatasize", f"{METADATA_SIZE}b", "--metadatacopies", "1",
+        self.write("pvcreate", "--metadatasize", f"{METADATA_SIZE}b", "--metadatacopies", "1",
                  *devices)
 
     def vgcreate(self, vg_name: str, devices: Sequence[str], tags: Sequence[str]) -> None:
-        self.run("vgcreate", "--physicalextentsize", f"{EXTENT_SIZE}b",
+        self.write("vgcreate", "--physicalextentsize", f"{EXTENT_SIZE}b",
                  *_tag_args("--addtag", tags), vg_name, *devices)
 
     def vgremove(self, vg_name: str) -> None:
-        self.run("vgremove", "--force", vg_name)
+        self.write("vgremove", "--force", vg_name)
 
     def pvremove(self, devices: Sequence[str]) -> None:
-        self.run("pvremove", "--force", *devices)
+        self.write("pvremove", "--force", *devices)
 
     def lvcreate(self, vg_name: str, lv_name: str, size: int, tags: Sequence[str]) -> None:
         # --zero n / --wipesignatures n: zeroing needs activation, and a new volume's
         # content is the creator's business (qemu-img create, a copy, or --wipe at
         # delete time); --yes answers nothing interactively.
-        self.run("lvcreate", "--name", lv_name, "--size", f"{size}b", "--zero", "n",
+        self.write("lvcreate", "--name", lv_name, "--size", f"{size}b", "--zero", "n",
                  "--wipesignatures", "n", "--yes", *_tag_args("--addtag", tags), vg_name)
 
     def lvextend(self, vg_name: str, lv_name: str, size: int) -> None:
         """Extend to ``size`` bytes; a no-op when the LV already has that size."""
         try:
-            self.run("lvextend", "--size", f"{size}b", f"{vg_name}/{lv_name}")
+            self.write("lvextend", "--size", f"{size}b", f"{vg_name}/{lv_name}")
         except errors.LvmError as exc:
             if "matches existing size" in str(exc):
                 return
             raise
 
     def lvremove(self, vg_name: str, lv_names: Sequence[str]) -> None:
-        self.run("lvremove", "--yes", *[f"{vg_name}/{lv}" for lv in lv_names])
+        self.write("lvremove", "--yes", *[f"{vg_name}/{lv}" for lv in lv_names])
 
     def lvremove_selected(self, vg_name: str, select: str) -> list[str]:
         """Remove the LVs of ``vg_name`` matching an LVM selection; returns their names
         (empty when nothing matched, which LVM does not treat as an error)."""
-        out = self.run("lvremove", "--yes", "--select", select, vg_name)
+        out = self.write("lvremove", "--yes", "--select", select, vg_name)
         return re.findall(r'Logical volume "([^"]+)" successfully removed', out)
 
     def change_tags(self, vg_name: str, lv_name: str, add: Sequence[str] = (),
                     delete: Sequence[str] = ()) -> None:
         """Add and delete tags in one metadata commit."""
-        self.run("lvchange", *_tag_args("--deltag", delete), *_tag_args("--addtag", add),
+        self.write("lvchange", *_tag_args("--deltag", delete), *_tag_args("--addtag", add),
                  f"{vg_name}/{lv_name}")
 
     def vgck(self, vg_name: str) -> None:

@@ -20,6 +20,7 @@ from . import errors
 from .command import Runner
 from .errors import CommandError
 from .paths import ROOT_ENV, HostPaths
+from .simhost import DaemonProcess, SanlockProcess
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ class SimBed:
 
 
 def sim_up(runner: Runner, directory: Path, hosts: int, size: int, sector_size: int = 512,
-           luns: int = 1) -> SimBed:
+           luns: int = 1, services: bool = True) -> SimBed:
+    """Make the LUNs and host roots; with ``services`` also start each host's sanlock
+    daemon and sharedlvm daemon."""
     if not 1 <= hosts <= 64:
         raise errors.InvalidArgument(f"invalid host count {hosts}: must be 1..64")
     if sector_size not in (512, 4096):
@@ -85,6 +88,9 @@ def sim_up(runner: Runner, directory: Path, hosts: int, size: int, sector_size: 
             host.mkdir()
             HostPaths(host).ensure()
         bed.save()
+        if services:
+            for host in bed.hosts:
+                start_services(runner, bed, HostPaths(host))
     except BaseException:
         sim_down(runner, directory, bed)
         raise
@@ -97,6 +103,8 @@ def sim_down(runner: Runner, directory: Path, bed: SimBed | None = None) -> None
     bed = bed or SimBed.load(directory)
     problems: list[str] = []
     for host in bed.hosts:
+        stop_services(runner, bed, HostPaths(host))
+    for host in bed.hosts:
         problems += release_host_devices(runner, HostPaths(host))
     for lun in bed.luns:
         if _backing_file(lun.device) == os.path.realpath(lun.file):
@@ -107,9 +115,21 @@ def sim_down(runner: Runner, directory: Path, bed: SimBed | None = None) -> None
         Path(lun.file).unlink(missing_ok=True)
     for host in bed.hosts:
         shutil.rmtree(host, ignore_errors=True)
+    shutil.rmtree(directory / "build", ignore_errors=True)
     (directory / STATE_FILE).unlink(missing_ok=True)
     if problems:
         raise errors.Busy("sim down left something behind: " + "; ".join(problems))
+
+
+def start_services(runner: Runner, bed: SimBed, paths: HostPaths) -> None:
+    SanlockProcess(paths, runner, bed.dir / "build").start()
+    DaemonProcess(paths).start()
+
+
+def stop_services(runner: Runner, bed: SimBed, paths: HostPaths) -> None:
+    """The daemon first (it leaves its lockspaces), then sanlock; by pid."""
+    DaemonProcess(paths).stop()
+    SanlockProcess(paths, runner, bed.dir / "build").stop()
 
 
 def release_host_devices(runner: Runner, paths: HostPaths) -> list[str]:

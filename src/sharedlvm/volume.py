@@ -67,6 +67,7 @@ class VolumeInfo:
     generation: int
     user_tags: dict[str, str] = field(default_factory=dict)
     segments: int = 1
+    lease: int | None = None
 
     @classmethod
     def from_lv(cls, lv: LogicalVolume) -> VolumeInfo:
@@ -79,20 +80,22 @@ class VolumeInfo:
                    parent=meta.get("parent", "none"), format=fmt,
                    alloc=meta.get("alloc", "preallocated"), capacity=capacity, size=lv.size,
                    state=meta.get("state", "unknown"), generation=int(meta.get("gen", "0")),
-                   user_tags=user, segments=lv.segments)
+                   user_tags=user, segments=lv.segments,
+                   lease=int(meta["lease"]) if meta.get("lease", "").isdigit() else None)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VolumeInfo:
         return cls(uuid=d["uuid"], domain=d["domain"], image=d["image"], parent=d["parent"],
                    format=d["format"], alloc=d["alloc"], capacity=int(d["capacity"]),
                    size=int(d["size"]), state=d["state"], generation=int(d["generation"]),
-                   user_tags=dict(d["tags"]))
+                   user_tags=dict(d["tags"]), lease=d.get("lease"))
 
     def as_dict(self) -> dict[str, Any]:
         return {"uuid": self.uuid, "domain": self.domain, "image": self.image,
                 "parent": self.parent, "format": self.format, "alloc": self.alloc,
                 "capacity": self.capacity, "size": self.size, "state": self.state,
-                "generation": self.generation, "tags": dict(self.user_tags)}
+                "generation": self.generation, "tags": dict(self.user_tags),
+                "lease": self.lease}
 
 
 # LVM selection matching sharedlvm volumes: every volume carries one sl.state tag.
@@ -196,6 +199,11 @@ def _create(domain: Domain, a: dict[str, Any]) -> VolumeInfo:
             tags.make_tag("gen", str(domain.record.manager_generation)), *a["tags"]]
     existing = domain.lvm.lvs(domain.vg_name, select=f"lv_name={vol}") \
         if "resumed" in a else []
+    lease = None
+    if domain.lease_allocator is not None and not existing:
+        # The lease exists before the volume is published (DESIGN.md "Create").
+        lease = domain.lease_allocator(vol)
+        base.append(tags.make_tag("lease", str(lease)))
     extent = domain.record.extent_size
     if fmt == "raw":
         if existing:
@@ -206,7 +214,7 @@ def _create(domain: Domain, a: dict[str, Any]) -> VolumeInfo:
         return VolumeInfo(uuid=vol, domain=domain.name, image=a["image"], parent="none",
                           format="raw", alloc="preallocated", capacity=size, size=size,
                           state="ready", generation=domain.record.manager_generation,
-                          user_tags=tags.parse_tags(a["tags"])[1])
+                          user_tags=tags.parse_tags(a["tags"])[1], lease=lease)
     lv_size = (min(size, THIN_INITIAL_SIZE) if a["alloc"] == "thin" else size)
     lv_size += qemu_img.metadata_overhead(size)
     creating = tags.make_tag("state", "creating")
@@ -313,16 +321,21 @@ def _delete(domain: Domain, a: dict[str, Any]) -> dict[str, Any]:
         if "resumed" in a:
             return {"uuid": vol, "deleted": True}
         raise
-    if a["wipe"]:
-        # Reach the data first: a volume that cannot be wiped is left untouched.
-        path = domain.activator.activate(domain.vg_name, vol)
-        if info.state != "removing":
-            domain.lvm.change_tags(domain.vg_name, vol, add=[tags.make_tag("state", "removing")],
-                                   delete=[tags.make_tag("state", info.state)])
-        zero_device(path, info.size)
+    # Reach the data first: a volume that cannot be wiped is left untouched.
+    domain.activator.activate(domain.vg_name, vol)
+    if info.state != "removing":
+        domain.lvm.change_tags(domain.vg_name, vol, add=[tags.make_tag("state", "removing")],
+                               delete=[tags.make_tag("state", info.state)])
+    finish_removal(domain, vol)
+    return {"uuid": vol, "deleted": True}
+
+
+def finish_removal(domain: Domain, vol: str) -> None:
+    """Zero and remove a volume marked ``removing`` (also the recovery path)."""
+    size = domain.lvm.lv(domain.vg_name, vol).size
+    zero_device(domain.activator.activate(domain.vg_name, vol), size)
     domain.activator.deactivate(domain.vg_name, vol)
     domain.lvm.lvremove(domain.vg_name, [vol])
-    return {"uuid": vol, "deleted": True}
 
 
 def zero_device(path: str, size: int, chunk: int = 8 * 1024 * 1024) -> None:

@@ -1,0 +1,397 @@
+"""The per-host sharedlvm daemon.
+
+sanlock ties a lease to the process that holds it, so the manager role and the
+leases of prepared volumes live in one long-lived process per host. For every domain
+attached on the host the daemon joins the domain's lockspace (the ``ids`` LV), and
+competes for the manager lease; while it holds it, it is the only process on any host
+that writes LVM metadata (DESIGN.md rules 1-2). CLI commands that change metadata
+reach it over a root-only unix socket (rpc.py), so the process that writes is the
+process that holds the lease.
+
+SIGTERM: give up the manager role, release volume leases, leave lockspaces, exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import domain as domain_mod
+from . import errors, leases, rpc, units
+from . import volume as volume_mod
+from .command import Runner
+from .lease_layout import LeaseLayout
+from .manager import Manager
+from .paths import HostPaths
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    # How often a daemon that is not manager tries the manager lease. A free lease is
+    # acquired in milliseconds, so this bounds a clean handover (target < 1 s).
+    manager_poll: float = 0.5
+    # After `manager release`, leave the role to others this long before competing.
+    release_holdoff: float = 10.0
+
+
+class DomainService:
+    """One attached domain inside the daemon: lockspace, manager role, prepared volumes."""
+
+    def __init__(self, daemon: Daemon, domain: domain_mod.Domain) -> None:
+        self.daemon = daemon
+        self.domain = domain
+        self.layout = LeaseLayout(domain)
+        self.manager = Manager(domain, self.layout.manager_lease(daemon.sanlock_fd))
+        self.domain.lease_allocator = self.layout.allocate_volume_lease
+        self.joined = False
+        self.holdoff_until = 0.0
+        self.prepared: dict[str, bool] = {}  # volume uuid -> shared
+        self.thread = threading.Thread(target=self._loop, name=f"domain-{domain.name}",
+                                       daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _loop(self) -> None:
+        d = self.domain
+        while not self.daemon.stopping.is_set():
+            try:
+                if not self.joined:
+                    log.info("joining lockspace of %s as host %d (io_timeout %d s)", d.name,
+                             d.host_id, d.record.io_timeout)
+                    self.layout.join()
+                    self.joined = True
+                    log.info("joined lockspace of %s", d.name)
+                if (not self.manager.active and time.monotonic() >= self.holdoff_until
+                        and self.manager.try_take()):
+                    self.layout.reset_slots()
+            except errors.Error as exc:
+                log.error("domain %s: %s", d.name, exc)
+                self.daemon.stopping.wait(2.0)
+            self.daemon.stopping.wait(self.daemon.config.manager_poll)
+
+    def stop(self) -> None:
+        self.manager.release()
+        for vol in list(self.prepared):
+            with contextlib.suppress(errors.Error):
+                self.teardown(vol)
+        if self.joined:
+            with contextlib.suppress(errors.Error):
+                self.layout.leave()
+            self.joined = False
+
+    def require_manager(self) -> None:
+        if not self.manager.active:
+            self.domain.require_writer()  # raises NotManager naming the manager
+        self.manager.check()
+
+    def prepare(self, vol: str, shared: bool) -> str:
+        volume_mod.check_uuid(vol)
+        if not self.joined:
+            raise errors.LockspaceError(f"host {self.domain.host_id} has not joined the "
+                                        f"lockspace of domain {self.domain.name} yet")
+        if vol in self.prepared:
+            if self.prepared[vol] != shared:
+                raise errors.Busy(f"volume {vol} is already prepared here "
+                                  f"({'shared' if self.prepared[vol] else 'exclusive'})")
+            return volume_mod.volume_path(self.domain, vol)
+        info = volume_mod.get_volume(self.domain, vol)
+        self.layout.acquire_volume(info, shared=shared, fd=self.daemon.sanlock_fd)
+        try:
+            path = volume_mod.volume_path(self.domain, vol)
+        except BaseException:
+            self.layout.release_volume(info, fd=self.daemon.sanlock_fd)
+            raise
+        self.prepared[vol] = shared
+        return path
+
+    def teardown(self, vol: str) -> None:
+        volume_mod.check_uuid(vol)
+        if vol not in self.prepared:
+            raise errors.NotFound(f"volume {vol} is not prepared on this host")
+        info = volume_mod.get_volume(self.domain, vol)
+        self.domain.activator.deactivate(self.domain.vg_name, vol)
+        self.layout.release_volume(info, fd=self.daemon.sanlock_fd)
+        del self.prepared[vol]
+
+
+class Daemon:
+    def __init__(self, paths: HostPaths, runner: Runner,
+                 config: DaemonConfig | None = None) -> None:
+        self.paths = paths
+        self.runner = runner
+        self.config = config or DaemonConfig()
+        self.stopping = threading.Event()
+        self.services: dict[str, DomainService] = {}
+        self.services_lock = threading.Lock()
+        self.sanlock_fd = -1
+        self.server: socketserver.UnixStreamServer | None = None
+
+    # Life cycle
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT. The sanlock daemon of this host must run."""
+        self.paths.ensure()
+        leases.use_run_dir(self.paths.sanlock_run_dir)
+        self.sanlock_fd = leases.register()
+        self.reload()
+        self.server = self._make_server()
+        for signo in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signo, lambda *_: self.stopping.set())
+        server_thread = threading.Thread(target=self.server.serve_forever, name="rpc",
+                                         daemon=True)
+        server_thread.start()
+        (self.paths.run_dir / "daemon.pid").write_text(f"{os.getpid()}\n")
+        log.info("sharedlvm daemon ready (pid %d, socket %s)", os.getpid(),
+                 rpc.socket_path(self.paths.run_dir))
+        _notify_ready()
+        self.stopping.wait()
+        log.info("stopping: releasing roles and leases, leaving lockspaces")
+        self.server.shutdown()
+        with self.services_lock:
+            for service in self.services.values():
+                service.stop()
+        rpc.socket_path(self.paths.run_dir).unlink(missing_ok=True)
+        (self.paths.run_dir / "daemon.pid").unlink(missing_ok=True)
+
+    def _make_server(self) -> socketserver.UnixStreamServer:
+        path = rpc.socket_path(self.paths.run_dir)
+        path.unlink(missing_ok=True)
+        daemon = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                daemon.handle_connection(self.request)
+
+        class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+
+        old_umask = os.umask(0o077)  # the socket is root-only: 0600
+        try:
+            return Server(str(path), Handler)
+        finally:
+            os.umask(old_umask)
+
+    def reload(self) -> list[str]:
+        """Start services for domains attached since the last look; drop detached ones."""
+        names = domain_mod.attached_domains(self.paths)
+        with self.services_lock:
+            for name in names:
+                if name not in self.services:
+                    d = domain_mod.Domain.open(self.paths, self.runner, name)
+                    service = DomainService(self, d)
+                    self.services[name] = service
+                    service.start()
+            for name in list(self.services):
+                if name not in names:
+                    self.services.pop(name).stop()
+        return names
+
+    # Requests
+
+    def handle_connection(self, sock: socket.socket) -> None:
+        try:
+            op, args = rpc.read_request(sock)
+            log.debug("request %s %s", op, args)
+            answer = {"ok": True, "result": self.dispatch(op, args)}
+        except errors.Error as exc:
+            answer = rpc.answer_error(exc)
+        except Exception as exc:  # a bug: answer it rather than hang the client
+            log.exception("request failed")
+            answer = rpc.answer_error(errors.Error(f"internal error: {exc!r}"))
+        with contextlib.suppress(OSError):
+            rpc.send_answer(sock, answer)
+
+    def service(self, name: str | None) -> DomainService:
+        with self.services_lock:
+            if name is None:
+                if len(self.services) != 1:
+                    raise errors.InvalidArgument(
+                        "no domain is attached on this host" if not self.services else
+                        f"several domains are attached ({', '.join(self.services)}): "
+                        "use --domain")
+                return next(iter(self.services.values()))
+            try:
+                return self.services[name]
+            except KeyError:
+                raise errors.DomainNotFound(
+                    f"domain {name} is not attached on this host") from None
+
+    def dispatch(self, op: str, args: dict[str, Any]) -> Any:
+        handler = _HANDLERS.get(op)
+        if handler is None:
+            raise errors.InvalidArgument(f"unknown request {op!r}")
+        return handler(self, args)
+
+
+def _str(args: dict[str, Any], key: str, required: bool = True) -> str | None:
+    value = args.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise errors.InvalidArgument(f"{key} must be a string")
+    return value
+
+
+def _on_manager(daemon: Daemon, args: dict[str, Any],
+                fn: Callable[[domain_mod.Domain], Any]) -> Any:
+    service = daemon.service(_str(args, "domain", required=False))
+    with service.manager.lock:
+        service.require_manager()
+        return fn(service.domain)
+
+
+def _volume_create(daemon: Daemon, args: dict[str, Any]) -> Any:
+    size = args.get("size")
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise errors.InvalidArgument("size must be an integer number of bytes")
+    user_tags = [tuple(t) for t in args.get("tags", [])]
+    return _on_manager(daemon, args, lambda d: volume_mod.create_volume(
+        d, size, fmt=str(args.get("format", "raw")), alloc=_str(args, "alloc", False),
+        image=_str(args, "image", False),
+        user_tags=[(str(k), str(v)) for k, v in user_tags],
+        request_id=_str(args, "request_id", False)).as_dict())
+
+
+def _volume_extend(daemon: Daemon, args: dict[str, Any]) -> Any:
+    text = _str(args, "size") or ""
+    units.parse_resize(text, 0)
+    vol = _str(args, "volume") or ""
+    return _on_manager(daemon, args, lambda d: volume_mod.extend_volume(
+        d, vol, lambda current: units.parse_resize(text, current),
+        request_id=_str(args, "request_id", False)).as_dict())
+
+
+def _volume_delete(daemon: Daemon, args: dict[str, Any]) -> Any:
+    vol = _str(args, "volume") or ""
+    service = daemon.service(_str(args, "domain", required=False))
+    if vol in service.prepared:
+        raise errors.Busy(f"volume {vol} is prepared on this host; tear it down first")
+
+    def delete(d: domain_mod.Domain) -> Any:
+        service.layout.check_volume_free(vol)
+        return volume_mod.delete_volume(d, vol, wipe=bool(args.get("wipe")),
+                                        request_id=_str(args, "request_id", False))
+    return _on_manager(daemon, args, delete)
+
+
+def _domain_remove(daemon: Daemon, args: dict[str, Any]) -> Any:
+    service = daemon.service(_str(args, "domain", required=False))
+
+    def remove(d: domain_mod.Domain) -> Any:
+        force = bool(args.get("force"))
+        d.check_removable(force)
+        others = sorted(h for h in service.layout.live_hosts() if h != d.host_id)
+        if others:
+            raise errors.Busy(f"host(s) {', '.join(map(str, others))} still use domain "
+                              f"{d.name}: detach them first")
+        with daemon.services_lock:
+            daemon.services.pop(d.name, None)
+        service.stop()  # releases the role, leaves the lockspace
+        d.destroy(force)
+        return {"removed": d.name}
+    return _on_manager(daemon, args, remove)
+
+
+def _manager_release(daemon: Daemon, args: dict[str, Any]) -> Any:
+    service = daemon.service(_str(args, "domain", required=False))
+    service.holdoff_until = time.monotonic() + daemon.config.release_holdoff
+    was = service.manager.active
+    service.manager.release()
+    return {"released": was}
+
+
+def _status(daemon: Daemon, args: dict[str, Any]) -> Any:
+    with daemon.services_lock:
+        services = list(daemon.services.values())
+    return [{"domain": s.domain.name, "host_id": s.domain.host_id, "joined": s.joined,
+             "manager": s.manager.active, "generation": s.manager.generation,
+             "prepared": dict(s.prepared)} for s in services]
+
+
+def _prepare(daemon: Daemon, args: dict[str, Any]) -> Any:
+    service = daemon.service(_str(args, "domain", required=False))
+    return {"path": service.prepare(_str(args, "volume") or "", bool(args.get("shared")))}
+
+
+def _teardown(daemon: Daemon, args: dict[str, Any]) -> Any:
+    service = daemon.service(_str(args, "domain", required=False))
+    service.teardown(_str(args, "volume") or "")
+    return {"ok": True}
+
+
+def _manager_status(daemon: Daemon, args: dict[str, Any]) -> Any:
+    service = daemon.service(_str(args, "domain", required=False))
+    record = service.domain.read_record()
+    owner = service.manager.lease.owner() if service.joined else None
+    live = service.layout.live_hosts() if service.joined else set()
+    manager = owner if owner in live else None
+    return {"domain": service.domain.name, "manager": manager,
+            "generation": record.manager_generation, "last_manager": record.manager_host_id,
+            "this_host": service.manager.active}
+
+
+def _host_list(daemon: Daemon, args: dict[str, Any]) -> Any:
+    service = daemon.service(_str(args, "domain", required=False))
+    if not service.joined:
+        raise errors.LockspaceError(f"host {service.domain.host_id} has not joined the "
+                                    f"lockspace of {service.domain.name} yet")
+    holds: dict[int, list[str]] = {}
+    owner = service.manager.lease.owner()
+    if owner:
+        holds.setdefault(owner, []).append("manager")
+    for info in volume_mod.list_volumes(service.domain):
+        if info.lease is None:
+            continue
+        holders = service.layout.holders(info)
+        mode = "shared" if len(holders) > 1 else "exclusive"
+        for host in holders:
+            holds.setdefault(host, []).append(f"{info.uuid} ({mode})")
+    states = service.layout.host_states()
+    return [{"host_id": h, "state": st.state, "generation": st.generation,
+             "holds": holds.get(h, [])} for h, st in sorted(states.items())]
+
+
+_HANDLERS: dict[str, Callable[[Daemon, dict[str, Any]], Any]] = {
+    "manager.status": _manager_status,
+    "host.list": _host_list,
+    "status": _status,
+    "reload": lambda daemon, args: daemon.reload(),
+    "volume.create": _volume_create,
+    "volume.extend": _volume_extend,
+    "volume.delete": _volume_delete,
+    "volume.prepare": _prepare,
+    "volume.teardown": _teardown,
+    "domain.remove": _domain_remove,
+    "manager.release": _manager_release,
+}
+
+
+def _notify_ready() -> None:
+    """systemd Type=notify readiness, without a dependency: one datagram."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, \
+            contextlib.suppress(OSError):
+        sock.sendto(b"READY=1", address)
+
+
+def run_daemon(paths: HostPaths, log_file: Path | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, filename=str(log_file) if log_file else None,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    Daemon(paths, Runner()).run()

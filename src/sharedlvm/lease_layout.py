@@ -1,0 +1,208 @@
+"""Where a domain's leases live, and the domain-level lease operations.
+
+- The lockspace: the ``ids`` LV, one delta lease per host id.
+- Slot 0 of the ``leases`` LV: the manager lease (resource ``manager``).
+- Slot k >= 1: the lease of the volume tagged ``sl.lease=k`` (resource = volume UUID).
+
+A slot is ``align`` bytes: sanlock's alignment for 2000 hosts, 1 MiB on 512 B
+sectors and 8 MiB on 4 KiB sectors. The manager allocates slots, initializes the lease
+before the volume is published (so a volume never exists without a usable lease), and
+grows the ``leases`` LV by LEASES_GROWTH when the slots run out: the number of volumes
+has no fixed cap.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from . import errors, leases, tags
+from .domain import Domain
+from .volume import VolumeInfo
+
+log = logging.getLogger(__name__)
+
+MANAGER_RESOURCE = "manager"
+MANAGER_SLOT = 0
+LEASES_GROWTH = 1024 * 1024 * 1024  # vdsm grows its leases area in the same 1 GiB steps
+
+
+class LeaseLayout:
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+        self._sector_size: int | None = None
+        self._used: set[int] | None = None
+        self._lock = threading.Lock()
+
+    # Geometry
+
+    @property
+    def sector_size(self) -> int:
+        if self._sector_size is None:
+            out = self.domain.runner.run(["blockdev", "--getss", self.domain.config.luns[0]])
+            self._sector_size = int(out.out.strip())
+        return self._sector_size
+
+    @property
+    def align(self) -> int:
+        return leases.align_for(self.sector_size)
+
+    @property
+    def lockspace(self) -> str:
+        return self.domain.lockspace
+
+    def ids_disk(self) -> leases.Disk:
+        return leases.Disk(*self.domain.lv_location("ids", 0))
+
+    def slot_disk(self, slot: int) -> leases.Disk:
+        return leases.Disk(*self.domain.lv_location("leases", slot * self.align))
+
+    def slot_count(self) -> int:
+        return self.domain.lvm.lv(self.domain.vg_name, "leases").size // self.align
+
+    # Formatting (domain create) and membership
+
+    def format(self) -> None:
+        """Write the lockspace and the manager lease of a new domain."""
+        leases.init_lockspace(self.lockspace, self.ids_disk(), self.sector_size,
+                              self.domain.record.io_timeout)
+        leases.init_resource(self.lockspace, MANAGER_RESOURCE, self.slot_disk(MANAGER_SLOT),
+                             self.sector_size)
+
+    def join(self) -> None:
+        leases.join_lockspace(self.lockspace, self.domain.host_id, self.ids_disk(),
+                              self.domain.record.io_timeout)
+
+    def leave(self) -> None:
+        leases.leave_lockspace(self.lockspace, self.domain.host_id, self.ids_disk())
+
+    def host_states(self) -> dict[int, leases.HostState]:
+        return leases.host_states(self.lockspace)
+
+    def live_hosts(self) -> set[int]:
+        """Hosts that may still hold leases. "unknown" (sanlock has not watched the host
+        long enough yet) counts as live: only "dead" and "free" are safe to ignore."""
+        return {h for h, st in self.host_states().items() if st.state not in ("dead", "free")}
+
+    # The manager lease
+
+    def manager_lease(self, fd: int) -> SanlockManagerLease:
+        return SanlockManagerLease(self, fd)
+
+    # Volume leases
+
+    def reset_slots(self) -> None:
+        """Forget the cached slot map; the next allocation rebuilds it from the LVs."""
+        with self._lock:
+            self._used = None
+
+    def _scan_used(self) -> set[int]:
+        used = {MANAGER_SLOT}
+        for lv in self.domain.lvm.lvs(self.domain.vg_name):
+            meta, _ = tags.parse_tags(lv.tags)
+            if meta.get("lease", "").isdigit():
+                used.add(int(meta["lease"]))
+        return used
+
+    def allocate_volume_lease(self, volume_uuid: str) -> int:
+        """Pick a free slot and initialize the volume's lease in it (manager only).
+
+        The map of used slots is built once per manager term and kept up to date by
+        this process, the only one that allocates; it is rebuilt from the LVs before
+        the leases LV is grown, so slots of deleted volumes are reused first."""
+        with self._lock:
+            if self._used is None:
+                self._used = self._scan_used()
+            count = self.slot_count()
+            slot = next((s for s in range(count) if s not in self._used), None)
+            if slot is None:
+                self._used = self._scan_used()
+                slot = next((s for s in range(count) if s not in self._used), None)
+            if slot is None:
+                lv = self.domain.lvm.lv(self.domain.vg_name, "leases")
+                log.info("leases LV full (%d slots): growing by %d bytes", count,
+                         LEASES_GROWTH)
+                self.domain.lvm.lvextend(self.domain.vg_name, "leases",
+                                         lv.size + LEASES_GROWTH)
+                slot = count
+            leases.init_resource(self.lockspace, volume_uuid, self.slot_disk(slot),
+                                 self.sector_size)
+            self._used.add(slot)
+            return slot
+
+    def _volume_disk(self, info: VolumeInfo) -> leases.Disk:
+        if info.lease is None:
+            raise errors.LeaseError(f"volume {info.uuid} has no lease slot")
+        return self.slot_disk(info.lease)
+
+    def acquire_volume(self, info: VolumeInfo, shared: bool, fd: int) -> None:
+        disk = self._volume_disk(info)
+        try:
+            leases.acquire(self.lockspace, info.uuid, [disk], shared=shared, fd=fd)
+        except errors.LeaseHeld as exc:
+            raise errors.LeaseHeld(self._held_message(info, disk)) from exc
+
+    def release_volume(self, info: VolumeInfo, fd: int) -> None:
+        leases.release(self.lockspace, info.uuid, [self._volume_disk(info)], fd=fd)
+
+    def _held_message(self, info: VolumeInfo, disk: leases.Disk) -> str:
+        owners = leases.read_resource_owners(self.lockspace, info.uuid, [disk],
+                                             self.sector_size)
+        if not owners:
+            return f"volume {info.uuid} is held by another host"
+        mode = "shared" if len(owners) > 1 else "exclusive"
+        hosts = ", ".join(f"host {o.host_id}" for o in owners)
+        return f"volume {info.uuid} is held by {hosts} ({mode})"
+
+    def holders(self, info: VolumeInfo) -> list[int]:
+        disk = self._volume_disk(info)
+        return [o.host_id for o in leases.read_resource_owners(
+            self.lockspace, info.uuid, [disk], self.sector_size)]
+
+    def check_volume_free(self, volume_uuid: str) -> None:
+        from .volume import get_volume
+
+        info = get_volume(self.domain, volume_uuid)
+        if info.lease is None:
+            return
+        live = self.live_hosts()
+        holders = [h for h in self.holders(info) if h in live]
+        if holders:
+            raise errors.Busy(f"volume {volume_uuid} is in use by "
+                              f"{', '.join(f'host {h}' for h in holders)}")
+
+
+class SanlockManagerLease:
+    """The manager lease (slot 0), held by the daemon process (manager.ManagerLease)."""
+
+    def __init__(self, layout: LeaseLayout, fd: int) -> None:
+        self.layout = layout
+        self.fd = fd
+
+    def _disk(self) -> leases.Disk:
+        return self.layout.slot_disk(MANAGER_SLOT)
+
+    def acquire(self) -> int:
+        disk = self._disk()
+        leases.acquire(self.layout.lockspace, MANAGER_RESOURCE, [disk], shared=False,
+                       fd=self.fd)
+        version = self.held_version()
+        if version is None:
+            raise errors.LeaseError("manager lease acquired but not listed by sanlock")
+        return version
+
+    def held_version(self) -> int | None:
+        for held in leases.inquire(self.fd):
+            if held.lockspace == self.layout.lockspace and held.resource == MANAGER_RESOURCE:
+                return held.version
+        return None
+
+    def release(self) -> None:
+        if self.held_version() is not None:
+            leases.release(self.layout.lockspace, MANAGER_RESOURCE, [self._disk()],
+                           fd=self.fd)
+
+    def owner(self) -> int | None:
+        owners = leases.read_resource_owners(self.layout.lockspace, MANAGER_RESOURCE,
+                                             [self._disk()], self.layout.sector_size)
+        return owners[0].host_id if owners else None

@@ -1,0 +1,180 @@
+"""Processes of a simulated host: its sanlock daemon and its sharedlvm daemon.
+
+Used by ``sim up/down``, the test bed and the demo; never by production hosts, where
+sanlock and sharedlvm run as system services. Every process is started with its pid
+recorded and stopped by that pid, never by name.
+
+sanlock raises RLIMIT_MEMLOCK at start and exits if it cannot ("cannot set the limits
+for memlock"), which happens in sandboxes without CAP_SYS_RESOURCE. Only there, the
+daemon is started with a tiny LD_PRELOAD shim whose ``setrlimit`` returns 0, compiled
+with gcc into the simulation's own directory. The shim is never part of the product.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import errors, rpc
+from .command import Runner
+from .paths import ROOT_ENV, HostPaths
+
+SHIM_SOURCE = """\
+/* sharedlvm test-only shim: lets sanlock start where RLIMIT_MEMLOCK cannot be raised */
+#include <sys/resource.h>
+int setrlimit(int resource, const struct rlimit *rlim) { (void)resource; (void)rlim; return 0; }
+"""
+
+
+def build_shim(runner: Runner, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    source, library = directory / "setrlimit_shim.c", directory / "setrlimit_shim.so"
+    if not library.exists():
+        source.write_text(SHIM_SOURCE)
+        runner.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(library), str(source)])
+    return library
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+            return False
+    return True
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    return not _pid_alive(pid)
+
+
+class SanlockProcess:
+    """The sanlock daemon of one simulated host (run dir ``$ROOT/run/sanlock``)."""
+
+    def __init__(self, paths: HostPaths, runner: Runner, shim_dir: Path) -> None:
+        self.paths = paths
+        self.runner = runner
+        self.shim_dir = shim_dir
+
+    @property
+    def run_dir(self) -> Path:
+        return self.paths.sanlock_run_dir
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            pid = int((self.run_dir / "sanlock.pid").read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    def start(self) -> int:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        env = {"SANLOCK_RUN_DIR": str(self.run_dir)}
+        for shim in (None, build_shim(self.runner, self.shim_dir)):
+            if shim is not None:
+                env["LD_PRELOAD"] = str(shim)
+            # -w 0: no watchdog (none on simulated hosts); the daemon forks itself.
+            self.runner.run(["sanlock", "daemon", "-w", "0", "-U", "root", "-G", "root"],
+                            env=env)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                pid = self.pid
+                if pid and (self.run_dir / "sanlock.sock").exists():
+                    return pid
+                time.sleep(0.05)
+        raise errors.LeaseError(f"sanlock did not start in {self.run_dir} "
+                                "(see /var/log/sanlock.log)")
+
+    def stop(self) -> None:
+        """Clean stop: ask it to shut down (forcing leases out), then kill by pid."""
+        pid = self.pid
+        if pid is None:
+            return
+        self.runner.run(["sanlock", "client", "shutdown", "-f", "1"], check=False,
+                        env={"SANLOCK_RUN_DIR": str(self.run_dir)}, timeout=10)
+        if not _wait_gone(pid, 5):
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: a crashed sanlock, its lockspace leases stop being renewed."""
+        pid = self.pid
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, 5)
+
+
+class DaemonProcess:
+    """The sharedlvm daemon of one simulated host, started in the background."""
+
+    def __init__(self, paths: HostPaths) -> None:
+        self.paths = paths
+
+    @property
+    def pid_file(self) -> Path:
+        return self.paths.run_dir / "daemon.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.paths.root / "daemon.log"
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    def start(self, timeout: float = 30) -> int:
+        self.paths.ensure()
+        self.pid_file.unlink(missing_ok=True)
+        env = dict(os.environ, **{ROOT_ENV: str(self.paths.root)})
+        with open(self.log_file, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sharedlvm", "daemon", "--log-file",
+                 str(self.log_file)],
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                start_new_session=True, close_fds=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise errors.Error(f"sharedlvm daemon exited with {proc.returncode}; "
+                                   f"see {self.log_file}")
+            with contextlib.suppress(errors.Error):
+                rpc.call(self.paths.run_dir, "status", timeout=2)
+                return proc.pid
+            time.sleep(0.1)
+        proc.kill()
+        raise errors.Error(f"sharedlvm daemon did not answer in {timeout} s")
+
+    def stop(self, timeout: float = 30) -> None:
+        pid = self.pid
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if not _wait_gone(pid, timeout):
+            self.kill()
+
+    def kill(self) -> None:
+        pid = self.pid
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, 5)
+        self.pid_file.unlink(missing_ok=True)
