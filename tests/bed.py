@@ -1,29 +1,35 @@
 """The simulated-hosts test bed, shared by the tests, the benchmarks and the demo.
 
 A :class:`Cluster` is a ``sim up`` bed (file-backed LUNs on loop devices, one
-``SHAREDLVM_ROOT`` per host) with a domain formatted by host 1 and attached on the
-others. Each :class:`Host` runs the real ``sharedlvm`` command with its own root, or
-opens the domain through the Python API. Cleanup goes through ``sim down``, which
-detaches exactly the loop devices the bed made.
+``SHAREDLVM_ROOT`` per host, each host with its own sanlock daemon and sharedlvm
+daemon) with a domain formatted by host 1, which becomes its manager, and attached on
+the others. Each :class:`Host` runs the real ``sharedlvm`` command with its own root,
+talks to its daemon, or opens the domain read-only through the Python API. Cleanup
+goes through ``sim down``: daemons stopped by pid, exactly the bed's loop devices
+detached.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sharedlvm import domain as domain_mod
-from sharedlvm import sim
+from sharedlvm import rpc, sim
 from sharedlvm.command import Runner
 from sharedlvm.lvm import Lvm, LvmConfig
 from sharedlvm.paths import ROOT_ENV, HostPaths
+from sharedlvm.simhost import DaemonProcess, SanlockProcess
 
 GiB = 1024**3
+IO_TIMEOUT = 1  # seconds: joins take ~3 s and a dead host frees after 68 s
 
 
 @dataclass
@@ -40,21 +46,59 @@ class Host:
     def paths(self) -> HostPaths:
         return HostPaths(self.root)
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, **{ROOT_ENV: str(self.root)})
+
+    def cli(self, *args: str, check: bool = True,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run ``sharedlvm ARGS`` as this host; check=True asserts exit 0."""
-        env = dict(os.environ, **{ROOT_ENV: str(self.root)})
-        proc = subprocess.run([sys.executable, "-m", "sharedlvm", *args], env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([sys.executable, "-m", "sharedlvm", *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise AssertionError(f"sharedlvm {' '.join(args)} failed rc={proc.returncode}: "
-                                 f"{proc.stderr.strip()}")
+            raise AssertionError(f"host{self.index}: sharedlvm {' '.join(args)} failed "
+                                 f"rc={proc.returncode}: {proc.stderr.strip()}")
         return proc
 
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
 
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "sharedlvm", *args], env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def rpc(self, op: str, **args: Any) -> Any:
+        return rpc.call(self.paths.run_dir, op, args, timeout=120)
+
+    def status(self) -> dict[str, Any]:
+        return {s["domain"]: s for s in self.rpc("status")}.get(self.cluster.name, {})
+
     def domain(self) -> domain_mod.Domain:
+        """The domain opened in the test process: always read-only (not the daemon)."""
         return domain_mod.Domain.open(self.paths, Runner(), self.cluster.name)
+
+    @property
+    def sanlock(self) -> SanlockProcess:
+        return SanlockProcess(self.paths, Runner(), self.cluster.bed.dir / "build")
+
+    @property
+    def daemon(self) -> DaemonProcess:
+        return DaemonProcess(self.paths)
+
+    def freeze(self) -> None:
+        """SIGSTOP the host's sanlock and daemon: a hung host."""
+        for pid in (self.sanlock.pid, self.daemon.pid):
+            if pid:
+                os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self, pids: list[int]) -> None:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+    def crash(self) -> None:
+        """SIGKILL the host's daemon and sanlock: power loss, as far as leases go."""
+        self.daemon.kill()
+        self.sanlock.kill()
 
 
 @dataclass
@@ -69,13 +113,21 @@ class Cluster:
 
     @property
     def writer(self) -> Host:
+        """Host 1: formatted the domain and is its manager unless a test moved it."""
         return self.hosts[0]
 
-    def lun_args(self) -> list[str]:
-        args: list[str] = []
-        for lun in self.luns:
-            args += ["--lun", lun]
-        return args
+    def manager(self, timeout: float = 30) -> Host:
+        """The host whose daemon holds the manager role now (waits for one)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for host in self.hosts:
+                try:
+                    if host.daemon.pid and host.status().get("manager"):
+                        return host
+                except Exception:
+                    continue
+            time.sleep(0.1)
+        raise AssertionError(f"no manager within {timeout} s")
 
     def raw_lvm(self) -> Lvm:
         """A read-only LVM of the bed itself (not of any host), to inspect the disk."""
@@ -99,24 +151,60 @@ class Cluster:
                           for vg in vgs for lv in lvm.lvs(vg.name)),
         }
 
+    def clean(self) -> None:
+        """Back to an empty domain between tests sharing a cluster: prepared volumes
+        torn down, activations dropped, every volume deleted by the manager."""
+        for host in self.hosts:
+            if not host.daemon.pid:
+                continue
+            for vol in list(host.status().get("prepared", {})):
+                host.rpc("volume.teardown", domain=self.name, volume=vol)
+            sim.release_host_devices(Runner(), host.paths)
+        manager = self.manager()
+        for vol in manager.cli_json("volume", "list"):
+            manager.cli("volume", "delete", vol["uuid"])
+
 
 def make_cluster(directory: Path, hosts: int = 3, size: int = 20 * GiB,
-                 sector_size: int = 512, name: str = "dom1", attach: bool = True) -> Cluster:
-    bed = sim.sim_up(Runner(), directory, hosts, size, sector_size=sector_size)
+                 sector_size: int = 512, name: str = "dom1", attach: bool = True,
+                 services: bool = True, extra: tuple[str, ...] = ()) -> Cluster:
+    """A bed; with ``attach``, a domain formatted by host 1 (its manager) and attached
+    on every other host, all joined to the lockspace."""
+    bed = sim.sim_up(Runner(), directory, hosts, size, sector_size=sector_size,
+                     services=services and attach)
     cluster = Cluster(bed, name, [])
     cluster.hosts = [Host(i + 1, root, cluster) for i, root in enumerate(bed.hosts)]
     try:
         if attach:
-            domain_mod.create_domain(cluster.hosts[0].paths, Runner(), name, cluster.luns,
-                                     host_id=1)
-            for host in cluster.hosts[1:]:
-                domain_mod.attach_domain(host.paths, Runner(), name, cluster.luns,
-                                         host.host_id)
+            first = cluster.hosts[0]
+            first.cli("domain", "create", "--name", name, *lun_args(cluster), "--host-id", "1",
+                      "--io-timeout", str(IO_TIMEOUT), *extra)
+            assert cluster.manager() is first
+            procs = [h.popen("domain", "attach", name, *lun_args(cluster), "--host-id",
+                             str(h.host_id)) for h in cluster.hosts[1:]]
+            for host, proc in zip(cluster.hosts[1:], procs, strict=True):
+                _, err = proc.communicate(timeout=300)
+                assert proc.returncode == 0, f"host{host.index} attach: {err}"
     except BaseException:
         sim.sim_down(Runner(), directory)
         raise
     return cluster
 
 
+def lun_args(cluster: Cluster) -> list[str]:
+    args: list[str] = []
+    for lun in cluster.luns:
+        args += ["--lun", lun]
+    return args
+
+
 def destroy_cluster(cluster: Cluster) -> None:
+    # a test may leave a host frozen: let it go so it can be stopped
+    for host in cluster.hosts:
+        for pid in (host.sanlock.pid, host.daemon.pid):
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
     sim.sim_down(Runner(), cluster.bed.dir)

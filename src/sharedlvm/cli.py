@@ -58,8 +58,9 @@ def _open(args: argparse.Namespace) -> domain_mod.Domain:
 def cmd_domain_create(args: argparse.Namespace) -> None:
     paths = HostPaths.from_env()
     d = domain_mod.create_domain(paths, Runner(), args.name, args.lun, args.host_id,
-                                 io_timeout=args.io_timeout, format_leases=_format_leases)
-    _start_using(paths, d, wait=not args.no_wait, quiet=args.json)
+                                 io_timeout=args.io_timeout, format_leases=_format_leases,
+                                 leases_size=args.leases_size)
+    _start_using(paths, d, wait=not args.no_wait, quiet=args.json, manager=True)
     _show_domain(domain_mod.Domain.open(paths, Runner(), d.name).info(), args.json)
 
 
@@ -77,8 +78,10 @@ def cmd_domain_attach(args: argparse.Namespace) -> None:
     _show_domain(d.info(), args.json)
 
 
-def _start_using(paths: HostPaths, d: domain_mod.Domain, wait: bool, quiet: bool) -> None:
-    """Tell the local daemon about the domain; wait until it joined the lockspace."""
+def _start_using(paths: HostPaths, d: domain_mod.Domain, wait: bool, quiet: bool,
+                 manager: bool = False) -> None:
+    """Tell the local daemon about the domain; wait until it joined the lockspace (and,
+    for a new domain, took the manager role)."""
     try:
         rpc.call(paths.run_dir, "reload")
     except rpc.DaemonNotRunning:
@@ -90,8 +93,8 @@ def _start_using(paths: HostPaths, d: domain_mod.Domain, wait: bool, quiet: bool
         return
     deadline = time.monotonic() + 30 * d.record.io_timeout + 60
     while time.monotonic() < deadline:
-        status = {s["domain"]: s for s in rpc.call(paths.run_dir, "status")}
-        if status.get(d.name, {}).get("joined"):
+        status = {s["domain"]: s for s in rpc.call(paths.run_dir, "status")}.get(d.name, {})
+        if status.get("joined") and (status.get("manager") or not manager):
             return
         time.sleep(0.2)
     raise errors.LockspaceError(f"host {d.host_id} did not join the lockspace of "
@@ -322,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-id", type=int, required=True)
     p.add_argument("--io-timeout", type=int, default=10, help="sanlock io_timeout, seconds")
     p.add_argument("--no-wait", action="store_true", help="do not wait for the lockspace")
+    p.add_argument("--leases-size", type=_size_arg, help="first size of the leases LV "
+                   "(default 1G; it grows in 1G steps as volumes need slots)")
     common(p, domain=False)
     p.set_defaults(func=cmd_domain_create)
     p = dom.add_parser("attach", help="use an existing domain on this host")

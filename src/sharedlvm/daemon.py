@@ -58,6 +58,7 @@ class DomainService:
         self.joined = False
         self.holdoff_until = 0.0
         self.prepared: dict[str, bool] = {}  # volume uuid -> shared
+        self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name=f"domain-{domain.name}",
                                        daemon=True)
 
@@ -66,7 +67,7 @@ class DomainService:
 
     def _loop(self) -> None:
         d = self.domain
-        while not self.daemon.stopping.is_set():
+        while not (self.stopped.is_set() or self.daemon.stopping.is_set()):
             try:
                 if not self.joined:
                     log.info("joining lockspace of %s as host %d (io_timeout %d s)", d.name,
@@ -79,10 +80,13 @@ class DomainService:
                     self.layout.reset_slots()
             except errors.Error as exc:
                 log.error("domain %s: %s", d.name, exc)
-                self.daemon.stopping.wait(2.0)
-            self.daemon.stopping.wait(self.daemon.config.manager_poll)
+                self.stopped.wait(2.0)
+            self.stopped.wait(self.daemon.config.manager_poll)
 
     def stop(self) -> None:
+        self.stopped.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=60)
         self.manager.release()
         for vol in list(self.prepared):
             with contextlib.suppress(errors.Error):
@@ -161,6 +165,8 @@ class Daemon:
         log.info("stopping: releasing roles and leases, leaving lockspaces")
         self.server.shutdown()
         with self.services_lock:
+            for service in self.services.values():
+                service.stopped.set()
             for service in self.services.values():
                 service.stop()
         rpc.socket_path(self.paths.run_dir).unlink(missing_ok=True)
@@ -281,9 +287,9 @@ def _volume_delete(daemon: Daemon, args: dict[str, Any]) -> Any:
         raise errors.Busy(f"volume {vol} is prepared on this host; tear it down first")
 
     def delete(d: domain_mod.Domain) -> Any:
-        service.layout.check_volume_free(vol)
         return volume_mod.delete_volume(d, vol, wipe=bool(args.get("wipe")),
-                                        request_id=_str(args, "request_id", False))
+                                        request_id=_str(args, "request_id", False),
+                                        check_free=service.layout.check_volume_free)
     return _on_manager(daemon, args, delete)
 
 
@@ -293,7 +299,14 @@ def _domain_remove(daemon: Daemon, args: dict[str, Any]) -> Any:
     def remove(d: domain_mod.Domain) -> Any:
         force = bool(args.get("force"))
         d.check_removable(force)
-        others = sorted(h for h in service.layout.live_hosts() if h != d.host_id)
+        # A host that just left is seen free at this host's next renewal (every
+        # 2 x io_timeout): allow for that before refusing.
+        deadline = time.monotonic() + 3 * d.record.io_timeout + 1
+        while True:
+            others = sorted(h for h in service.layout.live_hosts() if h != d.host_id)
+            if not others or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         if others:
             raise errors.Busy(f"host(s) {', '.join(map(str, others))} still use domain "
                               f"{d.name}: detach them first")

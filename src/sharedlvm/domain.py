@@ -314,7 +314,8 @@ def _lun_signature(runner: Runner, lun: str) -> str | None:
 
 def create_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[str],
                   host_id: int, io_timeout: int = 10,
-                  format_leases: Callable[[Domain], None] | None = None) -> Domain:
+                  format_leases: Callable[[Domain], None] | None = None,
+                  leases_size: int | None = None) -> Domain:
     """Format ``luns`` as a new domain with this host as its writer."""
     check_name(name)
     check_host_id(host_id)
@@ -339,6 +340,8 @@ def create_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[st
     try:
         lvm.vgcreate(name, luns, [f"{DOMAIN_TAG}={domain_uuid}", FORMAT_TAG])
         for lv_name, size in SPECIAL_LVS.items():
+            if lv_name == "leases" and leases_size:
+                size = leases_size
             lvm.lvcreate(name, lv_name, size, [SPECIAL_TAG])
         activator = make_activator(lvm, runner, paths.activations_dir)
         record = journal.DomainRecord(domain_uuid=domain_uuid, vg_name=name,

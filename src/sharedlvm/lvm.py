@@ -244,7 +244,13 @@ class Lvm:
         if select:
             args = ["--select", select, *args]
         rows = self._report("lvs", "lv", LV_FIELDS, *args)
-        return [_lv_from_row(r) for r in rows]
+        # "devices" is a segment field: LVM reports one row per segment. Merge them.
+        merged: dict[str, dict[str, str]] = {}
+        for row in rows:
+            first = merged.setdefault(row["lv_uuid"], dict(row))
+            if first is not row and row["devices"] and row["devices"] not in first["devices"]:
+                first["devices"] = f"{first['devices']},{row['devices']}"
+        return [_lv_from_row(r) for r in merged.values()]
 
     def lv(self, vg_name: str, lv_name: str) -> LogicalVolume:
         lvs = self.lvs(vg_name, [lv_name])

@@ -31,11 +31,16 @@ class DaemonNotRunning(errors.Error):
     pass
 
 
-def _error_class(kind: str) -> type[errors.Error]:
+def _rebuild_error(kind: str, message: str) -> errors.Error:
+    """The daemon's error as the same class, carrying the daemon's message (classes
+    with structured fields, like CommandError, come back as their message only)."""
     cls = getattr(errors, kind, None)
-    if isinstance(cls, type) and issubclass(cls, errors.Error):
-        return cls
-    return errors.Error
+    if not (isinstance(cls, type) and issubclass(cls, errors.Error)) or \
+            issubclass(cls, errors.CommandError):
+        return errors.Error(message)
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    return exc
 
 
 def answer_error(exc: errors.Error) -> dict[str, Any]:
@@ -66,7 +71,7 @@ def call(run_dir: Path, op: str, args: dict[str, Any] | None = None,
         raise errors.Error(f"bad answer from the sharedlvm daemon: {exc}") from None
     if data.get("ok"):
         return data.get("result")
-    raise _error_class(str(data.get("kind")))(str(data.get("error")))
+    raise _rebuild_error(str(data.get("kind")), str(data.get("error")))
 
 
 def _read_line(sock: socket.socket) -> bytes:

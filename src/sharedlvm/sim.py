@@ -102,8 +102,7 @@ def sim_down(runner: Runner, directory: Path, bed: SimBed | None = None) -> None
     so one stuck piece does not leave the rest behind, then report the first."""
     bed = bed or SimBed.load(directory)
     problems: list[str] = []
-    for host in bed.hosts:
-        stop_services(runner, bed, HostPaths(host))
+    stop_services(runner, bed, [HostPaths(h) for h in bed.hosts])
     for host in bed.hosts:
         problems += release_host_devices(runner, HostPaths(host))
     for lun in bed.luns:
@@ -126,10 +125,16 @@ def start_services(runner: Runner, bed: SimBed, paths: HostPaths) -> None:
     DaemonProcess(paths).start()
 
 
-def stop_services(runner: Runner, bed: SimBed, paths: HostPaths) -> None:
-    """The daemon first (it leaves its lockspaces), then sanlock; by pid."""
-    DaemonProcess(paths).stop()
-    SanlockProcess(paths, runner, bed.dir / "build").stop()
+def stop_services(runner: Runner, bed: SimBed, hosts: list[HostPaths]) -> None:
+    """The daemons first (they leave their lockspaces, all hosts at once), then each
+    sanlock; by pid."""
+    daemons = [DaemonProcess(paths) for paths in hosts]
+    for daemon in daemons:
+        daemon.request_stop()
+    for daemon in daemons:
+        daemon.wait_stopped()
+    for paths in hosts:
+        SanlockProcess(paths, runner, bed.dir / "build").stop()
 
 
 def release_host_devices(runner: Runner, paths: HostPaths) -> list[str]:

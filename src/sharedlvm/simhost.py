@@ -40,6 +40,19 @@ def build_shim(runner: Runner, directory: Path) -> Path:
     return library
 
 
+def needs_memlock_shim() -> bool:
+    """True when sanlock could not raise RLIMIT_MEMLOCK to unlimited here: no
+    CAP_SYS_RESOURCE (bit 24 of CapEff) and a finite hard limit."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_MEMLOCK)[1] == resource.RLIM_INFINITY:
+        return False
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return not int(line.split()[1], 16) & (1 << 24)
+    return True
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -84,7 +97,10 @@ class SanlockProcess:
     def start(self) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         env = {"SANLOCK_RUN_DIR": str(self.run_dir)}
-        for shim in (None, build_shim(self.runner, self.shim_dir)):
+        attempts: list[Path | None] = [None, build_shim(self.runner, self.shim_dir)]
+        if needs_memlock_shim():
+            attempts = attempts[1:]
+        for shim in attempts:
             if shim is not None:
                 env["LD_PRELOAD"] = str(shim)
             # -w 0: no watchdog (none on simulated hosts); the daemon forks itself.
@@ -163,12 +179,19 @@ class DaemonProcess:
         raise errors.Error(f"sharedlvm daemon did not answer in {timeout} s")
 
     def stop(self, timeout: float = 30) -> None:
+        self.request_stop()
+        self.wait_stopped(timeout)
+
+    def request_stop(self) -> None:
+        """SIGTERM: the daemon releases its leases and leaves its lockspaces."""
         pid = self.pid
-        if pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        if not _wait_gone(pid, timeout):
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    def wait_stopped(self, timeout: float = 30) -> None:
+        pid = self.pid
+        if pid is not None and not _wait_gone(pid, timeout):
             self.kill()
 
     def kill(self) -> None:

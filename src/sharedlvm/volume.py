@@ -296,12 +296,20 @@ def _extend(domain: Domain, a: dict[str, Any], info: VolumeInfo | None) -> Volum
 
 
 def delete_volume(domain: Domain, volume_id: str, wipe: bool = False,
-                  request_id: str | None = None) -> dict[str, Any]:
+                  request_id: str | None = None,
+                  check_free: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Delete a volume; ``check_free`` (the daemon's lease check) runs only when the
+    deletion is actually executed, not when a repeated request is answered."""
     check_uuid(volume_id)
     domain.require_writer()
+
+    def run(a: dict[str, Any]) -> dict[str, Any]:
+        if check_free is not None and "resumed" not in a:
+            check_free(a["volume"])
+        return _delete(domain, a)
+
     with domain.writer_lock():
-        return _once(domain, request_id, "delete", {"volume": volume_id, "wipe": wipe},
-                     lambda a: _delete(domain, a))
+        return _once(domain, request_id, "delete", {"volume": volume_id, "wipe": wipe}, run)
 
 
 def _delete(domain: Domain, a: dict[str, Any]) -> dict[str, Any]:

@@ -28,10 +28,10 @@ def test_create_and_attach(cluster: Cluster) -> None:
     assert special["leases"] >= 1024**3 and special["journal"] >= 64 * 1024**2
     # Every host sees the same domain and knows who the writer is.
     infos = [h.cli_json("domain", "info") for h in cluster.hosts]
-    assert {i["domain_uuid"] for i in infos} == {vg.tags[0].split("=", 1)[1]} or \
-        len({i["domain_uuid"] for i in infos}) == 1
-    assert [i["is_writer"] for i in infos] == [True, False, False]
-    assert {i["writer_host_id"] for i in infos} == {1}
+    tag = next(t for t in vg.tags if t.startswith("sharedlvm.domain="))
+    assert {i["domain_uuid"] for i in infos} == {tag.split("=", 1)[1]}
+    assert {i["manager_host_id"] for i in infos} == {1}
+    assert infos[0]["manager_generation"] >= 1
     assert infos[0]["format_version"] == 1
     # The PV metadata area is sized for 10,000 volumes (see lvm.METADATA_SIZE).
     assert infos[0]["metadata_size"] >= 128 * 1024**2
@@ -40,7 +40,7 @@ def test_create_and_attach(cluster: Cluster) -> None:
 
 def test_domain_info_table(cluster: Cluster) -> None:
     out = cluster.hosts[1].cli("domain", "info").stdout
-    assert "writer" in out and "host 1" in out and "(reader)" in out
+    assert "manager" in out and "host 1" in out and "dead host's leases free after 68 s" in out
 
 
 def test_create_refuses_lun_with_foreign_vg(tmp_path: Path) -> None:
@@ -149,8 +149,8 @@ def test_attach_refuses_corrupt_domain_record(empty_bed: Cluster) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1
     assert c.disk_state() == before
     assert not c.hosts[1].paths.domain_config(c.name).exists()
-    # and the writer itself refuses to work on it
-    proc = c.hosts[0].cli("volume", "create", "--size", "1G", check=False)
+    # and the creating host itself refuses to work on it
+    proc = c.hosts[0].cli("volume", "list", check=False)
     assert proc.returncode == 1 and "checksum mismatch" in proc.stderr
 
 
@@ -164,10 +164,11 @@ def test_torn_record_copy_falls_back_to_other(empty_bed: Cluster) -> None:
     subprocess.run(["blockdev", "--flushbufs", c.luns[0]], check=True)
     info = c.hosts[1].cli("domain", "attach", c.name, "--lun", c.luns[0], "--host-id", "2",
                           "--json")
-    assert json.loads(info.stdout)["writer_host_id"] == 1
+    assert json.loads(info.stdout)["domain_uuid"] == c.hosts[0].domain().record.domain_uuid
 
 
-def test_remove_refuses_with_volumes(cluster: Cluster) -> None:
+def test_remove_refuses_with_volumes(fresh_cluster: Cluster) -> None:
+    cluster = fresh_cluster
     w = cluster.writer
     w.cli("volume", "create", "--size", "1G")
     before = cluster.disk_state()
@@ -178,7 +179,12 @@ def test_remove_refuses_with_volumes(cluster: Cluster) -> None:
     assert cluster.disk_state() == before
     # a reader cannot remove it at all
     proc = cluster.hosts[1].cli("domain", "remove", "--force", check=False)
-    assert proc.returncode == 1 and "not the writer" in proc.stderr
+    assert proc.returncode == 1 and "not the manager" in proc.stderr
+    assert cluster.disk_state() == before
+    # nor the manager while other hosts still use it
+    proc = w.cli("domain", "remove", "--force", check=False)
+    assert proc.returncode == 1
+    assert "host(s) 2, 3 still use domain dom1: detach them first" in proc.stderr
     assert cluster.disk_state() == before
     for host in cluster.hosts[1:]:
         host.cli("domain", "detach")
@@ -222,5 +228,5 @@ def test_record_roundtrip_on_device(cluster: Cluster) -> None:
     d = cluster.writer.domain()
     with ondisk.BlockFile(d.special_path("journal")) as dev:
         rec = journal.read_domain_record(dev)
-    assert rec.writer_host_id == 1 and rec.vg_name == cluster.name
-    assert rec.seq == 1
+    assert rec.manager_host_id == 1 and rec.vg_name == cluster.name
+    assert rec.manager_generation >= 1 and rec.io_timeout == 1

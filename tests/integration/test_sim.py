@@ -44,7 +44,7 @@ def test_sim_up_down(tmp_path: Path, sector: str) -> None:
         env1 = {"SHAREDLVM_ROOT": str(d / "host1")}
         env2 = {"SHAREDLVM_ROOT": str(d / "host2")}
         assert _cli("domain", "create", "--name", "demo", "--lun", loops[0], "--host-id", "1",
-                    env=env1).returncode == 0
+                    "--io-timeout", "1", env=env1).returncode == 0
         assert _cli("domain", "attach", "demo", "--lun", loops[0], "--host-id", "2",
                     env=env2).returncode == 0
         vol = _cli("volume", "create", "--size", "1G", "--json", env=env1)

@@ -8,8 +8,9 @@ import uuid
 import pytest
 from bed import Cluster, GiB
 
-from sharedlvm import journal, qemu_img, tags
+from sharedlvm import journal, ondisk, qemu_img, tags
 from sharedlvm.command import Runner
+from sharedlvm.domain import make_lvm
 
 pytestmark = pytest.mark.integration
 
@@ -26,8 +27,10 @@ def test_create_raw_with_tags(cluster: Cluster) -> None:
     # On disk: one LV named by the UUID, metadata in its tags (DESIGN.md).
     lv = cluster.raw_lvm().lv(cluster.name, vol["uuid"])
     assert f"sl.image={image}" in lv.tags
-    assert {"sl.parent=none", "sl.format=raw", "sl.alloc=preallocated", "sl.state=ready",
-            "sl.gen=0"} <= set(lv.tags)
+    assert {"sl.parent=none", "sl.format=raw", "sl.alloc=preallocated",
+            "sl.state=ready"} <= set(lv.tags)
+    assert f"sl.lease={vol['lease']}" in lv.tags and vol["lease"] >= 1
+    assert f"sl.gen={vol['generation']}" in lv.tags and vol["generation"] >= 1
     # Any host reads the same metadata.
     assert cluster.hosts[2].cli_json("volume", "info", vol["uuid"]) == vol
 
@@ -183,32 +186,36 @@ def test_request_id_extend_and_delete_are_idempotent(cluster: Cluster) -> None:
     assert one == two == {"uuid": vol, "deleted": True}
 
 
+def _journal(cluster: Cluster) -> ondisk.BlockFile:
+    """The journal opened directly, as a manager that crashed mid-request left it."""
+    return ondisk.BlockFile(cluster.writer.domain().special_path("journal"), writable=True)
+
+
 def test_request_interrupted_after_commit_rolls_forward(cluster: Cluster) -> None:
-    """The writer died after lvcreate but before recording the result: repeating the
+    """The manager died after lvcreate but before recording the result: repeating the
     request finds the pending intent and finishes it, without a second volume."""
-    d = cluster.writer.domain()
     vol, image = str(uuid.uuid4()), str(uuid.uuid4())
     args = {"volume": vol, "image": image, "size": GiB, "format": "raw",
             "alloc": "preallocated", "tags": []}
-    with d.journal() as dev:
+    with _journal(cluster) as dev:
         journal.RequestLog(dev).put(journal.RequestRecord("crashed-1", "create", "pending", args))
-    d.lvm.lvcreate(d.vg_name, vol, GiB, [tags.make_tag("image", image),
-                                         tags.make_tag("state", "ready")])
+    lvm = make_lvm(cluster.writer.paths, Runner(), cluster.luns, writable=True)
+    lvm.lvcreate(cluster.name, vol, GiB, [tags.make_tag("image", image),
+                                          tags.make_tag("state", "ready")])
     out = cluster.writer.cli_json("volume", "create", "--size", "5G",
                                   "--request-id", "crashed-1")
     assert out["uuid"] == vol and out["capacity"] == GiB
     assert [v["uuid"] for v in cluster.writer.cli_json("volume", "list")] == [vol]
-    with d.journal() as dev:
+    with _journal(cluster) as dev:
         rec = journal.RequestLog(dev).find("crashed-1")
     assert rec is not None and rec.state == "done"
 
 
 def test_request_interrupted_before_commit_rolls_forward(cluster: Cluster) -> None:
-    d = cluster.writer.domain()
     vol = str(uuid.uuid4())
     args = {"volume": vol, "image": str(uuid.uuid4()), "size": 2 * GiB, "format": "raw",
             "alloc": "preallocated", "tags": []}
-    with d.journal() as dev:
+    with _journal(cluster) as dev:
         journal.RequestLog(dev).put(journal.RequestRecord("crashed-2", "create", "pending", args))
     out = cluster.writer.cli_json("volume", "create", "--size", "1G",
                                   "--request-id", "crashed-2")
@@ -222,3 +229,13 @@ def test_failed_request_answers_the_same_error(cluster: Cluster) -> None:
     assert one.returncode == two.returncode == 1
     assert one.stderr == two.stderr
     assert w.cli_json("volume", "list") == []
+
+
+def test_multi_segment_volume_listed_once(cluster: Cluster) -> None:
+    w = cluster.writer
+    first = w.cli_json("volume", "create", "--size", "1G")["uuid"]
+    w.cli("volume", "create", "--size", "1G")
+    w.cli("volume", "extend", first, "--size", "+1G")  # now two segments
+    assert [v["uuid"] for v in w.cli_json("volume", "list")].count(first) == 1
+    w.cli("volume", "delete", first)
+    assert first not in {lv.name for lv in cluster.raw_lvm().lvs(cluster.name)}

@@ -1,5 +1,5 @@
-"""DESIGN.md rule 1: only the writer changes LVM metadata, enforced twice: sharedlvm
-refuses on a non-writer host, and LVM itself refuses (locking_type=4) even when the
+"""DESIGN.md rule 1: only the manager changes LVM metadata, enforced twice: sharedlvm
+refuses on a non-manager host, and LVM itself refuses (locking_type=4) even when the
 project's LVM module is asked directly."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from sharedlvm.domain import make_lvm
 
 pytestmark = pytest.mark.integration
 
-NOT_WRITER = "sharedlvm: host {id} is not the writer of domain dom1 (writer: host 1)"
+NOT_WRITER = "sharedlvm: host {id} is not the manager of domain dom1 (manager: host 1)"
 
 
 def test_non_writer_cli_refused(cluster: Cluster) -> None:
@@ -56,10 +56,13 @@ def test_domain_object_of_reader_is_read_only(cluster: Cluster) -> None:
     assert not d.is_writer and not d.lvm.writable
     with pytest.raises(errors.ReadOnlyDenied):
         d.lvm.lvcreate(cluster.name, "x", 128 * 1024**2, [])
-    with pytest.raises(errors.NotWriter):
+    with pytest.raises(errors.NotManager):
         d.require_writer()
-    with pytest.raises(errors.NotWriter), d.journal():
+    with pytest.raises(errors.NotManager), d.journal():
         pass
+    # Only the daemon holding the manager lease writes: a Domain opened by any other
+    # process, even on the manager host, is read-only down to LVM.
     w = cluster.writer.domain()
-    assert w.is_writer and w.lvm.writable
-    assert "locking_type = 4" not in w.lvm.config.text()
+    assert cluster.writer.status()["manager"]
+    assert not w.is_writer and not w.lvm.writable
+    assert "locking_type = 4" in w.lvm.config.text()
