@@ -11,6 +11,7 @@ detached.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -203,8 +204,6 @@ def destroy_cluster(cluster: Cluster) -> None:
     for host in cluster.hosts:
         for pid in (host.sanlock.pid, host.daemon.pid):
             if pid:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
     sim.sim_down(Runner(), cluster.bed.dir)
