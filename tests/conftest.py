@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,9 +55,11 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     with 4096 for the 4 KiB-sector one."""
     name = "shared_cluster_4k" if getattr(request, "param", 512) == 4096 else "shared_cluster"
     c: Cluster = request.getfixturevalue(name)
-    if c.manager() is not c.writer:  # a test moved the role: give it back to host 1
+    deadline = time.monotonic() + 90
+    while c.manager() is not c.writer:  # a test moved the role: give it back to host 1
+        assert time.monotonic() < deadline, "host 1 did not get the manager role back"
         c.manager().rpc("manager.release", domain=c.name)
-        assert c.manager(timeout=30) is not None
+        time.sleep(1)
     yield c
     c.clean()
 

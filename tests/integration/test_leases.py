@@ -1,0 +1,293 @@
+"""Leases on real sanlock daemons: the manager role, its handover and failover, the
+fencing of a stale manager, and volume leases bound to their consumer.
+
+Assertions are on what is on the disk: the manager lease and volume leases read from
+the leases LV with sanlock's direct read (``sanlock.read_resource``), the domain record
+in ``journal``, the VG seqno from LVM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from bed import IO_TIMEOUT, Cluster, destroy_cluster, make_cluster
+
+from sharedlvm import journal, leases, ondisk
+from sharedlvm.lease_layout import LeaseLayout
+
+pytestmark = pytest.mark.integration
+
+HOST_DEAD = leases.host_dead_seconds(IO_TIMEOUT)
+
+
+def _leader(cluster: Cluster, slot: int, resource: str = "manager") -> dict[str, str]:
+    """The lease leader in a leases slot, read from the disk by `sanlock direct`
+    (no daemon involved): owner_id, owner_generation, lver (the fencing token)..."""
+    d = cluster.writer.domain()
+    disk = LeaseLayout(d).slot_disk(slot)
+    out = subprocess.run(["sanlock", "direct", "read_leader", "-r",
+                          f"{d.lockspace}:{resource}:{disk.path}:{disk.offset}"],
+                         capture_output=True, text=True, check=True).stdout
+    return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+
+def _slot_version(cluster: Cluster, slot: int, resource: str = "manager") -> int:
+    return int(_leader(cluster, slot, resource)["lver"])
+
+
+def _record(cluster: Cluster) -> journal.DomainRecord:
+    with ondisk.BlockFile(cluster.writer.domain().special_path("journal")) as dev:
+        return journal.read_domain_record(dev)
+
+
+def _wait(predicate, timeout: float, step: float = 0.2):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"condition not met in {timeout} s")
+
+
+def _vol(cluster: Cluster) -> str:
+    return str(cluster.writer.cli_json("volume", "create", "--size", "1G")["uuid"])
+
+
+def test_one_manager_seen_everywhere(cluster: Cluster) -> None:
+    statuses = [h.cli_json("manager", "status") for h in cluster.hosts]
+    assert {s["manager"] for s in statuses} == {1}
+    assert len({s["generation"] for s in statuses}) == 1
+    assert [s["this_host"] for s in statuses] == [True, False, False]
+    assert [h.status()["manager"] for h in cluster.hosts] == [True, False, False]
+    assert _record(cluster).manager_host_id == 1
+    assert _leader(cluster, 0)["owner_id"] == "1"  # on disk: host 1 owns slot 0
+    def all_live() -> list[dict[str, object]] | None:
+        hosts: list[dict[str, object]] = cluster.hosts[2].cli_json("host", "list")
+        return hosts if [h["state"] for h in hosts] == ["live"] * 3 else None
+
+    hosts = _wait(all_live, timeout=30)
+    assert [h["host_id"] for h in hosts] == [1, 2, 3]
+    assert hosts[0]["holds"] == ["manager"]
+
+
+def test_clean_handover(cluster: Cluster) -> None:
+    gen_before = _record(cluster).manager_generation
+    lver_before = _slot_version(cluster, 0)
+    start = time.monotonic()
+    assert "released" in cluster.hosts[0].cli("manager", "release").stdout
+    new = _wait(lambda: next((h for h in cluster.hosts[1:] if h.status()["manager"]), None),
+                timeout=10, step=0.05)
+    took = time.monotonic() - start
+    print(f"clean handover to host {new.host_id} in {took:.2f} s")
+    assert took < 5
+    record = _record(cluster)
+    assert record.manager_generation == gen_before + 1 and record.manager_host_id == new.host_id
+    assert _slot_version(cluster, 0) > lver_before  # the fencing token moved on
+    vol = new.cli_json("volume", "create", "--size", "1G")
+    assert vol["generation"] == gen_before + 1
+    proc = cluster.hosts[0].cli("volume", "create", "--size", "1G", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"sharedlvm: host 1 is not the manager of domain dom1 "
+                                   f"(manager: host {new.host_id})")
+
+
+def test_exclusive_and_shared_volume_leases(cluster: Cluster) -> None:
+    h1, h2, h3 = cluster.hosts
+    vol = _vol(cluster)
+    path = h2.cli("volume", "prepare", vol, "--exclusive").stdout.strip()
+    assert path.startswith("/dev/")
+    slot = h1.cli_json("volume", "info", vol)["lease"]
+    lver = _slot_version(cluster, slot, vol)
+    for args in (["--exclusive"], ["--shared"]):
+        proc = h3.cli("volume", "prepare", vol, *args, check=False)
+        assert proc.returncode == 1
+        assert proc.stderr.strip() == f"sharedlvm: volume {vol} is held by host 2 (exclusive)"
+    proc = h3.cli("run", "--volume", vol, "--", "true", check=False)
+    assert proc.returncode == 1 and "held by host 2 (exclusive)" in proc.stderr
+    # The manager refuses to delete a volume in use.
+    before = cluster.disk_state()
+    proc = h1.cli("volume", "delete", vol, check=False)
+    assert proc.returncode == 1 and f"volume {vol} is in use by host 2" in proc.stderr
+    assert cluster.disk_state() == before
+    h2.cli("volume", "teardown", vol)
+    # Shared leases coexist; an exclusive one is then refused.
+    h2.cli("volume", "prepare", vol, "--shared")
+    h3.cli("volume", "prepare", vol, "--shared")
+    proc = h1.cli("volume", "prepare", vol, "--exclusive", check=False)
+    assert proc.returncode == 1
+    assert "is held by host 2, host 3 (shared)" in proc.stderr
+    listed = {h["host_id"]: h["holds"] for h in h1.cli_json("host", "list")}
+    assert listed[2] == [f"{vol} (shared)"] and listed[3] == [f"{vol} (shared)"]
+    h2.cli("volume", "teardown", vol)
+    h3.cli("volume", "teardown", vol)
+    h1.cli("volume", "prepare", vol, "--exclusive")
+    assert _slot_version(cluster, slot, vol) > lver
+    h1.cli("volume", "teardown", vol)
+
+
+def test_killed_consumer_frees_its_lease(cluster: Cluster) -> None:
+    h2, h3 = cluster.hosts[1], cluster.hosts[2]
+    vol = _vol(cluster)
+    consumer = h2.popen("run", "--volume", vol, "--", "sleep", "600")
+    try:
+        _wait(lambda: any(f"{vol} (exclusive)" in h["holds"] for h in
+                          h3.cli_json("host", "list") if h["host_id"] == 2), timeout=20)
+        assert h3.cli("volume", "prepare", vol, check=False).returncode == 1
+        consumer.send_signal(signal.SIGKILL)
+        consumer.wait(timeout=10)
+        # sanlock releases a dead process's leases at once: another host gets it
+        _wait(lambda: h3.cli("volume", "prepare", vol, check=False).returncode == 0,
+              timeout=20, step=0.5)
+        h3.cli("volume", "teardown", vol)
+    finally:
+        if consumer.poll() is None:
+            consumer.kill()
+            consumer.wait()
+
+
+def test_consumer_sees_its_device(cluster: Cluster, tmp_path: Path) -> None:
+    vol = _vol(cluster)
+    out = tmp_path / "out"
+    cluster.hosts[1].cli("run", "--volume", f"{vol}:ro", "--", "sh", "-c",
+                         f'echo "$SHAREDLVM_DEVICE {{0}}" > {out}')
+    device, formatted = out.read_text().split()
+    assert device == formatted and device.startswith("/dev/loop")
+
+
+def test_leases_lv_grows_past_its_slots(tmp_path: Path) -> None:
+    """128 MiB of leases on a 4 KiB LUN holds 16 slots of 8 MiB (slot 0: manager):
+    the 16th volume needs a slot the LV does not have, and the LV grows."""
+    c = make_cluster(tmp_path / "bed", hosts=2, sector_size=4096,
+                     extra=("--leases-size", "128M"))
+    try:
+        lvm = c.raw_lvm()
+        assert lvm.lv(c.name, "leases").size == 128 * 1024**2
+        vols = [c.writer.cli_json("volume", "create", "--size", "128M") for _ in range(17)]
+        slots = [v["lease"] for v in vols]
+        assert sorted(slots) == list(range(1, 18))  # every volume its own slot
+        assert lvm.lv(c.name, "leases").size == 128 * 1024**2 + 1024**3
+        # the lease in the grown part works like any other
+        last = vols[-1]["uuid"]
+        c.hosts[1].cli("volume", "prepare", last)
+        proc = c.writer.cli("volume", "prepare", last, check=False)
+        assert proc.returncode == 1 and "held by host 2 (exclusive)" in proc.stderr
+        c.hosts[1].cli("volume", "teardown", last)
+        # a new manager rebuilds the slot map from the LVs: freed slots are reused
+        c.writer.cli("volume", "delete", vols[3]["uuid"])
+        c.writer.cli("manager", "release")
+        new = c.manager()
+        assert new is c.hosts[1]
+        assert new.cli_json("volume", "create", "--size", "128M")["lease"] == slots[3]
+        assert lvm.lv(c.name, "leases").size == 128 * 1024**2 + 1024**3
+    finally:
+        destroy_cluster(c)
+
+
+@pytest.mark.slow
+def test_crash_failover(fresh_cluster: Cluster) -> None:
+    c = fresh_cluster
+    gen = _record(c).manager_generation
+    start = time.monotonic()
+    c.writer.crash()  # SIGKILL its sanlock and daemon: the manager lease is not released
+    new = _wait(lambda: next((h for h in c.hosts[1:] if h.status()["manager"]), None),
+                timeout=HOST_DEAD + 60, step=0.2)
+    took = time.monotonic() - start
+    print(f"failover after crash: {took:.1f} s (sanlock host-dead time {HOST_DEAD} s)")
+    # Never before sanlock says the old holder is dead: that is the safety.
+    assert took >= HOST_DEAD - 2 * 2 * IO_TIMEOUT
+    assert took <= HOST_DEAD * 1.05 + 10
+    assert _record(c).manager_generation == gen + 1
+    new.cli("volume", "create", "--size", "1G")
+
+
+@pytest.mark.slow
+def test_stale_manager_makes_no_writes(fresh_cluster: Cluster) -> None:
+    """Host 1 hangs (its sanlock and daemon SIGSTOPped) until its lease expires and
+    another host becomes manager and writes. When host 1 wakes up it must not write."""
+    c = fresh_cluster
+    h1 = c.writer
+    frozen = [p for p in (h1.sanlock.pid, h1.daemon.pid) if p]
+    h1.freeze()
+    try:
+        new = _wait(lambda: next((h for h in c.hosts[1:] if h.status()["manager"]), None),
+                    timeout=HOST_DEAD + 60, step=0.5)
+        new.cli("volume", "create", "--size", "1G")
+        seqno = c.raw_lvm().vg(c.name).seqno
+        record = _record(c)
+        assert record.manager_host_id == new.host_id
+    finally:
+        h1.thaw(frozen)
+    # Host 1 wakes up believing it is manager; a request reaches its daemon at once.
+    proc = h1.cli("volume", "create", "--size", "1G", check=False, timeout=60)
+    assert proc.returncode != 0
+    time.sleep(4 * IO_TIMEOUT)
+    assert c.raw_lvm().vg(c.name).seqno == seqno  # zero metadata writes
+    after = _record(c)
+    assert (after.manager_generation, after.manager_host_id) == \
+        (record.manager_generation, new.host_id)
+    log = (h1.root / "daemon.log").read_text()
+    assert "lost the manager role" in log or h1.daemon.pid is None or \
+        "not the manager" in proc.stderr
+
+
+@pytest.mark.slow
+def test_lockspace_loss_kills_consumer_before_lease_moves(fresh_cluster: Cluster) -> None:
+    """Host 2's sanlock stops renewing (SIGSTOP) while a consumer holds a volume lease.
+    When it runs again its lease has expired: sanlock kills the consumer. Another host
+    gets the lease only after the host-dead time, so always after the kill."""
+    c = fresh_cluster
+    h2, h3 = c.hosts[1], c.hosts[2]
+    vol = _vol(c)
+    consumer = h2.popen("run", "--volume", vol, "--", "sleep", "600")
+    try:
+        _wait(lambda: h3.cli("volume", "prepare", vol, check=False).returncode == 1 and
+              any(f"{vol} (exclusive)" in h["holds"] for h in h3.cli_json("host", "list")),
+              timeout=20)
+        sanlock_pid = h2.sanlock.pid
+        assert sanlock_pid
+        start = time.monotonic()
+        os.kill(sanlock_pid, signal.SIGSTOP)
+        time.sleep(8 * IO_TIMEOUT + 4)  # past renewal failure, well before host-dead
+        os.kill(sanlock_pid, signal.SIGCONT)
+        consumer.wait(timeout=60)
+        killed = time.monotonic() - start
+        acquired = None
+        while time.monotonic() - start < HOST_DEAD + 60:
+            if h3.cli("volume", "prepare", vol, check=False).returncode == 0:
+                acquired = time.monotonic() - start
+                break
+            time.sleep(0.5)
+        print(f"consumer killed at {killed:.1f} s, lease taken by host 3 at {acquired} s")
+        assert acquired is not None, "host 3 never got the lease"
+        assert killed < acquired
+        assert consumer.returncode in (-signal.SIGTERM, -signal.SIGKILL)
+        h3.cli("volume", "teardown", vol)
+    finally:
+        if consumer.poll() is None:
+            consumer.kill()
+            consumer.wait()
+
+
+def test_run_bad_input(cluster: Cluster) -> None:
+    before = cluster.disk_state()
+    for args, message in ((["--volume", "nope", "--", "true"], "invalid volume id"),
+                          (["--volume", "00000000-0000-0000-0000-000000000000:rx", "--",
+                            "true"], "use UUID or UUID:ro"),
+                          (["--volume", "00000000-0000-0000-0000-000000000000", "--",
+                            "true"], "not found")):
+        proc = cluster.hosts[1].cli("run", *args, check=False)
+        assert proc.returncode == 1 and message in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert cluster.disk_state() == before
+
+
+def test_cli_without_daemon(empty_bed: Cluster) -> None:
+    out = empty_bed.hosts[0].cli("manager", "status", check=False)
+    assert out.returncode == 1
+    assert out.stderr.strip().startswith("sharedlvm: the sharedlvm daemon is not running")
