@@ -4,8 +4,9 @@
 For each population (volumes already in the domain) it times, in the same run and on
 the same LUN, K rounds of:
 
-- sharedlvm create / extend (to an absolute size) / delete, through the Python API
-  that the CLI and the daemon call (so Python start-up is not counted);
+- sharedlvm create / extend (to an absolute size) / delete: a request to the manager
+  host's daemon over its socket, as the CLI sends it (Python start-up of the CLI is
+  not counted);
 - bare ``lvcreate`` / ``lvextend`` / ``lvremove`` with the very same ``--config``.
 
 and prints p50/p95 with the ratio sharedlvm / bare. It also prints the LVM metadata
@@ -27,11 +28,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bed import GiB, destroy_cluster, make_cluster
+from bed import Cluster, GiB, destroy_cluster, make_cluster
 
 from sharedlvm import tags
-from sharedlvm import volume as volume_mod
-from sharedlvm.domain import Domain
+from sharedlvm.command import Runner
+from sharedlvm.domain import make_lvm
+from sharedlvm.lvm import Lvm
 
 EXTENT = 128 * 1024 * 1024
 
@@ -54,37 +56,42 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def populate(domain: Domain, count: int) -> None:
-    have = len(volume_mod.list_volumes(domain))
+def populate(cluster: Cluster, lvm: Lvm, count: int) -> None:
+    """Set-up only: fill the domain to ``count`` volumes with bare lvcreate (what the
+    daemon would commit, minus the lease), 1,000 daemon round trips being slow."""
+    have = len(cluster.writer.cli_json("volume", "list"))
     for _ in range(have, count):
-        domain.lvm.lvcreate(domain.vg_name, str(uuid.uuid4()), EXTENT, [
+        lvm.lvcreate(cluster.name, str(uuid.uuid4()), EXTENT, [
             tags.make_tag("image", str(uuid.uuid4())), tags.make_tag("parent", "none"),
             tags.make_tag("format", "raw"), tags.make_tag("alloc", "preallocated"),
-            tags.make_tag("gen", "0"), tags.make_tag("state", "ready"),
+            tags.make_tag("gen", "1"), tags.make_tag("state", "ready"),
             tags.make_user_tag("vm", "bench-vm-0001")])
 
 
-def metadata_bytes(domain: Domain, directory: Path) -> int:
+def metadata_bytes(lvm: Lvm, vg_name: str, directory: Path) -> int:
     backup = directory / "vg.backup"
-    domain.lvm.run("vgcfgbackup", "--file", str(backup), domain.vg_name)
+    lvm.run("vgcfgbackup", "--file", str(backup), vg_name)
     return backup.stat().st_size
 
 
-def measure(domain: Domain, rounds: int) -> tuple[Stopwatch, Stopwatch]:
-    lvm, vg = domain.lvm, domain.vg_name
+def measure(cluster: Cluster, lvm: Lvm, rounds: int) -> tuple[Stopwatch, Stopwatch]:
+    """sharedlvm: a request to the manager's daemon over its socket (the daemon holds
+    the manager lease, allocates and initializes a volume lease, commits, answers).
+    bare: the LVM command alone, with the same --config."""
+    host, vg = cluster.writer, cluster.name
     ours, bare = Stopwatch(), Stopwatch()
     for _ in range(rounds):
         with ours("create"):
-            vol = volume_mod.create_volume(domain, EXTENT).uuid
+            vol = host.rpc("volume.create", domain=vg, size=EXTENT)["uuid"]
         with ours("extend"):
-            volume_mod.extend_volume(domain, vol, lambda _current: 2 * EXTENT)
+            host.rpc("volume.extend", domain=vg, volume=vol, size=str(2 * EXTENT))
         with ours("delete"):
-            volume_mod.delete_volume(domain, vol)
-        # bare LVM: the same --config and the same tags on create
+            host.rpc("volume.delete", domain=vg, volume=vol)
         name = str(uuid.uuid4())
         bare_tags = [tags.make_tag("image", str(uuid.uuid4())), tags.make_tag("parent", "none"),
                      tags.make_tag("format", "raw"), tags.make_tag("alloc", "preallocated"),
-                     tags.make_tag("gen", "0"), tags.make_tag("state", "ready")]
+                     tags.make_tag("gen", "1"), tags.make_tag("state", "ready"),
+                     tags.make_tag("lease", "1")]
         with bare("create"):
             lvm.lvcreate(vg, name, EXTENT, bare_tags)
         with bare("extend"):
@@ -104,18 +111,19 @@ def main() -> int:
         cluster = make_cluster(Path(tmp) / "bed", hosts=1, size=max(counts) * EXTENT
                                + 64 * GiB)
         try:
-            domain = cluster.writer.domain()
+            lvm = make_lvm(cluster.writer.paths, Runner(), cluster.luns, writable=True)
             print(f"sharedlvm metadata operations vs bare LVM, {args.rounds} rounds each, "
-                  f"times in ms (writer host, loop-device LUN)")
+                  f"times in ms (request to the manager's daemon vs the bare LVM command, "
+                  f"loop-device LUN)")
             header = (f"{'volumes':>8} {'op':<7} {'sharedlvm p50':>14} {'p95':>8} "
                       f"{'bare lvm p50':>13} {'p95':>8} {'ratio p50':>10} {'ratio p95':>10}")
             print(header)
             print("-" * len(header))
             per_volume = 0.0
             for count in counts:
-                populate(domain, count)
-                base = metadata_bytes(domain, Path(tmp))
-                watch_ours, watch_bare = measure(domain, args.rounds)
+                populate(cluster, lvm, count)
+                base = metadata_bytes(lvm, cluster.name, Path(tmp))
+                watch_ours, watch_bare = measure(cluster, lvm, args.rounds)
                 for op, ours in watch_ours.times.items():
                     bare = watch_bare.times[op]
                     o50, o95 = pct(ours, 0.5) * 1000, pct(ours, 0.95) * 1000
@@ -123,7 +131,7 @@ def main() -> int:
                     print(f"{count:>8} {op:<7} {o50:>14.1f} {o95:>8.1f} {b50:>13.1f} "
                           f"{b95:>8.1f} {o50 / b50:>9.2f}x {o95 / b95:>9.2f}x")
                 per_volume = base / max(count, 1)
-            mda = domain.lvm.vg(domain.vg_name).mda_size
+            mda = lvm.vg(cluster.name).mda_size
             print()
             print(f"LVM metadata text: {per_volume:.0f} bytes per volume (with tags); "
                   f"10,000 volumes = {per_volume * 10000 / 2**20:.1f} MiB; "

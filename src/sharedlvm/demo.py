@@ -1,10 +1,12 @@
 """``make demo``: the main job on an embedded default, printing what happens.
 
-A sparse-file LUN on a loop device, three simulated hosts (one ``SHAREDLVM_ROOT``
-each), real LVM: host 1 formats a domain, hosts 2 and 3 attach it; volumes are
-created, extended and deleted on the writer; a reader's attempt to write metadata is
-refused twice (by sharedlvm and by LVM itself); data written on host 1 is read on
-host 3. Everything is removed at the end, whatever happens.
+A sparse-file LUN on a loop device, three simulated hosts (one ``SHAREDLVM_ROOT``,
+one sanlock daemon and one sharedlvm daemon each), real LVM and sanlock: host 1 formats
+a domain and becomes manager, hosts 2 and 3 attach; volumes are created, extended and
+deleted by the manager; a non-manager's metadata write is refused twice (by sharedlvm
+and by LVM itself); a volume held by one host is refused to another; the manager role
+is handed over cleanly, then the manager host crashes and another takes over after
+sanlock's host-dead time. Everything is removed at the end, whatever happens.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from . import errors
+from . import errors, rpc
 from .command import Runner
 from .domain import make_lvm
+from .leases import host_dead_seconds
 from .paths import ROOT_ENV, HostPaths
 from .sim import sim_down, sim_up
+from .simhost import DaemonProcess, SanlockProcess
 from .units import GiB
 
 BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
@@ -54,7 +59,7 @@ def main() -> int:
     runner = Runner()
     with tempfile.TemporaryDirectory(prefix="sharedlvm-demo-") as tmp:
         directory = Path(tmp)
-        say("A 20 GiB sparse file as the shared LUN, and 3 simulated hosts")
+        say("A 20 GiB sparse file as the shared LUN, 3 simulated hosts with their daemons")
         bed = sim_up(runner, directory, hosts=3, size=20 * GiB)
         try:
             run_story(bed.hosts, bed.luns[0].device)
@@ -65,18 +70,26 @@ def main() -> int:
     return 0
 
 
+IO_TIMEOUT = 1  # seconds; production default is 10. Short, so the failover fits a demo.
+
+
 def run_story(hosts: list[Path], lun: str) -> None:
     h1, h2, h3 = hosts
-    print(f"    LUN: {lun}; hosts: " + ", ".join(f"{h.name} (SHAREDLVM_ROOT={h})" for h in hosts))
+    print(f"    LUN: {lun}; each host has its own sanlock daemon and sharedlvm daemon")
+    for h in hosts:
+        print(f"    {h.name}: SHAREDLVM_ROOT={h}")
 
-    say("host1 formats the domain and becomes its metadata writer")
-    sharedlvm(h1, "domain", "create", "--name", "demo", "--lun", lun, "--host-id", "1")
+    say("host1 formats the domain; its daemon joins the lockspace and becomes manager")
+    sharedlvm(h1, "domain", "create", "--name", "demo", "--lun", lun, "--host-id", "1",
+              "--io-timeout", str(IO_TIMEOUT))
 
-    say("host2 and host3 attach it: they verify the domain record and get read-only LVM")
+    say("host2 and host3 attach it: they verify the domain record and join the lockspace")
     sharedlvm(h2, "domain", "attach", "demo", "--lun", lun, "--host-id", "2")
     sharedlvm(h3, "domain", "attach", "demo", "--lun", lun, "--host-id", "3")
+    for h in hosts:
+        sharedlvm(h, "manager", "status")
 
-    say("The writer creates volumes: metadata lives in LV tags, one LVM commit each")
+    say("The manager creates volumes: metadata in LV tags, a sanlock lease slot each")
     raw = json.loads(sharedlvm(h1, "volume", "create", "--size", "2G", "--tag", "vm=web-1",
                                "--json"))["uuid"]
     sharedlvm(h1, "volume", "create", "--size", "10G", "--format", "qcow2", "--tag", "vm=db-1")
@@ -84,11 +97,9 @@ def run_story(hosts: list[Path], lun: str) -> None:
                                    "order-42", "--json"))["uuid"]
     print("    (the same request again returns the first answer and creates nothing:)")
     sharedlvm(h1, "volume", "create", "--size", "1G", "--request-id", "order-42")
-
-    say("Every host sees the same volumes")
     sharedlvm(h3, "volume", "list")
 
-    say("A reader host may not change metadata: sharedlvm refuses ...")
+    say("A host that is not manager may not change metadata: sharedlvm refuses ...")
     sharedlvm(h2, "volume", "create", "--size", "1G", expect_fail=True)
     print("    ... and so does LVM itself, called directly with host2's configuration:")
     lvm = make_lvm(HostPaths(h2), Runner(), [lun], writable=False)
@@ -98,36 +109,71 @@ def run_story(hosts: list[Path], lun: str) -> None:
     except errors.ReadOnlyDenied as exc:
         print(f"    lvcreate on host2: {exc}")
 
-    say("Data written on host1 is read on host3 through its own mapping of the LV")
-    p1 = sharedlvm(h1, "volume", "path", raw).strip()
-    p3 = sharedlvm(h3, "volume", "path", raw).strip()
-    message = b"hello from host1, written at offset 1 MiB".ljust(4096, b"\0")
-    fd = os.open(p1, os.O_WRONLY)
+    say("Volume leases: host2 prepares a volume exclusively; host3 is refused")
+    p2 = sharedlvm(h2, "volume", "prepare", raw, "--exclusive").strip()
+    sharedlvm(h3, "volume", "prepare", raw, "--exclusive", expect_fail=True)
+    message = b"hello from host2, written under its exclusive lease".ljust(4096, b"\0")
+    fd = os.open(p2, os.O_WRONLY)
     try:
         os.pwrite(fd, message, 1024 * 1024)
         os.fsync(fd)
     finally:
         os.close(fd)
-    with open(p3, "rb") as f:
-        f.seek(1024 * 1024)
-        seen = f.read(4096).rstrip(b"\0").decode()
-    print(f"    host3 reads: {seen!r}")
-    sharedlvm(h1, "volume", "deactivate", raw)
-    sharedlvm(h3, "volume", "deactivate", raw)
+    sharedlvm(h2, "host", "list")
+    sharedlvm(h2, "volume", "teardown", raw)
+    print("    host3 now reads it under a shared lease, through its own mapping of the LV:")
+    sharedlvm(h3, "run", "--volume", f"{raw}:ro", "--", sys.executable, "-c",
+              "import os; f=open(os.environ['SHAREDLVM_DEVICE'],'rb'); f.seek(1<<20); "
+              "print('    host3 reads:', f.read(4096).rstrip(b'\\0').decode())")
 
-    say("The writer extends and deletes (--wipe zeroes the data first)")
+    say("The manager extends and deletes (--wipe zeroes the data first)")
     sharedlvm(h1, "volume", "extend", raw, "--size", "+1G")
     sharedlvm(h1, "volume", "delete", ordered, "--wipe")
-    sharedlvm(h1, "volume", "delete", raw)
 
-    say("Domain info, as a reader sees it")
-    sharedlvm(h2, "domain", "info")
+    say("Clean handover: host1 gives the manager role up; another host takes it at once")
+    start = time.monotonic()
+    sharedlvm(h1, "manager", "release")
+    manager = wait_manager(hosts, exclude=h1)
+    print(f"    {manager.name} is manager after {time.monotonic() - start:.2f} s")
+    sharedlvm(manager, "manager", "status")
 
-    say("Removing the domain: readers detach, the writer removes it")
-    sharedlvm(h2, "domain", "detach")
-    sharedlvm(h3, "domain", "detach")
-    sharedlvm(h1, "domain", "remove", expect_fail=True)
-    sharedlvm(h1, "domain", "remove", "--force")
+    dead = host_dead_seconds(IO_TIMEOUT)
+    say(f"Crash: {manager.name}'s sanlock and sharedlvm daemons are SIGKILLed")
+    print(f"    Its manager lease is not released. sanlock lets another host take it only "
+          f"once {manager.name} is dead by its formula:\n    8 x io_timeout ({IO_TIMEOUT} s) "
+          f"+ 60 s watchdog term = {dead} s. Waiting ...")
+    start = time.monotonic()
+    DaemonProcess(HostPaths(manager)).kill()
+    SanlockProcess(HostPaths(manager), Runner(), manager.parent / "build").kill()
+    survivor = wait_manager([h for h in hosts if h != manager], timeout=dead + 60,
+                            progress=start)
+    took = time.monotonic() - start
+    print(f"    {survivor.name} became manager {took:.1f} s after the crash "
+          f"(sanlock's host-dead time: {dead} s)")
+    sharedlvm(survivor, "manager", "status")
+    sharedlvm(survivor, "volume", "create", "--size", "1G")
+    sharedlvm(survivor, "domain", "info")
+
+
+def wait_manager(hosts: list[Path], exclude: Path | None = None, timeout: float = 30,
+                 progress: float | None = None) -> Path:
+    deadline = time.monotonic() + timeout
+    last_report = time.monotonic()
+    while time.monotonic() < deadline:
+        for h in hosts:
+            if h == exclude:
+                continue
+            try:
+                status = rpc.call(HostPaths(h).run_dir, "status", timeout=5)
+            except errors.Error:
+                continue
+            if any(s["manager"] for s in status):
+                return h
+        if progress is not None and time.monotonic() - last_report >= 10:
+            last_report = time.monotonic()
+            print(f"    ... {time.monotonic() - progress:.0f} s", flush=True)
+        time.sleep(0.1)
+    raise SystemExit("demo: no host became manager in time")
 
 
 if __name__ == "__main__":

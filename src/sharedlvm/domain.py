@@ -24,7 +24,7 @@ from . import errors, journal, ondisk
 from .activation import Activator, make_activator
 from .command import Runner
 from .errors import CommandError
-from .lvm import Lvm, LvmConfig, device_mapper_available
+from .lvm import Lvm, LvmConfig, Segment, device_mapper_available
 from .paths import HostPaths
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ class Domain:
         # see become_writer().
         self._writer = False
         self._pe_start_cache: dict[str, int] | None = None
+        self._segments: dict[str, list[Segment]] = {}
         # Set by the daemon: allocates and initializes a volume lease slot (manager).
         self.lease_allocator: Callable[[str], int] | None = None
         self.lvm = make_lvm(paths, runner, config.luns, writable=False)
@@ -199,13 +200,19 @@ class Domain:
         if self.lvm.config.activation:
             return self.special_path(lv_name), offset
         extent = self.record.extent_size
-        for seg in self.lvm.segments(self.vg_name, lv_name):
-            if seg.start * extent <= offset < (seg.start + seg.count) * extent:
-                pe_start = self._pe_starts().get(seg.pv)
-                if pe_start is None:
-                    raise errors.NotFound(f"PV {seg.pv} of {lv_name} is not a LUN of "
-                                          f"domain {self.name}")
-                return seg.pv, pe_start + seg.pv_start * extent + offset - seg.start * extent
+        # Extents of a special LV never move; the map only grows (leases), so it is
+        # cached and re-read only for an offset it does not cover yet.
+        for fresh in (False, True):
+            if fresh or lv_name not in self._segments:
+                self._segments[lv_name] = self.lvm.segments(self.vg_name, lv_name)
+            for seg in self._segments[lv_name]:
+                if seg.start * extent <= offset < (seg.start + seg.count) * extent:
+                    pe_start = self._pe_starts().get(seg.pv)
+                    if pe_start is None:
+                        raise errors.NotFound(f"PV {seg.pv} of {lv_name} is not a LUN of "
+                                              f"domain {self.name}")
+                    return (seg.pv,
+                            pe_start + seg.pv_start * extent + offset - seg.start * extent)
         raise errors.InvalidArgument(f"offset {offset} is beyond {self.vg_name}/{lv_name}")
 
     def _pe_starts(self) -> dict[str, int]:

@@ -32,6 +32,7 @@ class LeaseLayout:
         self.domain = domain
         self._sector_size: int | None = None
         self._used: set[int] | None = None
+        self._count: int | None = None  # slots in the leases LV, for this manager term
         self._lock = threading.Lock()
 
     # Geometry
@@ -95,6 +96,7 @@ class LeaseLayout:
         """Forget the cached slot map; the next allocation rebuilds it from the LVs."""
         with self._lock:
             self._used = None
+            self._count = None
 
     def _scan_used(self) -> set[int]:
         used = {MANAGER_SLOT}
@@ -107,13 +109,15 @@ class LeaseLayout:
     def allocate_volume_lease(self, volume_uuid: str) -> int:
         """Pick a free slot and initialize the volume's lease in it (manager only).
 
-        The map of used slots is built once per manager term and kept up to date by
-        this process, the only one that allocates; it is rebuilt from the LVs before
-        the leases LV is grown, so slots of deleted volumes are reused first."""
+        The map of used slots and the slot count are built once per manager term and
+        kept up to date by this process, the only one that allocates or grows the LV
+        (no LVM read on the create path); the map is rebuilt from the LVs before the
+        leases LV is grown, so slots of deleted volumes are reused first."""
         with self._lock:
-            if self._used is None:
+            if self._used is None or self._count is None:
                 self._used = self._scan_used()
-            count = self.slot_count()
+                self._count = self.slot_count()
+            count = self._count
             slot = next((s for s in range(count) if s not in self._used), None)
             if slot is None:
                 self._used = self._scan_used()
@@ -124,6 +128,7 @@ class LeaseLayout:
                          LEASES_GROWTH)
                 self.domain.lvm.lvextend(self.domain.vg_name, "leases",
                                          lv.size + LEASES_GROWTH)
+                self._count = (lv.size + LEASES_GROWTH) // self.align
                 slot = count
             leases.init_resource(self.lockspace, volume_uuid, self.slot_disk(slot),
                                  self.sector_size)

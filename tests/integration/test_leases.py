@@ -239,8 +239,9 @@ def test_stale_manager_makes_no_writes(fresh_cluster: Cluster) -> None:
 @pytest.mark.slow
 def test_lockspace_loss_kills_consumer_before_lease_moves(fresh_cluster: Cluster) -> None:
     """Host 2's sanlock stops renewing (SIGSTOP) while a consumer holds a volume lease.
-    When it runs again its lease has expired: sanlock kills the consumer. Another host
-    gets the lease only after the host-dead time, so always after the kill."""
+    When it runs again its renewal has failed: sanlock kills the consumer, then frees
+    its lease. Another host gets the lease only after that (or, had the kill failed,
+    after the host-dead time): never while the consumer may still write."""
     c = fresh_cluster
     h2, h3 = c.hosts[1], c.hosts[2]
     vol = _vol(c)
