@@ -168,11 +168,12 @@ class Cluster:
 
 def make_cluster(directory: Path, hosts: int = 3, size: int = 20 * GiB,
                  sector_size: int = 512, name: str = "dom1", attach: bool = True,
-                 services: bool = True, extra: tuple[str, ...] = ()) -> Cluster:
+                 services: bool = True, extra: tuple[str, ...] = (),
+                 daemon_env: dict[str, str] | None = None) -> Cluster:
     """A bed; with ``attach``, a domain formatted by host 1 (its manager) and attached
     on every other host, all joined to the lockspace."""
     bed = sim.sim_up(Runner(), directory, hosts, size, sector_size=sector_size,
-                     services=services and attach)
+                     services=services and attach, daemon_env=daemon_env)
     cluster = Cluster(bed, name, [])
     cluster.hosts = [Host(i + 1, root, cluster) for i, root in enumerate(bed.hosts)]
     try:

@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,15 @@ def _start_using(paths: HostPaths, d: domain_mod.Domain, wait: bool, quiet: bool
 
 
 def cmd_domain_info(args: argparse.Namespace) -> None:
-    _show_domain(_open(args).info(), args.json)
+    d = _open(args)
+    info = d.info()
+    try:  # the live view, when this host's daemon runs
+        status = rpc.call(d.paths.run_dir, "manager.status", {"domain": d.name}, timeout=10)
+        info = replace(info, manager_host_id=status["manager"] or 0,
+                       is_manager=bool(status["this_host"]))
+    except errors.Error:
+        pass
+    _show_domain(info, args.json)
 
 
 def cmd_domain_list(args: argparse.Namespace) -> None:
@@ -147,8 +155,8 @@ def _show_domain(info: domain_mod.DomainInfo, as_json: bool) -> None:
     rows = [
         ("name", info.name), ("uuid", info.domain_uuid),
         ("format version", str(info.format_version)),
-        ("this host", f"{info.host_id}" + (" (manager)" if info.is_manager else "")),
-        ("manager", f"host {info.manager_host_id}" if info.manager_host_id else "none yet"),
+        ("this host", f"host {info.host_id}" + (" (manager)" if info.is_manager else "")),
+        ("manager", f"host {info.manager_host_id}" if info.manager_host_id else "none"),
         ("manager generation", str(info.manager_generation)),
         ("io timeout", f"{info.io_timeout} s (a dead host's leases free after "
                        f"{host_dead_seconds(info.io_timeout)} s)"),

@@ -30,8 +30,11 @@ from . import domain as domain_mod
 from . import errors, leases, rpc, units
 from . import volume as volume_mod
 from .command import Runner
+from .failpoints import failpoint
 from .lease_layout import LeaseLayout
-from .manager import Manager
+from .leases import host_dead_seconds
+from .mailbox import Mailbox, new_request_id
+from .manager import Fenced, Manager
 from .paths import HostPaths
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,9 @@ class DaemonConfig:
     manager_poll: float = 0.5
     # After `manager release`, leave the role to others this long before competing.
     release_holdoff: float = 10.0
+    # How often the manager reads the outboxes of live hosts: the latency a request
+    # from another host waits at most, against 4 KiB read per live host per poll.
+    mailbox_poll: float = 0.2
 
 
 class DomainService:
@@ -59,6 +65,10 @@ class DomainService:
         self.holdoff_until = 0.0
         self.prepared: dict[str, bool] = {}  # volume uuid -> shared
         self.stopped = threading.Event()
+        self.mailbox = Mailbox(domain)
+        self.mailbox_lock = threading.Lock()  # one request in flight per host
+        self.next_seq: int | None = None
+        self.answered: dict[int, int] = {}  # manager: host id -> last seq answered
         self.thread = threading.Thread(target=self._loop, name=f"domain-{domain.name}",
                                        daemon=True)
 
@@ -78,10 +88,60 @@ class DomainService:
                 if (not self.manager.active and time.monotonic() >= self.holdoff_until
                         and self.manager.try_take()):
                     self.layout.reset_slots()
+                    self.answered = {}
+                if self.manager.active:
+                    self.serve_mailbox()
             except errors.Error as exc:
                 log.error("domain %s: %s", d.name, exc)
                 self.stopped.wait(2.0)
-            self.stopped.wait(self.daemon.config.manager_poll)
+            config = self.daemon.config
+            self.stopped.wait(config.mailbox_poll if self.manager.active
+                              else config.manager_poll)
+
+    def serve_mailbox(self) -> None:
+        """Manager: execute new requests in the outboxes of live hosts and reply."""
+        # Its own outbox too: a request this host sent before it took the role waits
+        # there for an answer.
+        live = sorted(self.layout.live_hosts() | {self.domain.host_id})
+        for msg in self.mailbox.read_outboxes(live):
+            if msg.host_id not in self.answered:
+                self.answered[msg.host_id] = self.mailbox.answered(msg.host_id)
+            if msg.seq <= self.answered[msg.host_id]:
+                continue
+            op, args = msg.payload.get("op"), msg.payload.get("args")
+            if op not in MAILBOX_OPS or not isinstance(args, dict):
+                answer = rpc.answer_error(errors.InvalidArgument(f"unknown request {op!r}"))
+            else:
+                log.info("mailbox: host %d asks %s (request %s)", msg.host_id, op,
+                         args.get("request_id"))
+                try:
+                    answer = {"ok": True, "result": self.daemon.dispatch(
+                        str(op), dict(args, _manager_only=True))}
+                except (Fenced, errors.NotManager):
+                    return  # not manager any more: the next manager answers it
+                except errors.Error as exc:
+                    answer = rpc.answer_error(exc)
+            failpoint("mailbox-before-reply")
+            self.mailbox.reply(msg.host_id, msg.seq, answer)
+            self.answered[msg.host_id] = msg.seq
+
+    def forward(self, op: str, args: dict[str, Any]) -> Any:
+        """Not manager: ask the manager through this host's outbox and wait."""
+        if not self.joined:
+            raise errors.LockspaceError(f"host {self.domain.host_id} has not joined the "
+                                        f"lockspace of domain {self.domain.name} yet")
+        # A request id makes the request exactly-once across a manager failover.
+        args = dict(args, request_id=args.get("request_id") or new_request_id())
+        timeout = host_dead_seconds(self.domain.record.io_timeout) + 60
+        with self.mailbox_lock:
+            if self.next_seq is None:
+                self.next_seq = self.mailbox.last_sent() + 1
+            seq = self.next_seq
+            self.next_seq += 1
+            answer = self.mailbox.call(op, args, seq, timeout)
+        if answer.get("ok"):
+            return answer.get("result")
+        raise rpc.rebuild_error(str(answer.get("kind")), str(answer.get("error")))
 
     def stop(self) -> None:
         self.stopped.set()
@@ -251,9 +311,14 @@ def _str(args: dict[str, Any], key: str, required: bool = True) -> str | None:
     return value
 
 
-def _on_manager(daemon: Daemon, args: dict[str, Any],
+def _on_manager(daemon: Daemon, args: dict[str, Any], op: str,
                 fn: Callable[[domain_mod.Domain], Any]) -> Any:
+    """Run ``fn`` here if this daemon is manager; otherwise send the request to the
+    manager through the storage mailbox (any host can ask)."""
     service = daemon.service(_str(args, "domain", required=False))
+    if not service.manager.active and op in MAILBOX_OPS and not args.get("_manager_only"):
+        public = {k: v for k, v in args.items() if not k.startswith("_")}
+        return service.forward(op, public)
     with service.manager.lock:
         service.require_manager()
         return fn(service.domain)
@@ -264,7 +329,7 @@ def _volume_create(daemon: Daemon, args: dict[str, Any]) -> Any:
     if not isinstance(size, int) or isinstance(size, bool):
         raise errors.InvalidArgument("size must be an integer number of bytes")
     user_tags = [tuple(t) for t in args.get("tags", [])]
-    return _on_manager(daemon, args, lambda d: volume_mod.create_volume(
+    return _on_manager(daemon, args, "volume.create", lambda d: volume_mod.create_volume(
         d, size, fmt=str(args.get("format", "raw")), alloc=_str(args, "alloc", False),
         image=_str(args, "image", False),
         user_tags=[(str(k), str(v)) for k, v in user_tags],
@@ -275,7 +340,7 @@ def _volume_extend(daemon: Daemon, args: dict[str, Any]) -> Any:
     text = _str(args, "size") or ""
     units.parse_resize(text, 0)
     vol = _str(args, "volume") or ""
-    return _on_manager(daemon, args, lambda d: volume_mod.extend_volume(
+    return _on_manager(daemon, args, "volume.extend", lambda d: volume_mod.extend_volume(
         d, vol, lambda current: units.parse_resize(text, current),
         request_id=_str(args, "request_id", False)).as_dict())
 
@@ -290,7 +355,7 @@ def _volume_delete(daemon: Daemon, args: dict[str, Any]) -> Any:
         return volume_mod.delete_volume(d, vol, wipe=bool(args.get("wipe")),
                                         request_id=_str(args, "request_id", False),
                                         check_free=service.layout.check_volume_free)
-    return _on_manager(daemon, args, delete)
+    return _on_manager(daemon, args, "volume.delete", delete)
 
 
 def _domain_remove(daemon: Daemon, args: dict[str, Any]) -> Any:
@@ -315,7 +380,7 @@ def _domain_remove(daemon: Daemon, args: dict[str, Any]) -> Any:
         service.stop()  # releases the role, leaves the lockspace
         d.destroy(force)
         return {"removed": d.name}
-    return _on_manager(daemon, args, remove)
+    return _on_manager(daemon, args, "domain.remove", remove)
 
 
 def _manager_release(daemon: Daemon, args: dict[str, Any]) -> Any:
@@ -377,6 +442,9 @@ def _host_list(daemon: Daemon, args: dict[str, Any]) -> Any:
              "holds": holds.get(h, [])} for h, st in sorted(states.items())]
 
 
+# Requests a non-manager host forwards to the manager through the storage mailbox.
+MAILBOX_OPS = frozenset({"volume.create", "volume.extend", "volume.delete"})
+
 _HANDLERS: dict[str, Callable[[Daemon, dict[str, Any]], Any]] = {
     "manager.status": _manager_status,
     "host.list": _host_list,
@@ -406,5 +474,5 @@ def _notify_ready() -> None:
 
 def run_daemon(paths: HostPaths, log_file: Path | None = None) -> None:
     logging.basicConfig(level=logging.INFO, filename=str(log_file) if log_file else None,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     Daemon(paths, Runner()).run()

@@ -31,7 +31,7 @@ class DaemonNotRunning(errors.Error):
     pass
 
 
-def _rebuild_error(kind: str, message: str) -> errors.Error:
+def rebuild_error(kind: str, message: str) -> errors.Error:
     """The daemon's error as the same class, carrying the daemon's message (classes
     with structured fields, like CommandError, come back as their message only)."""
     cls = getattr(errors, kind, None)
@@ -71,7 +71,7 @@ def call(run_dir: Path, op: str, args: dict[str, Any] | None = None,
         raise errors.Error(f"bad answer from the sharedlvm daemon: {exc}") from None
     if data.get("ok"):
         return data.get("result")
-    raise _rebuild_error(str(data.get("kind")), str(data.get("error")))
+    raise rebuild_error(str(data.get("kind")), str(data.get("error")))
 
 
 def _read_line(sock: socket.socket) -> bytes:

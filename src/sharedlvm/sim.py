@@ -62,7 +62,8 @@ class SimBed:
 
 
 def sim_up(runner: Runner, directory: Path, hosts: int, size: int, sector_size: int = 512,
-           luns: int = 1, services: bool = True) -> SimBed:
+           luns: int = 1, services: bool = True,
+           daemon_env: dict[str, str] | None = None) -> SimBed:
     """Make the LUNs and host roots; with ``services`` also start each host's sanlock
     daemon and sharedlvm daemon."""
     if not 1 <= hosts <= 64:
@@ -90,7 +91,7 @@ def sim_up(runner: Runner, directory: Path, hosts: int, size: int, sector_size: 
         bed.save()
         if services:
             for host in bed.hosts:
-                start_services(runner, bed, HostPaths(host))
+                start_services(runner, bed, HostPaths(host), daemon_env)
     except BaseException:
         sim_down(runner, directory, bed)
         raise
@@ -120,9 +121,10 @@ def sim_down(runner: Runner, directory: Path, bed: SimBed | None = None) -> None
         raise errors.Busy("sim down left something behind: " + "; ".join(problems))
 
 
-def start_services(runner: Runner, bed: SimBed, paths: HostPaths) -> None:
+def start_services(runner: Runner, bed: SimBed, paths: HostPaths,
+                   daemon_env: dict[str, str] | None = None) -> None:
     SanlockProcess(paths, runner, bed.dir / "build").start()
-    DaemonProcess(paths).start()
+    DaemonProcess(paths).start(extra_env=daemon_env)
 
 
 def stop_services(runner: Runner, bed: SimBed, hosts: list[HostPaths]) -> None:

@@ -156,10 +156,10 @@ class DaemonProcess:
             return None
         return pid if _pid_alive(pid) else None
 
-    def start(self, timeout: float = 30) -> int:
+    def start(self, timeout: float = 30, extra_env: dict[str, str] | None = None) -> int:
         self.paths.ensure()
         self.pid_file.unlink(missing_ok=True)
-        env = dict(os.environ, **{ROOT_ENV: str(self.paths.root)})
+        env = dict(os.environ, **(extra_env or {}), **{ROOT_ENV: str(self.paths.root)})
         with open(self.log_file, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "sharedlvm", "daemon", "--log-file",

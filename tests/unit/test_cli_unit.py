@@ -32,13 +32,13 @@ def test_public_api() -> None:
 def test_rpc_rebuilds_daemon_errors() -> None:
     from sharedlvm import errors, rpc
 
-    err = rpc._rebuild_error("NotManager", "host 2 is not the manager of domain d")
+    err = rpc.rebuild_error("NotManager", "host 2 is not the manager of domain d")
     assert isinstance(err, errors.NotManager) and str(err) == \
         "host 2 is not the manager of domain d"
-    assert type(rpc._rebuild_error("CommandError", "x")) is errors.Error
-    assert type(rpc._rebuild_error("NoSuchThing", "x")) is errors.Error
+    assert type(rpc.rebuild_error("CommandError", "x")) is errors.Error
+    assert type(rpc.rebuild_error("NoSuchThing", "x")) is errors.Error
     # every project error answered by the daemon comes back as a one-line message
     for name in dir(errors):
         cls = getattr(errors, name)
         if isinstance(cls, type) and issubclass(cls, errors.Error):
-            assert str(rpc._rebuild_error(name, "msg")) == "msg"
+            assert str(rpc.rebuild_error(name, "msg")) == "msg"

@@ -1,0 +1,102 @@
+"""Any host can ask: requests through the storage mailbox to whichever host is manager,
+exactly once, with no network between hosts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from bed import Cluster, destroy_cluster, make_cluster
+
+from sharedlvm import mailbox, ondisk
+
+pytestmark = pytest.mark.integration
+
+
+def test_any_host_can_ask(cluster: Cluster) -> None:
+    h1, h2, h3 = cluster.hosts
+    gen = h1.cli_json("manager", "status")["generation"]
+    vol = h3.cli_json("volume", "create", "--size", "1G", "--tag", "asked=host3")
+    assert vol["generation"] == gen  # committed by the manager, in its term
+    assert vol["tags"] == {"asked": "host3"}
+    lv = cluster.raw_lvm().lv(cluster.name, vol["uuid"])
+    assert f"sl.gen={gen}" in lv.tags and f"sl.lease={vol['lease']}" in lv.tags
+    assert h2.cli_json("volume", "extend", vol["uuid"], "--size", "+1G")["capacity"] == 2 * 1024**3
+    assert h3.cli_json("volume", "delete", vol["uuid"]) == {"uuid": vol["uuid"], "deleted": True}
+    assert cluster.raw_lvm().lvs(cluster.name, select=f"lv_name={vol['uuid']}") == []
+    # errors come back as the manager said them, one line
+    proc = h2.cli("volume", "delete", vol["uuid"], check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == f"sharedlvm: volume {vol['uuid']} not found in domain dom1\n"
+    before = cluster.disk_state()
+    proc = h3.cli("volume", "create", "--size", "100T", check=False)
+    assert proc.returncode == 1 and "not enough free space in domain dom1" in proc.stderr
+    # destroying the domain is not something another host may ask for
+    proc = h2.cli("domain", "remove", check=False)
+    assert proc.returncode == 1 and "host 2 is not the manager" in proc.stderr
+    assert cluster.disk_state() == before
+
+
+def test_requests_from_all_hosts_at_once(cluster: Cluster) -> None:
+    procs = [(h, h.popen("volume", "create", "--size", "128M", "--json", "--request-id",
+                         f"burst-{h.host_id}-{i}"))
+             for i in range(4) for h in cluster.hosts]
+    acked = []
+    for _host, proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        acked.append(out)
+    import json
+
+    uuids = [json.loads(out)["uuid"] for out in acked]
+    on_disk = [lv.name for lv in cluster.raw_lvm().lvs(cluster.name) if len(lv.name) == 36]
+    assert sorted(uuids) == sorted(on_disk)  # every acknowledged create exactly once
+    assert len(set(uuids)) == 12
+    slots = [v["lease"] for v in cluster.hosts[0].cli_json("volume", "list")]
+    assert len(set(slots)) == 12  # each its own lease slot
+    cluster.raw_lvm().vgck(cluster.name)
+
+
+def test_corrupt_outbox_record_is_ignored(cluster: Cluster) -> None:
+    h2 = cluster.hosts[1]
+    before = cluster.disk_state()
+    d = h2.domain()
+    path = d.special_path("mailbox")
+    block = bytearray(ondisk.encode(mailbox.OUT_MAGIC, 10**6, {
+        "op": "volume.create", "args": {"size": 1024**3, "request_id": "torn"}}))
+    block[70] ^= 0xFF  # torn inside the payload: the checksum no longer matches
+    with ondisk.BlockFile(path, writable=True) as dev:
+        dev.write(mailbox.outbox_offset(2), bytes(block))
+    time.sleep(2)  # several manager polls
+    assert cluster.disk_state() == before
+    log = (cluster.hosts[0].root / "daemon.log").read_text()
+    assert "ignoring the outbox of host 2: record checksum mismatch" in log
+    # the host's next request (its own sequence continues past the torn one) works
+    with ondisk.BlockFile(path, writable=True) as dev:
+        dev.write(mailbox.outbox_offset(2), b"\0" * ondisk.BLOCK_SIZE)
+
+
+def test_manager_killed_between_execution_and_reply(tmp_path: Path) -> None:
+    """The manager executes a request from host 3, then dies before replying. The next
+    manager finds the request still unanswered, sees in the journal that it was done,
+    and answers with the first result: one volume, not two."""
+    once = tmp_path / "failpoint-fired"
+    c = make_cluster(tmp_path / "bed", hosts=3,
+                     daemon_env={"SHAREDLVM_FAILPOINT": f"mailbox-before-reply:{once}"})
+    try:
+        h1, h3 = c.hosts[0], c.hosts[2]
+        assert c.manager() is h1
+        vol = h3.cli_json("volume", "create", "--size", "1G", "--request-id", "order-7")
+        assert once.exists()  # the failpoint fired: host 1's daemon died before replying
+        assert h1.daemon.pid is None
+        assert "failpoint mailbox-before-reply" in (h1.root / "daemon.log").read_text()
+        new = c.manager()
+        assert new is not h1
+        assert [lv.name for lv in c.raw_lvm().lvs(c.name) if len(lv.name) == 36] == \
+            [vol["uuid"]]
+        again = h3.cli_json("volume", "create", "--size", "1G", "--request-id", "order-7")
+        assert again == vol
+        c.raw_lvm().vgck(c.name)
+    finally:
+        destroy_cluster(c)
