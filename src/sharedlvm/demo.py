@@ -3,8 +3,9 @@
 A sparse-file LUN on a loop device, three simulated hosts (one ``SHAREDLVM_ROOT``,
 one sanlock daemon and one sharedlvm daemon each), real LVM and sanlock: host 1 formats
 a domain and becomes manager, hosts 2 and 3 attach; volumes are created, extended and
-deleted by the manager; a non-manager's metadata write is refused twice (by sharedlvm
-and by LVM itself); a volume held by one host is refused to another; the manager role
+deleted by the manager, also when asked on another host (storage mailbox); LVM itself
+refuses a metadata write anywhere else; a volume held by one host is refused to
+another; the manager role
 is handed over cleanly, then the manager host crashes and another takes over after
 sanlock's host-dead time. Everything is removed at the end, whatever happens.
 """
@@ -99,9 +100,11 @@ def run_story(hosts: list[Path], lun: str) -> None:
     sharedlvm(h1, "volume", "create", "--size", "1G", "--request-id", "order-42")
     sharedlvm(h3, "volume", "list")
 
-    say("A host that is not manager may not change metadata: sharedlvm refuses ...")
-    sharedlvm(h2, "volume", "create", "--size", "1G", expect_fail=True)
-    print("    ... and so does LVM itself, called directly with host2's configuration:")
+    say("Any host can ask: host3's request goes through the storage mailbox on the LUN "
+        "and the manager (host1) does it")
+    sharedlvm(h3, "volume", "create", "--size", "1G", "--tag", "asked-on=host3")
+    print("    Only the manager's daemon writes metadata. Anywhere else LVM itself refuses,")
+    print("    even when called directly with host2's configuration:")
     lvm = make_lvm(HostPaths(h2), Runner(), [lun], writable=False)
     try:
         lvm.lvcreate("demo", "sneaky", GiB, [])
@@ -151,7 +154,9 @@ def run_story(hosts: list[Path], lun: str) -> None:
     print(f"    {survivor.name} became manager {took:.1f} s after the crash "
           f"(sanlock's host-dead time: {dead} s)")
     sharedlvm(survivor, "manager", "status")
-    sharedlvm(survivor, "volume", "create", "--size", "1G")
+    asker = next(h for h in hosts if h not in (manager, survivor))
+    print(f"    {asker.name} asks again; the new manager ({survivor.name}) does it:")
+    sharedlvm(asker, "volume", "create", "--size", "1G")
     sharedlvm(survivor, "domain", "info")
 
 
