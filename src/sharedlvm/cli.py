@@ -252,9 +252,13 @@ def _show_volumes(found: list[volume_mod.VolumeInfo], as_json: bool,
 # daemon, manager, hosts, consumers
 
 def cmd_daemon(args: argparse.Namespace) -> None:
-    from .daemon import run_daemon
+    from .daemon import DaemonConfig, run_daemon
 
-    run_daemon(HostPaths.from_env(), Path(args.log_file) if args.log_file else None)
+    paths = HostPaths.from_env()
+    if args.show_config:
+        print(DaemonConfig.load(paths).show())
+        return
+    run_daemon(paths, Path(args.log_file) if args.log_file else None)
 
 
 def cmd_manager_status(args: argparse.Namespace) -> None:
@@ -414,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = top.add_parser("daemon", help="run this host's daemon (foreground)")
     p.add_argument("--log-file")
+    p.add_argument("--show-config", action="store_true", help="print the effective config")
     p.set_defaults(func=cmd_daemon)
 
     mgr = top.add_parser("manager", help="the manager role").add_subparsers(

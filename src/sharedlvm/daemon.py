@@ -22,7 +22,8 @@ import socketserver
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+import tomllib
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ from .paths import HostPaths
 log = logging.getLogger(__name__)
 
 
+CONFIG_FILE = "daemon.toml"  # under the host's config dir: /etc/sharedlvm/daemon.toml
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     # How often a daemon that is not manager tries the manager lease. A free lease is
@@ -50,6 +54,30 @@ class DaemonConfig:
     # How often the manager reads the outboxes of live hosts: the latency a request
     # from another host waits at most, against 4 KiB read per live host per poll.
     mailbox_poll: float = 0.2
+
+    @classmethod
+    def load(cls, paths: HostPaths) -> DaemonConfig:
+        """Defaults, overridden by ``[daemon]`` in etc/sharedlvm/daemon.toml if present."""
+        path = paths.config_dir / CONFIG_FILE
+        try:
+            data = tomllib.loads(path.read_text()).get("daemon", {})
+        except FileNotFoundError:
+            return cls()
+        except tomllib.TOMLDecodeError as exc:
+            raise errors.InvalidArgument(f"{path}: {exc}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise errors.InvalidArgument(f"{path}: unknown setting(s) {', '.join(unknown)}")
+        for key, value in data.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise errors.InvalidArgument(f"{path}: {key} must be a positive number")
+        return cls(**{k: float(v) for k, v in data.items()})
+
+    def show(self) -> str:
+        lines = ["[daemon]"]
+        lines += [f"{f.name} = {getattr(self, f.name)}" for f in fields(self)]
+        return "\n".join(lines)
 
 
 class DomainService:
@@ -473,6 +501,7 @@ def _notify_ready() -> None:
 
 
 def run_daemon(paths: HostPaths, log_file: Path | None = None) -> None:
+    config = DaemonConfig.load(paths)
     logging.basicConfig(level=logging.INFO, filename=str(log_file) if log_file else None,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    Daemon(paths, Runner()).run()
+    Daemon(paths, Runner(), config).run()
