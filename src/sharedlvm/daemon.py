@@ -21,8 +21,8 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,7 @@ class DaemonConfig:
         if unknown:
             raise errors.InvalidArgument(f"{path}: unknown setting(s) {', '.join(unknown)}")
         for key, value in data.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
                 raise errors.InvalidArgument(f"{path}: {key} must be a positive number")
         return cls(**{k: float(v) for k, v in data.items()})
 

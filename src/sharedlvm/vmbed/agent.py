@@ -160,6 +160,13 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    # virtio_console takes at most 32 KiB per write(): loop over partial writes.
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def serve(path: str) -> None:
     fd = os.open(path, os.O_RDWR)
     frames = FrameBuffer()
@@ -182,7 +189,7 @@ def serve(path: str) -> None:
                 reply = handle(request)
             except Exception as exc:  # the agent must survive any one bad request
                 reply = {"id": request.get("id"), "error": f"{type(exc).__name__}: {exc}"}
-            os.write(fd, encode_frame(reply))
+            _write_all(fd, encode_frame(reply))
             if request.get("op") == "poweroff":
                 os.sync()
                 subprocess.run([BUSYBOX, "poweroff"], check=False)

@@ -6,6 +6,8 @@
         ├── ImageBuildError    building the guest kernel/initramfs/module layer failed
         ├── GuestBootError     a guest did not come up (its console log is named)
         └── GuestAgentError    the in-guest agent did not answer or broke the protocol
+    CommandError
+    └── GuestCommandError      a command run in a guest failed (check=True)
 
 ``HostUnsupported`` is the one tests turn into ``pytest.skip``: it means "cannot run
 here", every other error means "ran and broke".
@@ -13,7 +15,9 @@ here", every other error means "ran and broke".
 
 from __future__ import annotations
 
-from ..errors import Error
+from collections.abc import Sequence
+
+from ..errors import CommandError, Error
 
 
 class VmBedError(Error):
@@ -34,3 +38,15 @@ class GuestBootError(VmBedError):
 
 class GuestAgentError(VmBedError):
     pass
+
+
+class GuestCommandError(CommandError):
+    """A command run inside a guest failed; like CommandError, naming the guest."""
+
+    def __init__(self, guest: str, argv: Sequence[str], rc: int, out: str, err: str) -> None:
+        super().__init__(argv, rc, out, err)
+        self.guest = guest
+
+    def __str__(self) -> str:
+        return (f"command {self.argv[0]} failed in guest {self.guest} "
+                f"(rc={self.rc}): {self.last_line()}")

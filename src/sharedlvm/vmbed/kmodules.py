@@ -15,6 +15,7 @@ Keeping the whole module tree in the guest layer costs ~400 MB (TESTBED-NOTES);
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -39,15 +40,15 @@ def module_name(path: str) -> str:
 
 def depmod(runner: Runner, kmod_binary: Path, base_dir: Path, kernel_version: str) -> None:
     """Run ``depmod -b base_dir kernel_version`` with the unpacked kmod binary."""
-    link = base_dir / ".depmod"
-    link.unlink(missing_ok=True)
-    link.symlink_to(kmod_binary)
-    try:
-        runner.run([str(link), "-b", str(base_dir), kernel_version])
-    except CommandError as exc:
-        raise ImageBuildError(f"depmod failed: {exc.last_line()}") from exc
-    finally:
-        link.unlink(missing_ok=True)
+    # kmod reads its personality from the basename of argv[0]: the link must be
+    # named exactly "depmod".
+    with tempfile.TemporaryDirectory(prefix="vmbed-kmod-") as tools:
+        link = Path(tools) / "depmod"
+        link.symlink_to(kmod_binary.resolve())
+        try:
+            runner.run([str(link), "-b", str(base_dir), kernel_version])
+        except CommandError as exc:
+            raise ImageBuildError(f"depmod failed: {exc.last_line()}") from exc
 
 
 def parse_modules_dep(text: str) -> dict[str, list[str]]:
