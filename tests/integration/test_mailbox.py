@@ -100,3 +100,68 @@ def test_manager_killed_between_execution_and_reply(tmp_path: Path) -> None:
         c.raw_lvm().vgck(c.name)
     finally:
         destroy_cluster(c)
+
+
+def test_four_hosts_ask_while_the_manager_is_killed(tmp_path: Path) -> None:
+    """4 hosts issue creates, extends and deletes at once, each retried with its
+    request id until answered, as an orchestrator would; the manager's daemon is
+    SIGKILLed mid-stream and restarted. In the end every acknowledged operation took
+    effect exactly once, nothing is half-done, and vgck passes."""
+    import json
+    import threading
+
+    from sharedlvm.simhost import DaemonProcess
+
+    c = make_cluster(tmp_path / "bed", hosts=4)
+    try:
+        results: dict[str, dict[str, object]] = {}
+        problems: list[str] = []
+
+        def ask(host_index: int, *args: str) -> dict[str, object]:
+            host = c.hosts[host_index]
+            for _ in range(60):
+                proc = host.cli(*args, "--json", check=False, timeout=300)
+                if proc.returncode == 0:
+                    return dict(json.loads(proc.stdout))
+                time.sleep(0.5)  # daemon restarting or manager moving: ask again
+            problems.append(f"host{host_index + 1} {args}: {proc.stderr.strip()}")
+            return {}
+
+        def client(i: int) -> None:
+            for n in range(4):
+                rid = f"h{i}-{n}"
+                vol = ask(i, "volume", "create", "--size", "128M", "--request-id", f"{rid}-c")
+                if not vol:
+                    return
+                results[rid] = {"uuid": vol["uuid"], "capacity": 128 * 1024**2}
+                if n % 2 == 0:
+                    ask(i, "volume", "extend", str(vol["uuid"]), "--size", "+128M",
+                        "--request-id", f"{rid}-e")
+                    results[rid]["capacity"] = 256 * 1024**2
+                if n == 3:
+                    ask(i, "volume", "delete", str(vol["uuid"]), "--request-id", f"{rid}-d")
+                    results[rid]["deleted"] = True
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(3)
+        manager = c.manager()
+        manager.daemon.kill()  # SIGKILL mid-stream; sanlock frees its lease at once
+        time.sleep(1)
+        DaemonProcess(manager.paths).start()
+        for t in threads:
+            t.join(timeout=600)
+        assert not problems, problems
+        assert len(results) == 16
+        volumes = {v["uuid"]: v for v in c.hosts[0].cli_json("volume", "list")}
+        expected = {str(r["uuid"]): r for r in results.values() if not r.get("deleted")}
+        assert set(volumes) == set(expected)  # each acknowledged create exactly once
+        for uuid_, r in expected.items():
+            assert volumes[uuid_]["capacity"] == r["capacity"]  # each extend once
+            assert volumes[uuid_]["state"] == "ready"
+        on_disk = [lv.name for lv in c.raw_lvm().lvs(c.name) if len(lv.name) == 36]
+        assert sorted(on_disk) == sorted(expected)
+        c.raw_lvm().vgck(c.name)
+    finally:
+        destroy_cluster(c)
