@@ -276,6 +276,10 @@ def cmd_manager_release(args: argparse.Namespace) -> None:
     print("manager role released" if result["released"] else "this host was not manager")
 
 
+def cmd_metrics(args: argparse.Namespace) -> None:
+    print(_daemon("metrics", {}), end="")
+
+
 def cmd_host_list(args: argparse.Namespace) -> None:
     hosts = _daemon("host.list", {"domain": args.domain})
     if args.json:
@@ -429,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = mgr.add_parser("release", help="make this host give the role up")
     common(p)
     p.set_defaults(func=cmd_manager_release)
+
+    p = top.add_parser("metrics", help="the daemon's metrics, Prometheus text format")
+    p.set_defaults(func=cmd_metrics)
 
     hosts = top.add_parser("host", help="hosts of a domain").add_subparsers(
         dest="command", required=True)

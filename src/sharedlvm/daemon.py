@@ -29,6 +29,7 @@ from typing import Any
 
 from . import domain as domain_mod
 from . import errors, leases, rpc, units
+from . import metrics as metrics_mod
 from . import volume as volume_mod
 from .command import Runner
 from .failpoints import failpoint
@@ -36,6 +37,7 @@ from .lease_layout import LeaseLayout
 from .leases import host_dead_seconds
 from .mailbox import Mailbox, new_request_id
 from .manager import Fenced, Manager
+from .metrics import Metrics
 from .paths import HostPaths
 
 log = logging.getLogger(__name__)
@@ -152,6 +154,7 @@ class DomainService:
             failpoint("mailbox-before-reply")
             self.mailbox.reply(msg.host_id, msg.seq, answer)
             self.answered[msg.host_id] = msg.seq
+            self.daemon.metrics.mailbox_requests_served += 1
 
     def forward(self, op: str, args: dict[str, Any]) -> Any:
         """Not manager: ask the manager through this host's outbox and wait."""
@@ -230,6 +233,7 @@ class Daemon:
         self.services_lock = threading.Lock()
         self.sanlock_fd = -1
         self.server: socketserver.UnixStreamServer | None = None
+        self.metrics = Metrics()
 
     # Life cycle
 
@@ -245,6 +249,9 @@ class Daemon:
         server_thread = threading.Thread(target=self.server.serve_forever, name="rpc",
                                          daemon=True)
         server_thread.start()
+        threading.Thread(target=metrics_mod.run_writer, name="metrics", daemon=True,
+                         args=(self.stopping, self.paths.state_dir / "metrics.prom",
+                               self.render_metrics)).start()
         (self.paths.run_dir / "daemon.pid").write_text(f"{os.getpid()}\n")
         log.info("sharedlvm daemon ready (pid %d, socket %s)", os.getpid(),
                  rpc.socket_path(self.paths.run_dir))
@@ -327,7 +334,35 @@ class Daemon:
         handler = _HANDLERS.get(op)
         if handler is None:
             raise errors.InvalidArgument(f"unknown request {op!r}")
-        return handler(self, args)
+        start = time.monotonic()
+        ok = False
+        try:
+            result = handler(self, args)
+            ok = True
+            return result
+        finally:
+            if op not in ("status", "metrics"):
+                self.metrics.observe(op, ok, time.monotonic() - start)
+
+    def render_metrics(self) -> str:
+        gauges: list[tuple[str, str, dict[str, str], float]] = []
+        with self.services_lock:
+            services = list(self.services.values())
+        for s in services:
+            labels = {"domain": s.domain.name, "host_id": str(s.domain.host_id)}
+            gauges += [
+                ("lockspace_joined", "1 if this host joined the domain's lockspace.",
+                 labels, float(s.joined)),
+                ("manager", "1 if this host holds the manager lease.", labels,
+                 float(s.manager.active)),
+                ("manager_generation", "Manager generation of this host's term (0: none).",
+                 labels, float(s.manager.generation or 0)),
+                ("prepared_volumes", "Volumes whose lease the daemon holds.", labels,
+                 float(len(s.prepared))),
+                ("mailbox_read_bytes_total", "Bytes read from the mailbox LV.", labels,
+                 float(s.mailbox.bytes_read)),
+            ]
+        return self.metrics.render(gauges)
 
 
 def _str(args: dict[str, Any], key: str, required: bool = True) -> str | None:
@@ -475,6 +510,7 @@ MAILBOX_OPS = frozenset({"volume.create", "volume.extend", "volume.delete"})
 
 _HANDLERS: dict[str, Callable[[Daemon, dict[str, Any]], Any]] = {
     "manager.status": _manager_status,
+    "metrics": lambda daemon, args: daemon.render_metrics(),
     "host.list": _host_list,
     "status": _status,
     "reload": lambda daemon, args: daemon.reload(),

@@ -165,3 +165,20 @@ def test_four_hosts_ask_while_the_manager_is_killed(tmp_path: Path) -> None:
         c.raw_lvm().vgck(c.name)
     finally:
         destroy_cluster(c)
+
+
+def test_metrics(cluster: Cluster) -> None:
+    h1, h3 = cluster.hosts[0], cluster.hosts[2]
+    h3.cli("volume", "create", "--size", "128M")
+    text = h1.cli("metrics").stdout
+    assert 'sharedlvm_manager{domain="dom1",host_id="1"} 1' in text
+    assert 'sharedlvm_requests_total{op="volume.create",outcome="ok"}' in text
+    assert "sharedlvm_mailbox_requests_served_total" in text
+    served = [ln for ln in text.splitlines()
+              if ln.startswith("sharedlvm_mailbox_requests_served_total ")]
+    assert int(served[0].split()[1]) >= 1
+    assert 'sharedlvm_mailbox_read_bytes_total{domain="dom1",host_id="1"}' in text
+    other = h3.cli("metrics").stdout
+    assert 'sharedlvm_manager{domain="dom1",host_id="3"} 0' in other
+    for line in text.splitlines():  # well-formed exposition lines
+        assert line.startswith("#") or line.startswith("sharedlvm_")
