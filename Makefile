@@ -24,9 +24,9 @@ $(STAMP_DEB):
 	@mkdir -p $(VENV) && touch $@
 
 # The venv sees Debian's python3-sanlock (built for /usr/bin/python3).
-$(STAMP_PIP): $(STAMP_DEB) pyproject.toml requirements-dev.txt
+$(STAMP_PIP): $(STAMP_DEB) pyproject.toml requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON_SYSTEM) -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $@
 

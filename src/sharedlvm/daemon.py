@@ -25,7 +25,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import domain as domain_mod
 from . import errors, leases, rpc, units
@@ -39,6 +39,9 @@ from .mailbox import Mailbox, new_request_id
 from .manager import Fenced, Manager
 from .metrics import Metrics
 from .paths import HostPaths
+
+if TYPE_CHECKING:
+    from .http_api import HttpApi
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,13 @@ class DaemonConfig:
     # How often the manager reads the outboxes of live hosts: the latency a request
     # from another host waits at most, against 4 KiB read per live host per poll.
     mailbox_poll: float = 0.2
+    # The HTTP API (http_api.py): off unless an address is set, e.g. "0.0.0.0:8750".
+    http_listen: str = ""
+    # The bearer token, readable by root only; relative paths are under the config dir.
+    http_token_file: str = "http-token"
+    # TLS: both set, or plain HTTP.
+    http_cert: str = ""
+    http_key: str = ""
 
     @classmethod
     def load(cls, paths: HostPaths) -> DaemonConfig:
@@ -71,14 +81,24 @@ class DaemonConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise errors.InvalidArgument(f"{path}: unknown setting(s) {', '.join(unknown)}")
+        values: dict[str, Any] = {}
         for key, value in data.items():
-            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            if isinstance(getattr(cls, key), str):
+                if not isinstance(value, str):
+                    raise errors.InvalidArgument(f"{path}: {key} must be a string")
+                values[key] = value
+            elif not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
                 raise errors.InvalidArgument(f"{path}: {key} must be a positive number")
-        return cls(**{k: float(v) for k, v in data.items()})
+            else:
+                values[key] = float(value)
+        return cls(**values)
 
     def show(self) -> str:
         lines = ["[daemon]"]
-        lines += [f"{f.name} = {getattr(self, f.name)}" for f in fields(self)]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            lines.append(f'{f.name} = "{value}"' if isinstance(value, str) else
+                         f"{f.name} = {value}")
         return "\n".join(lines)
 
 
@@ -249,6 +269,7 @@ class Daemon:
         server_thread = threading.Thread(target=self.server.serve_forever, name="rpc",
                                          daemon=True)
         server_thread.start()
+        http = self._start_http()
         threading.Thread(target=metrics_mod.run_writer, name="metrics", daemon=True,
                          args=(self.stopping, self.paths.state_dir / "metrics.prom",
                                self.render_metrics)).start()
@@ -258,6 +279,8 @@ class Daemon:
         _notify_ready()
         self.stopping.wait()
         log.info("stopping: releasing roles and leases, leaving lockspaces")
+        if http is not None:
+            http.stop()
         self.server.shutdown()
         with self.services_lock:
             for service in self.services.values():
@@ -266,6 +289,22 @@ class Daemon:
                 service.stop()
         rpc.socket_path(self.paths.run_dir).unlink(missing_ok=True)
         (self.paths.run_dir / "daemon.pid").unlink(missing_ok=True)
+
+    def _start_http(self) -> HttpApi | None:
+        c = self.config
+        if not c.http_listen:
+            return None
+        from .http_api import HttpApi, read_token
+
+        def under_config(name: str) -> Path | None:
+            return (self.paths.config_dir / name) if name else None
+
+        token_file = under_config(c.http_token_file)
+        assert token_file is not None
+        api = HttpApi(self, c.http_listen, read_token(token_file),
+                      under_config(c.http_cert), under_config(c.http_key))
+        api.start()
+        return api
 
     def _make_server(self) -> socketserver.UnixStreamServer:
         path = rpc.socket_path(self.paths.run_dir)

@@ -1,0 +1,133 @@
+"""The daemon's HTTP API: token auth, JSON errors, every operation, OpenAPI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bed import Cluster
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "s3cret-token-for-tests-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def api(cluster: Cluster) -> Iterator[tuple[str, Cluster]]:
+    """Host 2's daemon restarted with the HTTP API on a loopback port."""
+    h2 = cluster.hosts[1]
+    port = _free_port()
+    token = h2.paths.config_dir / "http-token"
+    token.write_text(TOKEN + "\n")
+    os.chmod(token, 0o600)
+    config = h2.paths.config_dir / "daemon.toml"
+    config.write_text(f'[daemon]\nhttp_listen = "127.0.0.1:{port}"\n')
+    h2.daemon.stop()
+    h2.daemon.start()
+    deadline = time.monotonic() + 30
+    while not h2.status().get("joined"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    try:
+        yield f"http://127.0.0.1:{port}", cluster
+    finally:
+        config.unlink()
+        h2.daemon.stop()
+        h2.daemon.start()
+        while not h2.status().get("joined"):
+            time.sleep(0.2)
+
+
+def call(base: str, method: str, path: str, body: Any = None, token: str = TOKEN,
+         raw: bytes | None = None) -> tuple[int, Any]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                        else None)
+    request = urllib.request.Request(base + path, data=data, method=method,
+                                     headers={"Authorization": f"Bearer {token}",
+                                              "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            text = resp.read().decode()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        text = exc.read().decode()
+        status = exc.code
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def test_http_api(api: tuple[str, Cluster]) -> None:
+    base, cluster = api
+    d = f"/v1/domains/{cluster.name}"
+    before = cluster.disk_state()
+    # wrong or missing token: 401, nothing done
+    for token in ("wrong", ""):
+        status, body = call(base, "POST", f"{d}/volumes", {"size": "1G"}, token=token)
+        assert status == 401 and body == {"error": "missing or wrong bearer token"}
+    # malformed JSON and bad values: 400 with a message, nothing done
+    status, body = call(base, "POST", f"{d}/volumes", raw=b"{not json")
+    assert status == 400 and body["error"].startswith("malformed JSON")
+    status, body = call(base, "POST", f"{d}/volumes", {"size": "ten"})
+    assert status == 400 and "invalid size" in body["error"]
+    status, body = call(base, "POST", f"{d}/volumes", {"size": 1024**3, "format": "vmdk"})
+    assert status == 400 and "invalid format" in body["error"]
+    status, body = call(base, "GET", f"{d}/volumes/not-a-uuid")
+    assert status == 400
+    status, body = call(base, "GET", "/v1/domains/nosuch/volumes")
+    assert status == 404
+    assert cluster.disk_state() == before
+    # create on host 2 (not manager): forwarded through the mailbox
+    status, vol = call(base, "POST", f"{d}/volumes",
+                       {"size": "1G", "tags": {"vm": "web"}, "request_id": "http-1"})
+    assert status == 201 and vol["capacity"] == 1024**3 and vol["tags"] == {"vm": "web"}
+    status, again = call(base, "POST", f"{d}/volumes", {"size": "1G", "request_id": "http-1"})
+    assert status == 201 and again == vol
+    status, listed = call(base, "GET", f"{d}/volumes?tag=vm=web")
+    assert status == 200 and [v["uuid"] for v in listed] == [vol["uuid"]]
+    status, grown = call(base, "POST", f"{d}/volumes/{vol['uuid']}/extend", {"size": "+1G"})
+    assert status == 200 and grown["capacity"] == 2 * 1024**3
+    status, prepared = call(base, "POST", f"{d}/volumes/{vol['uuid']}/prepare", {})
+    assert status == 200 and prepared["path"].startswith("/dev/")
+    status, body = call(base, "DELETE", f"{d}/volumes/{vol['uuid']}")
+    assert status == 409 and "tear it down first" in body["error"]
+    assert call(base, "POST", f"{d}/volumes/{vol['uuid']}/teardown")[0] == 200
+    status, manager = call(base, "GET", f"{d}/manager")
+    assert status == 200 and manager["manager"] == 1 and not manager["this_host"]
+    status, hosts = call(base, "GET", f"{d}/hosts")
+    assert status == 200 and [h["host_id"] for h in hosts] == [1, 2, 3]
+    status, body = call(base, "DELETE", f"{d}/volumes/{vol['uuid']}?wipe=0")
+    assert status == 200 and body == {"uuid": vol["uuid"], "deleted": True}
+    status, metrics = call(base, "GET", "/metrics")
+    assert status == 200 and "sharedlvm_requests_total" in metrics
+    status, spec = call(base, "GET", "/openapi.json")
+    assert status == 200 and spec["openapi"].startswith("3.")
+    assert "/v1/domains/{domain}/volumes" in spec["paths"]
+
+
+def test_http_token_file_must_be_root_only(cluster: Cluster, tmp_path: Path) -> None:
+    from sharedlvm import errors
+    from sharedlvm.http_api import read_token
+
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    os.chmod(token, 0o644)
+    with pytest.raises(errors.InvalidArgument, match="readable by root only"):
+        read_token(token)
+    os.chmod(token, 0o600)
+    assert read_token(token) == TOKEN
