@@ -97,9 +97,11 @@ class Host:
             os.kill(pid, signal.SIGCONT)
 
     def crash(self) -> None:
-        """SIGKILL the host's daemon and sanlock: power loss, as far as leases go."""
-        self.daemon.kill()
+        """SIGKILL the host's sanlock, then its daemon: power loss, as far as leases go.
+        sanlock first: a sanlock that outlives the daemon even by milliseconds sees
+        its client die and releases the daemon's leases cleanly (no failover wait)."""
         self.sanlock.kill()
+        self.daemon.kill()
 
 
 @dataclass

@@ -146,8 +146,9 @@ def run_story(hosts: list[Path], lun: str) -> None:
           f"once {manager.name} is dead by its formula:\n    8 x io_timeout ({IO_TIMEOUT} s) "
           f"+ 60 s watchdog term = {dead} s. Waiting ...")
     start = time.monotonic()
-    DaemonProcess(HostPaths(manager)).kill()
+    # sanlock first: alive, it would release the leases of a daemon that died
     SanlockProcess(HostPaths(manager), Runner(), manager.parent / "build").kill()
+    DaemonProcess(HostPaths(manager)).kill()
     survivor = wait_manager([h for h in hosts if h != manager], timeout=dead + 60,
                             progress=start)
     took = time.monotonic() - start
