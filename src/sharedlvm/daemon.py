@@ -56,9 +56,13 @@ class DaemonConfig:
     manager_poll: float = 0.5
     # After `manager release`, leave the role to others this long before competing.
     release_holdoff: float = 10.0
-    # How often the manager reads the outboxes of live hosts: the latency a request
-    # from another host waits at most, against 4 KiB read per live host per poll.
-    mailbox_poll: float = 0.2
+    # The manager reads the outboxes of hosts that asked in the last `mailbox_hot`
+    # seconds every `mailbox_poll` (low latency for a busy orchestrator), and sweeps
+    # every live host every `mailbox_sweep` reading one sector each (low idle I/O:
+    # the first request of an idle host waits up to one sweep). See mailbox.py.
+    mailbox_poll: float = 0.005
+    mailbox_sweep: float = 2.0
+    mailbox_hot: float = 30.0
     # The HTTP API (http_api.py): off unless an address is set, e.g. "0.0.0.0:8750".
     http_listen: str = ""
     # The bearer token, readable by root only; relative paths are under the config dir.
@@ -119,6 +123,9 @@ class DomainService:
         self.mailbox_lock = threading.Lock()  # one request in flight per host
         self.next_seq: int | None = None
         self.answered: dict[int, int] = {}  # manager: host id -> last seq answered
+        self.hot: dict[int, float] = {}  # manager: host id -> time of its last request
+        self.last_sweep = 0.0
+        self.live_cache: tuple[float, set[int]] = (0.0, set())
         self.thread = threading.Thread(target=self._loop, name=f"domain-{domain.name}",
                                        daemon=True)
 
@@ -139,6 +146,7 @@ class DomainService:
                         and self.manager.try_take()):
                     self.layout.reset_slots()
                     self.answered = {}
+                    self.last_sweep = 0.0
                 if self.manager.active:
                     self.serve_mailbox()
             except errors.Error as exc:
@@ -148,12 +156,30 @@ class DomainService:
             self.stopped.wait(config.mailbox_poll if self.manager.active
                               else config.manager_poll)
 
+    def _live(self) -> set[int]:
+        """Live host ids, from sanlock at most once a second."""
+        now = time.monotonic()
+        if now - self.live_cache[0] > 1.0:
+            self.live_cache = (now, self.layout.live_hosts())
+        return self.live_cache[1]
+
     def serve_mailbox(self) -> None:
         """Manager: execute new requests in the outboxes of live hosts and reply."""
+        now = time.monotonic()
+        config = self.daemon.config
         # Its own outbox too: a request this host sent before it took the role waits
         # there for an answer.
-        live = sorted(self.layout.live_hosts() | {self.domain.host_id})
-        for msg in self.mailbox.read_outboxes(live):
+        live = self._live() | {self.domain.host_id}
+        to_read = {h for h, t in self.hot.items() if now - t < config.mailbox_hot} & live
+        if now - self.last_sweep >= config.mailbox_sweep:
+            self.last_sweep = now
+            for host, seq in self.mailbox.peek_seqs(sorted(live),
+                                                    self.layout.sector_size).items():
+                if host not in self.answered:
+                    self.answered[host] = self.mailbox.answered(host)
+                if seq > self.answered[host]:
+                    to_read.add(host)
+        for msg in self.mailbox.read_outboxes(sorted(to_read)):
             if msg.host_id not in self.answered:
                 self.answered[msg.host_id] = self.mailbox.answered(msg.host_id)
             if msg.seq <= self.answered[msg.host_id]:
@@ -171,6 +197,7 @@ class DomainService:
                     return  # not manager any more: the next manager answers it
                 except errors.Error as exc:
                     answer = rpc.answer_error(exc)
+            self.hot[msg.host_id] = time.monotonic()
             failpoint("mailbox-before-reply")
             self.mailbox.reply(msg.host_id, msg.seq, answer)
             self.answered[msg.host_id] = msg.seq

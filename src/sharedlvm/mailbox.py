@@ -12,6 +12,13 @@ one per request. The manager reads the outboxes of live hosts (sanlock's host li
 executes each new request and writes the reply with the same sequence number. A torn
 or corrupt record fails its checksum and is ignored with a log line, never executed.
 
+Polling is adaptive (daemon.py): outboxes of hosts that asked recently are read every
+``mailbox_poll`` (5 ms); every live host is swept every ``mailbox_sweep`` (2 s)
+reading one logical sector of its outbox, the header with the sequence number. Idle,
+that is 250 hosts x 512 B / 2 s = 62.5 KiB/s on a 512 B-sector LUN (8x that on a
+4 KiB-sector LUN, whose smallest read is 4 KiB); the first request of an idle host
+waits up to one sweep.
+
 Requests carry a request id; the manager's journal records completed ids
 (journal.RequestLog), so a request re-sent after a timeout or a manager failover is
 answered, not executed twice.
@@ -100,7 +107,7 @@ class Mailbox:
         return msg.payload if msg and msg.seq == seq else None
 
     def call(self, op: str, args: dict[str, Any], seq: int, timeout: float,
-             poll: float = 0.05) -> Any:
+             poll: float = 0.005) -> Any:
         """Send one request and wait for the manager's reply."""
         request = {"op": op, "args": args, "request_id": args.get("request_id"),
                    "host_id": self.domain.host_id, "time": time.time()}
@@ -116,6 +123,22 @@ class Mailbox:
                            "repeat it with the same --request-id")
 
     # The manager
+
+    def peek_seqs(self, host_ids: list[int], sector_size: int) -> dict[int, int]:
+        """The sequence numbers in the outboxes of ``host_ids``, from one logical
+        sector each (the record header): the cheap check of an idle sweep. The number
+        is only a hint; a request is executed after its whole record verified."""
+        found: dict[int, int] = {}
+        with ondisk.BlockFile(self._path()) as dev:
+            for host in host_ids:
+                if not 1 <= host <= MAX_HOSTS:
+                    continue
+                head = dev.read_sector(outbox_offset(host), sector_size)
+                self.bytes_read += sector_size
+                seq = ondisk.peek_seq(head, OUT_MAGIC)
+                if seq is not None:
+                    found[host] = seq
+        return found
 
     def read_outboxes(self, host_ids: list[int]) -> list[Message]:
         """The requests in the outboxes of ``host_ids``, one read per contiguous run of

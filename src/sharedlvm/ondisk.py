@@ -106,6 +106,19 @@ class BlockFile:
         finally:
             buf.close()
 
+    def read_sector(self, offset: int, sector_size: int) -> bytes:
+        """One logical sector (512 B or 4 KiB), for cheap header reads."""
+        if offset % sector_size or sector_size not in (512, 4096):
+            raise ValueError(f"unaligned sector read: offset={offset} size={sector_size}")
+        buf = mmap.mmap(-1, BLOCK_SIZE)
+        try:
+            done = os.preadv(self.fd, [memoryview(buf)[:sector_size]], offset)
+            if done != sector_size:
+                raise CorruptRecord(f"short read at {offset} of {self.path}")
+            return bytes(buf[:sector_size])
+        finally:
+            buf.close()
+
     def write(self, offset: int, data: bytes) -> None:
         _check_aligned(offset, len(data))
         buf = mmap.mmap(-1, len(data))
@@ -116,6 +129,12 @@ class BlockFile:
                 raise OSError(f"short write at {offset} of {self.path}: {done} of {len(data)}")
         finally:
             buf.close()
+
+
+def peek_seq(head: bytes, magic: bytes) -> int | None:
+    """The sequence number in a record's header, unverified (a hint)."""
+    found, _version, _length, seq = _HEADER.unpack_from(head)
+    return int(seq) if found == magic else None
 
 
 def _check_aligned(offset: int, size: int) -> None:
