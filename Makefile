@@ -4,7 +4,7 @@
 PYTHON_SYSTEM := /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := lvm2 sanlock python3-sanlock qemu-utils util-linux gcc
+DEB_PACKAGES := lvm2 sanlock python3-sanlock qemu-utils util-linux gcc qemu-system-x86
 STAMP_DEB := $(VENV)/.deb-stamp
 STAMP_PIP := $(VENV)/.pip-stamp
 
