@@ -21,7 +21,7 @@ import struct
 from pathlib import Path
 from typing import Protocol
 
-from . import errors
+from . import devmapper, errors
 from .command import Runner
 from .errors import CommandError
 from .lvm import LogicalVolume, Lvm
@@ -38,10 +38,16 @@ class Activator(Protocol):
 
 
 class DeviceMapperActivator:
-    def __init__(self, lvm: Lvm) -> None:
+    def __init__(self, lvm: Lvm, runner: Runner) -> None:
         self.lvm = lvm
+        self.runner = runner
 
     def activate(self, vg_name: str, lv_name: str) -> str:
+        """Activate, or refresh an LV that is already active here: `lvchange -ay` does
+        not reload the table of an active LV, so without the refresh a host would keep
+        using the size it saw before the manager extended the LV (rule 4)."""
+        if devmapper.is_active(vg_name, lv_name):
+            return self.refresh(vg_name, lv_name)
         self.lvm.activate(vg_name, lv_name)
         return f"/dev/{vg_name}/{lv_name}"
 
@@ -49,15 +55,28 @@ class DeviceMapperActivator:
         self.lvm.deactivate(vg_name, lv_name)
 
     def refresh(self, vg_name: str, lv_name: str) -> str:
-        self.lvm.refresh(vg_name, lv_name)
+        """Reload the LV's table from its current segments (read fresh). The manager
+        could use `lvchange --refresh`; readers cannot (locking_type=4), so every host
+        does the same thing (devmapper.py)."""
+        if self.lvm.writable:
+            self.lvm.refresh(vg_name, lv_name)
+        else:
+            segments = self.lvm.segments(vg_name, lv_name)
+            extent = self.lvm.vg(vg_name).extent_size
+            pe_starts = {pv.name: pv.pe_start for pv in self.lvm.pvs()}
+            name = devmapper.dm_name(vg_name, lv_name)
+            wanted = devmapper.linear_table(segments, extent, pe_starts)
+            if devmapper.table(self.runner, name).split() != wanted.split():
+                devmapper.reload(self.runner, name, wanted)
         return f"/dev/{vg_name}/{lv_name}"
 
     def path(self, vg_name: str, lv_name: str) -> str | None:
         path = f"/dev/{vg_name}/{lv_name}"
-        return path if os.path.exists(path) else None
+        return path if devmapper.is_active(vg_name, lv_name) else None
 
     def active(self, vg_name: str) -> list[str]:
-        return [lv.name for lv in self.lvm.lvs(vg_name) if lv.active]
+        return [lv.name for lv in self.lvm.lvs(vg_name)
+                if devmapper.is_active(vg_name, lv.name)]
 
 
 # <linux/loop.h>: the ioctls to change a loop device's size limit in place, so a
@@ -187,5 +206,5 @@ def _set_size_limit(device: str, size: int) -> None:
 
 def make_activator(lvm: Lvm, runner: Runner, activations_dir: Path) -> Activator:
     if lvm.config.activation:
-        return DeviceMapperActivator(lvm)
+        return DeviceMapperActivator(lvm, runner)
     return LoopActivator(lvm, runner, activations_dir)

@@ -24,7 +24,7 @@ from . import errors, journal, ondisk
 from .activation import Activator, make_activator
 from .command import Runner
 from .errors import CommandError
-from .lvm import Lvm, LvmConfig, Segment, device_mapper_available
+from .lvm import Lvm, LvmConfig, Segment, device_mapper_available, udev_running
 from .paths import HostPaths
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,8 @@ def make_lvm(paths: HostPaths, runner: Runner, luns: Sequence[str], writable: bo
     _write_lvm_conf(paths)
     return Lvm(runner, LvmConfig(devices=tuple(luns), writable=writable,
                                  system_dir=paths.lvm_system_dir, lock_dir=paths.lvm_lock_dir,
-                                 activation=device_mapper_available()),
+                                 activation=device_mapper_available(),
+                                 udev=udev_running()),
                before_write=before_write)
 
 

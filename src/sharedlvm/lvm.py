@@ -44,6 +44,11 @@ global {{
     use_lvmlockd = 0
     locking_dir = "{lock_dir}"
 }}
+activation {{
+    udev_sync = {udev}
+    udev_rules = {udev}
+    monitoring = 0
+}}
 backup {{
     backup = {backup}
     archive = {backup}
@@ -67,6 +72,10 @@ backup {{
 #   it as --readonly --sysinit (DESIGN.md), activation still allowed.
 # global/activation = 0 only where /dev/mapper/control is missing (test machines).
 # use_lvmlockd = 0: sharedlvm is the cluster coordination; lvmlockd is not used.
+# activation/udev_sync, udev_rules: 1 where udev runs (it makes /dev/VG/LV); 0 where it
+#   does not (minimal hosts, the VM test bed), so libdevmapper makes the nodes itself:
+#   with the defaults and no udevd, `lvchange -ay` left no /dev/VG/LV (seen in the VM bed).
+# activation/monitoring = 0: only linear LVs, nothing for dmeventd to watch.
 # locking_dir: per host, so simulated hosts on one machine do not serialize each
 #   other through a shared /run/lock/lvm and hide races the real world has.
 # backup/archive: only the writer keeps metadata backups (in its private
@@ -93,6 +102,7 @@ class LvmConfig:
     system_dir: Path
     lock_dir: Path
     activation: bool = True
+    udev: bool = True
 
     def text(self) -> str:
         accept = " ".join(f'"a|^{_regex_escape(d)}$|",' for d in self.devices)
@@ -102,11 +112,16 @@ class LvmConfig:
             accept=accept,
             locking=locking,
             activation=1 if self.activation else 0,
+            udev=1 if self.udev else 0,
             lock_dir=self.lock_dir,
             backup=backup,
             backup_dir=self.system_dir / "backup",
             archive_dir=self.system_dir / "archive",
         )
+
+
+def udev_running() -> bool:
+    return os.path.exists("/run/udev/control")
 
 
 def device_mapper_available() -> bool:
