@@ -19,23 +19,18 @@ Run as root: ``.venv/bin/python bench/leases.py [--rounds 50] [--no-failover]``
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from benchlib import pct  # first: it puts tests/ (the test bed) on the path
 
+# isort: split
 from bed import IO_TIMEOUT, Cluster, destroy_cluster, make_cluster
 
 from sharedlvm import leases
 from sharedlvm import volume as volume_mod
 from sharedlvm.lease_layout import LeaseLayout
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def lease_latency(cluster: Cluster, rounds: int) -> dict[str, list[float]]:

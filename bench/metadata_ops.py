@@ -18,7 +18,6 @@ Run as root: ``.venv/bin/python bench/metadata_ops.py [--rounds 20] [--counts 10
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 import uuid
@@ -26,8 +25,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from benchlib import pct  # first: it puts tests/ (the test bed) on the path
 
+# isort: split
 from bed import Cluster, GiB, destroy_cluster, make_cluster
 
 from sharedlvm import tags
@@ -50,10 +50,6 @@ class Stopwatch:
         yield
         self.times.setdefault(op, []).append(time.perf_counter() - start)
 
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def populate(cluster: Cluster, lvm: Lvm, count: int) -> None:

@@ -19,14 +19,14 @@ Run as root: ``.venv/bin/python bench/requests.py [--rounds 30] [--idle 10]``
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from benchlib import pct  # first: it puts tests/ (the test bed) on the path
 
+# isort: split
 from bed import Cluster, destroy_cluster, make_cluster
 
 from sharedlvm import tags
@@ -36,10 +36,6 @@ from sharedlvm.domain import make_lvm
 
 SIZE = 128 * 1024 * 1024
 
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def mailbox_bytes(cluster: Cluster) -> int:

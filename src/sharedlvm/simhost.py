@@ -65,6 +65,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _read_pid(path: Path) -> int | None:
+    """The pid in a pid file, if that process is alive."""
+    try:
+        pid = int(path.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+    return pid if _pid_alive(pid) else None
+
+
+def _sigkill(pid: int | None) -> None:
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid, 5)
+
+
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -88,11 +104,7 @@ class SanlockProcess:
 
     @property
     def pid(self) -> int | None:
-        try:
-            pid = int((self.run_dir / "sanlock.pid").read_text().split()[0])
-        except (FileNotFoundError, ValueError, IndexError):
-            return None
-        return pid if _pid_alive(pid) else None
+        return _read_pid(self.run_dir / "sanlock.pid")
 
     def start(self) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,11 +139,7 @@ class SanlockProcess:
 
     def kill(self) -> None:
         """SIGKILL: a crashed sanlock, its lockspace leases stop being renewed."""
-        pid = self.pid
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            _wait_gone(pid, 5)
+        _sigkill(self.pid)
 
 
 class DaemonProcess:
@@ -150,11 +158,7 @@ class DaemonProcess:
 
     @property
     def pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().split()[0])
-        except (FileNotFoundError, ValueError, IndexError):
-            return None
-        return pid if _pid_alive(pid) else None
+        return _read_pid(self.pid_file)
 
     def start(self, timeout: float = 30, extra_env: dict[str, str] | None = None) -> int:
         self.paths.ensure()
@@ -195,9 +199,5 @@ class DaemonProcess:
             self.kill()
 
     def kill(self) -> None:
-        pid = self.pid
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            _wait_gone(pid, 5)
+        _sigkill(self.pid)
         self.pid_file.unlink(missing_ok=True)
