@@ -162,7 +162,9 @@ class Cluster:
                 continue
             for vol in list(host.status().get("prepared", {})):
                 host.rpc("volume.teardown", domain=self.name, volume=vol)
-            sim.release_host_devices(Runner(), host.paths)
+            # volumes only: the daemon keeps using its journal, mailbox, ids, leases
+            sim.release_host_devices(Runner(), host.paths,
+                                     keep=frozenset(domain_mod.SPECIAL_LVS))
         manager = self.manager()
         for vol in manager.cli_json("volume", "list"):
             manager.cli("volume", "delete", vol["uuid"])

@@ -152,6 +152,11 @@ class DomainService:
             except errors.Error as exc:
                 log.error("domain %s: %s", d.name, exc)
                 self.stopped.wait(2.0)
+            except Exception:
+                # Never let this thread die: a manager that holds the lease but no
+                # longer serves would block every host. Log, back off, go on.
+                log.exception("domain %s: unexpected error", d.name)
+                self.stopped.wait(2.0)
             config = self.daemon.config
             self.stopped.wait(config.mailbox_poll if self.manager.active
                               else config.manager_poll)

@@ -139,13 +139,17 @@ def stop_services(runner: Runner, bed: SimBed, hosts: list[HostPaths]) -> None:
         SanlockProcess(paths, runner, bed.dir / "build").stop()
 
 
-def release_host_devices(runner: Runner, paths: HostPaths) -> list[str]:
-    """Detach the loop devices a simulated host made for its activations."""
+def release_host_devices(runner: Runner, paths: HostPaths,
+                         keep: frozenset[str] = frozenset()) -> list[str]:
+    """Detach the loop devices a simulated host made for its activations, except
+    those of LVs named in ``keep``."""
     problems: list[str] = []
     root = paths.activations_dir
     if not root.is_dir():
         return problems
     for record in sorted(root.glob("*/*")):
+        if record.name in keep:
+            continue
         try:
             data = json.loads(record.read_text())
         except (ValueError, OSError):
