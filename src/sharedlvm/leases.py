@@ -3,7 +3,8 @@
 Delta leases (a host id in a lockspace) and Paxos resource leases on shared storage,
 through Debian's ``python3-sanlock`` binding. Each process talks to the sanlock daemon
 of its own host; on a machine with several simulated hosts that daemon is chosen by
-``SANLOCK_RUN_DIR`` (:func:`use_run_dir`), read by the library at each connection.
+``SANLOCK_RUN_DIR`` (:func:`use_run_dir`), which libsanlock reads once, at the
+process's first connection: call it before any other sanlock call.
 
 Errors are mapped to the project's errors at one place, :func:`_map`, from the table
 :data:`ERRNO_MAP` (measured with sanlock 3.8.5; vdsm's clusterlock.py documents the
@@ -47,8 +48,9 @@ ERRNO_MAP: dict[int, tuple[type[errors.Error], str]] = {
     -243: (errors.LeaseHeld, "held by another live host"),  # SANLK_ACQUIRE_IDLIVE
     -244: (errors.LeaseHeld, "held by another host"),  # SANLK_ACQUIRE_OWNED
     -245: (errors.LeaseHeld, "held by another host (retry later)"),  # SANLK_ACQUIRE_OTHER
-    -246: (errors.LeaseError, "owner is not yet known dead"),  # SANLK_ACQUIRE_SHRETRY
-    -247: (errors.LeaseHeld, "held by another host, its lockspace is unknown"),  # IDDISK
+    -246: (errors.LeaseHeld, "shared holders not yet known dead"),  # ACQUIRE_SHRETRY
+    -242: (errors.LeaseHeld, "held by another host, its lockspace is unknown"),  # IDDISK
+    -247: (errors.LeaseHeld, "held by another host (retry later)"),  # OWNED_RETRY
     errno.EAGAIN: (errors.LeaseHeld, "held in a conflicting mode"),
     -223: (errors.LeaseError, "no lease initialized there"),  # SANLK_LEADER_MAGIC
     -226: (errors.LeaseError, "lease belongs to another lockspace"),  # LEADER_LOCKSPACE
