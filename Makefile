@@ -8,7 +8,7 @@ DEB_PACKAGES := lvm2 sanlock python3-sanlock qemu-utils util-linux gcc qemu-syst
 STAMP_DEB := $(VENV)/.deb-stamp
 STAMP_PIP := $(VENV)/.pip-stamp
 
-.PHONY: all deps venv demo test lint unit integration bench clean
+.PHONY: all deps venv demo demo-vm test lint unit integration bench clean
 
 all: test
 
@@ -34,6 +34,10 @@ deps venv: $(STAMP_PIP)
 
 demo: $(STAMP_PIP)
 	$(PY) -m sharedlvm.demo
+
+# Watchdog self-fencing in qemu guests (the vm backend): prints the timeline, ~2 min.
+demo-vm: $(STAMP_PIP)
+	$(PY) -m sharedlvm.demo_vm
 
 lint: $(STAMP_PIP)
 	$(VENV)/bin/ruff check src tests bench

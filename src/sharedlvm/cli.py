@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -297,12 +298,15 @@ def cmd_run(args: argparse.Namespace) -> None:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    exec_with_leases(_open(args), volumes, command)
+    exec_with_leases(_open(args), volumes, command, wait=args.wait)
 
 
 # sim
 
 def cmd_sim_up(args: argparse.Namespace) -> None:
+    if args.backend == "vm":
+        _sim_up_vm(args)
+        return
     bed = sim.sim_up(Runner(), Path(args.dir).absolute(), args.hosts, args.size,
                      sector_size=args.sector_size, luns=args.luns)
     print(f"simulation in {bed.dir}")
@@ -318,9 +322,60 @@ def cmd_sim_up(args: argparse.Namespace) -> None:
     print(f"tear down: sharedlvm sim down --dir {bed.dir}")
 
 
+def _sim_up_vm(args: argparse.Namespace) -> None:
+    from .vmbed.vmsim import LUN_DEVICE, vm_sim_up
+
+    if args.luns != 1:
+        raise errors.InvalidArgument("the vm backend has one LUN")
+    directory = Path(args.dir).absolute()
+    bed, booted = vm_sim_up(Runner(), directory, args.hosts, args.size,
+                            sector_size=args.sector_size)
+    print(f"simulation in {directory}: {bed.hosts} qemu guests booted in {booted:.1f} s, "
+          "each running wdmd, sanlock (with the watchdog) and the sharedlvm daemon")
+    print(f"  LUN {LUN_DEVICE} in every guest ({units.format_size(args.size)}, "
+          f"{args.sector_size} B sectors) backed by {bed.lun_file}")
+    print("hosts (run commands in them with 'sim exec'):")
+    for i in range(1, bed.hosts + 1):
+        verb = (f"domain create --name demo --lun {LUN_DEVICE} --host-id {i}" if i == 1
+                else f"domain attach demo --lun {LUN_DEVICE} --host-id {i}")
+        print(f"  host {i}: sharedlvm sim exec --dir {directory} --host {i} -- "
+              f"sharedlvm {verb}")
+    print(f"tear down: sharedlvm sim down --dir {directory}")
+
+
 def cmd_sim_down(args: argparse.Namespace) -> None:
     sim.sim_down(Runner(), Path(args.dir).absolute())
     print(f"simulation in {args.dir} removed")
+
+
+def cmd_sim_exec(args: argparse.Namespace) -> None:
+    directory = Path(args.dir).absolute()
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise errors.InvalidArgument("no command given after --")
+    if sim.backend_of(directory) == "vm":
+        from .vmbed.vmsim import VmSim
+
+        result = VmSim.load(directory).run(args.host, command, timeout=args.timeout,
+                                           check=False)
+        sys.stdout.write(result.out)
+        sys.stderr.write(result.err)
+        raise SystemExit(result.rc)
+    argv, env = sim.loop_host_command(directory, args.host, command)
+    sys.stdout.flush()
+    os.execvpe(argv[0], argv, env)
+
+
+def cmd_sim_kill(args: argparse.Namespace) -> None:
+    sim.sim_kill(Runner(), Path(args.dir).absolute(), args.host)
+    print(f"host {args.host} killed (power loss)")
+
+
+def cmd_sim_start(args: argparse.Namespace) -> None:
+    sim.sim_start(Runner(), Path(args.dir).absolute(), args.host)
+    print(f"host {args.host} started")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -446,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = top.add_parser("run", help="run a command holding volume leases (like flock)")
     p.add_argument("--volume", action="append", required=True, help="UUID or UUID:ro")
     p.add_argument("--domain")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="if another host holds a lease, try again for up to SECONDS")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS")
     p.set_defaults(func=cmd_run)
 
@@ -457,10 +514,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size_arg, default=20 * units.GiB)
     p.add_argument("--sector-size", type=int, default=512, choices=(512, 4096))
     p.add_argument("--luns", type=int, default=1)
+    p.add_argument("--backend", choices=("loop", "vm"), default="loop",
+                   help="loop: hosts share this kernel (fast); vm: each host is a qemu "
+                        "guest with device-mapper and a watchdog (real fencing)")
     p.set_defaults(func=cmd_sim_up)
     p = sims.add_parser("down", help="remove everything 'sim up' made")
     p.add_argument("--dir", required=True)
     p.set_defaults(func=cmd_sim_down)
+    p = sims.add_parser("exec", help="run a command as one simulated host")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--host", type=int, required=True, help="host number, 1..N")
+    p.add_argument("--timeout", type=float, default=300, help="vm backend: seconds")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS")
+    p.set_defaults(func=cmd_sim_exec)
+    p = sims.add_parser("kill", help="power loss of one simulated host")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--host", type=int, required=True)
+    p.set_defaults(func=cmd_sim_kill)
+    p = sims.add_parser("start", help="start a killed simulated host again")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--host", type=int, required=True)
+    p.set_defaults(func=cmd_sim_start)
     return parser
 
 

@@ -1,5 +1,10 @@
 """A local playground of simulated hosts sharing file-backed LUNs (like kind/minikube).
 
+Two backends. ``loop`` (the default, this module): every host is a ``SHAREDLVM_ROOT``
+on the machine's own kernel, with its own sanlock and sharedlvm daemons. ``vm``
+(:mod:`sharedlvm.vmbed.vmsim`): every host is a qemu guest with its own kernel,
+device-mapper and watchdog. ``sim exec/kill/start/down`` work on both.
+
 ``sim up`` makes sparse LUN files, attaches each to a loop device (512 B or 4 KiB
 logical sectors) and one ``SHAREDLVM_ROOT`` per host under DIR, and records all of it
 in ``DIR/sim.json``. ``sim down`` undoes exactly what that file records, and checks
@@ -13,8 +18,10 @@ import json
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import errors
 from .command import Runner
@@ -47,18 +54,30 @@ class SimBed:
         return HostPaths(self.hosts[index])
 
     def save(self) -> None:
-        data = {"luns": [vars(lun) for lun in self.luns], "hosts": [str(h) for h in self.hosts]}
+        data = {"backend": "loop", "luns": [vars(lun) for lun in self.luns],
+                "hosts": [str(h) for h in self.hosts]}
         (self.dir / STATE_FILE).write_text(json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: Path) -> SimBed:
-        try:
-            data = json.loads((directory / STATE_FILE).read_text())
-        except FileNotFoundError:
-            raise errors.NotFound(f"no simulation in {directory} ({STATE_FILE} missing)") \
-                from None
+        data = read_state(directory)
+        if data.get("backend", "loop") != "loop":
+            raise errors.InvalidArgument(f"the simulation in {directory} is not a loop one")
         return cls(directory, [SimLun(**lun) for lun in data["luns"]],
                    [Path(h) for h in data["hosts"]])
+
+
+def check_up_args(directory: Path, hosts: int, max_hosts: int, size: int,
+                  sector_size: int) -> None:
+    """What ``sim up`` refuses, before it makes anything (both backends)."""
+    if not 1 <= hosts <= max_hosts:
+        raise errors.InvalidArgument(f"invalid host count {hosts}: must be 1..{max_hosts}")
+    if sector_size not in (512, 4096):
+        raise errors.InvalidArgument(f"invalid sector size {sector_size}: use 512 or 4096")
+    if size < 4 * 1024**3:
+        raise errors.InvalidArgument("a simulated LUN needs at least 4G")
+    if (directory / STATE_FILE).exists():
+        raise errors.AlreadyExists(f"a simulation already runs in {directory}")
 
 
 def sim_up(runner: Runner, directory: Path, hosts: int, size: int, sector_size: int = 512,
@@ -66,14 +85,7 @@ def sim_up(runner: Runner, directory: Path, hosts: int, size: int, sector_size: 
            daemon_env: dict[str, str] | None = None) -> SimBed:
     """Make the LUNs and host roots; with ``services`` also start each host's sanlock
     daemon and sharedlvm daemon."""
-    if not 1 <= hosts <= 64:
-        raise errors.InvalidArgument(f"invalid host count {hosts}: must be 1..64")
-    if sector_size not in (512, 4096):
-        raise errors.InvalidArgument(f"invalid sector size {sector_size}: use 512 or 4096")
-    if size < 4 * 1024**3:
-        raise errors.InvalidArgument("a simulated LUN needs at least 4G")
-    if (directory / STATE_FILE).exists():
-        raise errors.AlreadyExists(f"a simulation already runs in {directory}")
+    check_up_args(directory, hosts, 64, size, sector_size)
     directory.mkdir(parents=True, exist_ok=True)
     bed = SimBed(directory, [], [directory / f"host{i}" for i in range(1, hosts + 1)])
     try:
@@ -98,9 +110,33 @@ def sim_up(runner: Runner, directory: Path, hosts: int, size: int, sector_size: 
     return bed
 
 
+def read_state(directory: Path) -> dict[str, Any]:
+    """The state file of the simulation in directory (either backend)."""
+    try:
+        data = json.loads((directory / STATE_FILE).read_text())
+    except FileNotFoundError:
+        raise errors.NotFound(f"no simulation in {directory} ({STATE_FILE} missing)") \
+            from None
+    except ValueError as exc:
+        raise errors.Error(f"{directory / STATE_FILE} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise errors.Error(f"{directory / STATE_FILE} is not a simulation state")
+    return data
+
+
+def backend_of(directory: Path) -> str:
+    """``loop`` or ``vm``: which backend made the simulation in directory."""
+    return str(read_state(directory).get("backend", "loop"))
+
+
 def sim_down(runner: Runner, directory: Path, bed: SimBed | None = None) -> None:
     """Remove everything the simulation in ``directory`` made; keep going on errors
     so one stuck piece does not leave the rest behind, then report the first."""
+    if bed is None and backend_of(directory) == "vm":
+        from .vmbed.vmsim import VmSim
+
+        VmSim.load(directory).down()
+        return
     bed = bed or SimBed.load(directory)
     problems: list[str] = []
     stop_services(runner, bed, [HostPaths(h) for h in bed.hosts])
@@ -119,6 +155,54 @@ def sim_down(runner: Runner, directory: Path, bed: SimBed | None = None) -> None
     (directory / STATE_FILE).unlink(missing_ok=True)
     if problems:
         raise errors.Busy("sim down left something behind: " + "; ".join(problems))
+
+
+def _loop_host(bed: SimBed, host: int) -> HostPaths:
+    if not 1 <= host <= len(bed.hosts):
+        raise errors.InvalidArgument(f"invalid host {host}: this simulation has hosts "
+                                     f"1..{len(bed.hosts)}")
+    return bed.host_paths(host - 1)
+
+
+def sim_kill(runner: Runner, directory: Path, host: int) -> None:
+    """Power loss of one host: its sanlock daemon first (so nothing releases its
+    leases cleanly), then its sharedlvm daemon, by pid; in vm, its qemu."""
+    if backend_of(directory) == "vm":
+        from .vmbed.vmsim import VmSim
+
+        VmSim.load(directory).kill(host)
+        return
+    bed = SimBed.load(directory)
+    paths = _loop_host(bed, host)
+    SanlockProcess(paths, runner, bed.dir / "build").kill()
+    DaemonProcess(paths).kill()
+
+
+def sim_start(runner: Runner, directory: Path, host: int) -> None:
+    """Start a host's services again after ``sim kill`` (in vm: boot it first)."""
+    if backend_of(directory) == "vm":
+        from .vmbed.vmsim import VmSim
+
+        VmSim.load(directory).start(host)
+        return
+    bed = SimBed.load(directory)
+    paths = _loop_host(bed, host)
+    sanlock = SanlockProcess(paths, runner, bed.dir / "build")
+    if sanlock.pid is None:
+        sanlock.start()
+    if DaemonProcess(paths).pid is None:
+        DaemonProcess(paths).start()
+
+
+def loop_host_command(directory: Path, host: int,
+                      argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """argv and environment that run ``argv`` as host ``host`` of a loop simulation;
+    ``sharedlvm ARGS`` runs this interpreter's sharedlvm."""
+    bed = SimBed.load(directory)
+    paths = _loop_host(bed, host)
+    if argv and argv[0] == "sharedlvm":
+        argv = [sys.executable, "-m", "sharedlvm", *argv[1:]]
+    return argv, dict(os.environ, **{ROOT_ENV: str(paths.root)})
 
 
 def start_services(runner: Runner, bed: SimBed, paths: HostPaths,

@@ -154,6 +154,37 @@ def test_killed_consumer_frees_its_lease(cluster: Cluster) -> None:
             consumer.wait()
 
 
+def test_run_wait_takes_the_lease_when_the_holder_lets_go(cluster: Cluster,
+                                                         tmp_path: Path) -> None:
+    h2, h3 = cluster.hosts[1], cluster.hosts[2]
+    vol = _vol(cluster)
+    holder = h2.popen("run", "--volume", vol, "--", "sleep", "600")
+    marker = tmp_path / "ran"
+    waiter = None
+    try:
+        _wait(lambda: any(f"{vol} (exclusive)" in h["holds"] for h in
+                          h3.cli_json("host", "list") if h["host_id"] == 2), timeout=20)
+        # Without --wait: refused at once, naming the holder.
+        proc = h3.cli("run", "--volume", vol, "--", "true", check=False)
+        assert proc.returncode == 1 and "held by host 2" in proc.stderr
+        # With a short --wait: still refused, after about that long.
+        started = time.monotonic()
+        proc = h3.cli("run", "--wait", "1.5", "--volume", vol, "--", "true", check=False)
+        assert proc.returncode == 1 and "held by host 2" in proc.stderr
+        assert time.monotonic() - started >= 1.0
+        waiter = h3.popen("run", "--wait", "60", "--volume", vol, "--", "touch", str(marker))
+        time.sleep(2)
+        assert waiter.poll() is None and not marker.exists()  # waiting, not running
+        holder.send_signal(signal.SIGTERM)
+        holder.wait(timeout=10)
+        assert waiter.wait(timeout=30) == 0 and marker.exists()
+    finally:
+        for proc in (holder, waiter):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_consumer_sees_its_device(cluster: Cluster, tmp_path: Path) -> None:
     vol = _vol(cluster)
     out = tmp_path / "out"
@@ -283,7 +314,9 @@ def test_run_bad_input(cluster: Cluster) -> None:
                           (["--volume", "00000000-0000-0000-0000-000000000000:rx", "--",
                             "true"], "use UUID or UUID:ro"),
                           (["--volume", "00000000-0000-0000-0000-000000000000", "--",
-                            "true"], "not found")):
+                            "true"], "not found"),
+                          (["--wait", "-1", "--volume", "00000000-0000-0000-0000-000000000000",
+                            "--", "true"], "invalid wait -1")):
         proc = cluster.hosts[1].cli("run", *args, check=False)
         assert proc.returncode == 1 and message in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1

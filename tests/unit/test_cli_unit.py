@@ -42,3 +42,27 @@ def test_rpc_rebuilds_daemon_errors() -> None:
         cls = getattr(errors, name)
         if isinstance(cls, type) and issubclass(cls, errors.Error):
             assert str(rpc.rebuild_error(name, "msg")) == "msg"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["sim", "up", "--backend", "vm", "--hosts", "20"], "invalid host count 20: must be 1..16"),
+    (["sim", "up", "--backend", "vm", "--size", "1G"], "a simulated LUN needs at least 4G"),
+    (["sim", "up", "--backend", "vm", "--luns", "2"], "the vm backend has one LUN"),
+    (["sim", "exec", "--host", "1", "--", "true"], "no simulation in"),
+    (["sim", "kill", "--host", "1"], "no simulation in"),
+    (["sim", "start", "--host", "1"], "no simulation in"),
+])
+def test_sim_bad_input_changes_nothing(args: list[str], message: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    directory = tmp_path / "sim"
+    assert cli.main([*args[:2], "--dir", str(directory), *args[2:]]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not directory.exists()  # nothing made: no LUN file, no guest booted
+
+
+def test_sim_exec_on_a_loop_bed_refuses_a_host_it_does_not_have(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "sim.json").write_text('{"backend": "loop", "luns": [], "hosts": ["/x"]}')
+    assert cli.main(["sim", "exec", "--dir", str(tmp_path), "--host", "2", "--", "true"]) == 1
+    assert "invalid host 2: this simulation has hosts 1..1" in capsys.readouterr().err

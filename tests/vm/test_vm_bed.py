@@ -158,7 +158,7 @@ def test_writer_and_read_only_host_share_one_lun(image: GuestImage, lun: Path,
         reader.run(["test", "-c", "/dev/watchdog0"])
         reader.run(["wdmd"])
         reader.run(["sanlock", "daemon", "-U", "root", "-G", "root"])
-        _wait_ok(reader, ["sanlock", "client", "status"], timeout=30)
+        reader.wait_ok(["sanlock", "client", "status"], timeout=30)
         TIMINGS["wdmd + sanlock start"] = time.monotonic() - fencing
 
         # Power loss of one host: its qemu is gone at once, the other host goes on.
@@ -175,13 +175,3 @@ def test_writer_and_read_only_host_share_one_lun(image: GuestImage, lun: Path,
     assert not any(guest.is_running() for guest in guests)
     TIMINGS["2-guest test wall time"] = time.monotonic() - started
 
-
-def _wait_ok(guest: Guest, argv: list[str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        rc, out, err = guest.run(argv, check=False)
-        if rc == 0:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"{argv} still failing in {guest.name}: rc={rc} {out} {err}")
-        time.sleep(0.5)

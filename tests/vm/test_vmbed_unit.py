@@ -83,7 +83,9 @@ def test_qemu_argv_shares_the_lun_without_locking(tmp_path: Path) -> None:
     argv = qemu_argv(config)
     drive = argv[argv.index("-drive") + 1]
     assert "cache=none" in drive and "file.locking=off" in drive
-    assert "virtio-blk-pci,drive=san0,share-rw=on,serial=SAN0" in argv
+    blk = next(a for a in argv if a.startswith("virtio-blk-pci,"))
+    assert blk.startswith("virtio-blk-pci,drive=san0,share-rw=on,serial=SAN0,")
+    assert "logical_block_size=512" in blk and "physical_block_size=512" in blk
     assert "-no-reboot" in argv and "-daemonize" in argv
     assert argv[argv.index("-pidfile") + 1] == str(config.pid_file)
     assert "vmbed.name=host1" in argv[argv.index("-append") + 1]

@@ -8,6 +8,9 @@ the choices.
     image = build_image(Runner())                  # cached, seconds after first time
     with GuestBed(2, lun_path, work_dir, image=image) as bed:
         rc, out, err = bed[0].run(["lvs"], check=False)
+
+:mod:`sharedlvm.vmbed.fencing` runs watchdog self-fencing on a bed (storage loss and
+power loss of a lease holder); ``python -m sharedlvm.demo_vm`` shows it.
 """
 
 from .bed import GuestBed

@@ -15,6 +15,11 @@ Requests carry ``id`` and ``op``; the reply carries the same ``id``.
   directly (no shell). stdout/stderr go to temporary files rather than pipes, so a
   daemon that forks (``sanlock daemon``, ``wdmd``) and keeps them open does not make
   the call wait for the daemon's exit.
+- ``{"op": "spawn", "argv": [...], "env": {}, "log": path}`` -> ``{"pid": int}``:
+  starts a long-lived process (a daemon, a consumer) in a session of its own, with
+  stdin from /dev/null and stdout+stderr appended to ``log``, and does not wait for it.
+  It is double-forked, so busybox init (pid 1) reaps it when it exits. An argv that
+  cannot be executed shows as its exit with 127 and a line in ``log``.
 - ``{"op": "poweroff"}`` -> ``{"ok": true}``, then a clean busybox poweroff.
 
 Requests are served one at a time. When the host end is not connected, a read on the
@@ -145,6 +150,44 @@ def run_command(request: dict[str, Any]) -> dict[str, Any]:
                 "err": err.read().decode(errors="replace"), "timed_out": timed_out}
 
 
+def spawn_command(request: dict[str, Any]) -> dict[str, Any]:
+    """Double fork, so the process is re-parented to init (which reaps it) and a
+    consumer that exits never lingers as the agent's zombie."""
+    argv = [str(arg) for arg in request["argv"]]
+    env = dict(GUEST_ENV)
+    env.update(request.get("env") or {})
+    log_path = str(request["log"])
+    os.makedirs(os.path.dirname(log_path) or "/", exist_ok=True)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the guest
+        try:
+            os.close(read_end)
+            os.setsid()
+            pid = os.fork()
+            if pid > 0:
+                os.write(write_end, str(pid).encode())
+                os._exit(0)
+            null = os.open(os.devnull, os.O_RDONLY)
+            log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(null, 0)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.closerange(3, 65536)
+            os.chdir("/")
+            os.execvpe(argv[0], argv, env)
+        except BaseException as exc:
+            os.write(2, f"spawn {argv[0]}: {exc}\n".encode())
+        os._exit(127)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        text = pipe.read().decode()
+    os.waitpid(child, 0)
+    if not text:
+        return {"error": f"spawn {argv[0]}: fork failed"}
+    return {"pid": int(text)}
+
+
 def handle(request: dict[str, Any]) -> dict[str, Any]:
     op = request.get("op")
     if op == "ping":
@@ -152,6 +195,8 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
             reply: dict[str, Any] = {"ok": True, "uptime": float(f.read().split()[0])}
     elif op == "run":
         reply = run_command(request)
+    elif op == "spawn":
+        reply = spawn_command(request)
     elif op == "poweroff":
         reply = {"ok": True}
     else:

@@ -4,6 +4,7 @@ guest's virtio-serial port (see :mod:`sharedlvm.vmbed.agent` for the protocol)."
 from __future__ import annotations
 
 import itertools
+import random
 import socket
 import threading
 import time
@@ -26,7 +27,9 @@ class AgentChannel:
         self.name = name
         self._sock: socket.socket | None = None
         self._frames = FrameBuffer()
-        self._ids = itertools.count(1)
+        # A fresh connection (another process adopting the guest) starts at a random
+        # id, so a late reply meant for an earlier connection is never taken as ours.
+        self._ids = itertools.count(random.randrange(1, 1 << 30))
         self._lock = threading.Lock()
 
     def connect(self) -> None:

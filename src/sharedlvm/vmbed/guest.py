@@ -66,7 +66,7 @@ class Guest:
     def __init__(self, name: str, image: GuestImage, lun_path: Path, work_dir: Path, *,
                  runner: Runner | None = None, share_dir: Path | None = None,
                  memory_mib: int = DEFAULT_MEMORY_MIB, udev: bool = False,
-                 boot_timeout: float = DEFAULT_BOOT_TIMEOUT) -> None:
+                 boot_timeout: float = DEFAULT_BOOT_TIMEOUT, sector_size: int = 512) -> None:
         self.name = name
         self.work_dir = work_dir
         self.runner = runner or Runner()
@@ -77,7 +77,7 @@ class Guest:
             console_path=work_dir / "console.log",
             control_socket=work_dir / "agent.sock",
             pid_file=work_dir / "qemu.pid",
-            memory_mib=memory_mib, udev=udev,
+            memory_mib=memory_mib, udev=udev, sector_size=sector_size,
         )
         self.pid: int | None = None
         self.boot_seconds: float | None = None
@@ -122,6 +122,26 @@ class Guest:
                 return
         raise GuestBootError(f"{self.name}: agent not answering after "
                              f"{self.boot_timeout:g} s\n{self.console_tail()}")
+
+    def adopt(self, pid: int) -> None:
+        """Take over a guest booted by another process (``sim up``) from its qemu pid.
+
+        Refuses a pid that is not this guest's qemu (its command line must name our
+        pid file), so a stale state file never makes us signal a stranger.
+        """
+        if self.pid is not None:
+            raise VmBedError(f"{self.name}: already has qemu pid {self.pid}")
+        self.pid = pid
+        if not self._owns_pid():
+            self.pid = None
+            raise VmBedError(f"{self.name}: qemu pid {pid} is not running "
+                             f"(or is not this guest's qemu)")
+        self._channel.connect()
+
+    def disconnect(self) -> None:
+        """Close the control connection, leaving the guest running: qemu serves one
+        connection at a time, so another process can adopt the guest after this."""
+        self._channel.close()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Clean shutdown through the agent; power off if it does not end in time."""
@@ -196,6 +216,32 @@ class Guest:
         self.stop()
 
     # ---- commands ---------------------------------------------------------------
+
+    def wait_ok(self, argv: Sequence[str], timeout: float, *,
+                env: Mapping[str, str] | None = None, interval: float = 0.5) -> None:
+        """Run argv every ``interval`` s until it exits 0; VmBedError after timeout s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rc, out, err = self.run(argv, check=False, env=env)
+            if rc == 0:
+                return
+            if time.monotonic() > deadline:
+                raise VmBedError(f"{self.name}: {' '.join(argv)} still failing after "
+                                 f"{timeout:g} s: rc={rc} {out.strip()} {err.strip()}")
+            time.sleep(interval)
+
+    def spawn(self, argv: Sequence[str], *, log_file: str,
+              env: Mapping[str, str] | None = None) -> int:
+        """Start a long-lived process in the guest (detached, output appended to the
+        guest file ``log_file``) and return its pid in the guest; does not wait."""
+        argv = [str(arg) for arg in argv]
+        request = {"op": "spawn", "argv": argv, "env": dict(env or {}), "log": log_file}
+        try:
+            reply = self._channel.request(request, timeout=_CHANNEL_SLACK)
+        except TimeoutError as exc:
+            raise GuestAgentError(f"{self.name}: no reply to spawn {argv[0]}") from exc
+        log.debug("%s: spawned %s as pid %s", self.name, argv, reply["pid"])
+        return int(reply["pid"])
 
     def run(self, argv: Sequence[str], *, timeout: float = DEFAULT_COMMAND_TIMEOUT,
             check: bool = True, input: bytes | None = None,

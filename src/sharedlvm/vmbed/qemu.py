@@ -48,6 +48,7 @@ class QemuConfig:
     pid_file: Path
     memory_mib: int = DEFAULT_MEMORY_MIB
     udev: bool = False
+    sector_size: int = 512  # logical and physical block size of the shared LUN
 
 
 def _virtfs(path: Path | str, tag: str, readonly: bool) -> list[str]:
@@ -74,7 +75,9 @@ def qemu_argv(config: QemuConfig) -> list[str]:
         # no image locking, so all guests can open it read-write at once.
         "-drive", f"file={config.lun_path},format=raw,if=none,id=san0,cache=none,"
                   "aio=threads,file.locking=off",
-        "-device", "virtio-blk-pci,drive=san0,share-rw=on,serial=SAN0",
+        "-device", "virtio-blk-pci,drive=san0,share-rw=on,serial=SAN0,"
+                   f"logical_block_size={config.sector_size},"
+                   f"physical_block_size={config.sector_size}",
         *_virtfs("/usr", initramfs.TAG_USR, readonly=True),
         *_virtfs("/etc", initramfs.TAG_ETC, readonly=True),
         *_virtfs(config.image.layer, initramfs.TAG_LAYER, readonly=True),
