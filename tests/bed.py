@@ -97,11 +97,8 @@ class Host:
             os.kill(pid, signal.SIGCONT)
 
     def crash(self) -> None:
-        """SIGKILL the host's sanlock, then its daemon: power loss, as far as leases go.
-        sanlock first: a sanlock that outlives the daemon even by milliseconds sees
-        its client die and releases the daemon's leases cleanly (no failover wait)."""
-        self.sanlock.kill()
-        self.daemon.kill()
+        """Power loss, as far as leases go (``sim kill``)."""
+        sim.crash_services(Runner(), self.cluster.bed, self.paths)
 
 
 @dataclass
@@ -134,12 +131,7 @@ class Cluster:
 
     def raw_lvm(self) -> Lvm:
         """A read-only LVM of the bed itself (not of any host), to inspect the disk."""
-        system_dir = self.bed.dir / "inspect-lvm"
-        system_dir.mkdir(exist_ok=True)
-        (system_dir / "lvm.conf").write_text("config {\n    checks = 1\n}\n")
-        return Lvm(Runner(), LvmConfig(devices=tuple(self.luns), writable=False,
-                                       system_dir=system_dir, lock_dir=system_dir / "lock",
-                                       activation=False))
+        return inspect_lvm(self.luns, self.bed.dir)
 
     def disk_state(self) -> dict[str, Any]:
         """What is on the disk: every VG and LV with tags, sizes and the VG seqno.
@@ -168,6 +160,17 @@ class Cluster:
         manager = self.manager()
         for vol in manager.cli_json("volume", "list"):
             manager.cli("volume", "delete", vol["uuid"])
+
+
+def inspect_lvm(devices: list[str], directory: Path) -> Lvm:
+    """A read-only LVM of the machine itself (not of any simulated host) on devices,
+    to inspect what is on the disk; its config lives in directory/inspect-lvm."""
+    system_dir = directory / "inspect-lvm"
+    system_dir.mkdir(exist_ok=True)
+    (system_dir / "lvm.conf").write_text("config {\n    checks = 1\n}\n")
+    return Lvm(Runner(), LvmConfig(devices=tuple(devices), writable=False,
+                                   system_dir=system_dir, lock_dir=system_dir / "lock",
+                                   activation=False))
 
 
 def make_cluster(directory: Path, hosts: int = 3, size: int = 20 * GiB,

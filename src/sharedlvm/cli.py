@@ -291,13 +291,17 @@ def cmd_host_list(args: argparse.Namespace) -> None:
     _table(rows, ["HOST", "STATE", "GENERATION", "HOLDS"])
 
 
+def _command_after_dashes(args: argparse.Namespace) -> list[str]:
+    """The ``-- COMMAND ARGS`` of ``run`` and ``sim exec``, without the ``--``."""
+    command = list(args.command)
+    return command[1:] if command[:1] == ["--"] else command
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from .consumer import exec_with_leases, parse_volume_arg
 
     volumes = [parse_volume_arg(v) for v in args.volume]
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
+    command = _command_after_dashes(args)
     exec_with_leases(_open(args), volumes, command, wait=args.wait)
 
 
@@ -350,16 +354,11 @@ def cmd_sim_down(args: argparse.Namespace) -> None:
 
 def cmd_sim_exec(args: argparse.Namespace) -> None:
     directory = Path(args.dir).absolute()
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
+    command = _command_after_dashes(args)
     if not command:
         raise errors.InvalidArgument("no command given after --")
-    if sim.backend_of(directory) == "vm":
-        from .vmbed.vmsim import VmSim
-
-        result = VmSim.load(directory).run(args.host, command, timeout=args.timeout,
-                                           check=False)
+    if (vm := sim.vm_sim(directory)) is not None:
+        result = vm.run(args.host, command, timeout=args.timeout, check=False)
         sys.stdout.write(result.out)
         sys.stderr.write(result.err)
         raise SystemExit(result.rc)

@@ -21,13 +21,16 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .command import Runner
 from .errors import CommandError
 from .paths import ROOT_ENV, HostPaths
 from .simhost import DaemonProcess, SanlockProcess
+
+if TYPE_CHECKING:
+    from .vmbed.vmsim import VmSim
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +132,20 @@ def backend_of(directory: Path) -> str:
     return str(read_state(directory).get("backend", "loop"))
 
 
+def vm_sim(directory: Path) -> VmSim | None:
+    """The simulation in directory if the vm backend made it, else None."""
+    if backend_of(directory) != "vm":
+        return None
+    from .vmbed.vmsim import VmSim
+
+    return VmSim.load(directory)
+
+
 def sim_down(runner: Runner, directory: Path, bed: SimBed | None = None) -> None:
     """Remove everything the simulation in ``directory`` made; keep going on errors
     so one stuck piece does not leave the rest behind, then report the first."""
-    if bed is None and backend_of(directory) == "vm":
-        from .vmbed.vmsim import VmSim
-
-        VmSim.load(directory).down()
+    if bed is None and (vm := vm_sim(directory)) is not None:
+        vm.down()
         return
     bed = bed or SimBed.load(directory)
     problems: list[str] = []
@@ -165,33 +175,21 @@ def _loop_host(bed: SimBed, host: int) -> HostPaths:
 
 
 def sim_kill(runner: Runner, directory: Path, host: int) -> None:
-    """Power loss of one host: its sanlock daemon first (so nothing releases its
-    leases cleanly), then its sharedlvm daemon, by pid; in vm, its qemu."""
-    if backend_of(directory) == "vm":
-        from .vmbed.vmsim import VmSim
-
-        VmSim.load(directory).kill(host)
+    """Power loss of one host (in vm: SIGKILL of its qemu)."""
+    if (vm := vm_sim(directory)) is not None:
+        vm.kill(host)
         return
     bed = SimBed.load(directory)
-    paths = _loop_host(bed, host)
-    SanlockProcess(paths, runner, bed.dir / "build").kill()
-    DaemonProcess(paths).kill()
+    crash_services(runner, bed, _loop_host(bed, host))
 
 
 def sim_start(runner: Runner, directory: Path, host: int) -> None:
     """Start a host's services again after ``sim kill`` (in vm: boot it first)."""
-    if backend_of(directory) == "vm":
-        from .vmbed.vmsim import VmSim
-
-        VmSim.load(directory).start(host)
+    if (vm := vm_sim(directory)) is not None:
+        vm.start(host)
         return
     bed = SimBed.load(directory)
-    paths = _loop_host(bed, host)
-    sanlock = SanlockProcess(paths, runner, bed.dir / "build")
-    if sanlock.pid is None:
-        sanlock.start()
-    if DaemonProcess(paths).pid is None:
-        DaemonProcess(paths).start()
+    start_services(runner, bed, _loop_host(bed, host))
 
 
 def loop_host_command(directory: Path, host: int,
@@ -207,8 +205,22 @@ def loop_host_command(directory: Path, host: int,
 
 def start_services(runner: Runner, bed: SimBed, paths: HostPaths,
                    daemon_env: dict[str, str] | None = None) -> None:
-    SanlockProcess(paths, runner, bed.dir / "build").start()
-    DaemonProcess(paths).start(extra_env=daemon_env)
+    """The host's sanlock daemon, then its sharedlvm daemon; either is left alone if
+    it already runs."""
+    sanlock = SanlockProcess(paths, runner, bed.dir / "build")
+    if sanlock.pid is None:
+        sanlock.start()
+    daemon = DaemonProcess(paths)
+    if daemon.pid is None:
+        daemon.start(extra_env=daemon_env)
+
+
+def crash_services(runner: Runner, bed: SimBed, paths: HostPaths) -> None:
+    """SIGKILL the host's sanlock, then its daemon, by pid: power loss, as far as
+    leases go. sanlock first: one that outlives the daemon even by milliseconds sees
+    its client die and releases the daemon's leases cleanly (no failover wait)."""
+    SanlockProcess(paths, runner, bed.dir / "build").kill()
+    DaemonProcess(paths).kill()
 
 
 def stop_services(runner: Runner, bed: SimBed, hosts: list[HostPaths]) -> None:

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from bed import inspect_lvm
 
 from sharedlvm.command import Runner
 from sharedlvm.leases import host_dead_seconds
-from sharedlvm.lvm import Lvm, LvmConfig
 from sharedlvm.vmbed import HostUnsupported, build_image, ensure_host_packages
 from sharedlvm.vmbed.vmsim import LUN_DEVICE, VmSim
 
@@ -299,11 +299,7 @@ def _check_lvm(lun: Path) -> None:
     runner = Runner()
     device = runner.run(["losetup", "--find", "--show", "--read-only", str(lun)]).out.strip()
     try:
-        system_dir = lun.parent / "inspect-lvm"
-        system_dir.mkdir(exist_ok=True)
-        (system_dir / "lvm.conf").write_text("config {\n    checks = 1\n}\n")
-        lvm = Lvm(runner, LvmConfig(devices=(device,), writable=False, system_dir=system_dir,
-                                    lock_dir=system_dir / "lock", activation=False))
+        lvm = inspect_lvm([device], lun.parent)
         lvm.vgck(DOMAIN)
         names = {lv.name for lv in lvm.lvs(DOMAIN)}
         assert {"ids", "leases", "mailbox", "journal"} <= names

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from ..command import Runner
@@ -85,9 +86,7 @@ class GuestBed:
 
     def _each(self, action: Callable[[Guest], None]) -> list[BaseException]:
         """Apply Guest.start/stop/power_off to all guests in parallel; collect errors."""
-        with ThreadPoolExecutor(max_workers=max(1, len(self.guests))) as pool:
-            futures = [pool.submit(action, guest) for guest in self.guests]
-        return [exc for f in futures if (exc := f.exception()) is not None]
+        return run_each([partial(action, guest) for guest in self.guests])
 
     def __enter__(self) -> GuestBed:
         self.start()
@@ -99,3 +98,10 @@ class GuestBed:
     def __getitem__(self, index: int) -> Guest:
         return self.guests[index]
 
+
+
+def run_each(actions: Sequence[Callable[[], object]]) -> list[BaseException]:
+    """Run actions in parallel, each to its end; the errors they raised, in order."""
+    with ThreadPoolExecutor(max_workers=max(1, len(actions))) as pool:
+        futures = [pool.submit(action) for action in actions]
+    return [exc for f in futures if (exc := f.exception()) is not None]

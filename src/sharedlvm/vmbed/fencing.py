@@ -36,6 +36,7 @@ from . import lease_guest
 from .bed import GuestBed
 from .errors import GuestAgentError, VmBedError
 from .guest import Guest
+from .vmsim import start_sanlock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -272,10 +273,8 @@ class FencingScenario:
 
 
 def _start_daemons(guest: Guest) -> None:
-    # With the watchdog: wdmd first (it arms /dev/watchdog0), and no ``-w 0``.
-    guest.run(["wdmd"])
-    guest.run(["sanlock", "daemon", "-U", "root", "-G", "root"])
-    guest.wait_ok(["sanlock", "client", "status"], timeout=30)
+    # With the watchdog, in sanlock's default run dir (lease_guest uses that).
+    start_sanlock(guest, {})
 
 
 def _parallel(actions: Sequence[Callable[[], T]]) -> list[T]:

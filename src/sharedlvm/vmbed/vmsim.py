@@ -24,23 +24,22 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from .. import errors
 from ..command import Runner
 from ..paths import ROOT_ENV
+from .bed import run_each
 from .debs import ensure_host_packages
 from .errors import VmBedError
 from .guest import Guest, GuestResult
 from .image import GuestImage, build_image
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 STATE_FILE = "sim.json"
 BACKEND = "vm"
@@ -179,11 +178,11 @@ class VmSim:
         return self.guest(host).spawn(guest_argv(argv), log_file=log_file,
                                       env={**GUEST_ENV, **(env or {})})
 
-    def start(self, host: int, daemon_env: Mapping[str, str] | None = None) -> None:
+    def start(self, host: int) -> None:
         """Boot host's guest (unless running) and start its services."""
         self._boot(host)
         self.save()
-        start_services(self.guest(host), daemon_env)
+        start_services(self.guest(host))
 
     def kill(self, host: int) -> None:
         """Power loss: SIGKILL host's qemu (by pid). Its leases expire on their own."""
@@ -193,21 +192,17 @@ class VmSim:
         self.pids[host - 1] = None
         self.save()
 
-    def start_all(self, daemon_env: Mapping[str, str] | None = None) -> float:
+    def start_all(self) -> float:
         """Boot every stopped guest in parallel, then start services; boot seconds."""
+        hosts = range(1, self.hosts + 1)
         started = time.monotonic()
-        errs = _each([partial(self._boot, h) for h in range(1, self.hosts + 1)])
-        if errs:
-            raise errs[0]
+        _raise_first(run_each([partial(self._boot, h) for h in hosts]))
         booted = time.monotonic() - started
-        errs = _each([partial(self._services, h, daemon_env)
-                      for h in range(1, self.hosts + 1)])
-        if errs:
-            raise errs[0]
+        _raise_first(run_each([partial(self._services, h) for h in hosts]))
         return booted
 
-    def _services(self, host: int, daemon_env: Mapping[str, str] | None) -> None:
-        start_services(self.guest(host), daemon_env)
+    def _services(self, host: int) -> None:
+        start_services(self.guest(host))
 
     def _boot(self, host: int) -> None:
         if self.is_running(host):
@@ -228,18 +223,16 @@ class VmSim:
                     self.kill(host)
             except errors.Error as exc:
                 problems.append(f"host{host}: {exc}")
-        if not problems:
-            self.lun_file.unlink(missing_ok=True)
-            for host in range(1, self.hosts + 1):
-                shutil.rmtree(self.dir / f"host{host}", ignore_errors=True)
-            (self.dir / STATE_FILE).unlink(missing_ok=True)
-        if problems:
+        if problems:  # keep the state file: a later ``sim down`` can try again
             raise errors.Busy("sim down left something behind: " + "; ".join(problems))
+        self.lun_file.unlink(missing_ok=True)
+        for host in range(1, self.hosts + 1):
+            shutil.rmtree(self.dir / f"host{host}", ignore_errors=True)
+        (self.dir / STATE_FILE).unlink(missing_ok=True)
 
 
 def vm_sim_up(runner: Runner, directory: Path, hosts: int, size: int,
-              sector_size: int = 512, services: bool = True,
-              daemon_env: Mapping[str, str] | None = None) -> tuple[VmSim, float]:
+              sector_size: int = 512) -> tuple[VmSim, float]:
     """Boot ``hosts`` guests on a new LUN file in ``directory``; the bed and how long
     the boot took. Nothing is left running if any step fails."""
     from ..sim import check_up_args
@@ -255,14 +248,7 @@ def vm_sim_up(runner: Runner, directory: Path, hosts: int, size: int,
                 [None] * hosts)
     sim.save()
     try:
-        if services:
-            booted = sim.start_all(daemon_env)
-        else:
-            started = time.monotonic()
-            errs = _each([partial(sim._boot, h) for h in range(1, hosts + 1)])
-            if errs:
-                raise errs[0]
-            booted = time.monotonic() - started
+        booted = sim.start_all()
         sim.save()
     except BaseException:
         sim.down()
@@ -270,23 +256,28 @@ def vm_sim_up(runner: Runner, directory: Path, hosts: int, size: int,
     return sim, booted
 
 
-def start_services(guest: Guest, daemon_env: Mapping[str, str] | None = None) -> None:
-    """wdmd, sanlock with the watchdog, then the sharedlvm daemon; waits for each."""
-    guest.run(["mkdir", "-p", SANLOCK_ENV["SANLOCK_RUN_DIR"], f"{GUEST_ROOT}/run/sharedlvm"])
+def start_sanlock(guest: Guest, env: Mapping[str, str]) -> None:
+    """wdmd (arming softdog), then sanlock with the watchdog; each unless running."""
     if guest.run(["test", "-S", "/run/wdmd/wdmd.sock"], check=False).rc != 0:
-        guest.run(["wdmd"])  # arms /dev/watchdog0 (softdog); sanlock connects to it
-    if guest.run(["sanlock", "client", "status"], check=False, env=SANLOCK_ENV).rc != 0:
+        guest.run(["wdmd"])
+    if guest.run(["sanlock", "client", "status"], check=False, env=env).rc != 0:
         # -e: a stable host name. sanlock lets a host that rejoins under the name it
         # had take its host id back at once; under a new (random) name it must wait
         # the host-dead time first, as for any stranger.
         guest.run(["sanlock", "daemon", "-U", "root", "-G", "root", "-e",
-                   f"sharedlvm-sim-{guest.name}"], env=SANLOCK_ENV)
-        guest.wait_ok(["sanlock", "client", "status"], 30, env=SANLOCK_ENV)
+                   f"sharedlvm-sim-{guest.name}"], env=env)
+        guest.wait_ok(["sanlock", "client", "status"], 30, env=env)
+
+
+def start_services(guest: Guest) -> None:
+    """wdmd, sanlock with the watchdog, then the sharedlvm daemon; waits for each."""
+    guest.run(["mkdir", "-p", SANLOCK_ENV["SANLOCK_RUN_DIR"], f"{GUEST_ROOT}/run/sharedlvm"])
+    start_sanlock(guest, SANLOCK_ENV)
     socket = f"{GUEST_ROOT}/run/sharedlvm/daemon.sock"
     if guest.run(["test", "-S", socket], check=False).rc == 0:
         return
     guest.spawn(guest_argv(["sharedlvm", "daemon", "--log-file", DAEMON_LOG]),
-                log_file=f"{GUEST_ROOT}/daemon.out", env={**GUEST_ENV, **(daemon_env or {})})
+                log_file=f"{GUEST_ROOT}/daemon.out", env=GUEST_ENV)
     try:
         guest.wait_ok(["test", "-S", socket], _DAEMON_START_TIMEOUT)
     except VmBedError as exc:
@@ -295,7 +286,6 @@ def start_services(guest: Guest, daemon_env: Mapping[str, str] | None = None) ->
         raise VmBedError(f"{exc}\n{tail}") from exc
 
 
-def _each(actions: Sequence[Callable[[], T]]) -> list[BaseException]:
-    with ThreadPoolExecutor(max_workers=max(1, len(actions))) as pool:
-        futures = [pool.submit(action) for action in actions]
-    return [exc for f in futures if (exc := f.exception()) is not None]
+def _raise_first(errs: list[BaseException]) -> None:
+    if errs:
+        raise errs[0]
