@@ -4,7 +4,9 @@
 PYTHON_SYSTEM := /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := lvm2 sanlock python3-sanlock qemu-utils util-linux gcc qemu-system-x86
+# libc6-dev: only a recommend of gcc, but the test bed's sanlock shim includes its
+# <sys/resource.h> (simhost.py).
+DEB_PACKAGES := lvm2 sanlock python3-sanlock qemu-utils util-linux gcc libc6-dev qemu-system-x86
 STAMP_DEB := $(VENV)/.deb-stamp
 STAMP_PIP := $(VENV)/.pip-stamp
 
@@ -12,14 +14,15 @@ STAMP_PIP := $(VENV)/.pip-stamp
 
 all: test
 
-# Debian packages: the system engines. Installed only when missing.
+# Debian packages: the system engines. Installed only when missing, and without
+# recommends: qemu-system-x86 alone would pull in ~200 desktop and media packages.
 $(STAMP_DEB):
 	@missing=""; for p in $(DEB_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	@mkdir -p $(VENV) && touch $@
 
@@ -33,11 +36,11 @@ $(STAMP_PIP): $(STAMP_DEB) pyproject.toml requirements.txt requirements-dev.txt
 deps venv: $(STAMP_PIP)
 
 demo: $(STAMP_PIP)
-	$(PY) -m sharedlvm.demo
+	$(PY) -m sharedlvm_testbed.demo
 
 # Watchdog self-fencing in qemu guests (the vm backend): prints the timeline, ~2 min.
 demo-vm: $(STAMP_PIP)
-	$(PY) -m sharedlvm.demo_vm
+	$(PY) -m sharedlvm_testbed.demo_vm
 
 lint: $(STAMP_PIP)
 	$(VENV)/bin/ruff check src tests bench

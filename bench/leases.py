@@ -35,7 +35,7 @@ from sharedlvm.lease_layout import LeaseLayout
 
 def lease_latency(cluster: Cluster, rounds: int) -> dict[str, list[float]]:
     host = cluster.hosts[1]
-    manager = cluster.writer
+    manager = cluster.first
     vols = [manager.cli_json("volume", "create", "--size", "128M")["uuid"]
             for _ in range(rounds)]
     domain = host.domain()

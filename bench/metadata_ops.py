@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Latency of sharedlvm's metadata operations vs bare LVM, on the writer.
+"""Latency of sharedlvm's metadata operations vs bare LVM, on the manager.
 
 For each population (volumes already in the domain) it times, in the same run and on
 the same LUN, K rounds of:
@@ -55,7 +55,7 @@ class Stopwatch:
 def populate(cluster: Cluster, lvm: Lvm, count: int) -> None:
     """Set-up only: fill the domain to ``count`` volumes with bare lvcreate (what the
     daemon would commit, minus the lease), 1,000 daemon round trips being slow."""
-    have = len(cluster.writer.cli_json("volume", "list"))
+    have = len(cluster.first.cli_json("volume", "list"))
     for _ in range(have, count):
         lvm.lvcreate(cluster.name, str(uuid.uuid4()), EXTENT, [
             tags.make_tag("image", str(uuid.uuid4())), tags.make_tag("parent", "none"),
@@ -74,15 +74,15 @@ def measure(cluster: Cluster, lvm: Lvm, rounds: int) -> tuple[Stopwatch, Stopwat
     """sharedlvm: a request to the manager's daemon over its socket (the daemon holds
     the manager lease, allocates and initializes a volume lease, commits, answers).
     bare: the LVM command alone, with the same --config."""
-    host, vg = cluster.writer, cluster.name
+    host, vg = cluster.first, cluster.name
     ours, bare = Stopwatch(), Stopwatch()
     for _ in range(rounds):
         with ours("create"):
-            vol = host.rpc("volume.create", domain=vg, size=EXTENT)["uuid"]
+            vol = host.client.create_volume(EXTENT, domain=vg).uuid
         with ours("extend"):
-            host.rpc("volume.extend", domain=vg, volume=vol, size=str(2 * EXTENT))
+            host.client.extend_volume(vol, str(2 * EXTENT), domain=vg)
         with ours("delete"):
-            host.rpc("volume.delete", domain=vg, volume=vol)
+            host.client.delete_volume(vol, domain=vg)
         name = str(uuid.uuid4())
         bare_tags = [tags.make_tag("image", str(uuid.uuid4())), tags.make_tag("parent", "none"),
                      tags.make_tag("format", "raw"), tags.make_tag("alloc", "preallocated"),
@@ -107,7 +107,7 @@ def main() -> int:
         cluster = make_cluster(Path(tmp) / "bed", hosts=1, size=max(counts) * EXTENT
                                + 64 * GiB)
         try:
-            lvm = make_lvm(cluster.writer.paths, Runner(), cluster.luns, writable=True)
+            lvm = make_lvm(cluster.first.paths, Runner(), cluster.luns, writable=True)
             print(f"sharedlvm metadata operations vs bare LVM, {args.rounds} rounds each, "
                   f"times in ms (request to the manager's daemon vs the bare LVM command, "
                   f"loop-device LUN)")

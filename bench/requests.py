@@ -39,7 +39,7 @@ SIZE = 128 * 1024 * 1024
 
 
 def mailbox_bytes(cluster: Cluster) -> int:
-    text = cluster.writer.rpc("metrics")
+    text = cluster.first.client.metrics()
     for line in text.splitlines():
         if line.startswith("sharedlvm_mailbox_read_bytes_total{") and 'host_id="1"' in line:
             return int(float(line.split()[-1]))
@@ -54,17 +54,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sharedlvm-bench-") as tmp:
         c = make_cluster(Path(tmp) / "bed", hosts=3)
         try:
-            manager, other = c.writer, c.hosts[2]
+            manager, other = c.first, c.hosts[2]
             lvm = make_lvm(manager.paths, Runner(), c.luns, writable=True)
             times: dict[str, list[float]] = {"asked on a non-manager host": [],
                                              "asked on the manager host": [],
                                              "bare lvcreate on the manager": []}
             for _ in range(args.rounds):
                 start = time.perf_counter()
-                other.rpc("volume.create", domain=c.name, size=SIZE)
+                other.client.create_volume(SIZE, domain=c.name)
                 times["asked on a non-manager host"].append(time.perf_counter() - start)
                 start = time.perf_counter()
-                manager.rpc("volume.create", domain=c.name, size=SIZE)
+                manager.client.create_volume(SIZE, domain=c.name)
                 times["asked on the manager host"].append(time.perf_counter() - start)
                 start = time.perf_counter()
                 lvm.lvcreate(c.name, str(uuid.uuid4()), SIZE,

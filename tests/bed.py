@@ -12,22 +12,25 @@ detached.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sharedlvm import Client
 from sharedlvm import domain as domain_mod
-from sharedlvm import rpc, sim
 from sharedlvm.command import Runner
 from sharedlvm.lvm import Lvm, LvmConfig
 from sharedlvm.paths import ROOT_ENV, HostPaths
-from sharedlvm.simhost import DaemonProcess, SanlockProcess
+from sharedlvm_testbed import sim
+from sharedlvm_testbed.simhost import DaemonProcess, SanlockProcess
 
 GiB = 1024**3
 IO_TIMEOUT = 1  # seconds: joins take ~3 s and a dead host frees after 68 s
@@ -68,11 +71,33 @@ class Host:
         return subprocess.Popen([sys.executable, "-m", "sharedlvm", *args], env=self.env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def rpc(self, op: str, **args: Any) -> Any:
-        return rpc.call(self.paths.run_dir, op, args, timeout=120)
+    @property
+    def client(self) -> Client:
+        """The client library, talking to this host's daemon."""
+        return Client(self.root, timeout=120)
+
+    def with_volume(self, vol: str, code: str, *args: str, read_only: bool = False) -> str:
+        """Run Python ``code`` as a consumer holding ``vol`` (``sharedlvm run``), its
+        device path in ``sys.argv[1]`` and ``args`` after it; its stdout."""
+        spec = f"{vol}:ro" if read_only else vol
+        return self.cli("run", "--volume", spec, "--", sys.executable, "-c", code, "{0}",
+                        *args).stdout
+
+    @contextlib.contextmanager
+    def registered(self) -> Iterator[int]:
+        """A consumer registered with this host's sanlock and holding nothing yet
+        (``sharedlvm run -- sleep``): its pid, for ``volume prepare --pid``. Killed
+        (its whole process group) on the way out."""
+        proc = self.popen("run", "--", "sleep", "600")
+        try:
+            yield consumer_pid(proc, "sleep")
+        finally:
+            stop_consumer(proc)
 
     def status(self) -> dict[str, Any]:
-        return {s["domain"]: s for s in self.rpc("status")}.get(self.cluster.name, {})
+        """This host's daemon's view of the cluster's domain ({} if it has none)."""
+        found = {s.domain: s for s in self.client.status()}.get(self.cluster.name)
+        return dataclasses.asdict(found) if found else {}
 
     def domain(self) -> domain_mod.Domain:
         """The domain opened in the test process: always read-only (not the daemon)."""
@@ -112,7 +137,7 @@ class Cluster:
         return [lun.device for lun in self.bed.luns]
 
     @property
-    def writer(self) -> Host:
+    def first(self) -> Host:
         """Host 1: formatted the domain and is its manager unless a test moved it."""
         return self.hosts[0]
 
@@ -128,6 +153,20 @@ class Cluster:
                     continue
             time.sleep(0.1)
         raise AssertionError(f"no manager within {timeout} s")
+
+    def new_manager_term(self, timeout: float = 30) -> Host:
+        """The manager gives the role up and another host takes it: after a test wrote
+        LVM metadata behind the manager's back (simulating a manager that died
+        mid-request), which the manager would rightly refuse to write after."""
+        old = self.manager()
+        old.client.release_manager(self.name)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            new = self.manager()
+            if new is not old:
+                return new
+            time.sleep(0.1)
+        raise AssertionError(f"no new manager in {timeout} s")
 
     def raw_lvm(self) -> Lvm:
         """A read-only LVM of the bed itself (not of any host), to inspect the disk."""
@@ -153,13 +192,40 @@ class Cluster:
             if not host.daemon.pid:
                 continue
             for vol in list(host.status().get("prepared", {})):
-                host.rpc("volume.teardown", domain=self.name, volume=vol)
+                host.client.teardown_volume(vol, domain=self.name)
             # volumes only: the daemon keeps using its journal, mailbox, ids, leases
             sim.release_host_devices(Runner(), host.paths,
                                      keep=frozenset(domain_mod.SPECIAL_LVS))
         manager = self.manager()
         for vol in manager.cli_json("volume", "list"):
             manager.cli("volume", "delete", vol["uuid"])
+
+
+def consumer_pid(proc: subprocess.Popen[str], comm: str, timeout: float = 30) -> int:
+    """The consumer process of a ``sharedlvm run`` (the child of ``proc``), once it
+    runs its command ``comm`` (registered, leases acquired)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"sharedlvm run exited: {proc.communicate()}")
+        for task in Path(f"/proc/{proc.pid}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                for child in (task / "children").read_text().split():
+                    if Path(f"/proc/{child}/comm").read_text().strip() == comm:
+                        return int(child)
+        time.sleep(0.05)
+    raise AssertionError(f"no {comm} consumer under pid {proc.pid} in {timeout} s")
+
+
+def stop_consumer(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM to ``sharedlvm run``, which passes it on to its consumer; then wait."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
 
 
 def inspect_lvm(devices: list[str], directory: Path) -> Lvm:

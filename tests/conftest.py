@@ -56,9 +56,9 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     name = "shared_cluster_4k" if getattr(request, "param", 512) == 4096 else "shared_cluster"
     c: Cluster = request.getfixturevalue(name)
     deadline = time.monotonic() + 90
-    while c.manager() is not c.writer:  # a test moved the role: give it back to host 1
+    while c.manager() is not c.first:  # a test moved the role: give it back to host 1
         assert time.monotonic() < deadline, "host 1 did not get the manager role back"
-        c.manager().rpc("manager.release", domain=c.name)
+        c.manager().client.release_manager(c.name)
         time.sleep(1)
     yield c
     c.clean()

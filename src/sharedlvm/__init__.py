@@ -1,13 +1,26 @@
 """sharedlvm: VM disks on shared SAN LUNs with plain LVM2 and sanlock storage leases.
 
-The public surface is the ``sharedlvm`` command (``sharedlvm.cli``) and the names
-re-exported here; everything else is internal and may change.
+The public surface: the ``sharedlvm`` command (``sharedlvm.cli``), the client library
+(:class:`Client`, talking to this host's daemon), the errors it raises (``errors``)
+and the types it returns. Everything else is internal and may change.
 """
 
-from .domain import Domain, DomainInfo, create_domain
+from . import errors
+from .client import Client
 from .errors import Error
-from .paths import HostPaths
-from .volume import VolumeInfo
+from .model import (
+    Allocation,
+    Deleted,
+    DomainInfo,
+    HostInfo,
+    ManagerStatus,
+    ServiceStatus,
+    VolumeFormat,
+    VolumeInfo,
+    VolumeState,
+)
 
-__all__ = ["Domain", "DomainInfo", "Error", "HostPaths", "VolumeInfo", "create_domain"]
-__version__ = "0.1.0"
+__all__ = ["Allocation", "Client", "Deleted", "DomainInfo", "Error", "HostInfo",
+           "ManagerStatus", "ServiceStatus", "VolumeFormat", "VolumeInfo", "VolumeState",
+           "__version__", "errors"]
+__version__ = "0.2.0"

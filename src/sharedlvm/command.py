@@ -33,11 +33,25 @@ class Result:
     seconds: float
 
 
-class Runner:
-    """Runs argv lists with an optional extra environment."""
+# Children die with the process that runs them: an `lvm` left running by a manager
+# daemon that was killed could commit after another host became manager (sanlock
+# frees a dead process's lease at once). util-linux's setpriv sets the parent-death
+# signal and execs the command, so no Python runs between fork and exec (a
+# preexec_fn is unsafe in a threaded daemon). The parent is the thread that forked,
+# which waits for the child, so the signal comes only when the process dies.
+DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+
+class Runner:
+    """Runs argv lists with an optional extra environment.
+
+    ``die_with_parent``: the command is killed when this process dies (the default;
+    off only for commands meant to outlive it, such as a daemon that forks)."""
+
+    def __init__(self, env: Mapping[str, str] | None = None,
+                 die_with_parent: bool = True) -> None:
         self.env = dict(env or {})
+        self.die_with_parent = die_with_parent
 
     def run(
         self,
@@ -57,7 +71,7 @@ class Runner:
         start = time.monotonic()
         try:
             proc = subprocess.run(
-                argv,
+                [*DIE_WITH_PARENT, *argv] if self.die_with_parent else argv,
                 input=input,
                 capture_output=True,
                 text=True,
@@ -72,6 +86,8 @@ class Runner:
             raise CommandTimeout(argv, timeout, out, err) from exc
         except FileNotFoundError as exc:
             raise CommandError(argv, 127, "", f"{argv[0]}: command not found") from exc
+        if self.die_with_parent and proc.returncode == 127 and "setpriv:" in proc.stderr:
+            raise CommandError(argv, 127, "", f"{argv[0]}: command not found")
         elapsed = time.monotonic() - start
         log.debug("rc=%d in %.3f s: %s", proc.returncode, elapsed, argv[0])
         if check and proc.returncode != 0:
@@ -91,7 +107,7 @@ def _text(data: bytes | str | None) -> str:
 class RecordingRunner(Runner):
     """A runner that records every argv and delegates to a real runner.
 
-    Used by tests that assert on exact command lines (for example that a non-writer
+    Used by tests that assert on exact command lines (for example that a non-manager
     host passes ``locking_type=4``) while still running the real command.
     """
 
@@ -99,7 +115,7 @@ class RecordingRunner(Runner):
     calls: list[list[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        super().__init__(self.inner.env)
+        super().__init__(self.inner.env, self.inner.die_with_parent)
 
     def run(
         self,

@@ -1,15 +1,30 @@
 """``sharedlvm run``: hold volume leases for a command's whole life, like flock(1).
 
-The process registers with this host's sanlock daemon, acquires the volume leases for
-itself, activates the volumes and then execs the command, keeping the sanlock
-connection open across exec. The leases therefore belong to the consumer's pid: they
-are released when it exits or is killed, and if the host loses its lockspace sanlock
-kills it before the lease can expire and be taken by another host (DESIGN.md rule 3).
+``run`` forks. The child is the consumer: it becomes the leader of a process group of
+its own, registers with this host's sanlock daemon, tells sanlock to kill that whole
+process group (killpath) if the host loses its lockspace, acquires the volume leases
+for itself, activates the volumes (read-only under a shared lease) and execs the
+command, keeping the sanlock connection open across exec. The leases therefore
+belong to the consumer's pid, die with it, and are never held by a helper that
+outlives or predates it (docs/design.md rule 3); children of the command (``run --
+sh -c '...'``) are in its process group and are killed with it.
+
+The parent only waits: it passes on SIGINT, SIGTERM and SIGHUP to the consumer's
+group, and when the consumer has exited it deactivates the volumes no process on this
+host holds any more (no mapping is left over extents the manager may hand out again)
+and exits with the consumer's status.
+
+Without volumes, ``run -- COMMAND`` only registers the command with sanlock (and sets
+its killpath): a VM launched that way can have its volumes prepared for it by the
+daemon (``volume prepare VOLUME --pid PID``), which acquires on its behalf.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import sys
 import time
 from collections.abc import Sequence
 from typing import NoReturn
@@ -18,11 +33,15 @@ from . import errors, leases
 from . import volume as volume_mod
 from .domain import Domain
 from .lease_layout import LeaseLayout
-from .volume import VolumeInfo
+from .model import VolumeInfo, check_uuid
+from .paths import HostPaths
 
 # How often ``run --wait`` tries again a lease another host holds. The holder's
 # release is seen within this; sanlock answers a refused acquire in a few ms.
 WAIT_POLL = 0.5
+# sanlock runs this instead of killing only the registered pid: the whole group.
+KILL = "/bin/kill"
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def parse_volume_arg(text: str) -> tuple[str, bool]:
@@ -30,33 +49,95 @@ def parse_volume_arg(text: str) -> tuple[str, bool]:
     vol, sep, mode = text.partition(":")
     if sep and mode not in ("ro", "rw"):
         raise errors.InvalidArgument(f"invalid volume {text!r}: use UUID or UUID:ro")
-    return volume_mod.check_uuid(vol), mode == "ro"
+    return check_uuid(vol), mode == "ro"
 
 
-def exec_with_leases(domain: Domain, volumes: Sequence[tuple[str, bool]],
-                     argv: Sequence[str], wait: float = 0.0) -> NoReturn:
-    """Acquire, activate, exec. With ``wait`` > 0, a lease held by another host is
-    tried again every WAIT_POLL s for up to ``wait`` s (a migration destination
-    waiting for the source to let go) before failing with LeaseHeld."""
+def run_with_leases(paths: HostPaths, domain: Domain | None,
+                    volumes: Sequence[tuple[str, bool]], argv: Sequence[str],
+                    wait: float = 0.0) -> int:
+    """Run ``argv`` as a registered consumer holding ``volumes``; its exit status."""
     if not argv:
         raise errors.InvalidArgument("no command given after --")
     if wait < 0:
         raise errors.InvalidArgument(f"invalid wait {wait}: must be >= 0 seconds")
+    if volumes and domain is None:
+        raise errors.InvalidArgument("volumes need a domain")
+    infos = [volume_mod.get_volume(domain, vol) for vol, _ in volumes] if domain else []
+    leases.use_run_dir(paths.sanlock_run_dir)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        _consumer(domain, infos, [shared for _, shared in volumes], argv, wait)
+    return _supervise(pid, domain, infos)
+
+
+def _consumer(domain: Domain | None, infos: list[VolumeInfo], shared: list[bool],
+              argv: Sequence[str], wait: float) -> NoReturn:
+    try:
+        os.setpgid(0, 0)
+        for signo in FORWARDED:
+            signal.signal(signo, signal.SIG_DFL)
+        fd = leases.register()
+        leases.killpath(fd, [KILL, "-KILL", "--", f"-{os.getpid()}"])
+        devices: list[str] = []
+        if domain is not None:
+            layout = LeaseLayout(domain)
+            deadline = time.monotonic() + wait
+            # One global order (by uuid): two consumers waiting for the same volumes
+            # can never each hold one the other waits for.
+            for i in sorted(range(len(infos)), key=lambda i: infos[i].uuid):
+                _acquire(layout, infos[i], shared[i], fd, deadline)
+            devices = [volume_mod.volume_path(domain, info.uuid, read_only=ro)
+                       for info, ro in zip(infos, shared, strict=True)]
+        env = dict(os.environ, SHAREDLVM_DEVICES=" ".join(devices),
+                   SHAREDLVM_DEVICE=devices[0] if devices else "")
+        final = [arg.format(*devices) if "{" in arg else arg for arg in argv]
+        os.set_inheritable(fd, True)  # the sanlock connection, and the leases, survive exec
+        os.execvpe(final[0], final, env)
+    except errors.Error as exc:
+        print(f"sharedlvm: {' '.join(str(exc).split())}", file=sys.stderr)
+    except OSError as exc:
+        print(f"sharedlvm: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def _supervise(pid: int, domain: Domain | None, infos: list[VolumeInfo]) -> int:
+    def forward(signo: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signo)
+
+    for signo in FORWARDED:
+        signal.signal(signo, forward)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except ChildProcessError:
+            status = 1 << 8
+            break
+        except InterruptedError:
+            continue
+    if domain is not None:
+        _deactivate_unused(domain, infos)
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell
+
+
+def _deactivate_unused(domain: Domain, infos: list[VolumeInfo]) -> None:
+    """Deactivate the volumes no process on this host holds (sanlock frees a dead
+    consumer's leases within moments; a volume another local process still holds
+    stays)."""
     layout = LeaseLayout(domain)
-    leases.use_run_dir(domain.paths.sanlock_run_dir)
-    infos = [volume_mod.get_volume(domain, vol) for vol, _ in volumes]
-    fd = leases.register()
-    deadline = time.monotonic() + wait
-    # One global order (by uuid): two consumers waiting for the same volumes can
-    # never each hold one the other waits for.
-    order = sorted(range(len(infos)), key=lambda i: infos[i].uuid)
-    for i in order:
-        _acquire(layout, infos[i], volumes[i][1], fd, deadline)
-    devices = [volume_mod.volume_path(domain, info.uuid) for info in infos]
-    env = dict(os.environ, SHAREDLVM_DEVICES=" ".join(devices), SHAREDLVM_DEVICE=devices[0])
-    final = [arg.format(*devices) if "{" in arg else arg for arg in argv]
-    os.set_inheritable(fd, True)  # the sanlock connection, and so the leases, survive exec
-    os.execvpe(final[0], final, env)
+    for info in infos:
+        deadline = time.monotonic() + 2.0
+        while domain.host_id in layout.holders(info) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if domain.host_id in layout.holders(info):
+            continue
+        with contextlib.suppress(errors.Error):
+            domain.activator.deactivate(domain.vg_name, info.uuid)
 
 
 def _acquire(layout: LeaseLayout, info: VolumeInfo, shared: bool, fd: int,

@@ -1,8 +1,8 @@
 """A sharedlvm domain: one VG on shared LUNs, its special LVs and its domain record.
 
-``create_domain`` formats LUNs (on the host that becomes the writer), ``attach_domain``
+``create_domain`` formats LUNs (on the host that becomes the manager), ``attach_domain``
 makes another host use an existing domain, and :class:`Domain` is an attached domain
-opened on this host: its LVM (read-only unless this host is the writer), its
+opened on this host: its LVM (read-only unless this host becomes its manager), its
 activator, and its domain record read fresh from the ``journal`` LV.
 """
 
@@ -23,8 +23,10 @@ from dataclasses import asdict, dataclass
 from . import errors, journal, ondisk
 from .activation import Activator, make_activator
 from .command import Runner
+from .devmapper import available as device_mapper_available
 from .errors import CommandError
-from .lvm import Lvm, LvmConfig, Segment, device_mapper_available, udev_running
+from .lvm import Lvm, LvmConfig, Segment, udev_running
+from .model import DomainInfo
 from .paths import HostPaths
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ DOMAIN_TAG = "sharedlvm.domain"
 FORMAT_TAG = "sharedlvm.format=1"
 SPECIAL_TAG = "sharedlvm.special"
 
-# The special LVs of format version 1 (DESIGN.md "On-disk layout"), created in this
+# The special LVs of format version 1 (docs/design.md "On-disk layout"), created in this
 # order right after the VG so each is a single segment at the start of the first PV.
 SPECIAL_LVS: dict[str, int] = {
     "ids": 8 * 1024 * 1024,
@@ -112,13 +114,16 @@ def _write_lvm_conf(paths: HostPaths) -> None:
 
 
 def make_lvm(paths: HostPaths, runner: Runner, luns: Sequence[str], writable: bool,
-             before_write: Callable[[], None] | None = None) -> Lvm:
+             before_write: Callable[[], None] | None = None,
+             after_write: Callable[[], None] | None = None,
+             write_timeout: float | None = None) -> Lvm:
     _write_lvm_conf(paths)
     return Lvm(runner, LvmConfig(devices=tuple(luns), writable=writable,
                                  system_dir=paths.lvm_system_dir, lock_dir=paths.lvm_lock_dir,
                                  activation=device_mapper_available(),
                                  udev=udev_running()),
-               before_write=before_write)
+               before_write=before_write, after_write=after_write,
+               **({"write_timeout": write_timeout} if write_timeout else {}))
 
 
 class Domain:
@@ -132,19 +137,29 @@ class Domain:
         self.vg_name = config.name
         self.host_id = config.host_id
         # Read-only (locking_type=4) unless this process holds the manager role:
-        # see become_writer().
-        self._writer = False
+        # see become_manager().
+        self._manager = False
+        self._guard: Callable[[], None] | None = None
         self._pe_start_cache: dict[str, int] | None = None
         self._segments: dict[str, list[Segment]] = {}
-        # Set by the daemon: allocates and initializes a volume lease slot (manager).
-        self.lease_allocator: Callable[[str], int] | None = None
+        self._record: journal.DomainRecord | None = None
+        self._extent_size: int | None = None
+        # Long steps (a wipe) call this as they progress: the daemon's hang watch.
+        self.on_progress: Callable[[], None] | None = None
         self.lvm = make_lvm(paths, runner, config.luns, writable=False)
         self.activator: Activator = make_activator(self.lvm, runner, paths.activations_dir)
-        self.record = self.read_record()
-        if self.record.domain_uuid != config.domain_uuid:
-            raise errors.CorruptRecord(
-                f"domain record on {self.name} has UUID {self.record.domain_uuid}, "
-                f"this host attached {config.domain_uuid}")
+
+    @property
+    def record(self) -> journal.DomainRecord:
+        """The domain record, read (and verified) on first use: listing volumes needs
+        no journal, so opening a domain does not activate it."""
+        if self._record is None:
+            self._record = self.read_record()
+        return self._record
+
+    @record.setter
+    def record(self, value: journal.DomainRecord) -> None:
+        self._record = value
 
     @classmethod
     def open(cls, paths: HostPaths, runner: Runner, name: str | None = None) -> Domain:
@@ -160,27 +175,43 @@ class Domain:
         return cls(paths, runner, HostDomainConfig.load(paths, name))
 
     @property
-    def is_writer(self) -> bool:
+    def is_manager(self) -> bool:
         """True in the one process that holds the manager role (manager.py)."""
-        return self._writer
+        return self._manager
 
-    def become_writer(self, guard: Callable[[], None]) -> None:
-        """Switch to read-write LVM, with ``guard`` (the fencing check) run before
-        every metadata write. Called by the manager role only."""
+    def become_manager(self, guard: Callable[[], None], before: Callable[[], None],
+                       after: Callable[[], None], write_timeout: float) -> None:
+        """Switch to read-write LVM, with ``before`` and ``after`` run around every
+        metadata command and ``guard`` (the fencing check) before every other write.
+        Called by the manager role only."""
         self.lvm = make_lvm(self.paths, self.runner, self.config.luns, writable=True,
-                            before_write=guard)
+                            before_write=before, after_write=after,
+                            write_timeout=write_timeout)
         self.activator = make_activator(self.lvm, self.runner, self.paths.activations_dir)
-        self._writer = True
+        self._guard = guard
+        self._manager = True
 
     def become_reader(self) -> None:
-        self._writer = False
+        self._manager = False
+        self._guard = None
         self.lvm = make_lvm(self.paths, self.runner, self.config.luns, writable=False)
         self.activator = make_activator(self.lvm, self.runner, self.paths.activations_dir)
 
-    def require_writer(self) -> None:
-        if not self.is_writer:
+    def require_manager(self) -> None:
+        if not self.is_manager:
             manager = self.read_record().manager_host_id
             raise errors.NotManager(self.host_id, self.name, manager)
+
+    def progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress()
+
+    def require_manager_now(self) -> None:
+        """The fencing check, before a write that does not go through LVM (the
+        journal, a lease, qemu-img, zeroing): raises Fenced if the role is lost."""
+        self.require_manager()
+        if self._guard is not None:
+            self._guard()
 
     @property
     def lockspace(self) -> str:
@@ -199,8 +230,17 @@ class Domain:
         activated LV; without it, the PV itself, so that a special LV that grew into
         several segments (``leases``) stays reachable."""
         if self.lvm.config.activation:
-            return self.special_path(lv_name), offset
-        extent = self.record.extent_size
+            path = self.special_path(lv_name)
+            if offset >= _device_size(path):
+                # The manager grew it (``leases``) after this host activated it: reload
+                # the mapping from the LV's segments now, or sanlock would be given an
+                # offset past the end of this host's device.
+                path = self.activator.refresh(self.vg_name, lv_name)
+            return path, offset
+        return self._pv_location(lv_name, offset, self.record.extent_size)
+
+    def _pv_location(self, lv_name: str, offset: int, extent: int) -> tuple[str, int]:
+        """(PV, byte offset on it) of byte ``offset`` of a special LV."""
         # Extents of a special LV never move; the map only grows (leases), so it is
         # cached and re-read only for an offset it does not cover yet.
         for fresh in (False, True):
@@ -222,20 +262,35 @@ class Domain:
         return self._pe_start_cache
 
     def read_record(self) -> journal.DomainRecord:
-        with ondisk.BlockFile(self.special_path("journal")) as dev:
-            return journal.read_domain_record(dev)
+        """The domain record as it is on the LUN now, checked against this host's
+        config (the LUN holds the domain this host attached)."""
+        path = self.activator.path(self.vg_name, "journal")
+        if path is not None:
+            base = 0
+        else:  # read it where it lives on the PV: no activation just to look
+            if self._extent_size is None:
+                self._extent_size = self.lvm.vg(self.vg_name).extent_size
+            path, base = self._pv_location("journal", 0, self._extent_size)
+        with ondisk.BlockFile(path, base=base) as dev:
+            record = journal.read_domain_record(dev)
+        if record.domain_uuid != self.config.domain_uuid:
+            raise errors.CorruptRecord(
+                f"domain record on {self.name} has UUID {record.domain_uuid}, "
+                f"this host attached {self.config.domain_uuid}")
+        return record
 
     @contextlib.contextmanager
     def journal(self) -> Iterator[ondisk.BlockFile]:
-        self.require_writer()
+        """The journal opened for writing, after the fencing check."""
+        self.require_manager_now()
         with ondisk.BlockFile(self.special_path("journal"), writable=True) as dev:
             yield dev
 
     @contextlib.contextmanager
-    def writer_lock(self) -> Iterator[None]:
-        """Serialize metadata operations of processes on the writer host: the journal's
+    def manager_lock(self) -> Iterator[None]:
+        """Serialize metadata operations of processes on the manager host: the journal's
         request records are read-modify-write."""
-        self.require_writer()
+        self.require_manager()
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.paths.run_dir / f"{self.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -246,23 +301,24 @@ class Domain:
 
     def info(self) -> DomainInfo:
         vg = self.lvm.vg(self.vg_name)
+        record = self.read_record()  # fresh: another host may be manager since
         volumes = len([lv for lv in self.lvm.lvs(self.vg_name) if lv.name not in SPECIAL_LVS])
         return DomainInfo(
-            name=self.name, domain_uuid=self.record.domain_uuid, vg_uuid=vg.uuid,
+            name=self.name, domain_uuid=record.domain_uuid, vg_uuid=vg.uuid,
             format_version=ondisk.FORMAT_VERSION, host_id=self.host_id,
-            manager_host_id=self.record.manager_host_id, is_manager=self.is_writer,
-            io_timeout=self.record.io_timeout,
-            manager_generation=self.record.manager_generation, luns=list(self.config.luns),
+            manager_host_id=record.manager_host_id, is_manager=self.is_manager,
+            io_timeout=record.io_timeout,
+            manager_generation=record.manager_generation, luns=list(self.config.luns),
             size=vg.size, free=vg.free, extent_size=vg.extent_size, volumes=volumes,
             metadata_size=vg.mda_size, metadata_free=vg.mda_free, seqno=vg.seqno,
-            created=self.record.created)
+            created=record.created)
 
     def deactivate_all(self) -> None:
         for lv_name in self.activator.active(self.vg_name):
             self.activator.deactivate(self.vg_name, lv_name)
 
     def detach(self) -> None:
-        """Forget the domain on this host (non-writer hosts); the LUN is untouched."""
+        """Forget the domain on this host (hosts that are not manager); the LUN is untouched."""
         self.deactivate_all()
         self.paths.domain_config(self.name).unlink(missing_ok=True)
 
@@ -286,26 +342,12 @@ class Domain:
         self.paths.domain_config(self.name).unlink(missing_ok=True)
 
 
-@dataclass(frozen=True)
-class DomainInfo:
-    name: str
-    domain_uuid: str
-    vg_uuid: str
-    format_version: int
-    host_id: int
-    manager_host_id: int
-    is_manager: bool
-    io_timeout: int
-    manager_generation: int
-    luns: list[str]
-    size: int
-    free: int
-    extent_size: int
-    volumes: int
-    metadata_size: int
-    metadata_free: int
-    seqno: int
-    created: float
+def _device_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
 
 def _lun_signature(runner: Runner, lun: str) -> str | None:
@@ -324,7 +366,7 @@ def create_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[st
                   host_id: int, io_timeout: int = 10,
                   format_leases: Callable[[Domain], None] | None = None,
                   leases_size: int | None = None) -> Domain:
-    """Format ``luns`` as a new domain with this host as its writer."""
+    """Format ``luns`` as a new domain with this host as its manager."""
     check_name(name)
     check_host_id(host_id)
     if not luns:
@@ -406,8 +448,9 @@ def attach_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[st
         raise errors.InvalidArgument(
             f"domain {name} has {vg.pv_count} LUN(s); give all of them with --lun")
     config = HostDomainConfig(name, domain_uuid, tuple(luns), host_id)
+    domain = Domain(paths, runner, config)
     try:
-        domain = Domain(paths, runner, config)  # reads and verifies the domain record
+        domain.record  # noqa: B018 - reads and verifies the domain record
     except (errors.Error, CommandError):
         make_activator(lvm, runner, paths.activations_dir).deactivate(name, "journal")
         raise

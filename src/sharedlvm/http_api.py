@@ -1,52 +1,81 @@
-"""The daemon's optional HTTP API: every CLI operation as JSON over HTTP(S).
+"""The daemon's optional HTTP API: every operation of the table as JSON over HTTP(S).
 
 Off by default. With ``http_listen = "ADDRESS:PORT"`` in daemon.toml the daemon serves
 it on that address, with TLS when ``http_cert`` and ``http_key`` are set. Every request
 needs ``Authorization: Bearer <token>``, the token read from ``http_token_file`` (default
 ``/etc/sharedlvm/http-token``), which must be readable by root only. A wrong token is
-401 and nothing is done; malformed JSON or bad values are 400 with a message.
+401 and nothing is done; malformed JSON or bad values are 400 with a message. Plain
+HTTP carries the token in clear text: without TLS the API listens only on a loopback
+address, unless ``http_insecure = true`` says the network is trusted
+(:meth:`HttpApi.check_listen`).
 
-aiohttp (asyncio) serves it in a thread of its own; each request runs the same
-dispatch as the unix socket, in a worker thread, so both paths share every check.
-The OpenAPI document is at ``/openapi.json``.
+The routes and the OpenAPI document (``/openapi.json``) are built from the operations
+table (operations.py) and the request and result types: path parameters (``domain``,
+``volume``) come from the path and only from there, other fields from the query
+(GET, DELETE) or the JSON body (POST). aiohttp (asyncio) serves it in a thread of its
+own; each request runs the daemon's dispatch in a worker thread, so the socket, the
+mailbox and HTTP share every check. Errors become statuses here and only here
+(:data:`STATUS`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
+import ipaddress
 import logging
+import re
 import ssl
 import stat
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from . import errors
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from . import codec, errors, operations
+from .operations import Operation
+from .requests import Request
 
 log = logging.getLogger(__name__)
 
-# The project's errors as HTTP statuses: mapped here and only here.
-STATUS: list[tuple[type[errors.Error], int]] = [
-    (errors.InvalidArgument, 400),
-    (errors.NotFound, 404),
-    (errors.AlreadyExists, 409),
-    (errors.NotManager, 409),
-    (errors.LeaseHeld, 409),
-    (errors.Busy, 409),
-    (errors.NoSpace, 507),
-    (errors.Error, 500),
-]
+# Every error class and its HTTP status (a test checks that none is missing).
+STATUS: dict[type[errors.Error], int] = {
+    errors.Error: 500,
+    errors.CommandError: 500,
+    errors.CommandTimeout: 504,
+    errors.InvalidArgument: 400,
+    errors.NotFound: 404,
+    errors.DomainNotFound: 404,
+    errors.VolumeNotFound: 404,
+    errors.AlreadyExists: 409,
+    errors.NoSpace: 507,
+    errors.NotManager: 409,
+    errors.Fenced: 503,
+    errors.ReadOnlyDenied: 409,
+    errors.CorruptRecord: 500,
+    errors.Unsupported: 501,
+    errors.LvmError: 500,
+    errors.ImageError: 500,
+    errors.LeaseError: 500,
+    errors.LeaseHeld: 409,
+    errors.VolumeHeld: 409,
+    errors.LockspaceError: 503,
+    errors.Busy: 409,
+    errors.VolumeInUse: 409,
+    errors.DaemonNotRunning: 503,
+    errors.StorageIOError: 503,
+    errors.Timeout: 504,
+}
 
 
 def status_for(exc: errors.Error) -> int:
-    return next(code for cls, code in STATUS if isinstance(exc, cls))
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
 
 
 def read_token(path: Path) -> str:
@@ -63,18 +92,64 @@ def read_token(path: Path) -> str:
     return token
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1 (also as ::ffff:127.x.y.z). Names other than
+    localhost are not resolved: they count as reachable from the network."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback
+    return addr.is_loopback
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_PATH_PARAM = re.compile(r"{(\w+)}")
+
+
+def path_params(op: Operation) -> list[str]:
+    assert op.http is not None
+    return _PATH_PARAM.findall(op.http[1])
+
+
+def _query_name(f: dataclasses.Field[Any]) -> str:
+    flag = f.metadata.get("flag")
+    return flag.lstrip("-").replace("-", "_") if flag else f.name
+
+
+def _from_query(op: Operation, query: Any) -> dict[str, Any]:
+    """Query parameters as wire fields: repeated options (tag=k=v) and booleans
+    (1/true/yes) parsed the way the command line parses them."""
+    out: dict[str, Any] = {}
+    types_ = codec.hints(op.request)
+    for f in dataclasses.fields(op.request):
+        name = _query_name(f)
+        if name not in query:
+            continue
+        values = query.getall(name)
+        if f.metadata.get("repeat"):
+            out[f.name] = f.metadata["cli_parse"](values)
+        elif types_[f.name] is bool:
+            out[f.name] = values[-1].lower() in ("1", "true", "yes")
+        else:
+            out[f.name] = values[-1]
+    unknown = sorted(set(query) - {_query_name(f) for f in dataclasses.fields(op.request)})
+    if unknown:
+        raise errors.InvalidArgument(f"unknown query parameter(s) {', '.join(unknown)}")
+    return out
 
 
 class HttpApi:
-    def __init__(self, daemon: Daemon, listen: str, token: str,
-                 cert: Path | None = None, key: Path | None = None) -> None:
-        host, sep, port = listen.rpartition(":")
-        if not sep or not port.isdigit():
-            raise errors.InvalidArgument(f"http_listen {listen!r}: use ADDRESS:PORT")
-        self.daemon = daemon
-        self.host, self.port = host.strip("[]"), int(port)
-        self.token = token
+    def __init__(self, dispatch: Callable[[Request], Any], render_metrics: Callable[[], str],
+                 listen: str, token: str, cert: Path | None = None,
+                 key: Path | None = None, insecure: bool = False) -> None:
+        self.host, self.port = self.check_listen(listen, bool(cert and key), insecure)
+        self.dispatch = dispatch
+        self.render_metrics = render_metrics
+        self.token = token.encode()
         self.ssl: ssl.SSLContext | None = None
         if cert and key:
             self.ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -83,90 +158,87 @@ class HttpApi:
         self.ready = threading.Event()
         self.runner: web.AppRunner | None = None
 
+    @staticmethod
+    def check_listen(listen: str, tls: bool, insecure: bool) -> tuple[str, int]:
+        """The host and port of ``http_listen``. Without TLS the bearer token and every
+        request travel in clear text, so plain HTTP is refused on any address other
+        machines can reach (an empty host or 0.0.0.0 included) unless ``insecure``
+        (daemon.toml ``http_insecure``) allows it."""
+        host, sep, port = listen.rpartition(":")
+        if not sep or not port.isdigit():
+            raise errors.InvalidArgument(f"http_listen {listen!r}: use ADDRESS:PORT")
+        host = host.strip("[]")
+        if not tls and not insecure and not is_loopback(host):
+            raise errors.InvalidArgument(
+                f"http_listen {listen!r} is not a loopback address: set http_cert and "
+                "http_key (TLS), or http_insecure = true to send the token in clear text")
+        return host, int(port)
+
     # Routing
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth], client_max_size=1024 * 1024)
-        d = "/v1/domains/{domain}"
-        app.add_routes([
-            web.get("/openapi.json", self.openapi),
-            web.get("/v1/status", self._op("status")),
-            web.get("/metrics", self.metrics),
-            web.get(f"{d}/volumes", self.list_volumes),
-            web.post(f"{d}/volumes", self._op("volume.create", body=True, created=True)),
-            web.get(f"{d}/volumes/{{volume}}", self.volume_info),
-            web.post(f"{d}/volumes/{{volume}}/extend", self._op("volume.extend", body=True)),
-            web.delete(f"{d}/volumes/{{volume}}", self._op("volume.delete", query=True)),
-            web.post(f"{d}/volumes/{{volume}}/prepare", self._op("volume.prepare", body=True)),
-            web.post(f"{d}/volumes/{{volume}}/teardown", self._op("volume.teardown")),
-            web.get(f"{d}/manager", self._op("manager.status")),
-            web.post(f"{d}/manager/release", self._op("manager.release")),
-            web.get(f"{d}/hosts", self._op("host.list")),
-        ])
+        app.add_routes([web.get("/openapi.json", self.openapi),
+                        web.get("/metrics", self.metrics)])
+        for op in operations.TABLE:
+            if op.http is not None:
+                app.router.add_route(op.http[0], op.http[1], self._handler(op))
         return app
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), self.token):
+        # Bytes: a non-ASCII token is a wrong token (401), not a TypeError (500).
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("utf-8", "replace"), self.token):
             return web.json_response({"error": "missing or wrong bearer token"}, status=401,
                                      headers={"WWW-Authenticate": "Bearer"})
         try:
             return await handler(request)
         except errors.Error as exc:
-            return web.json_response({"error": str(exc), "kind": type(exc).__name__},
+            return web.json_response({"error": str(exc), **exc.to_wire()},
                                      status=status_for(exc))
 
-    async def _run(self, op: str, args: dict[str, Any]) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(
-            None, self.daemon.dispatch, op, args)
+    def _handler(self, op: Operation) -> Handler:
+        params = path_params(op)
 
-    def _op(self, op: str, body: bool = False, query: bool = False,
-            created: bool = False) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
-            args: dict[str, Any] = dict(request.match_info)
-            if body and request.can_read_body:
-                try:
-                    data = await request.json()
-                except ValueError as exc:
-                    raise errors.InvalidArgument(f"malformed JSON: {exc}") from None
-                if not isinstance(data, dict):
-                    raise errors.InvalidArgument("the request body must be a JSON object")
-                args.update({k: v for k, v in data.items() if not k.startswith("_")})
-            if query:
-                for key, value in request.query.items():
-                    args[key] = value.lower() in ("1", "true", "yes") if key == "wipe" else value
-            _coerce(args)
-            result = await self._run(op, args)
-            return web.json_response(result, status=201 if created else 200)
+            fields: dict[str, Any]
+            if request.method == "POST":
+                fields = {}
+                if request.can_read_body:
+                    try:
+                        data = await request.json()
+                    except ValueError as exc:
+                        raise errors.InvalidArgument(f"malformed JSON: {exc}") from None
+                    if not isinstance(data, dict):
+                        raise errors.InvalidArgument("the request body must be a JSON object")
+                    fields = data
+                if request.query:
+                    raise errors.InvalidArgument("POST takes its fields in the JSON body")
+            else:
+                fields = _from_query(op, request.query)
+            # The path names the object: never let a query or body key override it
+            # (DELETE .../volumes/V1?volume=V2 must not delete V2).
+            clash = sorted(set(fields) & set(params))
+            if clash:
+                raise errors.InvalidArgument(
+                    f"{', '.join(clash)} is given by the path, not the query or body")
+            fields.update(request.match_info)
+            req = operations.decode(op.name, fields)
+            result = await asyncio.get_running_loop().run_in_executor(None, self.dispatch, req)
+            return web.json_response(codec.to_wire(result), status=op.http_status)
         return handler
 
-    async def list_volumes(self, request: web.Request) -> web.StreamResponse:
-        from . import tags
-        from . import volume as volume_mod
-
-        service = self.daemon.service(request.match_info["domain"])
-        user_tags = [tags.parse_user_tag(t) for t in request.query.getall("tag", [])]
-        found = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: volume_mod.list_volumes(service.domain, request.query.get("image"),
-                                                  user_tags))
-        return web.json_response([v.as_dict() for v in found])
-
-    async def volume_info(self, request: web.Request) -> web.StreamResponse:
-        from . import volume as volume_mod
-
-        service = self.daemon.service(request.match_info["domain"])
-        info = await asyncio.get_running_loop().run_in_executor(
-            None, volume_mod.get_volume, service.domain, request.match_info["volume"])
-        return web.json_response(info.as_dict())
-
     async def metrics(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(text=self.daemon.render_metrics(),
-                            content_type="text/plain", charset="utf-8")
+        # Rendered here, not in the worker threads: those may all be waiting on a
+        # stuck manager, which is when metrics matter most. Rendering reads no disk.
+        text = self.render_metrics()
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     async def openapi(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(OPENAPI)
+        return web.json_response(openapi())
 
     # Life cycle
 
@@ -192,60 +264,67 @@ class HttpApi:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-def _coerce(args: dict[str, Any]) -> None:
-    """JSON values the unix socket takes as they are; HTTP callers may send sizes as
-    text ("10G") for create."""
-    from .units import parse_size
+# OpenAPI, from the table and the types
 
-    size = args.get("size")
-    if isinstance(size, str) and "volume" not in args:
-        args["size"] = parse_size(size)
-    if "tags" in args and isinstance(args["tags"], dict):
-        args["tags"] = [[str(k), str(v)] for k, v in args["tags"].items()]
+_ERROR_SCHEMA = {"type": "object", "required": ["error", "kind", "message"], "properties": {
+    "error": {"type": "string", "description": "one-line message"},
+    "kind": {"type": "string", "description": "error class (errors.py)"},
+    "message": {"type": "string"},
+    "fields": {"type": "object", "description": "the error's fields"}}}
 
 
-def _op_doc(summary: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    doc: dict[str, Any] = {"summary": summary, "responses": {
-        "200": {"description": "OK"}, "400": {"description": "bad input"},
-        "401": {"description": "missing or wrong token"},
-        "404": {"description": "unknown domain or volume"},
-        "409": {"description": "not possible now (lease held, busy)"}}}
-    if body:
-        doc["requestBody"] = {"content": {"application/json": {"schema": {
-            "type": "object", "properties": body}}}}
+def _operation_doc(op: Operation) -> dict[str, Any]:
+    params = path_params(op)
+    full = codec.schema(op.request)
+    props = {k: v for k, v in full["properties"].items() if k not in params}
+    required = [k for k in full.get("required", []) if k not in params]
+    doc: dict[str, Any] = {
+        "operationId": op.name.replace(".", "_"),
+        "summary": op.summary,
+        "parameters": [{"name": p, "in": "path", "required": True,
+                        "schema": {"type": "string"}} for p in params],
+        "responses": {
+            str(op.http_status): {"description": "OK", "content": {"application/json": {
+                "schema": codec.schema(op.request.Result)}}},
+            "default": {"description": "an error, its HTTP status from its class",
+                        "content": {"application/json": {"schema": _ERROR_SCHEMA}}},
+            "401": {"description": "missing or wrong bearer token"},
+        },
+    }
+    assert op.http is not None
+    if op.http[0] == "POST":
+        body: dict[str, Any] = {"type": "object", "properties": props,
+                                "additionalProperties": False}
+        if required:
+            body["required"] = required
+        doc["requestBody"] = {"required": bool(required), "content": {
+            "application/json": {"schema": body}}}
+    else:
+        fields = {f.name: f for f in dataclasses.fields(op.request)}
+        for name, schema in props.items():
+            f = fields[name]
+            if f.metadata.get("repeat"):
+                schema = {"type": "array", "items": {"type": "string"},
+                          "description": f.metadata["help"]}
+            doc["parameters"].append({
+                "name": _query_name(f), "in": "query", "required": name in required,
+                "schema": schema, **({"explode": True} if f.metadata.get("repeat") else {})})
     return doc
 
 
-_D = "/v1/domains/{domain}"
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.0.3",
-    "info": {"title": "sharedlvm host daemon", "version": "1"},
-    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-    "security": [{"bearer": []}],
-    "paths": {
-        "/v1/status": {"get": _op_doc("domains attached here, lockspace and role")},
-        "/metrics": {"get": _op_doc("Prometheus text metrics")},
-        f"{_D}/volumes": {
-            "get": _op_doc("list volumes (query: image, tag=key=value)"),
-            "post": _op_doc("create a volume (any host: forwarded to the manager)", {
-                "size": {"oneOf": [{"type": "integer"}, {"type": "string"}]},
-                "format": {"type": "string", "enum": ["raw", "qcow2"]},
-                "alloc": {"type": "string", "enum": ["preallocated", "thin"]},
-                "image": {"type": "string"}, "tags": {"type": "object"},
-                "request_id": {"type": "string"}}),
-        },
-        f"{_D}/volumes/{{volume}}": {
-            "get": _op_doc("one volume"),
-            "delete": _op_doc("delete (query: wipe, request_id)"),
-        },
-        f"{_D}/volumes/{{volume}}/extend": {"post": _op_doc("grow", {
-            "size": {"type": "string", "example": "+2G"}, "request_id": {"type": "string"}})},
-        f"{_D}/volumes/{{volume}}/prepare": {"post": _op_doc(
-            "hold the lease in the daemon, activate, return the path",
-            {"shared": {"type": "boolean"}})},
-        f"{_D}/volumes/{{volume}}/teardown": {"post": _op_doc("deactivate, release")},
-        f"{_D}/manager": {"get": _op_doc("manager host and generation")},
-        f"{_D}/manager/release": {"post": _op_doc("give the manager role up")},
-        f"{_D}/hosts": {"get": _op_doc("hosts, their state and what they hold")},
-    },
-}
+def openapi() -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {
+        "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus text metrics",
+                             "responses": {"200": {"description": "OK", "content": {
+                                 "text/plain": {"schema": {"type": "string"}}}}}}},
+    }
+    for op in operations.TABLE:
+        if op.http is not None:
+            paths.setdefault(op.http[1], {})[op.http[0].lower()] = _operation_doc(op)
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "sharedlvm host daemon", "version": "1"},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+        "paths": paths,
+    }

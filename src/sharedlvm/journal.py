@@ -1,4 +1,4 @@
-"""The ``journal`` LV: the domain record and request records, written by the writer only.
+"""The ``journal`` LV: the domain record and request records, written by the manager only.
 
 Layout (offsets in the LV)::
 
@@ -9,23 +9,28 @@ Layout (offsets in the LV)::
 The domain record is written as A then B; a reader takes the valid copy with the
 highest sequence, so a write torn by a crash leaves the older copy readable.
 
-Request records make a client's ``--request-id`` exactly-once: the writer stores the
+Request records make a client's ``--request-id`` exactly-once: the manager stores the
 intent (``pending``, with the arguments it resolved, e.g. the new volume's UUID or
-the absolute extend target) before it changes LVM metadata and the result (``done``
-or ``failed``) after. A repeated request finds its record in one bucket (one 32 KiB
-read): ``done``/``failed`` returns the first answer, ``pending`` rolls the same
-resolved operation forward, which is idempotent by construction.
+the absolute extend target, and a digest of the request) before it changes LVM
+metadata and the answer (``done``, or ``failed`` for a final error) after. A repeated
+request finds its record in one bucket (one 32 KiB read): ``done``/``failed`` returns
+the first answer, ``pending`` rolls the same resolved operation forward, which is
+idempotent by construction; a transient failure (lost role, a held lease, no space)
+leaves the record pending, so a retry tries again. The same id with other arguments
+is refused. A new manager rolls every pending request forward (or marks it
+``aborted`` when nothing of it was done) before it serves requests.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import ondisk
-from .errors import CorruptRecord, DomainNotFound
+from .errors import Busy, CorruptRecord, DomainNotFound
 from .lvm import EXTENT_SIZE
 
 DOMAIN_MAGIC = b"SLVMDOM1"
@@ -96,24 +101,57 @@ def read_domain_record(dev: ondisk.BlockFile) -> DomainRecord:
     return DomainRecord.from_record(max(found, key=lambda r: r.seq))
 
 
+# How long a finished request is remembered: a repeat of its id within this time is
+# answered from the record. It covers a client that timed out and retries: the CLI
+# waits up to 10 minutes for an answer (rpc.CLIENT_TIMEOUT), a forwarded request up to
+# the host-dead time + 60 s. The log holds 8,192 records in 1,024 buckets of 8: a
+# request whose bucket holds 8 records younger than this is refused with a transient
+# Busy (retry later), never by forgetting an id that may still be retried. At 2
+# requests a second sustained, some bucket fills within ~20 minutes (measured by the
+# fault harness): new ids landing there wait; started requests always finish.
+RETENTION = 15 * 60.0
+
+# Request states. "aborted": the intent was never carried out (a new manager found
+# nothing of it); a repeat runs as new.
+PENDING, DONE, FAILED, ABORTED = "pending", "done", "failed", "aborted"
+
+
 @dataclass
 class RequestRecord:
     request_id: str
     op: str
-    state: str  # pending | done | failed
-    args: dict[str, Any] = field(default_factory=dict)
-    result: dict[str, Any] = field(default_factory=dict)
-    error: str = ""
+    state: str  # pending | done | failed | aborted
+    digest: str = ""  # of the request's arguments: an id is never reused for others
+    args: dict[str, Any] = field(default_factory=dict)  # the resolved intent (pending)
+    result: Any = None  # the answer (done)
+    error: dict[str, Any] = field(default_factory=dict)  # errors.Error.to_wire() (failed)
     time: float = field(default_factory=time.time)
 
     def payload(self) -> dict[str, Any]:
-        return {"id": self.request_id, "op": self.op, "state": self.state, "args": self.args,
-                "result": self.result, "error": self.error, "time": self.time}
+        """Only what the state needs: a done record does not repeat the intent."""
+        out: dict[str, Any] = {"id": self.request_id, "op": self.op, "state": self.state,
+                               "digest": self.digest, "time": self.time}
+        if self.state == PENDING:
+            out["args"] = self.args
+        elif self.state == DONE:
+            out["result"] = self.result
+        elif self.state == FAILED:
+            out["error"] = self.error
+        return out
 
     @classmethod
     def from_payload(cls, p: dict[str, Any]) -> RequestRecord:
-        return cls(request_id=p["id"], op=p["op"], state=p["state"], args=p["args"],
-                   result=p["result"], error=p.get("error", ""), time=p["time"])
+        return cls(request_id=p["id"], op=p["op"], state=p["state"],
+                   digest=p.get("digest", ""), args=p.get("args") or {},
+                   result=p.get("result"), error=_error(p.get("error")), time=p["time"])
+
+
+def _error(value: Any) -> dict[str, Any]:
+    """An error as errors.Error.to_wire() stored it (records of version 0.1 kept only
+    the message: it comes back as a plain Error)."""
+    if isinstance(value, dict):
+        return value
+    return {"kind": "Error", "message": str(value or ""), "fields": {}}
 
 
 def _bucket_offset(request_id: str) -> int:
@@ -123,12 +161,18 @@ def _bucket_offset(request_id: str) -> int:
 
 
 class RequestLog:
-    """Request records in the journal; see the module docstring."""
+    """Request records in the journal; see the module docstring.
 
-    def __init__(self, dev: ondisk.BlockFile) -> None:
+    A new state of a request is written to another slot than its current record and
+    wins by its higher sequence number, so a torn write leaves the previous state
+    readable (a torn ``done`` leaves ``pending``: the request rolls forward again,
+    idempotently), never nothing."""
+
+    def __init__(self, dev: ondisk.BlockFile, clock: Callable[[], float] = time.time) -> None:
         self.dev = dev
+        self.clock = clock
 
-    def _bucket(self, request_id: str) -> tuple[int, list[tuple[int, ondisk.Record | None]]]:
+    def _bucket(self, request_id: str) -> list[tuple[int, ondisk.Record | None]]:
         base = _bucket_offset(request_id)
         data = self.dev.read(base, BUCKET_SIZE)
         slots: list[tuple[int, ondisk.Record | None]] = []
@@ -139,10 +183,20 @@ class RequestLog:
             except CorruptRecord:
                 rec = None  # a torn slot is free space; it answered nothing
             slots.append((base + i * ondisk.BLOCK_SIZE, rec))
-        return base, slots
+        return slots
+
+    @staticmethod
+    def _newest(slots: list[tuple[int, ondisk.Record | None]]) -> dict[str, int]:
+        """Request id -> seq of its newest record in the bucket."""
+        newest: dict[str, int] = {}
+        for _, rec in slots:
+            if rec is not None:
+                rid = str(rec.payload.get("id"))
+                newest[rid] = max(newest.get(rid, 0), rec.seq)
+        return newest
 
     def find(self, request_id: str) -> RequestRecord | None:
-        _, slots = self._bucket(request_id)
+        slots = self._bucket(request_id)
         best: ondisk.Record | None = None
         for _, rec in slots:
             if rec and rec.payload.get("id") == request_id and (best is None or
@@ -151,24 +205,48 @@ class RequestLog:
         return RequestRecord.from_payload(best.payload) if best else None
 
     def put(self, record: RequestRecord) -> None:
-        """Write ``record`` over its own earlier slot, a free slot, or the oldest
-        finished one. Pending records are never overwritten by other requests."""
-        _, slots = self._bucket(record.request_id)
-        same = [(off, r) for off, r in slots if r and r.payload.get("id") == record.request_id]
-        free = [(off, r) for off, r in slots if r is None]
-        finished = sorted(((off, r) for off, r in slots
-                           if r and r.payload.get("state") != "pending"),
-                          key=lambda item: item[1].seq if item[1] else 0)
-        candidates = same or free or finished
-        if not candidates:
-            raise CorruptRecord("request log bucket is full of pending requests")
-        offset = candidates[0][0]
+        """Write ``record`` as the newest state of its request, in a slot that holds
+        nothing that may still be needed: a free or torn slot, a record superseded by a
+        newer one of its request, or a finished record older than RETENTION. The
+        newest record of any request, pending or younger than RETENTION, is never
+        overwritten; with no such slot a new request is refused (Busy, retry later),
+        while the answer of a started one replaces its own current record.
+        Raises InvalidArgument, before writing anything, if the record is too large."""
+        slots = self._bucket(record.request_id)
+        newest = self._newest(slots)
         top = max((r.seq for _, r in slots if r), default=0)
-        self.dev.write(offset, ondisk.encode(REQUEST_MAGIC, top + 1, record.payload()))
+        block = ondisk.encode(REQUEST_MAGIC, top + 1, record.payload())
+        now = self.clock()
+
+        def reusable(rec: ondisk.Record | None) -> bool:
+            if rec is None:
+                return True
+            if rec.seq != newest[str(rec.payload.get("id"))]:
+                return True  # superseded by a newer state of its request
+            if rec.payload.get("id") == record.request_id:
+                return False  # the current state stays until the new one is written
+            finished = rec.payload.get("state") != PENDING
+            return finished and now - float(rec.payload.get("time", 0)) > RETENTION
+
+        candidates = sorted((rec.seq if rec else -1, off) for off, rec in slots
+                            if reusable(rec))
+        if not candidates and record.state != PENDING:
+            # The answer of a started request always finds room: in a bucket full of
+            # young records it replaces the request's own current record (a torn write
+            # there is the lesser risk; refusing would leave the request pending for
+            # ever, and every new manager would fail to finish it: a takeover livelock
+            # the fault harness found at ~2 requests a second).
+            candidates = [(rec.seq, off) for off, rec in slots
+                          if rec and rec.payload.get("id") == record.request_id]
+        if not candidates:
+            raise Busy(f"the request log has no room for request {record.request_id} now "
+                       f"(ids are remembered {RETENTION / 60:g} minutes); retry later")
+        self.dev.write(candidates[0][1], block)
 
     def pending(self) -> list[RequestRecord]:
-        """Every pending record (read at manager takeover: 32 MiB sequential)."""
-        found = []
+        """The requests whose newest record is pending (read at manager takeover:
+        32 MiB sequential)."""
+        newest: dict[str, ondisk.Record] = {}
         chunk = 64 * BUCKET_SIZE
         total = REQUEST_BUCKETS * BUCKET_SIZE
         for start in range(0, total, chunk):
@@ -178,6 +256,10 @@ class RequestLog:
                     rec = ondisk.decode(data[i:i + ondisk.BLOCK_SIZE], REQUEST_MAGIC)
                 except CorruptRecord:
                     continue
-                if rec and rec.payload.get("state") == "pending":
-                    found.append(RequestRecord.from_payload(rec.payload))
-        return found
+                if rec is None:
+                    continue
+                rid = str(rec.payload.get("id"))
+                if rid not in newest or rec.seq > newest[rid].seq:
+                    newest[rid] = rec
+        return [RequestRecord.from_payload(r.payload) for r in newest.values()
+                if r.payload.get("state") == PENDING]

@@ -13,12 +13,14 @@ has no fixed cap.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 
 from . import errors, leases, tags
 from .domain import Domain
-from .volume import VolumeInfo
+from .model import VolumeInfo
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,15 @@ class LeaseLayout:
         leases.join_lockspace(self.lockspace, self.domain.host_id, self.ids_disk(),
                               self.domain.record.io_timeout)
 
+    def joined(self) -> bool:
+        """This host is in the lockspace now (sanlock has it, not being added or
+        removed)."""
+        try:
+            return leases.lockspace_joined(self.lockspace, self.domain.host_id,
+                                           self.ids_disk())
+        except errors.LockspaceError:
+            return False
+
     def leave(self) -> None:
         leases.leave_lockspace(self.lockspace, self.domain.host_id, self.ids_disk())
 
@@ -101,9 +112,9 @@ class LeaseLayout:
     def _scan_used(self) -> set[int]:
         used = {MANAGER_SLOT}
         for lv in self.domain.lvm.lvs(self.domain.vg_name):
-            meta, _ = tags.parse_tags(lv.tags)
-            if meta.get("lease", "").isdigit():
-                used.add(int(meta["lease"]))
+            slot = tags.lease_slot(lv.tags)
+            if slot is not None:
+                used.add(slot)
         return used
 
     def allocate_volume_lease(self, volume_uuid: str) -> int:
@@ -130,6 +141,7 @@ class LeaseLayout:
                                          lv.size + LEASES_GROWTH)
                 self._count = (lv.size + LEASES_GROWTH) // self.align
                 slot = count
+            self.domain.require_manager_now()  # a lease write is a write: fenced too
             leases.init_resource(self.lockspace, volume_uuid, self.slot_disk(slot),
                                  self.sector_size)
             self._used.add(slot)
@@ -140,41 +152,50 @@ class LeaseLayout:
             raise errors.LeaseError(f"volume {info.uuid} has no lease slot")
         return self.slot_disk(info.lease)
 
-    def acquire_volume(self, info: VolumeInfo, shared: bool, fd: int) -> None:
+    def acquire_volume(self, info: VolumeInfo, shared: bool, fd: int | None = None,
+                       pid: int | None = None) -> None:
+        """Acquire for this process (``fd``) or on behalf of a registered ``pid``."""
         disk = self._volume_disk(info)
         try:
-            leases.acquire(self.lockspace, info.uuid, [disk], shared=shared, fd=fd)
+            leases.acquire(self.lockspace, info.uuid, [disk], shared=shared, fd=fd, pid=pid)
         except errors.LeaseHeld as exc:
-            raise errors.LeaseHeld(self._held_message(info, disk)) from exc
+            owners = leases.read_resource_owners(self.lockspace, info.uuid, [disk],
+                                                 self.sector_size)
+            mode = "shared" if len(owners) > 1 else "exclusive"
+            raise errors.VolumeHeld(info.uuid, [o.host_id for o in owners], mode) from exc
 
-    def release_volume(self, info: VolumeInfo, fd: int) -> None:
-        leases.release(self.lockspace, info.uuid, [self._volume_disk(info)], fd=fd)
+    @contextlib.contextmanager
+    def exclusive(self, info: VolumeInfo, fd: int) -> Iterator[None]:
+        """The volume's lease, held exclusively by this process for the block: no
+        consumer on any host can use the volume meanwhile (the manager holds it while
+        it deletes, wipes or rewrites a volume). VolumeInUse naming the holders when
+        anyone holds it, also a host that died but whose lease has not expired yet."""
+        if info.lease is None:
+            yield  # a volume without a lease slot cannot be leased by anyone either
+            return
+        disk = self._volume_disk(info)
+        try:
+            leases.acquire(self.lockspace, info.uuid, [disk], shared=False, fd=fd)
+        except errors.LeaseError as exc:
+            owners = leases.read_resource_owners(self.lockspace, info.uuid, [disk],
+                                                 self.sector_size)
+            if not owners:
+                raise
+            raise errors.VolumeInUse(info.uuid, sorted(o.host_id for o in owners)) from exc
+        try:
+            yield
+        finally:
+            with contextlib.suppress(errors.Error):
+                leases.release(self.lockspace, info.uuid, [disk], fd=fd)
 
-    def _held_message(self, info: VolumeInfo, disk: leases.Disk) -> str:
-        owners = leases.read_resource_owners(self.lockspace, info.uuid, [disk],
-                                             self.sector_size)
-        if not owners:
-            return f"volume {info.uuid} is held by another host"
-        mode = "shared" if len(owners) > 1 else "exclusive"
-        hosts = ", ".join(f"host {o.host_id}" for o in owners)
-        return f"volume {info.uuid} is held by {hosts} ({mode})"
+    def release_volume(self, info: VolumeInfo, fd: int | None = None,
+                       pid: int | None = None) -> None:
+        leases.release(self.lockspace, info.uuid, [self._volume_disk(info)], fd=fd, pid=pid)
 
     def holders(self, info: VolumeInfo) -> list[int]:
         disk = self._volume_disk(info)
         return [o.host_id for o in leases.read_resource_owners(
             self.lockspace, info.uuid, [disk], self.sector_size)]
-
-    def check_volume_free(self, volume_uuid: str) -> None:
-        from .volume import get_volume
-
-        info = get_volume(self.domain, volume_uuid)
-        if info.lease is None:
-            return
-        live = self.live_hosts()
-        holders = [h for h in self.holders(info) if h in live]
-        if holders:
-            raise errors.Busy(f"volume {volume_uuid} is in use by "
-                              f"{', '.join(f'host {h}' for h in holders)}")
 
 
 class SanlockManagerLease:
@@ -206,6 +227,17 @@ class SanlockManagerLease:
         if self.held_version() is not None:
             leases.release(self.layout.lockspace, MANAGER_RESOURCE, [self._disk()],
                            fd=self.fd)
+
+    def lockspace_problem(self) -> str | None:
+        layout = self.layout
+        try:
+            state = leases.host_states(layout.lockspace).get(layout.domain.host_id)
+        except errors.Error as exc:
+            return f"cannot read the lockspace: {exc}"
+        if state is None or state.state not in ("live", "unknown"):
+            return (f"this host's lockspace is "
+                    f"{state.state if state else 'gone'} (renewal failed)")
+        return None
 
     def owner(self) -> int | None:
         owners = leases.read_resource_owners(self.layout.lockspace, MANAGER_RESOURCE,

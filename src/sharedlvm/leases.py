@@ -60,6 +60,7 @@ ERRNO_MAP: dict[int, tuple[type[errors.Error], str]] = {
     errno.EINPROGRESS: (errors.LockspaceError, "join or leave in progress"),
     errno.ENOENT: (errors.LockspaceError, "lockspace not found (or sanlock not running)"),
     errno.EPIPE: (errors.LeaseError, "the sanlock daemon went away"),
+    errno.ESRCH: (errors.LeaseError, "no such process registered with sanlock"),
     errno.ECONNREFUSED: (errors.LeaseError, "the sanlock daemon is not running"),
     errno.EIO: (errors.LeaseError, "I/O error on lease storage"),
     errno.ETIMEDOUT: (errors.LeaseError, "lease storage timed out"),
@@ -68,7 +69,7 @@ ERRNO_MAP: dict[int, tuple[type[errors.Error], str]] = {
 
 def host_dead_seconds(io_timeout: int) -> int:
     """When other hosts may take a silent host's leases: renewal failure (8 x io
-    timeout) plus the watchdog term (DESIGN.md "Leases: sanlock")."""
+    timeout) plus the watchdog term (docs/design.md "Leases: sanlock")."""
     return 8 * io_timeout + WATCHDOG_FIRE_TIMEOUT
 
 
@@ -170,8 +171,11 @@ def leave_lockspace(name: str, host_id: int, disk: Disk) -> None:
 
 
 def lockspace_joined(name: str, host_id: int, disk: Disk) -> bool:
-    return bool(_call("cannot inquire lockspace", sanlock.inq_lockspace, name.encode(),
-                      host_id, disk.path, offset=disk.offset))
+    """False only when sanlock does not have the host id (None, "being added or
+    removed", counts as joined: it settles by itself)."""
+    answer = _call("cannot inquire lockspace", sanlock.inq_lockspace, name.encode(),
+                   host_id, disk.path, offset=disk.offset)
+    return answer is not False
 
 
 _HOST_STATES = {1: "unknown", 2: "free", 3: "live", 4: "failing", 5: "dead"}
@@ -204,23 +208,41 @@ def register() -> int:
     return int(_call("cannot register with sanlock", sanlock.register))
 
 
+def _owner(fd: int | None, pid: int | None) -> dict[str, int]:
+    """Who a lease is for: this process (its registered ``fd``) or another registered
+    process (``pid``: sanlock acquires and releases on its behalf; the lease is that
+    process's, it dies with it and survives the caller)."""
+    if (fd is None) == (pid is None):
+        raise ValueError("give exactly one of fd and pid")
+    return {"slkfd": fd} if fd is not None else {"pid": int(pid or 0)}
+
+
 def acquire(lockspace: str, resource: str, disks: Sequence[Disk], *, shared: bool,
-            fd: int) -> None:
+            fd: int | None = None, pid: int | None = None) -> None:
     with _FD_LOCK:
         _call(f"cannot acquire lease {resource}", sanlock.acquire, lockspace.encode(),
-              resource.encode(), _disks(disks), slkfd=fd, shared=shared)
+              resource.encode(), _disks(disks), shared=shared, **_owner(fd, pid))
 
 
-def release(lockspace: str, resource: str, disks: Sequence[Disk], *, fd: int) -> None:
+def release(lockspace: str, resource: str, disks: Sequence[Disk], *,
+            fd: int | None = None, pid: int | None = None) -> None:
     with _FD_LOCK:
         _call(f"cannot release lease {resource}", sanlock.release, lockspace.encode(),
-              resource.encode(), _disks(disks), slkfd=fd)
+              resource.encode(), _disks(disks), **_owner(fd, pid))
 
 
-def inquire(fd: int) -> list[Held]:
-    """The leases this process holds now, with their versions (the fencing token)."""
+def killpath(fd: int, argv: Sequence[str]) -> None:
+    """What sanlock runs instead of killing this registered process when its
+    lockspace fails (argv[0] absolute): ours kills the whole process group."""
     with _FD_LOCK:
-        held = _call("cannot inquire leases", sanlock.inquire, slkfd=fd)
+        _call("cannot set the killpath", sanlock.killpath, argv[0], list(argv[1:]),
+              slkfd=fd)
+
+
+def inquire(fd: int | None = None, pid: int | None = None) -> list[Held]:
+    """The leases a process holds now, with their versions (the fencing token)."""
+    with _FD_LOCK:
+        held = _call("cannot inquire leases", sanlock.inquire, **_owner(fd, pid))
     return [Held(h["lockspace"].decode(), h["resource"].decode(), int(h["version"]),
                  bool(h["flags"] & sanlock.RES_SHARED)) for h in held]
 

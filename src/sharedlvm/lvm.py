@@ -2,9 +2,9 @@
 
 Every command gets the same ``--config`` built from :data:`CONFIG_TEMPLATE`, with the
 domain's PVs as the only devices LVM may look at. A host that is not the domain's
-metadata writer gets ``locking_type = 4``, so LVM itself refuses to change metadata
+manager gets ``locking_type = 4``, so LVM itself refuses to change metadata
 there ("Operation prohibited while --readonly is set") whatever the caller does:
-DESIGN.md rule 1, enforced by the command layer, not by convention.
+docs/design.md rule 1, enforced by the command layer, not by convention.
 
 Reports are JSON with sizes in bytes. LVM's failures are mapped to the project's
 errors in :func:`_map_error`.
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import errors
-from .command import Runner
+from .command import DEFAULT_TIMEOUT, Runner
 from .errors import CommandError
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,10 @@ backup {{
 #   /etc/lvm/devices/system.devices, which belongs to the host's admin.
 # write_cache_state = 0, scan_lvs = 0: no host-local caches, never scan guests' PVs
 #   inside our LVs (a VM's own LVM on its disk must stay invisible to the host).
-# global/locking_type = 4 on every host but the writer: read-only; LVM 2.03 honours
-#   it as --readonly --sysinit (DESIGN.md), activation still allowed.
-# global/activation = 0 only where /dev/mapper/control is missing (test machines).
+# global/locking_type = 4 on every host but the manager: read-only; LVM 2.03 honours
+#   it as --readonly --sysinit (docs/design.md), activation still allowed.
+# global/activation = 0 only where the kernel has no device-mapper (test machines;
+#   devmapper.available() asks the kernel, not whether /dev/mapper/control exists).
 # use_lvmlockd = 0: sharedlvm is the cluster coordination; lvmlockd is not used.
 # activation/udev_sync, udev_rules: 1 where udev runs (it makes /dev/VG/LV); 0 where it
 #   does not (minimal hosts, the VM test bed), so libdevmapper makes the nodes itself:
@@ -78,7 +79,7 @@ backup {{
 # activation/monitoring = 0: only linear LVs, nothing for dmeventd to watch.
 # locking_dir: per host, so simulated hosts on one machine do not serialize each
 #   other through a shared /run/lock/lvm and hide races the real world has.
-# backup/archive: only the writer keeps metadata backups (in its private
+# backup/archive: only the manager keeps metadata backups (in its private
 #   LVM_SYSTEM_DIR); a reader could only archive someone else's changes.
 
 # Metadata area per PV. Measured (bench/metadata_ops.py, vgcfgbackup): 632 bytes of
@@ -122,11 +123,6 @@ class LvmConfig:
 
 def udev_running() -> bool:
     return os.path.exists("/run/udev/control")
-
-
-def device_mapper_available() -> bool:
-    """False on kernels without device-mapper (this project's test machines)."""
-    return os.path.exists("/dev/mapper/control")
 
 
 def _regex_escape(path: str) -> str:
@@ -189,13 +185,20 @@ class Lvm:
     """LVM commands for one host and one set of devices."""
 
     def __init__(self, runner: Runner, config: LvmConfig,
-                 before_write: Callable[[], None] | None = None) -> None:
+                 before_write: Callable[[], None] | None = None,
+                 after_write: Callable[[], None] | None = None,
+                 write_timeout: float = DEFAULT_TIMEOUT) -> None:
         self.runner = runner
         self.config = config
         self._config_text = config.text()
         # Called before every metadata-writing command: the manager's fencing-token
-        # check (DESIGN.md rule 2). It raises to stop the write.
+        # check (docs/design.md rule 2). It raises to stop the write.
         self.before_write = before_write
+        # Called after it, also when it failed: the manager's check that the VG
+        # changed by its own commit only (no second writer).
+        self.after_write = after_write
+        # A metadata command must end while this host surely still holds the role.
+        self.write_timeout = write_timeout
 
     @property
     def writable(self) -> bool:
@@ -210,19 +213,23 @@ class Lvm:
             "LVM_SUPPRESS_FD_WARNINGS": "1",
         }
 
-    def run(self, command: str, *args: str) -> str:
+    def run(self, command: str, *args: str, timeout: float = DEFAULT_TIMEOUT) -> str:
         argv = ["lvm", command, "--config", self._config_text, *args]
         try:
-            result = self.runner.run(argv, env=self._env())
+            result = self.runner.run(argv, env=self._env(), timeout=timeout)
         except CommandError as exc:
             raise _map_error(exc) from exc
         return result.out
 
     def write(self, command: str, *args: str) -> str:
-        """Run a metadata-changing command, after the fencing check."""
+        """Run a metadata-changing command, between the manager's checks."""
         if self.before_write is not None:
             self.before_write()
-        return self.run(command, *args)
+        try:
+            return self.run(command, *args, timeout=self.write_timeout)
+        finally:
+            if self.after_write is not None:
+                self.after_write()
 
     def _report(self, command: str, kind: str, fields: str, *args: str) -> list[dict[str, str]]:
         out = self.run(command, "--reportformat", "json", "--units", "b", "--nosuffix",
@@ -270,7 +277,7 @@ class Lvm:
     def lv(self, vg_name: str, lv_name: str) -> LogicalVolume:
         lvs = self.lvs(vg_name, [lv_name])
         if not lvs:
-            raise errors.VolumeNotFound(f"logical volume {vg_name}/{lv_name} not found")
+            raise errors.VolumeNotFound(lv_name, vg_name)
         return lvs[0]
 
     def segments(self, vg_name: str, lv_name: str) -> list[Segment]:
@@ -342,7 +349,7 @@ class Lvm:
         self.run("lvchange", "--activate", "n", f"{vg_name}/{lv_name}")
 
     def refresh(self, vg_name: str, lv_name: str) -> None:
-        """Reload the device-mapper table after the writer changed the LV (extend)."""
+        """Reload the device-mapper table after the manager changed the LV (extend)."""
         self.run("lvchange", "--refresh", f"{vg_name}/{lv_name}")
 
 
@@ -387,6 +394,21 @@ _ERROR_PATTERNS: list[tuple[str, type[errors.Error]]] = [
 ]
 
 
+def _no_space(line: str, argv: Sequence[str]) -> errors.Error:
+    """LVM's two ways of saying it (2.03.16), with the sizes in extents:
+    Volume group "VG" has insufficient free space (10 extents): 80 required.
+    Insufficient free space: 80 extents needed, but only 10 available"""
+    vg = next((a.split("/")[0] for a in reversed(argv) if not a.startswith("-")), "")
+    m = re.search(r'"([^"]+)".*\((\d+) extents\): (\d+) required', line)
+    if m:
+        return errors.NoSpace(m.group(1), int(m.group(3)) * EXTENT_SIZE,
+                              int(m.group(2)) * EXTENT_SIZE)
+    m = re.search(r"(\d+) extents needed, but only (\d+) available", line)
+    if m:
+        return errors.NoSpace(vg, int(m.group(1)) * EXTENT_SIZE, int(m.group(2)) * EXTENT_SIZE)
+    return errors.NoSpace(vg, 0, 0)
+
+
 def _map_error(exc: CommandError) -> errors.Error:
     text = exc.err
     for pattern, cls in _ERROR_PATTERNS:
@@ -397,6 +419,14 @@ def _map_error(exc: CommandError) -> errors.Error:
             continue
         if cls is errors.ReadOnlyDenied:
             return cls("LVM refused to change metadata: this host has read-only locking")
+        if cls is errors.VolumeNotFound:
+            # Failed to find logical volume "VG/LV"
+            name = re.search(r'"([^"/]+)/([^"]+)"', matching[0])
+            if name:
+                return errors.VolumeNotFound(name.group(2), name.group(1))
+            return errors.NotFound(matching[0])
+        if cls is errors.NoSpace:
+            return _no_space(matching[0], exc.argv)
         return cls(matching[0])
     command = exc.argv[1] if len(exc.argv) > 1 else "lvm"
     return errors.LvmError(f"{command}: {exc.last_line()}")

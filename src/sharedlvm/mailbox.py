@@ -12,30 +12,44 @@ one per request. The manager reads the outboxes of live hosts (sanlock's host li
 executes each new request and writes the reply with the same sequence number. A torn
 or corrupt record fails its checksum and is ignored with a log line, never executed.
 
-Polling is adaptive (daemon.py): outboxes of hosts that asked recently are read every
+Polling is adaptive (:class:`MailboxServer`): outboxes of hosts that asked recently are read every
 ``mailbox_poll`` (5 ms); every live host is swept every ``mailbox_sweep`` (2 s)
 reading one logical sector of its outbox, the header with the sequence number. Idle,
 that is 250 hosts x 512 B / 2 s = 62.5 KiB/s on a 512 B-sector LUN (8x that on a
 4 KiB-sector LUN, whose smallest read is 4 KiB); the first request of an idle host
 waits up to one sweep.
 
+A request is ``{"op": NAME, "fields": {...}, "request_id": ID, "host_id": N}`` (the
+request type's name and its serialized fields, requests.py), a reply ``{"ok": true,
+"result": ...}`` or ``{"ok": false, "error": {"kind", "message", "fields"}}``.
 Requests carry a request id; the manager's journal records completed ids
 (journal.RequestLog), so a request re-sent after a timeout or a manager failover is
 answered, not executed twice.
+
+:class:`MailboxClient` is the asking side (sequence numbers, one request in flight
+per host), :class:`MailboxServer` the manager's side (the hot set, the sweep, the
+answered sequence numbers).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from . import errors, ondisk
 from .domain import Domain
+from .failpoints import failpoint
 
 log = logging.getLogger(__name__)
+
+# The version of a request's payload: a manager refuses (answers with an error)
+# a version it does not know, instead of misreading it during a rolling upgrade.
+MAILBOX_VERSION = 2
 
 OUT_MAGIC = b"SLVMOUT1"
 IN_MAGIC = b"SLVMIN01"
@@ -106,22 +120,6 @@ class Mailbox:
                            host, "inbox")
         return msg.payload if msg and msg.seq == seq else None
 
-    def call(self, op: str, args: dict[str, Any], seq: int, timeout: float,
-             poll: float = 0.005) -> Any:
-        """Send one request and wait for the manager's reply."""
-        request = {"op": op, "args": args, "request_id": args.get("request_id"),
-                   "host_id": self.domain.host_id, "time": time.time()}
-        self.send(seq, request)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            answer = self.reply_for(seq)
-            if answer is not None:
-                return answer
-            time.sleep(poll)
-        raise errors.Error(f"no answer from the manager of domain {self.domain.name} "
-                           f"in {timeout:g} s (request {args.get('request_id')}); "
-                           "repeat it with the same --request-id")
-
     # The manager
 
     def peek_seqs(self, host_ids: list[int], sector_size: int) -> dict[int, int]:
@@ -162,3 +160,108 @@ class Mailbox:
 
 def new_request_id() -> str:
     return f"mbx-{uuid.uuid4()}"
+
+
+class MailboxClient:
+    """A host that is not manager asks through its outbox and waits in its inbox."""
+
+    def __init__(self, mailbox: Mailbox, poll: float = 0.005) -> None:
+        self.mailbox = mailbox
+        self.poll = poll
+        self._lock = threading.Lock()  # one request in flight per host
+        self._next_seq: int | None = None
+
+    def call(self, op: str, fields: dict[str, Any], request_id: str,
+             timeout: float) -> dict[str, Any]:
+        """Send one request and return the manager's answer (ok/result or error)."""
+        domain = self.mailbox.domain
+        request = {"v": MAILBOX_VERSION, "op": op, "fields": fields,
+                   "request_id": request_id, "host_id": domain.host_id, "time": time.time()}
+        with self._lock:
+            # Past whatever the boxes hold now, not only past this process's last
+            # request: a record written over the outbox (a torn write, a restart with
+            # an old state) must not make the manager take new requests for answered.
+            seq = max(self._next_seq or 0, self.mailbox.last_sent() + 1)
+            self._next_seq = seq + 1
+            self.mailbox.send(seq, request)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                answer = self.mailbox.reply_for(seq)
+                if answer is not None:
+                    return answer
+                time.sleep(self.poll)
+        raise errors.Timeout(f"no answer from the manager of domain {domain.name} in "
+                             f"{timeout:g} s (request {request_id}); repeat it with the "
+                             "same --request-id")
+
+
+# The manager's answer to one request: the reply to write, or None when this host is
+# not manager any more (the next manager answers it).
+Answer = Callable[[Message], "dict[str, Any] | None"]
+
+
+@dataclass(frozen=True)
+class PollSettings:
+    poll: float = 0.005  # hot hosts' outboxes, seconds
+    sweep: float = 2.0  # every live host's outbox header, seconds
+    hot: float = 30.0  # a host is hot this long after its last request, seconds
+
+
+class MailboxServer:
+    """The manager's side: reads the outboxes of live hosts, answers new requests.
+
+    Hosts that asked in the last ``hot`` seconds are read every round (the daemon
+    calls :meth:`serve` every ``poll``); every live host is swept every ``sweep``
+    seconds with one sector read of its outbox header."""
+
+    def __init__(self, mailbox: Mailbox, settings: PollSettings,
+                 live_hosts: Callable[[], set[int]], sector_size: Callable[[], int],
+                 answer: Answer) -> None:
+        self.mailbox = mailbox
+        self.settings = settings
+        self.live_hosts = live_hosts
+        self.sector_size = sector_size
+        self.answer = answer
+        self.served = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was answered (a new manager term reads it from the inboxes)."""
+        self.answered: dict[int, int] = {}  # host id -> last seq answered
+        self.hot: dict[int, float] = {}  # host id -> time of its last request
+        self.last_sweep = 0.0
+
+    def _answered(self, host: int) -> int:
+        if host not in self.answered:
+            self.answered[host] = self.mailbox.answered(host)
+        return self.answered[host]
+
+    def serve(self) -> None:
+        """One round: execute new requests of hot hosts (and of all live hosts when a
+        sweep is due) and reply."""
+        now = time.monotonic()
+        # Its own outbox too: a request this host sent before it took the role waits
+        # there for an answer.
+        live = self.live_hosts() | {self.mailbox.domain.host_id}
+        to_read = {h for h, t in self.hot.items() if now - t < self.settings.hot} & live
+        if now - self.last_sweep >= self.settings.sweep:
+            self.last_sweep = now
+            for host, seq in self.mailbox.peek_seqs(sorted(live),
+                                                    self.sector_size()).items():
+                if seq > self._answered(host):
+                    to_read.add(host)
+        for msg in self.mailbox.read_outboxes(sorted(to_read)):
+            if msg.seq <= self._answered(msg.host_id):
+                continue
+            answer = self.answer(msg)
+            if answer is None:
+                return  # not manager any more: the next manager answers it
+            self.hot[msg.host_id] = time.monotonic()
+            failpoint("mailbox-before-reply")
+            try:
+                self.mailbox.reply(msg.host_id, msg.seq, answer)
+            except errors.InvalidArgument as exc:  # a reply larger than a box
+                self.mailbox.reply(msg.host_id, msg.seq, {"ok": False, "error": errors.Error(
+                    f"the answer does not fit in the mailbox: {exc}").to_wire()})
+            self.answered[msg.host_id] = msg.seq
+            self.served += 1

@@ -3,7 +3,7 @@
 Every record is one 4 KiB block: a whole number of sectors on both 512 B and 4 KiB
 LUNs, so a record write never shares a sector with another record and the storage
 never has to read-modify-write. Writes are O_DIRECT | O_DSYNC: acknowledged means on
-the LUN, not in this host's page cache (DESIGN.md rule 5), and reads are O_DIRECT so
+the LUN, not in this host's page cache (docs/design.md rule 5), and reads are O_DIRECT so
 a host never sees a stale cached copy of what another host wrote (rule 4).
 
 Layout of a block::
@@ -22,10 +22,11 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CorruptRecord, InvalidArgument
+from .errors import CorruptRecord, InvalidArgument, StorageIOError
 
 BLOCK_SIZE = 4096
 FORMAT_VERSION = 1
@@ -71,18 +72,28 @@ def decode(block: bytes, magic: bytes) -> Record | None:
         raise CorruptRecord("record checksum mismatch")
     try:
         payload = json.loads(body)
-    except ValueError as exc:
-        raise CorruptRecord(f"record payload is not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # nested 2,000 deep fits in 4 KiB
+        raise CorruptRecord(f"record payload is not JSON: {exc!r}") from None
+    if not isinstance(payload, dict):
+        raise CorruptRecord("record payload is not an object")
     return Record(magic, seq, payload)
 
 
 class BlockFile:
     """Aligned O_DIRECT reads and writes of whole blocks on one device."""
 
-    def __init__(self, path: str, writable: bool = False) -> None:
+    def __init__(self, path: str, writable: bool = False, base: int = 0) -> None:
+        """``base``: where the area starts on the device (an LV read through its PV);
+        offsets given to read and write are relative to it."""
+        _check_aligned(base, BLOCK_SIZE)
         flags = os.O_DIRECT | (os.O_RDWR | os.O_DSYNC if writable else os.O_RDONLY)
         self.path = path
-        self.fd = os.open(path, flags)
+        self.base = base
+        self.fd = -1
+        try:
+            self.fd = os.open(path, flags)
+        except OSError as exc:
+            raise StorageIOError(f"cannot open {path}: {exc.strerror}") from exc
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -99,7 +110,7 @@ class BlockFile:
         _check_aligned(offset, size)
         buf = mmap.mmap(-1, size)  # page aligned, as O_DIRECT requires
         try:
-            done = os.preadv(self.fd, [buf], offset)
+            done = _io(self.path, os.preadv, self.fd, [buf], self.base + offset)
             if done != size:
                 raise CorruptRecord(f"short read at {offset} of {self.path}: {done} of {size}")
             return bytes(buf)
@@ -112,7 +123,8 @@ class BlockFile:
             raise ValueError(f"unaligned sector read: offset={offset} size={sector_size}")
         buf = mmap.mmap(-1, BLOCK_SIZE)
         try:
-            done = os.preadv(self.fd, [memoryview(buf)[:sector_size]], offset)
+            done = _io(self.path, os.preadv, self.fd, [memoryview(buf)[:sector_size]],
+                       self.base + offset)
             if done != sector_size:
                 raise CorruptRecord(f"short read at {offset} of {self.path}")
             return bytes(buf[:sector_size])
@@ -124,11 +136,20 @@ class BlockFile:
         buf = mmap.mmap(-1, len(data))
         try:
             buf.write(data)
-            done = os.pwritev(self.fd, [buf], offset)
+            done = _io(self.path, os.pwritev, self.fd, [buf], self.base + offset)
             if done != len(data):
-                raise OSError(f"short write at {offset} of {self.path}: {done} of {len(data)}")
+                raise StorageIOError(f"short write at {offset} of {self.path}: {done} of "
+                                     f"{len(data)}")
         finally:
             buf.close()
+
+
+def _io(path: str, call: Callable[..., int], *args: Any) -> int:
+    """One read or write; an I/O error is the project's StorageIOError."""
+    try:
+        return call(*args)
+    except OSError as exc:
+        raise StorageIOError(f"I/O error on {path}: {exc.strerror}") from exc
 
 
 def peek_seq(head: bytes, magic: bytes) -> int | None:

@@ -6,12 +6,8 @@ import json
 from typing import Any
 
 from .command import Runner
-from .errors import CommandError, Error
+from .errors import CommandError, ImageError
 from .units import MiB, round_up
-
-
-class ImageError(Error):
-    pass
 
 
 def metadata_overhead(capacity: int) -> int:

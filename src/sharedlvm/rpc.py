@@ -1,11 +1,12 @@
-"""The local control socket between the CLI and the host's daemon.
+"""The local control socket between clients (CLI, client library) and the host's daemon.
 
-One request per connection: a JSON object on one line, ``{"op": NAME, "args": {...}}``,
-answered by one line, ``{"ok": true, "result": ...}`` or ``{"ok": false, "error":
-MESSAGE, "kind": ERROR CLASS}``. The socket is created mode 0600 in the root-only run
-dir: only root talks to the daemon. The daemon maps its errors to this answer at one
-place (:func:`answer_error`); the client raises the same error class again, so the CLI
-prints exactly what the daemon said.
+One request per connection: a JSON object on one line, ``{"op": NAME, "fields":
+{...}}`` (the request type's name and its serialized fields, requests.py), answered by
+one line, ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {"kind",
+"message", "fields"}}`` (errors.Error.to_wire). The socket is created mode 0600 in
+the root-only run dir: only root talks to the daemon. The client raises the daemon's
+error as the same class with the same fields (errors.from_wire), so the CLI prints
+exactly what the daemon said.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from . import errors
 
 MAX_MESSAGE = 1024 * 1024
 # A metadata operation takes well under a second; a qcow2 create with wipe of a large
-# volume can take minutes. The CLI waits this long before giving up on an answer.
+# volume can take minutes. A client waits this long before giving up on an answer.
 CLIENT_TIMEOUT = 600.0
 
 
@@ -27,29 +28,9 @@ def socket_path(run_dir: Path) -> Path:
     return run_dir / "daemon.sock"
 
 
-class DaemonNotRunning(errors.Error):
-    pass
-
-
-def rebuild_error(kind: str, message: str) -> errors.Error:
-    """The daemon's error as the same class, carrying the daemon's message (classes
-    with structured fields, like CommandError, come back as their message only)."""
-    cls = getattr(errors, kind, None)
-    if not (isinstance(cls, type) and issubclass(cls, errors.Error)) or \
-            issubclass(cls, errors.CommandError):
-        return errors.Error(message)
-    exc = cls.__new__(cls)
-    Exception.__init__(exc, message)
-    return exc
-
-
-def answer_error(exc: errors.Error) -> dict[str, Any]:
-    return {"ok": False, "error": str(exc), "kind": type(exc).__name__}
-
-
-def call(run_dir: Path, op: str, args: dict[str, Any] | None = None,
+def call(run_dir: Path, op: str, fields: dict[str, Any] | None = None,
          timeout: float = CLIENT_TIMEOUT) -> Any:
-    """Send one request to the daemon of this host and return its result."""
+    """Send one request to the daemon of this host and return its result (JSON)."""
     path = socket_path(run_dir)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -57,21 +38,23 @@ def call(run_dir: Path, op: str, args: dict[str, Any] | None = None,
         try:
             sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError):
-            raise DaemonNotRunning(
+            raise errors.DaemonNotRunning(
                 f"the sharedlvm daemon is not running on this host (no {path})") from None
-        sock.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
+        sock.sendall(json.dumps({"op": op, "fields": fields or {}}).encode() + b"\n")
         reply = _read_line(sock)
     except TimeoutError:
-        raise errors.Error(f"no answer from the sharedlvm daemon in {timeout:g} s") from None
+        raise errors.Timeout(f"no answer from the sharedlvm daemon in {timeout:g} s") from None
     finally:
         sock.close()
     try:
         data = json.loads(reply)
     except ValueError as exc:
         raise errors.Error(f"bad answer from the sharedlvm daemon: {exc}") from None
+    if not isinstance(data, dict):
+        raise errors.Error("bad answer from the sharedlvm daemon: not an object")
     if data.get("ok"):
         return data.get("result")
-    raise rebuild_error(str(data.get("kind")), str(data.get("error")))
+    raise errors.from_wire(data.get("error"))
 
 
 def _read_line(sock: socket.socket) -> bytes:
@@ -90,17 +73,17 @@ def _read_line(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def read_request(sock: socket.socket) -> tuple[str, dict[str, Any]]:
-    """Parse a request; malformed ones raise InvalidArgument (answered, not executed)."""
+def read_request(sock: socket.socket) -> tuple[Any, Any]:
+    """(op, fields) of one request, as sent; malformed JSON raises InvalidArgument
+    (answered, not executed). The fields are checked by operations.decode."""
     raw = _read_line(sock)
     try:
         data = json.loads(raw)
     except ValueError as exc:
         raise errors.InvalidArgument(f"malformed request: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("op"), str) or \
-            not isinstance(data.get("args", {}), dict):
-        raise errors.InvalidArgument("malformed request: expected {\"op\": str, \"args\": {}}")
-    return data["op"], data.get("args", {})
+    if not isinstance(data, dict):
+        raise errors.InvalidArgument('malformed request: expected {"op": str, "fields": {}}')
+    return data.get("op"), data.get("fields", {})
 
 
 def send_answer(sock: socket.socket, answer: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Volume metadata in LV tags.
+"""Volume metadata in LV tags: the encoding and the volume tag schema.
 
 One LVM commit writes an LV and all its tags, so a volume and its metadata appear (or
 vanish) together. Tags are ``sl.<key>=<value>``; user tags are ``sl.user.<key>=<value>``.
@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import re
 import string
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import InvalidArgument
+from .model import Allocation, VolumeFormat, VolumeInfo, VolumeState
+
+if TYPE_CHECKING:
+    from .lvm import LogicalVolume
 
 PREFIX = "sl."
 USER_PREFIX = "sl.user."
@@ -94,3 +99,69 @@ def parse_tags(tags: tuple[str, ...] | list[str]) -> tuple[dict[str, str], dict[
         else:
             meta[key] = decode_value(value)
     return meta, user
+
+
+# The volume tag schema (docs/design.md "On-disk layout"): the one place that knows which
+# sl.* keys a volume carries and how they map to a VolumeInfo.
+
+def volume_tags(*, image: str, parent: str | None, fmt: VolumeFormat, alloc: Allocation,
+                generation: int, lease: int, state: VolumeState,
+                capacity: int | None = None, user: dict[str, str] | None = None) -> list[str]:
+    """Every tag of a volume, for the one lvcreate that publishes it. ``capacity``
+    only for qcow2: a raw volume's capacity is its LV size (one source of truth)."""
+    out = [make_tag("image", image), make_tag("parent", parent or "none"),
+           make_tag("format", fmt.value), make_tag("alloc", alloc.value),
+           make_tag("gen", str(generation)), make_tag("lease", str(lease)), state_tag(state)]
+    if capacity is not None:
+        out.append(capacity_tag(capacity))
+    out += [make_user_tag(k, v) for k, v in (user or {}).items()]
+    return out
+
+
+def state_tag(state: VolumeState) -> str:
+    return make_tag("state", state.value)
+
+
+def capacity_tag(capacity: int) -> str:
+    return make_tag("capacity", str(capacity))
+
+
+def is_volume(lv: LogicalVolume) -> bool:
+    """A sharedlvm volume (not a special LV, not a foreign LV): it has an image."""
+    return any(t.startswith(f"{PREFIX}image=") for t in lv.tags)
+
+
+def lease_slot(lv_tags: tuple[str, ...] | list[str]) -> int | None:
+    value = parse_tags(lv_tags)[0].get("lease", "")
+    return int(value) if value.isdigit() else None
+
+
+E = TypeVar("E", VolumeFormat, Allocation, VolumeState)
+
+
+def _known(cls: type[E], value: str | None) -> E:
+    """The enum member, or UNKNOWN for a value this version does not know."""
+    try:
+        return cls(value or "")
+    except ValueError:
+        return cls("unknown")
+
+
+def _number(value: str | None, default: int) -> int:
+    return int(value) if value is not None and value.isdigit() else default
+
+
+def volume_from_lv(lv: LogicalVolume) -> VolumeInfo:
+    """Never raises for what the tags say: unknown values become UNKNOWN."""
+    meta, user = parse_tags(lv.tags)
+    parent = meta.get("parent", "none")
+    return VolumeInfo(
+        uuid=lv.name, domain=lv.vg_name, image=meta.get("image", ""),
+        parent=None if parent == "none" else parent,
+        format=_known(VolumeFormat, meta.get("format", "raw")),
+        alloc=_known(Allocation, meta.get("alloc", "preallocated")),
+        # qcow2 volumes carry their virtual size; the LV may be smaller (thin).
+        capacity=_number(meta.get("capacity"), lv.size), size=lv.size,
+        state=_known(VolumeState, meta.get("state")),
+        generation=_number(meta.get("gen"), 0), tags=user, lease=lease_slot(lv.tags),
+        segments=lv.segments)

@@ -9,15 +9,17 @@ from __future__ import annotations
 import re
 
 from .errors import InvalidArgument
+from .sizes import GiB, KiB, MiB, PiB, TiB, format_size
 
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
-TiB = 1024 * GiB
-PiB = 1024 * TiB
+__all__ = ["MAX_SIZE", "GiB", "KiB", "MiB", "PiB", "TiB", "format_size", "parse_resize",
+           "parse_size", "round_up"]
 
 _UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB, "p": PiB}
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgtpb]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+# The largest size sharedlvm accepts: LVM's own limit for an LV is 8 EiB.
+MAX_SIZE = 8 * 1024 * PiB
 
 
 def parse_size(text: str) -> int:
@@ -27,6 +29,8 @@ def parse_size(text: str) -> int:
         raise InvalidArgument(f"invalid size {text!r}: use bytes or a binary unit, e.g. 10G")
     number, unit = m.groups()
     value = float(number) * _UNITS[unit.lower()]
+    if not value <= MAX_SIZE:  # also inf and nan
+        raise InvalidArgument(f"invalid size {text!r}: larger than 8 EiB")
     if value != int(value):
         raise InvalidArgument(f"invalid size {text!r}: not a whole number of bytes")
     size = int(value)
@@ -40,18 +44,12 @@ def parse_resize(text: str, current: int) -> int:
     stripped = text.strip()
     if stripped.startswith("-"):
         raise InvalidArgument(f"invalid size {text!r}: volumes can only grow")
-    if stripped.startswith("+"):
-        return current + parse_size(stripped[1:])
-    return parse_size(stripped)
+    target = current + parse_size(stripped[1:]) if stripped.startswith("+") \
+        else parse_size(stripped)
+    if target > MAX_SIZE:
+        raise InvalidArgument(f"invalid size {text!r}: the volume would exceed 8 EiB")
+    return target
 
 
 def round_up(value: int, step: int) -> int:
     return -(-value // step) * step
-
-
-def format_size(size: int) -> str:
-    """Human size: ``10.0 GiB``; exact bytes when under 1 KiB."""
-    for unit, factor in (("PiB", PiB), ("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if size >= factor:
-            return f"{size / factor:.1f} {unit}"
-    return f"{size} B"

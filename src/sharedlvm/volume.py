@@ -1,126 +1,68 @@
-"""Volumes: LVs named by UUID whose metadata lives in their tags (DESIGN.md).
+"""Volumes: LVs named by UUID whose metadata lives in their tags (docs/design.md).
 
-Metadata-changing operations run on the writer only and keep to as few LVM commits
+Metadata-changing operations run on the manager only and keep to as few LVM commits
 as the operation allows: a raw create is one ``lvcreate`` carrying every tag, a
 delete is one ``lvremove``. A qcow2 create takes two commits (``creating`` then
 ``ready`` around ``qemu-img create``) and a delete with ``--wipe`` marks the volume
 ``removing`` before it zeroes it, so a crash leaves a state that says what to finish.
 
-With a ``request_id`` an operation is exactly-once: see journal.RequestLog.
+The requests arrive validated (requests.py). With a ``request_id`` an operation is
+exactly-once: the manager stores the resolved intent (new UUIDs, the absolute extend
+target) before the first change and the answer after (journal.RequestLog).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import mmap
 import os
-import re
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
-from . import errors, journal, qemu_img, tags
-from .domain import SPECIAL_LVS, Domain
+from . import codec, errors, journal, qemu_img, tags
+from .activation import set_read_only
+from .domain import Domain
+from .failpoints import failpoint
 from .lvm import LogicalVolume
-from .units import GiB, format_size, round_up
+from .model import Allocation, Deleted, VolumeFormat, VolumeInfo, VolumeState, check_uuid
+from .requests import CreateVolume, DeleteVolume, ExtendVolume, Request
+from .units import GiB, MiB, round_up
 
 log = logging.getLogger(__name__)
-
-FORMATS = ("raw", "qcow2")
-ALLOCATIONS = ("preallocated", "thin")
 
 # First size of a thin qcow2 volume's LV; the thin-extend flow grows it in chunks.
 # vdsm starts thin block volumes at 1 GiB for the same reason: room for a guest's
 # first writes without a round trip to the manager.
 THIN_INITIAL_SIZE = 1 * GiB
 
-_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-
-
-def check_uuid(value: str, what: str = "volume") -> str:
-    if not _UUID_RE.match(value):
-        raise errors.InvalidArgument(f"invalid {what} id {value!r}: expected a lowercase UUID")
-    return value
-
-
-def check_request_id(value: str) -> str:
-    if not _REQUEST_ID_RE.match(value):
-        raise errors.InvalidArgument(
-            f"invalid request id {value!r}: 1-128 letters, digits, '_', '.', ':', '-'")
-    return value
-
-
-@dataclass(frozen=True)
-class VolumeInfo:
-    uuid: str
-    domain: str
-    image: str
-    parent: str
-    format: str
-    alloc: str
-    capacity: int
-    size: int
-    state: str
-    generation: int
-    user_tags: dict[str, str] = field(default_factory=dict)
-    segments: int = 1
-    lease: int | None = None
-
-    @classmethod
-    def from_lv(cls, lv: LogicalVolume) -> VolumeInfo:
-        meta, user = tags.parse_tags(lv.tags)
-        fmt = meta.get("format", "raw")
-        # A raw volume's capacity is its LV size: one source of truth. qcow2 volumes
-        # carry their virtual size in sl.capacity (the LV may be smaller: thin).
-        capacity = int(meta["capacity"]) if "capacity" in meta else lv.size
-        return cls(uuid=lv.name, domain=lv.vg_name, image=meta.get("image", ""),
-                   parent=meta.get("parent", "none"), format=fmt,
-                   alloc=meta.get("alloc", "preallocated"), capacity=capacity, size=lv.size,
-                   state=meta.get("state", "unknown"), generation=int(meta.get("gen", "0")),
-                   user_tags=user, segments=lv.segments,
-                   lease=int(meta["lease"]) if meta.get("lease", "").isdigit() else None)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VolumeInfo:
-        return cls(uuid=d["uuid"], domain=d["domain"], image=d["image"], parent=d["parent"],
-                   format=d["format"], alloc=d["alloc"], capacity=int(d["capacity"]),
-                   size=int(d["size"]), state=d["state"], generation=int(d["generation"]),
-                   user_tags=dict(d["tags"]), lease=d.get("lease"))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"uuid": self.uuid, "domain": self.domain, "image": self.image,
-                "parent": self.parent, "format": self.format, "alloc": self.alloc,
-                "capacity": self.capacity, "size": self.size, "state": self.state,
-                "generation": self.generation, "tags": dict(self.user_tags),
-                "lease": self.lease}
-
-
 # LVM selection matching sharedlvm volumes: every volume carries one sl.state tag.
 # (LVM allows no regex on tag lists, and "{a,b}" did not match either tag on 2.03.16;
 # "{a}" means "has tag a".)
 VOLUME_SELECT = "(" + " || ".join(
-    f"lv_tags={{sl.state={state}}}" for state in ("ready", "creating", "removing")) + ")"
+    f"lv_tags={{{tags.state_tag(state)}}}" for state in VolumeState) + ")"
+
+# Allocates and initializes a lease slot for a new volume (lease_layout): required,
+# a volume never exists without its lease.
+LeaseAllocator = Callable[[str], int]
 
 
-def _is_volume(lv: LogicalVolume) -> bool:
-    return lv.name not in SPECIAL_LVS and any(t.startswith("sl.image=") for t in lv.tags)
+def _volume(lv: LogicalVolume) -> VolumeInfo | None:
+    return tags.volume_from_lv(lv) if tags.is_volume(lv) else None
 
 
 def list_volumes(domain: Domain, image: str | None = None,
-                 user_tags: Sequence[tuple[str, str]] = ()) -> list[VolumeInfo]:
-    if image:
-        check_uuid(image, "image")
+                 user_tags: dict[str, str] | None = None) -> list[VolumeInfo]:
     found = []
     for lv in domain.lvm.lvs(domain.vg_name):
-        if not _is_volume(lv):
+        info = _volume(lv)
+        if info is None or (image and info.image != image):
             continue
-        info = VolumeInfo.from_lv(lv)
-        if image and info.image != image:
-            continue
-        if any(info.user_tags.get(k) != v for k, v in user_tags):
+        if any(info.tags.get(k) != v for k, v in (user_tags or {}).items()):
             continue
         found.append(info)
     return sorted(found, key=lambda v: (v.image, v.uuid))
@@ -129,106 +71,170 @@ def list_volumes(domain: Domain, image: str | None = None,
 def get_volume(domain: Domain, volume_id: str) -> VolumeInfo:
     check_uuid(volume_id)
     try:
-        lv = domain.lvm.lv(domain.vg_name, volume_id)
+        info = _volume(domain.lvm.lv(domain.vg_name, volume_id))
     except errors.VolumeNotFound:
-        raise errors.VolumeNotFound(f"volume {volume_id} not found in domain {domain.name}") \
-            from None
-    if not _is_volume(lv):
-        raise errors.VolumeNotFound(f"volume {volume_id} not found in domain {domain.name}")
-    return VolumeInfo.from_lv(lv)
+        info = None
+    if info is None:
+        raise errors.VolumeNotFound(volume_id, domain.name)
+    return info
 
 
-def _once(domain: Domain, request_id: str | None, op: str, args: dict[str, Any],
-          run: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``run(args)`` at most once per request id (see journal.RequestLog)."""
+@contextlib.contextmanager
+def activated(domain: Domain, volume_id: str) -> Iterator[str]:
+    """Activate the volume on this host for the block, then deactivate it again."""
+    path = domain.activator.activate(domain.vg_name, volume_id)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(errors.Error):
+            domain.activator.deactivate(domain.vg_name, volume_id)
+
+
+# Exactly-once by request id
+
+# Holds a volume's lease exclusively for a block (lease_layout.LeaseLayout.exclusive
+# with the manager's sanlock connection): required for every change of a volume's
+# content or its removal, so no consumer can use it meanwhile.
+ExclusiveLease = Callable[[VolumeInfo], contextlib.AbstractContextManager[None]]
+
+
+def request_digest(request: Request) -> str:
+    """What a request id stands for: the request's arguments (not the domain's name,
+    which each host spells from its own config)."""
+    wire = codec.to_wire(request)
+    wire.pop("request_id", None)
+    wire.pop("domain", None)
+    text = json.dumps({"op": request.op, "fields": wire}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _once(domain: Domain, request: Request, op: str, intent: dict[str, Any],
+          run: Callable[[dict[str, Any], bool], Any]) -> Any:
+    """``run(intent, resumed)`` at most once per request id; returns its wire result.
+
+    The first time, ``intent`` is recorded ``pending`` before ``run`` and the answer
+    after: the result, or a final error (errors.Error.final) with its class and
+    fields. An error raised before anything changed (errors.Error.changes_nothing: a
+    held lease, no space) marks the request ``aborted``: it was not done and will not
+    be done unless asked again. Any other error leaves it pending (it may have done
+    part): a repeat, or the next manager's recovery, rolls it forward. Repeated:
+    ``done`` returns the first result, ``failed`` raises the first error again,
+    ``pending`` rolls the recorded intent forward with ``resumed=True`` (each step
+    checks what is done), ``aborted`` runs as new. The same id with other arguments is
+    refused before anything is done."""
+    request_id = getattr(request, "request_id", None)
     if request_id is None:
-        return run(args)
-    check_request_id(request_id)
+        return run(intent, False)
+    digest = request_digest(request)
     with domain.journal() as dev:
-        log_ = journal.RequestLog(dev)
-        rec = log_.find(request_id)
-        if rec is not None:
-            if rec.op != op:
-                raise errors.InvalidArgument(
-                    f"request id {request_id} was already used for {rec.op}")
-            if rec.state == "done":
+        requests = journal.RequestLog(dev)
+        rec = requests.find(request_id)
+        resumed = False
+        if rec is not None and (rec.op != op or (rec.digest and rec.digest != digest)):
+            raise errors.InvalidArgument(
+                f"request id {request_id} was already used for another request ({rec.op})")
+        if rec is not None and rec.state != journal.ABORTED:
+            if rec.state == journal.DONE:
                 return rec.result
-            if rec.state == "failed":
-                raise errors.Error(rec.error)
-            # pending: roll the same resolved operation forward
-            args = dict(rec.args, resumed=True)
+            if rec.state == journal.FAILED:
+                raise errors.from_wire(rec.error)
+            intent, resumed = rec.args, True
         else:
-            log_.put(journal.RequestRecord(request_id, op, "pending", args))
+            # The record must fit before anything is changed (it is the proof of the
+            # change): put raises InvalidArgument for an oversized one.
+            requests.put(journal.RequestRecord(request_id, op, journal.PENDING, digest,
+                                               intent))
         try:
-            result = run(args)
+            result = run(intent, resumed)
         except errors.Error as exc:
-            log_.put(journal.RequestRecord(request_id, op, "failed", args, error=str(exc)))
+            if exc.final or exc.changes_nothing:
+                domain.require_manager_now()
+                requests.put(journal.RequestRecord(
+                    request_id, op, journal.FAILED if exc.final else journal.ABORTED,
+                    digest, error=exc.to_wire()))
             raise
-        log_.put(journal.RequestRecord(request_id, op, "done", args, result))
+        domain.require_manager_now()
+        requests.put(journal.RequestRecord(request_id, op, journal.DONE, digest,
+                                           result=result))
         return result
 
 
-def create_volume(domain: Domain, size: int, fmt: str = "raw", alloc: str | None = None,
-                  image: str | None = None, user_tags: Sequence[tuple[str, str]] = (),
-                  request_id: str | None = None) -> VolumeInfo:
-    if fmt not in FORMATS:
-        raise errors.InvalidArgument(f"invalid format {fmt!r}: use raw or qcow2")
-    alloc = alloc or ("thin" if fmt == "qcow2" else "preallocated")
-    if alloc not in ALLOCATIONS:
-        raise errors.InvalidArgument(f"invalid allocation {alloc!r}: use preallocated or thin")
-    if fmt == "raw" and alloc == "thin":
-        raise errors.InvalidArgument("raw volumes are always preallocated; thin needs qcow2")
-    if size <= 0:
-        raise errors.InvalidArgument("size must be larger than 0")
-    if image:
-        check_uuid(image, "image")
-    user = [tags.make_user_tag(k, v) for k, v in user_tags]  # validates before any change
-    domain.require_writer()
-    args = {"volume": str(uuid.uuid4()), "image": image or str(uuid.uuid4()), "size": size,
-            "format": fmt, "alloc": alloc, "tags": user}
-    with domain.writer_lock():
-        result = _once(domain, request_id, "create", args,
-                       lambda a: _create(domain, a).as_dict())
-    return VolumeInfo.from_dict(result)
+# Create
+
+@dataclass(frozen=True)
+class _CreateIntent:
+    """A create with everything resolved, as recorded in the journal."""
+
+    volume: str
+    image: str
+    size: int
+    format: VolumeFormat
+    alloc: Allocation
+    tags: dict[str, str]
 
 
-def _create(domain: Domain, a: dict[str, Any]) -> VolumeInfo:
-    vol, fmt, size = a["volume"], a["format"], int(a["size"])
-    base = [tags.make_tag("image", a["image"]), tags.make_tag("parent", "none"),
-            tags.make_tag("format", fmt), tags.make_tag("alloc", a["alloc"]),
-            tags.make_tag("gen", str(domain.record.manager_generation)), *a["tags"]]
-    existing = domain.lvm.lvs(domain.vg_name, select=f"lv_name={vol}") \
-        if "resumed" in a else []
-    lease = None
-    if domain.lease_allocator is not None and not existing:
-        # The lease exists before the volume is published (DESIGN.md "Create").
-        lease = domain.lease_allocator(vol)
-        base.append(tags.make_tag("lease", str(lease)))
-    extent = domain.record.extent_size
-    if fmt == "raw":
-        if existing:
-            return get_volume(domain, vol)
-        _lvcreate(domain, vol, size, [*base, tags.make_tag("state", "ready")])
+def create_volume(domain: Domain, request: CreateVolume, allocate_lease: LeaseAllocator,
+                  exclusive: ExclusiveLease) -> VolumeInfo:
+    domain.require_manager()
+    assert request.alloc is not None  # resolved by the request
+    intent = _CreateIntent(volume=str(uuid.uuid4()), image=request.image or str(uuid.uuid4()),
+                           size=request.size, format=request.format, alloc=request.alloc,
+                           tags=dict(request.tags))
+
+    def run(data: dict[str, Any], resumed: bool) -> Any:
+        a = codec.from_wire(_CreateIntent, data, "create intent")
+        return codec.to_wire(_create(domain, a, resumed, allocate_lease, exclusive))
+
+    with domain.manager_lock():
+        result = _once(domain, request, "create", codec.to_wire(intent), run)
+    return codec.from_wire(VolumeInfo, result)  # type: ignore[no-any-return]
+
+
+def _create(domain: Domain, a: _CreateIntent, resumed: bool,
+            allocate_lease: LeaseAllocator, exclusive: ExclusiveLease) -> VolumeInfo:
+    gen = domain.record.manager_generation
+    if resumed and domain.lvm.lvs(domain.vg_name, select=f"lv_name={a.volume}"):
+        info = get_volume(domain, a.volume)
+        if info.state == VolumeState.READY:  # published: never formatted again
+            return info
+        return _finish_qcow2(domain, info, a.size, exclusive)
+    # The lease exists before the volume is published (docs/design.md "Create").
+    lease = allocate_lease(a.volume)
+    if a.format == VolumeFormat.RAW:
+        _lvcreate(domain, a.volume, a.size, tags.volume_tags(
+            image=a.image, parent=None, fmt=a.format, alloc=a.alloc, generation=gen,
+            lease=lease, state=VolumeState.READY, user=a.tags))
         # What one lvcreate just committed: no second LVM command to read it back.
-        size = round_up(size, extent)
-        return VolumeInfo(uuid=vol, domain=domain.name, image=a["image"], parent="none",
-                          format="raw", alloc="preallocated", capacity=size, size=size,
-                          state="ready", generation=domain.record.manager_generation,
-                          user_tags=tags.parse_tags(a["tags"])[1], lease=lease)
-    lv_size = (min(size, THIN_INITIAL_SIZE) if a["alloc"] == "thin" else size)
-    lv_size += qemu_img.metadata_overhead(size)
-    creating = tags.make_tag("state", "creating")
-    if not existing:
-        _lvcreate(domain, vol, lv_size, [*base, creating, tags.make_tag("capacity", str(size))])
-    path = domain.activator.activate(domain.vg_name, vol)
-    try:
+        size = round_up(a.size, domain.record.extent_size)
+        return VolumeInfo(uuid=a.volume, domain=domain.name, image=a.image, parent=None,
+                          format=a.format, alloc=a.alloc, capacity=size, size=size,
+                          state=VolumeState.READY, generation=gen, tags=dict(a.tags),
+                          lease=lease)
+    lv_size = min(a.size, THIN_INITIAL_SIZE) if a.alloc == Allocation.THIN else a.size
+    _lvcreate(domain, a.volume, lv_size + qemu_img.metadata_overhead(a.size), tags.volume_tags(
+        image=a.image, parent=None, fmt=a.format, alloc=a.alloc, generation=gen,
+        lease=lease, state=VolumeState.CREATING, capacity=a.size, user=a.tags))
+    return _finish_qcow2(domain, get_volume(domain, a.volume), a.size, exclusive)
+
+
+def _finish_qcow2(domain: Domain, info: VolumeInfo, size: int,
+                  exclusive: ExclusiveLease) -> VolumeInfo:
+    """Format a volume left ``creating`` under its lease, then publish it."""
+    with exclusive(info), activated(domain, info.uuid) as path:
+        domain.require_manager_now()
         qemu_img.create(domain.runner, path, "qcow2", size)
-    finally:
-        with contextlib.suppress(errors.Error):
-            domain.activator.deactivate(domain.vg_name, vol)
-    domain.lvm.change_tags(domain.vg_name, vol, add=[tags.make_tag("state", "ready")],
-                           delete=[creating])
-    return get_volume(domain, vol)
+    domain.lvm.change_tags(domain.vg_name, info.uuid,
+                           add=[tags.state_tag(VolumeState.READY)],
+                           delete=[tags.state_tag(VolumeState.CREATING)])
+    return get_volume(domain, info.uuid)
+
+
+def _lvextend(domain: Domain, vol: str, size: int, current: int) -> None:
+    try:
+        domain.lvm.lvextend(domain.vg_name, vol, size)
+    except errors.NoSpace:
+        free = domain.lvm.vg(domain.vg_name).free
+        raise errors.NoSpace(domain.name, size - current, free) from None
 
 
 def _lvcreate(domain: Domain, vol: str, size: int, lv_tags: list[str]) -> None:
@@ -236,118 +242,165 @@ def _lvcreate(domain: Domain, vol: str, size: int, lv_tags: list[str]) -> None:
         domain.lvm.lvcreate(domain.vg_name, vol, size, lv_tags)
     except errors.NoSpace:
         free = domain.lvm.vg(domain.vg_name).free
-        raise errors.NoSpace(f"not enough free space in domain {domain.name}: need "
-                             f"{format_size(size)}, free {format_size(free)}") from None
+        raise errors.NoSpace(domain.name, size, free) from None
 
 
-def extend_volume(domain: Domain, volume_id: str, target: Callable[[int], int],
-                  request_id: str | None = None) -> VolumeInfo:
-    """Grow a volume to ``target(current capacity)`` bytes (never shrinks)."""
-    check_uuid(volume_id)
-    domain.require_writer()
-    with domain.writer_lock():
+# Extend
+
+def extend_volume(domain: Domain, request: ExtendVolume,
+                  exclusive: ExclusiveLease) -> VolumeInfo:
+    """Grow a volume to ``request.target(current capacity)`` bytes (never shrinks).
+
+    A raw volume's LV grows under its users (they see the new size after a refresh).
+    A qcow2 volume's virtual size is in its header: rewriting it needs the volume's
+    lease, so it is refused while any host uses the volume (a running VM grows its
+    disk through its own qemu)."""
+    domain.require_manager()
+    vol = request.volume
+    with domain.manager_lock():
         current: list[VolumeInfo] = []
 
         def resolve() -> dict[str, Any]:
-            info = get_volume(domain, volume_id)  # fresh view (rule 4)
+            info = get_volume(domain, vol)  # fresh view (rule 4)
             current.append(info)
-            new = target(info.capacity)
+            if request.allocation is not None:
+                return {"volume": vol, "lv_size": _allocation_target(info, request)}
+            new = request.target(info.capacity)
             if new < info.capacity:
                 raise errors.InvalidArgument(
-                    f"volume {volume_id} is {info.capacity} bytes; it cannot shrink to {new}")
-            return {"volume": volume_id, "capacity": new}
+                    f"volume {vol} is {info.capacity} bytes; it cannot shrink to {new}")
+            return {"volume": vol, "capacity": new}
 
-        if request_id is not None:
-            check_request_id(request_id)
+        intent: dict[str, Any] | None = None
+        if request.request_id is not None:
+            # A known id keeps what it resolved to the first time ("+1G" of the size
+            # then), and a finished one is answered as it was: resolve only a new one.
             with domain.journal() as dev:
-                rec = journal.RequestLog(dev).find(request_id)
-            args = rec.args if rec else resolve()
-        else:
-            args = resolve()
-        result = _once(domain, request_id, "extend", args,
-                       lambda a: _extend(domain, a, None if "resumed" in a else
-                                         current[0] if current else None).as_dict())
-    return VolumeInfo.from_dict(result)
+                rec = journal.RequestLog(dev).find(request.request_id)
+            if rec is not None and rec.state != journal.ABORTED:
+                intent = rec.args
+
+        def run(a: dict[str, Any], resumed: bool) -> Any:
+            info = current[0] if current and not resumed else None
+            if "lv_size" in a:
+                return codec.to_wire(_allocate(domain, a["volume"], int(a["lv_size"])))
+            return codec.to_wire(_extend(domain, a["volume"], int(a["capacity"]), info,
+                                         exclusive))
+
+        result = _once(domain, request, "extend", resolve() if intent is None else intent,
+                       run)
+    return codec.from_wire(VolumeInfo, result)  # type: ignore[no-any-return]
 
 
-def _extend(domain: Domain, a: dict[str, Any], info: VolumeInfo | None) -> VolumeInfo:
-    vol, capacity = a["volume"], int(a["capacity"])
-    if info is None:
-        info = get_volume(domain, vol)
-    if info.format == "raw":
-        domain.lvm.lvextend(domain.vg_name, vol, capacity)
-        size = max(info.size, round_up(capacity, domain.record.extent_size))
-        return replace(info, capacity=size, size=size)
-    if capacity == info.capacity:
-        return info
-    # qcow2: grow the virtual size; a preallocated volume's LV grows with it.
-    if info.alloc == "preallocated":
-        domain.lvm.lvextend(domain.vg_name, vol,
-                            capacity + qemu_img.metadata_overhead(capacity))
-    path = domain.activator.activate(domain.vg_name, vol)
-    try:
-        qemu_img.resize(domain.runner, path, "qcow2", capacity)
-    finally:
-        with contextlib.suppress(errors.Error):
-            domain.activator.deactivate(domain.vg_name, vol)
-    domain.lvm.change_tags(domain.vg_name, vol, add=[tags.make_tag("capacity", str(capacity))],
-                           delete=[tags.make_tag("capacity", str(info.capacity))])
+def _allocation_target(info: VolumeInfo, request: ExtendVolume) -> int:
+    if info.format != VolumeFormat.QCOW2 or info.alloc != Allocation.THIN:
+        raise errors.InvalidArgument(
+            f"volume {info.uuid} is {info.format} {info.alloc}: only a thin qcow2 volume's "
+            "LV grows apart from its capacity (use --size)")
+    new = request.target(info.size)
+    most = round_up(info.capacity + qemu_img.metadata_overhead(info.capacity), MiB)
+    if new < info.size or new > most:
+        raise errors.InvalidArgument(
+            f"volume {info.uuid} has a {info.size}-byte LV for a {info.capacity}-byte "
+            f"capacity: its LV can grow to {most} bytes at most, not {new}")
+    return new
+
+
+def _allocate(domain: Domain, vol: str, lv_size: int) -> VolumeInfo:
+    """Grow a thin volume's LV only: the qcow2 inside is not touched, so no lease is
+    needed and the volume may be in use (the thin-extend path of a running VM)."""
+    info = get_volume(domain, vol)
+    _lvextend(domain, vol, lv_size, info.size)
     return get_volume(domain, vol)
 
 
-def delete_volume(domain: Domain, volume_id: str, wipe: bool = False,
-                  request_id: str | None = None,
-                  check_free: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Delete a volume; ``check_free`` (the daemon's lease check) runs only when the
-    deletion is actually executed, not when a repeated request is answered."""
-    check_uuid(volume_id)
-    domain.require_writer()
+def _extend(domain: Domain, vol: str, capacity: int, info: VolumeInfo | None,
+            exclusive: ExclusiveLease) -> VolumeInfo:
+    if info is None:
+        info = get_volume(domain, vol)
+    if info.format == VolumeFormat.RAW:
+        _lvextend(domain, vol, capacity, info.size)
+        size = max(info.size, round_up(capacity, domain.record.extent_size))
+        return replace(info, capacity=size, size=size)
+    if info.format != VolumeFormat.QCOW2:
+        raise errors.Unsupported(f"volume {vol} has format {info.format}")
+    if capacity == info.capacity:
+        return info
+    # qcow2: grow the virtual size; a preallocated volume's LV grows with it. The data
+    # is reached first, so a volume that cannot be reached is refused unchanged.
+    with exclusive(info), activated(domain, vol) as path:
+        if info.alloc == Allocation.PREALLOCATED:
+            # (qemu-img resize writes the header and L1 table near the image's start:
+            # the device as mapped before the extend holds them)
+            _lvextend(domain, vol, capacity + qemu_img.metadata_overhead(capacity), info.size)
+        domain.require_manager_now()
+        qemu_img.resize(domain.runner, path, "qcow2", capacity)
+        domain.lvm.change_tags(domain.vg_name, vol, add=[tags.capacity_tag(capacity)],
+                               delete=[tags.capacity_tag(info.capacity)])
+    return get_volume(domain, vol)
 
-    def run(a: dict[str, Any]) -> dict[str, Any]:
-        if check_free is not None and "resumed" not in a:
-            check_free(a["volume"])
-        return _delete(domain, a)
 
-    with domain.writer_lock():
-        return _once(domain, request_id, "delete", {"volume": volume_id, "wipe": wipe}, run)
+# Delete
+
+def delete_volume(domain: Domain, request: DeleteVolume,
+                  exclusive: ExclusiveLease) -> Deleted:
+    """Delete a volume, holding its lease exclusively from before the first change to
+    after the removal: refused (VolumeInUse) while any host, live or dead but not yet
+    expired, holds it, also when a repeated or recovered request rolls it forward."""
+    domain.require_manager()
+
+    def run(a: dict[str, Any], resumed: bool) -> Any:
+        return codec.to_wire(_delete(domain, a["volume"], bool(a["wipe"]), resumed,
+                                     exclusive))
+
+    with domain.manager_lock():
+        result = _once(domain, request, "delete",
+                       {"volume": request.volume, "wipe": request.wipe}, run)
+    return codec.from_wire(Deleted, result)  # type: ignore[no-any-return]
 
 
-def _delete(domain: Domain, a: dict[str, Any]) -> dict[str, Any]:
-    vol = a["volume"]
-    if not a["wipe"]:
-        # One command: the selection matches only a sharedlvm volume of that name,
-        # never a special LV or a foreign LV (rule: never touch what is not ours).
-        domain.activator.deactivate(domain.vg_name, vol)
-        if domain.lvm.lvremove_selected(domain.vg_name, f"lv_name={vol} && {VOLUME_SELECT}"):
-            return {"uuid": vol, "deleted": True}
-        if "resumed" in a:
-            return {"uuid": vol, "deleted": True}
-        raise errors.VolumeNotFound(f"volume {vol} not found in domain {domain.name}")
+def _delete(domain: Domain, vol: str, wipe: bool, resumed: bool,
+            exclusive: ExclusiveLease) -> Deleted:
     try:
         info = get_volume(domain, vol)
     except errors.VolumeNotFound:
-        if "resumed" in a:
-            return {"uuid": vol, "deleted": True}
+        if resumed:  # removed before the manager that started it died
+            return Deleted(vol)
         raise
-    # Reach the data first: a volume that cannot be wiped is left untouched.
-    domain.activator.activate(domain.vg_name, vol)
-    if info.state != "removing":
-        domain.lvm.change_tags(domain.vg_name, vol, add=[tags.make_tag("state", "removing")],
-                               delete=[tags.make_tag("state", info.state)])
-    finish_removal(domain, vol)
-    return {"uuid": vol, "deleted": True}
+    with exclusive(info):
+        failpoint("delete-holding-lease")
+        domain.activator.deactivate(domain.vg_name, vol)
+        if not wipe:
+            # One command: the selection matches only a sharedlvm volume of that name,
+            # never a special LV or a foreign LV (rule: never touch what is not ours).
+            domain.lvm.lvremove_selected(domain.vg_name,
+                                         f"lv_name={vol} && {VOLUME_SELECT}")
+            return Deleted(vol)
+        # Reach the data first: a volume that cannot be wiped is left untouched.
+        domain.activator.activate(domain.vg_name, vol)
+        if info.state != VolumeState.REMOVING:
+            domain.lvm.change_tags(domain.vg_name, vol,
+                                   add=[tags.state_tag(VolumeState.REMOVING)],
+                                   delete=[tags.state_tag(info.state)])
+        finish_removal(domain, vol)
+    return Deleted(vol)
 
 
 def finish_removal(domain: Domain, vol: str) -> None:
-    """Zero and remove a volume marked ``removing`` (also the recovery path)."""
+    """Zero and remove a volume marked ``removing``, under its lease (the caller
+    holds it); also the recovery path."""
     size = domain.lvm.lv(domain.vg_name, vol).size
-    zero_device(domain.activator.activate(domain.vg_name, vol), size)
+    path = domain.activator.activate(domain.vg_name, vol)
+    domain.require_manager_now()
+    zero_device(path, size, progress=domain.progress)
     domain.activator.deactivate(domain.vg_name, vol)
     domain.lvm.lvremove(domain.vg_name, [vol])
 
 
-def zero_device(path: str, size: int, chunk: int = 8 * 1024 * 1024) -> None:
-    """Overwrite ``size`` bytes with zeros, O_DIRECT, synced before returning."""
+def zero_device(path: str, size: int, chunk: int = 8 * 1024 * 1024,
+                progress: Callable[[], None] | None = None) -> None:
+    """Overwrite ``size`` bytes with zeros, O_DIRECT, synced before returning;
+    ``progress`` is called after each chunk."""
     fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
     buf = mmap.mmap(-1, chunk)
     try:
@@ -356,15 +409,102 @@ def zero_device(path: str, size: int, chunk: int = 8 * 1024 * 1024) -> None:
             n = min(chunk, size - offset)
             os.pwritev(fd, [memoryview(buf)[:n]], offset)
             offset += n
+            if progress is not None:
+                progress()
         os.fsync(fd)
     finally:
         buf.close()
         os.close(fd)
 
 
-def volume_path(domain: Domain, volume_id: str) -> str:
-    """Activate the volume on this host and return its device path."""
+def volume_path(domain: Domain, volume_id: str, read_only: bool = False) -> str:
+    """Activate the volume on this host and return its device path, read-only for a
+    shared lease's holder. Only for a caller that holds the volume's lease (or acquires
+    it for the consumer it prepares the volume for): no activation without a lease."""
     info = get_volume(domain, volume_id)
-    if info.state != "ready":
+    if info.state != VolumeState.READY:
         raise errors.Busy(f"volume {volume_id} is {info.state}, not ready")
-    return domain.activator.activate(domain.vg_name, volume_id)
+    path = domain.activator.activate(domain.vg_name, volume_id)
+    set_read_only(domain.runner, path, read_only)
+    return path
+
+
+# Recovery by a new manager
+
+def recover(domain: Domain, exclusive: ExclusiveLease) -> list[str]:
+    """Finish what a previous manager left, under each volume's lease: volumes left
+    ``creating`` are removed (their content was never completed), ``removing`` ones
+    wiped and removed; then every pending request in the journal is rolled forward,
+    or marked aborted when nothing of it was done. What cannot be finished now (a
+    volume held by a host) is returned, not raised: it is tried again at the next
+    takeover or when its request is repeated. Fenced stops everything."""
+    problems: list[str] = []
+    for lv in domain.lvm.lvs(domain.vg_name):
+        info = _volume(lv)
+        if info is None or info.state == VolumeState.READY:
+            continue
+        try:
+            with exclusive(info):
+                if info.state == VolumeState.CREATING:
+                    log.warning("recovery: removing %s left creating", info.uuid)
+                    domain.activator.deactivate(domain.vg_name, info.uuid)
+                    domain.lvm.lvremove(domain.vg_name, [info.uuid])
+                else:
+                    log.warning("recovery: finishing the wipe and removal of %s", info.uuid)
+                    finish_removal(domain, info.uuid)
+        except errors.Fenced:
+            raise
+        except errors.Error as exc:
+            problems.append(f"volume {info.uuid} ({info.state}): {exc}")
+    return problems + _recover_requests(domain, exclusive)
+
+
+def _recover_requests(domain: Domain, exclusive: ExclusiveLease) -> list[str]:
+    problems: list[str] = []
+    with domain.journal() as dev:
+        requests = journal.RequestLog(dev)
+        for rec in requests.pending():
+            answer = journal.RequestRecord(rec.request_id, rec.op, journal.DONE, rec.digest)
+            try:
+                if rec.op == "create":
+                    vol = str(rec.args["volume"])
+                    found = domain.lvm.lvs(domain.vg_name, select=f"lv_name={vol}")
+                    info = _volume(found[0]) if found else None
+                    if info is None or info.state != VolumeState.READY:
+                        answer.state = journal.ABORTED  # never published: nothing to keep
+                    else:
+                        answer.result = codec.to_wire(info)
+                elif rec.op == "extend" and "lv_size" in rec.args:
+                    answer.result = codec.to_wire(_allocate(
+                        domain, str(rec.args["volume"]), int(rec.args["lv_size"])))
+                elif rec.op == "extend":
+                    answer.result = codec.to_wire(_extend(
+                        domain, str(rec.args["volume"]), int(rec.args["capacity"]), None,
+                        exclusive))
+                elif rec.op == "delete":
+                    answer.result = codec.to_wire(_delete(
+                        domain, str(rec.args["volume"]), bool(rec.args["wipe"]), True,
+                        exclusive))
+                else:
+                    raise errors.Unsupported(f"unknown request kind {rec.op!r}")
+            except errors.Fenced:
+                raise
+            except errors.Error as exc:
+                if not exc.final:
+                    problems.append(f"request {rec.request_id} ({rec.op}): {exc}")
+                    continue
+                answer.state, answer.error = journal.FAILED, exc.to_wire()
+            except (KeyError, TypeError, ValueError) as exc:
+                answer.state = journal.FAILED
+                answer.error = errors.CorruptRecord(f"bad pending record: {exc!r}").to_wire()
+            log.warning("recovery: request %s (%s) is now %s", rec.request_id, rec.op,
+                        answer.state)
+            domain.require_manager_now()
+            try:
+                requests.put(answer)
+            except errors.Fenced:
+                raise
+            except errors.Error as exc:  # reported and left: never cost the role
+                problems.append(f"request {rec.request_id} ({rec.op}): cannot record "
+                                f"its answer: {exc}")
+    return problems

@@ -11,43 +11,61 @@ from bed import Cluster
 pytestmark = pytest.mark.integration
 
 
+WRITE = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY)
+os.pwrite(fd, bytes.fromhex(sys.argv[2]) * 256, 512 * 1024 * 1024)
+os.fsync(fd)
+print(sys.argv[1])
+"""
+
+READ = """
+import mmap, os, sys
+from pathlib import Path
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 1024 * 1024)
+os.preadv(fd, [buf], 512 * 1024 * 1024)
+expected = bytes.fromhex(sys.argv[2]) * 256
+block = Path("/sys/block") / os.path.basename(sys.argv[1])
+try:
+    wfd = os.open(sys.argv[1], os.O_WRONLY)
+    os.pwrite(wfd, b"x" * 4096, 0)
+    os.fsync(wfd)
+    writable = True
+except OSError:  # EPERM at write (or EACCES at open, on older kernels)
+    writable = False
+print(sys.argv[1], bytes(buf) == expected,
+      (block / "queue/logical_block_size").read_text().strip(),
+      int((block / "size").read_text()) * 512, writable)
+"""
+
+
 @pytest.mark.parametrize("cluster", [512, 4096], indirect=True)
 def test_write_on_one_host_read_on_another(cluster: Cluster) -> None:
+    """Each under the volume's lease: a writer on one host, then a reader under a
+    shared lease on another, whose device is read-only; both devices go away when
+    their consumers exit."""
     a, b = cluster.hosts[0], cluster.hosts[2]
     vol = a.cli_json("volume", "create", "--size", "1G")["uuid"]
-    path_a = a.cli("volume", "path", vol).stdout.strip()
-    path_b = b.cli("volume", "path", vol).stdout.strip()
-    assert path_a != path_b  # each host has its own mapping, as with dm
-    pattern = os.urandom(1024 * 1024)
-    fd = os.open(path_a, os.O_WRONLY)
-    try:
-        os.pwrite(fd, pattern, 512 * 1024 * 1024)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fd = os.open(path_b, os.O_RDONLY | os.O_DIRECT)
-    try:
-        import mmap
-        buf = mmap.mmap(-1, len(pattern))
-        os.preadv(fd, [buf], 512 * 1024 * 1024)
-        assert bytes(buf) == pattern
-    finally:
-        os.close(fd)
-    sys_b = Path("/sys/block") / os.path.basename(path_b)
-    sector = int((sys_b / "queue/logical_block_size").read_text())
-    assert sector == cluster.bed.luns[0].sector_size
-    size = int((sys_b / "size").read_text()) * 512
-    assert size == 1024**3
-    a.cli("volume", "deactivate", vol)
-    assert not os.path.exists(f"/sys/block/{os.path.basename(path_a)}/loop")
+    pattern = os.urandom(4096).hex()  # x 256: 1 MiB written and read back
+    path_a = a.with_volume(vol, WRITE, pattern).strip()
+    path_b, same, sector, size, writable = b.with_volume(vol, READ, pattern,
+                                                         read_only=True).split()
+    assert same == "True"
+    assert int(sector) == cluster.bed.luns[0].sector_size
+    assert int(size) == 1024**3
+    assert writable == "False"  # a shared lease gets a read-only device
+    # the writer's mapping is gone with its consumer (the reader's may stay: sanlock's
+    # owners of a shared lease on disk can still name this host for a while)
+    assert path_b != path_a or not os.path.exists(f"/sys/block/{os.path.basename(path_a)}/loop")
 
 
 def test_multi_segment_lv_is_refused_clearly(cluster: Cluster) -> None:
-    w = cluster.writer
+    w = cluster.first
     first = w.cli_json("volume", "create", "--size", "1G")["uuid"]
     w.cli("volume", "create", "--size", "1G")  # takes the extents after `first`
     w.cli("volume", "extend", first, "--size", "+1G")  # now in two segments
-    proc = cluster.hosts[1].cli("volume", "path", first, check=False)
+    proc = cluster.hosts[1].cli("run", "--volume", first, "--", "true", check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip() == (
         f"sharedlvm: dom1/{first} has 2 segments; without device-mapper only "
@@ -55,11 +73,14 @@ def test_multi_segment_lv_is_refused_clearly(cluster: Cluster) -> None:
 
 
 def test_extend_grows_active_device_on_refresh(cluster: Cluster) -> None:
-    w, r = cluster.writer, cluster.hosts[1]
+    w, r = cluster.first, cluster.hosts[1]
     vol = w.cli_json("volume", "create", "--size", "1G")["uuid"]
-    path = r.cli("volume", "path", vol).stdout.strip()
-    w.cli("volume", "extend", vol, "--size", "+1G")  # the last LV: stays one segment
-    dev = os.path.basename(path)
-    assert int(Path(f"/sys/block/{dev}/size").read_text()) * 512 == 1024**3  # not yet refreshed
-    assert r.cli("volume", "path", vol).stdout.strip() == path  # same device, refreshed
-    assert int(Path(f"/sys/block/{dev}/size").read_text()) * 512 == 2 * 1024**3
+    with r.registered() as pid:
+        path = r.cli("volume", "prepare", vol, "--pid", str(pid)).stdout.strip()
+        w.cli("volume", "extend", vol, "--size", "+1G")  # the last LV: stays one segment
+        dev = os.path.basename(path)
+        assert int(Path(f"/sys/block/{dev}/size").read_text()) * 512 == 1024**3  # not yet
+        again = r.cli("volume", "prepare", vol, "--pid", str(pid)).stdout.strip()
+        assert again == path  # same device, refreshed
+        assert int(Path(f"/sys/block/{dev}/size").read_text()) * 512 == 2 * 1024**3
+        r.cli("volume", "teardown", vol)

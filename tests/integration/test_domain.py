@@ -26,7 +26,7 @@ def test_create_and_attach(cluster: Cluster) -> None:
     special = {lv.name: lv.size for lv in lvm.lvs(cluster.name)}
     assert set(special) == {"ids", "leases", "mailbox", "journal"}
     assert special["leases"] >= 1024**3 and special["journal"] >= 64 * 1024**2
-    # Every host sees the same domain and knows who the writer is.
+    # Every host sees the same domain and knows who the manager is.
     infos = [h.cli_json("domain", "info") for h in cluster.hosts]
     tag = next(t for t in vg.tags if t.startswith("sharedlvm.domain="))
     assert {i["domain_uuid"] for i in infos} == {tag.split("=", 1)[1]}
@@ -169,7 +169,7 @@ def test_torn_record_copy_falls_back_to_other(empty_bed: Cluster) -> None:
 
 def test_remove_refuses_with_volumes(fresh_cluster: Cluster) -> None:
     cluster = fresh_cluster
-    w = cluster.writer
+    w = cluster.first
     w.cli("volume", "create", "--size", "1G")
     before = cluster.disk_state()
     proc = w.cli("domain", "remove", check=False)
@@ -212,7 +212,7 @@ def test_never_touches_foreign_vg(cluster: Cluster, tmp_path: Path) -> None:
         lvm.vgcreate("hostvg", [dev], [])
         lvm.lvcreate("hostvg", "root", 128 * 1024**2, [])
         seqno = lvm.vg("hostvg").seqno
-        w = cluster.writer
+        w = cluster.first
         vol = w.cli_json("volume", "create", "--size", "1G")["uuid"]
         w.cli("volume", "extend", vol, "--size", "+1G")
         w.cli("volume", "delete", vol)
@@ -225,7 +225,7 @@ def test_never_touches_foreign_vg(cluster: Cluster, tmp_path: Path) -> None:
 
 
 def test_record_roundtrip_on_device(cluster: Cluster) -> None:
-    d = cluster.writer.domain()
+    d = cluster.first.domain()
     with ondisk.BlockFile(d.special_path("journal")) as dev:
         rec = journal.read_domain_record(dev)
     assert rec.manager_host_id == 1 and rec.vg_name == cluster.name

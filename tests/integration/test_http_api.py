@@ -96,17 +96,22 @@ def test_http_api(api: tuple[str, Cluster]) -> None:
     status, vol = call(base, "POST", f"{d}/volumes",
                        {"size": "1G", "tags": {"vm": "web"}, "request_id": "http-1"})
     assert status == 201 and vol["capacity"] == 1024**3 and vol["tags"] == {"vm": "web"}
-    status, again = call(base, "POST", f"{d}/volumes", {"size": "1G", "request_id": "http-1"})
+    status, again = call(base, "POST", f"{d}/volumes",
+                         {"size": "1G", "tags": {"vm": "web"}, "request_id": "http-1"})
     assert status == 201 and again == vol
+    status, body = call(base, "POST", f"{d}/volumes", {"size": "1G", "request_id": "http-1"})
+    assert status == 400 and "already used for another request" in body["error"]
     status, listed = call(base, "GET", f"{d}/volumes?tag=vm=web")
     assert status == 200 and [v["uuid"] for v in listed] == [vol["uuid"]]
     status, grown = call(base, "POST", f"{d}/volumes/{vol['uuid']}/extend", {"size": "+1G"})
     assert status == 200 and grown["capacity"] == 2 * 1024**3
-    status, prepared = call(base, "POST", f"{d}/volumes/{vol['uuid']}/prepare", {})
-    assert status == 200 and prepared["path"].startswith("/dev/")
-    status, body = call(base, "DELETE", f"{d}/volumes/{vol['uuid']}")
-    assert status == 409 and "tear it down first" in body["error"]
-    assert call(base, "POST", f"{d}/volumes/{vol['uuid']}/teardown")[0] == 200
+    with cluster.hosts[1].registered() as pid:
+        status, prepared = call(base, "POST", f"{d}/volumes/{vol['uuid']}/prepare",
+                                {"pid": pid})
+        assert status == 200 and prepared["path"].startswith("/dev/")
+        status, body = call(base, "DELETE", f"{d}/volumes/{vol['uuid']}")
+        assert status == 409 and "tear it down first" in body["error"]
+        assert call(base, "POST", f"{d}/volumes/{vol['uuid']}/teardown")[0] == 200
     status, manager = call(base, "GET", f"{d}/manager")
     assert status == 200 and manager["manager"] == 1 and not manager["this_host"]
     status, hosts = call(base, "GET", f"{d}/hosts")
@@ -131,3 +136,35 @@ def test_http_token_file_must_be_root_only(cluster: Cluster, tmp_path: Path) -> 
         read_token(token)
     os.chmod(token, 0o600)
     assert read_token(token) == TOKEN
+
+
+def test_http_errors_keep_their_class_and_the_path_names_the_object(
+        api: tuple[str, Cluster]) -> None:
+    base, cluster = api
+    d = f"/v1/domains/{cluster.name}"
+    v1 = cluster.first.cli_json("volume", "create", "--size", "128M")["uuid"]
+    v2 = cluster.first.cli_json("volume", "create", "--size", "128M")["uuid"]
+    before = cluster.disk_state()
+    # a replayed failure is the same error again: NoSpace is 507 both times
+    for _ in range(2):
+        status, body = call(base, "POST", f"{d}/volumes",
+                            {"size": "100T", "request_id": "http-too-big"})
+        assert status == 507 and body["kind"] == "NoSpace"
+        assert body["fields"]["requested"] >= 100 * 1024**4
+    # the path names the volume; a query or body key cannot override it
+    status, body = call(base, "DELETE", f"{d}/volumes/{v1}?volume={v2}")
+    assert status == 400 and "given by the path" in body["error"]
+    status, body = call(base, "POST", f"{d}/volumes/{v1}/extend",
+                        {"size": "+1G", "volume": v2})
+    assert status == 400 and "given by the path" in body["error"]
+    status, body = call(base, "GET", f"{d}/volumes?resumed=1")
+    assert status == 400 and "unknown query parameter(s) resumed" in body["error"]
+    status, body = call(base, "POST", f"{d}/volumes", {"size": "1G", "tags": ["vm=web"]})
+    assert status == 400 and "tags must be an object" in body["error"]
+    # a non-ASCII token is a wrong token, not a server error
+    request = urllib.request.Request(base + f"{d}/volumes", method="GET",
+                                     headers={"Authorization": "Bearer t\u00f6ken"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=30)
+    assert info.value.code == 401
+    assert cluster.disk_state() == before

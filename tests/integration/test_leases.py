@@ -8,14 +8,25 @@ in ``journal``, the VG seqno from LVM.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from bed import IO_TIMEOUT, Cluster, destroy_cluster, make_cluster
+from bed import (
+    IO_TIMEOUT,
+    Cluster,
+    Host,
+    consumer_pid,
+    destroy_cluster,
+    make_cluster,
+    stop_consumer,
+)
 
 from sharedlvm import journal, leases, ondisk
 from sharedlvm.lease_layout import LeaseLayout
@@ -28,7 +39,7 @@ HOST_DEAD = leases.host_dead_seconds(IO_TIMEOUT)
 def _leader(cluster: Cluster, slot: int, resource: str = "manager") -> dict[str, str]:
     """The lease leader in a leases slot, read from the disk by `sanlock direct`
     (no daemon involved): owner_id, owner_generation, lver (the fencing token)..."""
-    d = cluster.writer.domain()
+    d = cluster.first.domain()
     disk = LeaseLayout(d).slot_disk(slot)
     out = subprocess.run(["sanlock", "direct", "read_leader", "-r",
                           f"{d.lockspace}:{resource}:{disk.path}:{disk.offset}"],
@@ -41,7 +52,7 @@ def _slot_version(cluster: Cluster, slot: int, resource: str = "manager") -> int
 
 
 def _record(cluster: Cluster) -> journal.DomainRecord:
-    with ondisk.BlockFile(cluster.writer.domain().special_path("journal")) as dev:
+    with ondisk.BlockFile(cluster.first.domain().special_path("journal")) as dev:
         return journal.read_domain_record(dev)
 
 
@@ -56,7 +67,7 @@ def _wait(predicate, timeout: float, step: float = 0.2):  # type: ignore[no-unty
 
 
 def _vol(cluster: Cluster) -> str:
-    return str(cluster.writer.cli_json("volume", "create", "--size", "1G")["uuid"])
+    return str(cluster.first.cli_json("volume", "create", "--size", "1G")["uuid"])
 
 
 def test_one_manager_seen_everywhere(cluster: Cluster) -> None:
@@ -103,35 +114,77 @@ def test_clean_handover(cluster: Cluster) -> None:
 def test_exclusive_and_shared_volume_leases(cluster: Cluster) -> None:
     h1, h2, h3 = cluster.hosts
     vol = _vol(cluster)
-    path = h2.cli("volume", "prepare", vol, "--exclusive").stdout.strip()
-    assert path.startswith("/dev/")
-    slot = h1.cli_json("volume", "info", vol)["lease"]
-    lver = _slot_version(cluster, slot, vol)
-    for args in (["--exclusive"], ["--shared"]):
-        proc = h3.cli("volume", "prepare", vol, *args, check=False)
+    with h1.registered() as p1, h2.registered() as p2, h3.registered() as p3:
+        path = h2.cli("volume", "prepare", vol, "--pid", str(p2), "--exclusive").stdout.strip()
+        assert path.startswith("/dev/")
+        slot = h1.cli_json("volume", "info", vol)["lease"]
+        lver = _slot_version(cluster, slot, vol)
+        # the lease is the consumer's, not the daemon's (sanlock says whose)
+        assert vol in [h.resource for h in leases_held_by(h2, p2)]
+        for args in (["--exclusive"], ["--shared"]):
+            proc = h3.cli("volume", "prepare", vol, "--pid", str(p3), *args, check=False)
+            assert proc.returncode == 1
+            assert proc.stderr.strip() == \
+                f"sharedlvm: volume {vol} is held by host 2 (exclusive)"
+        proc = h3.cli("run", "--volume", vol, "--", "true", check=False)
+        assert proc.returncode == 1 and "held by host 2 (exclusive)" in proc.stderr
+        # The manager refuses to delete a volume in use.
+        before = cluster.disk_state()
+        proc = h1.cli("volume", "delete", vol, check=False)
+        assert proc.returncode == 1 and f"volume {vol} is in use by host 2" in proc.stderr
+        assert cluster.disk_state() == before
+        h2.cli("volume", "teardown", vol)
+        # Shared leases coexist, on read-only devices; an exclusive one is refused.
+        shared = h2.cli("volume", "prepare", vol, "--pid", str(p2), "--shared").stdout.strip()
+        assert Path(f"/sys/block/{os.path.basename(shared)}/ro").read_text().strip() == "1"
+        h3.cli("volume", "prepare", vol, "--pid", str(p3), "--shared")
+        proc = h1.cli("volume", "prepare", vol, "--pid", str(p1), "--exclusive", check=False)
         assert proc.returncode == 1
-        assert proc.stderr.strip() == f"sharedlvm: volume {vol} is held by host 2 (exclusive)"
-    proc = h3.cli("run", "--volume", vol, "--", "true", check=False)
-    assert proc.returncode == 1 and "held by host 2 (exclusive)" in proc.stderr
-    # The manager refuses to delete a volume in use.
-    before = cluster.disk_state()
-    proc = h1.cli("volume", "delete", vol, check=False)
-    assert proc.returncode == 1 and f"volume {vol} is in use by host 2" in proc.stderr
-    assert cluster.disk_state() == before
-    h2.cli("volume", "teardown", vol)
-    # Shared leases coexist; an exclusive one is then refused.
-    h2.cli("volume", "prepare", vol, "--shared")
-    h3.cli("volume", "prepare", vol, "--shared")
-    proc = h1.cli("volume", "prepare", vol, "--exclusive", check=False)
-    assert proc.returncode == 1
-    assert "is held by host 2, host 3 (shared)" in proc.stderr
-    listed = {h["host_id"]: h["holds"] for h in h1.cli_json("host", "list")}
-    assert listed[2] == [f"{vol} (shared)"] and listed[3] == [f"{vol} (shared)"]
-    h2.cli("volume", "teardown", vol)
-    h3.cli("volume", "teardown", vol)
-    h1.cli("volume", "prepare", vol, "--exclusive")
-    assert _slot_version(cluster, slot, vol) > lver
-    h1.cli("volume", "teardown", vol)
+        assert "is held by host 2, host 3 (shared)" in proc.stderr
+        listed = {h["host_id"]: h["holds"] for h in h1.cli_json("host", "list")}
+        assert listed[2] == [f"{vol} (shared)"] and listed[3] == [f"{vol} (shared)"]
+        h2.cli("volume", "teardown", vol)
+        h3.cli("volume", "teardown", vol)
+        h1.cli("volume", "prepare", vol, "--pid", str(p1), "--exclusive")
+        assert _slot_version(cluster, slot, vol) > lver
+        h1.cli("volume", "teardown", vol)
+
+
+def leases_held_by(host: Host, pid: int) -> list[leases.Held]:
+    """What sanlock on ``host`` says process ``pid`` holds."""
+    code = ("import json, sys\n"
+            "from sharedlvm import leases\n"
+            f"leases.use_run_dir({str(host.paths.sanlock_run_dir)!r})\n"
+            f"print(json.dumps([h.resource for h in leases.inquire(pid={pid})]))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=host.env, capture_output=True,
+                         text=True, check=True).stdout
+    return [leases.Held("", name, 0, False) for name in json.loads(out)]
+
+
+def test_prepared_leases_survive_a_daemon_restart(cluster: Cluster) -> None:
+    """A volume prepared for a consumer keeps its lease when the daemon crashes or
+    restarts: the lease is the consumer's, and the restarted daemon knows it again."""
+    h1, h2 = cluster.hosts[0], cluster.hosts[1]
+    vol = _vol(cluster)
+    with h2.registered() as pid:
+        h2.cli("volume", "prepare", vol, "--pid", str(pid))
+        for stop in ("kill", "restart"):
+            try:
+                if stop == "kill":
+                    h2.daemon.kill()
+                else:
+                    h2.daemon.stop()
+                proc = h1.cli("volume", "delete", vol, check=False)
+                assert proc.returncode == 1 and "in use by host 2" in proc.stderr
+                assert vol in [h.resource for h in leases_held_by(h2, pid)]
+            finally:
+                if h2.daemon.pid is None:
+                    h2.daemon.start()
+            _wait(lambda: h2.status().get("joined"), timeout=30)
+            assert h2.status()["prepared"] == {vol: False}
+        h2.cli("volume", "teardown", vol)
+        assert leases_held_by(h2, pid) == []
+    h1.cli("volume", "delete", vol)
 
 
 def test_killed_consumer_frees_its_lease(cluster: Cluster) -> None:
@@ -139,19 +192,18 @@ def test_killed_consumer_frees_its_lease(cluster: Cluster) -> None:
     vol = _vol(cluster)
     consumer = h2.popen("run", "--volume", vol, "--", "sleep", "600")
     try:
-        _wait(lambda: any(f"{vol} (exclusive)" in h["holds"] for h in
-                          h3.cli_json("host", "list") if h["host_id"] == 2), timeout=20)
-        assert h3.cli("volume", "prepare", vol, check=False).returncode == 1
-        consumer.send_signal(signal.SIGKILL)
-        consumer.wait(timeout=10)
-        # sanlock releases a dead process's leases at once: another host gets it
-        _wait(lambda: h3.cli("volume", "prepare", vol, check=False).returncode == 0,
-              timeout=20, step=0.5)
-        h3.cli("volume", "teardown", vol)
+        pid = consumer_pid(consumer, "sleep")
+        with h3.registered() as p3:
+            assert h3.cli("volume", "prepare", vol, "--pid", str(p3),
+                          check=False).returncode == 1
+            os.kill(pid, signal.SIGKILL)  # the consumer itself dies
+            assert consumer.wait(timeout=10) == 128 + signal.SIGKILL
+            # sanlock releases a dead process's leases at once: another host gets it
+            _wait(lambda: h3.cli("volume", "prepare", vol, "--pid", str(p3),
+                                 check=False).returncode == 0, timeout=20, step=0.5)
+            h3.cli("volume", "teardown", vol)
     finally:
-        if consumer.poll() is None:
-            consumer.kill()
-            consumer.wait()
+        stop_consumer(consumer)
 
 
 def test_run_wait_takes_the_lease_when_the_holder_lets_go(cluster: Cluster,
@@ -175,14 +227,13 @@ def test_run_wait_takes_the_lease_when_the_holder_lets_go(cluster: Cluster,
         waiter = h3.popen("run", "--wait", "60", "--volume", vol, "--", "touch", str(marker))
         time.sleep(2)
         assert waiter.poll() is None and not marker.exists()  # waiting, not running
-        holder.send_signal(signal.SIGTERM)
+        holder.send_signal(signal.SIGTERM)  # passed on to the consumer
         holder.wait(timeout=10)
         assert waiter.wait(timeout=30) == 0 and marker.exists()
     finally:
         for proc in (holder, waiter):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            if proc is not None:
+                stop_consumer(proc)
 
 
 def test_consumer_sees_its_device(cluster: Cluster, tmp_path: Path) -> None:
@@ -202,19 +253,20 @@ def test_leases_lv_grows_past_its_slots(tmp_path: Path) -> None:
     try:
         lvm = c.raw_lvm()
         assert lvm.lv(c.name, "leases").size == 128 * 1024**2
-        vols = [c.writer.cli_json("volume", "create", "--size", "128M") for _ in range(17)]
+        vols = [c.first.cli_json("volume", "create", "--size", "128M") for _ in range(17)]
         slots = [v["lease"] for v in vols]
         assert sorted(slots) == list(range(1, 18))  # every volume its own slot
         assert lvm.lv(c.name, "leases").size == 128 * 1024**2 + 1024**3
         # the lease in the grown part works like any other
         last = vols[-1]["uuid"]
-        c.hosts[1].cli("volume", "prepare", last)
-        proc = c.writer.cli("volume", "prepare", last, check=False)
+        holder = c.hosts[1].popen("run", "--volume", last, "--", "sleep", "600")
+        consumer_pid(holder, "sleep")
+        proc = c.first.cli("run", "--volume", last, "--", "true", check=False)
         assert proc.returncode == 1 and "held by host 2 (exclusive)" in proc.stderr
-        c.hosts[1].cli("volume", "teardown", last)
+        stop_consumer(holder)
         # a new manager rebuilds the slot map from the LVs: freed slots are reused
-        c.writer.cli("volume", "delete", vols[3]["uuid"])
-        c.writer.cli("manager", "release")
+        c.first.cli("volume", "delete", vols[3]["uuid"])
+        c.first.cli("manager", "release")
         new = c.manager()
         assert new is c.hosts[1]
         assert new.cli_json("volume", "create", "--size", "128M")["lease"] == slots[3]
@@ -228,7 +280,7 @@ def test_crash_failover(fresh_cluster: Cluster) -> None:
     c = fresh_cluster
     gen = _record(c).manager_generation
     start = time.monotonic()
-    c.writer.crash()  # SIGKILL its sanlock and daemon: the manager lease is not released
+    c.first.crash()  # SIGKILL its sanlock and daemon: the manager lease is not released
     new = _wait(lambda: next((h for h in c.hosts[1:] if h.status()["manager"]), None),
                 timeout=HOST_DEAD + 60, step=0.2)
     took = time.monotonic() - start
@@ -245,7 +297,7 @@ def test_stale_manager_makes_no_writes(fresh_cluster: Cluster) -> None:
     """Host 1 hangs (its sanlock and daemon SIGSTOPped) until its lease expires and
     another host becomes manager and writes. When host 1 wakes up it must not write."""
     c = fresh_cluster
-    h1 = c.writer
+    h1 = c.first
     frozen = [p for p in (h1.sanlock.pid, h1.daemon.pid) if p]
     h1.freeze()
     try:
@@ -278,11 +330,21 @@ def test_lockspace_loss_kills_consumer_before_lease_moves(fresh_cluster: Cluster
     c = fresh_cluster
     h2, h3 = c.hosts[1], c.hosts[2]
     vol = _vol(c)
-    consumer = h2.popen("run", "--volume", vol, "--", "sleep", "600")
+    # A consumer with a child of its own (a shell running a writer): both must die.
+    child_file = Path(c.bed.dir) / "child.pid"
+    consumer = h2.popen("run", "--volume", vol, "--", "sh", "-c",
+                        f"sleep 600 & echo $! > {child_file}; wait")
+    registered = h3.popen("run", "--", "sleep", "600")
+    p3 = consumer_pid(registered, "sleep")
+
+    def prepare() -> int:
+        return h3.cli("volume", "prepare", vol, "--pid", str(p3), check=False).returncode
+
     try:
-        _wait(lambda: h3.cli("volume", "prepare", vol, check=False).returncode == 1 and
+        _wait(lambda: prepare() == 1 and child_file.exists() and
               any(f"{vol} (exclusive)" in h["holds"] for h in h3.cli_json("host", "list")),
               timeout=20)
+        child = int(child_file.read_text())
         sanlock_pid = h2.sanlock.pid
         assert sanlock_pid
         start = time.monotonic()
@@ -291,21 +353,25 @@ def test_lockspace_loss_kills_consumer_before_lease_moves(fresh_cluster: Cluster
         os.kill(sanlock_pid, signal.SIGCONT)
         consumer.wait(timeout=60)
         killed = time.monotonic() - start
+        # the consumer's own child went with it (killpath: the process group)
+        assert not Path(f"/proc/{child}").exists(), "the consumer's child outlived it"
         acquired = None
         while time.monotonic() - start < HOST_DEAD + 60:
-            if h3.cli("volume", "prepare", vol, check=False).returncode == 0:
+            if prepare() == 0:
                 acquired = time.monotonic() - start
                 break
             time.sleep(0.5)
         print(f"consumer killed at {killed:.1f} s, lease taken by host 3 at {acquired} s")
         assert acquired is not None, "host 3 never got the lease"
         assert killed < acquired
-        assert consumer.returncode in (-signal.SIGTERM, -signal.SIGKILL)
+        assert consumer.returncode in (128 + signal.SIGTERM, 128 + signal.SIGKILL)
         h3.cli("volume", "teardown", vol)
     finally:
-        if consumer.poll() is None:
-            consumer.kill()
-            consumer.wait()
+        stop_consumer(consumer)
+        stop_consumer(registered)
+        if child_file.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(child_file.read_text()), signal.SIGKILL)
 
 
 def test_run_bad_input(cluster: Cluster) -> None:

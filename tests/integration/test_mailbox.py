@@ -110,7 +110,7 @@ def test_four_hosts_ask_while_the_manager_is_killed(tmp_path: Path) -> None:
     import json
     import threading
 
-    from sharedlvm.simhost import DaemonProcess
+    from sharedlvm_testbed.simhost import DaemonProcess
 
     c = make_cluster(tmp_path / "bed", hosts=4)
     try:
@@ -173,9 +173,10 @@ def test_metrics(cluster: Cluster) -> None:
     text = h1.cli("metrics").stdout
     assert 'sharedlvm_manager{domain="dom1",host_id="1"} 1' in text
     assert 'sharedlvm_requests_total{op="volume.create",outcome="ok"}' in text
+    assert 'sharedlvm_request_duration_seconds_bucket{op="volume.create",le="+Inf"}' in text
     assert "sharedlvm_mailbox_requests_served_total" in text
-    served = [ln for ln in text.splitlines()
-              if ln.startswith("sharedlvm_mailbox_requests_served_total ")]
+    served = [ln for ln in text.splitlines() if ln.startswith(
+        'sharedlvm_mailbox_requests_served_total{domain="dom1",host_id="1"} ')]
     assert int(served[0].split()[1]) >= 1
     assert 'sharedlvm_mailbox_read_bytes_total{domain="dom1",host_id="1"}' in text
     other = h3.cli("metrics").stdout

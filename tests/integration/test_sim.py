@@ -14,7 +14,10 @@ pytestmark = pytest.mark.integration
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sharedlvm", *args], capture_output=True,
+    """``sharedlvm ARGS``, or ``sharedlvm-sim ARGS`` for ``sim ...``."""
+    argv = ["-m", "sharedlvm_testbed", *args[1:]] if args[0] == "sim" else \
+        ["-m", "sharedlvm", *args]
+    return subprocess.run([sys.executable, *argv], capture_output=True,
                           text=True, env=dict(os.environ, **(env or {})), timeout=120)
 
 

@@ -25,44 +25,99 @@ def test_usage_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_public_api() -> None:
     import sharedlvm
-    assert sorted(sharedlvm.__all__) == ["Domain", "DomainInfo", "Error", "HostPaths",
-                                         "VolumeInfo", "create_domain"]
+
+    assert sorted(sharedlvm.__all__) == [
+        "Allocation", "Client", "Deleted", "DomainInfo", "Error", "HostInfo",
+        "ManagerStatus", "ServiceStatus", "VolumeFormat", "VolumeInfo", "VolumeState",
+        "__version__", "errors"]
+    for name in sharedlvm.__all__:
+        assert hasattr(sharedlvm, name)
 
 
-def test_rpc_rebuilds_daemon_errors() -> None:
-    from sharedlvm import errors, rpc
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import sharedlvm
 
-    err = rpc.rebuild_error("NotManager", "host 2 is not the manager of domain d")
-    assert isinstance(err, errors.NotManager) and str(err) == \
-        "host 2 is not the manager of domain d"
-    assert type(rpc.rebuild_error("CommandError", "x")) is errors.Error
-    assert type(rpc.rebuild_error("NoSuchThing", "x")) is errors.Error
-    # every project error answered by the daemon comes back as a one-line message
-    for name in dir(errors):
-        cls = getattr(errors, name)
-        if isinstance(cls, type) and issubclass(cls, errors.Error):
-            assert str(rpc.rebuild_error(name, "msg")) == "msg"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"sharedlvm {sharedlvm.__version__}\n"
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["sim", "up", "--backend", "vm", "--hosts", "20"], "invalid host count 20: must be 1..16"),
-    (["sim", "up", "--backend", "vm", "--size", "1G"], "a simulated LUN needs at least 4G"),
-    (["sim", "up", "--backend", "vm", "--luns", "2"], "the vm backend has one LUN"),
-    (["sim", "exec", "--host", "1", "--", "true"], "no simulation in"),
-    (["sim", "kill", "--host", "1"], "no simulation in"),
-    (["sim", "start", "--host", "1"], "no simulation in"),
+def _all_help(parser: object) -> list[str]:
+    """The help text of the command and of every subcommand, recursively."""
+    import argparse
+
+    assert isinstance(parser, argparse.ArgumentParser)
+    texts = [parser.format_help()]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                texts += _all_help(sub)
+    return texts
+
+
+def test_help_is_plain_text_from_the_table() -> None:
+    from sharedlvm import operations
+
+    texts = _all_help(cli.build_parser())
+    joined = "\n".join(texts)
+    assert "``" not in joined and ":class:" not in joined  # no RST markup
+    assert "writer" not in joined  # one word for the role: manager
+    for op in operations.TABLE:
+        if op.cli:
+            assert op.summary in joined, op.name
+
+
+def test_every_operation_has_a_command() -> None:
+    from sharedlvm import operations
+
+    parser = cli.build_parser()
+    for op in operations.TABLE:
+        if not op.cli:
+            continue
+        argv = [*op.cli, "--help"]
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args(argv)
+        assert info.value.code == 0, argv
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["volume", "create", "--size", "1G", "--format", "raw", "--alloc", "thin"],
+     "raw volumes are always preallocated; thin needs qcow2"),
+    (["volume", "create", "--size", "1G", "--image", "nope"], "invalid image id 'nope'"),
+    (["volume", "create", "--size", "1G", "--tag", "a=" + "x" * 200], "too long"),
+    (["volume", "create", "--size", "1G", "--request-id", "a b"], "invalid request id"),
+    (["volume", "extend", "not-a-uuid", "--size", "+1G"], "invalid volume id"),
+    (["volume", "extend", "0" * 8 + "-0000-0000-0000-" + "0" * 12, "--size=-1G"],
+     "volumes can only grow"),
+    (["volume", "delete", "X"], "invalid volume id 'X'"),
 ])
-def test_sim_bad_input_changes_nothing(args: list[str], message: str, tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
-    directory = tmp_path / "sim"
-    assert cli.main([*args[:2], "--dir", str(directory), *args[2:]]) == 1
+def test_bad_input_is_refused_before_anything_is_sent(
+        argv: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Validated at the edge: no daemon runs here, yet the error is about the input."""
+    monkeypatch.setenv("SHAREDLVM_ROOT", str(tmp_path))
+    assert cli.main(argv) == 1
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
-    assert not directory.exists()  # nothing made: no LUN file, no guest booted
+    assert message in err and err.count("\n") == 1 and err.startswith("sharedlvm: ")
+    assert list(tmp_path.iterdir()) == []  # nothing made
 
 
-def test_sim_exec_on_a_loop_bed_refuses_a_host_it_does_not_have(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "sim.json").write_text('{"backend": "loop", "luns": [], "hosts": ["/x"]}')
-    assert cli.main(["sim", "exec", "--dir", str(tmp_path), "--host", "2", "--", "true"]) == 1
-    assert "invalid host 2: this simulation has hosts 1..1" in capsys.readouterr().err
+def test_every_error_class_has_an_exit_code_and_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from sharedlvm import errors, operations
+
+    op = operations.get("metrics")
+    for name, cls in errors.error_classes().items():
+        assert cls in cli.EXIT_CODES, name
+        exc = errors.from_wire({"kind": name, "message": f"{name} happened\nsecond line",
+                                "fields": {}})
+
+        def boom(op: object, request: object, exc: errors.Error = exc) -> None:
+            raise exc
+
+        monkeypatch.setattr(cli, "run_operation", boom)
+        code = cli.main(list(op.cli))
+        err = capsys.readouterr().err
+        assert code == cli.EXIT_CODES[cls] and code != 0
+        assert err == f"sharedlvm: {name} happened second line\n", name

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from sharedlvm import devcount
+from sharedlvm_testbed import devcount
 
 
 def _counter_file(tmp_path: Path) -> Path:
@@ -43,7 +43,7 @@ def test_one_writer_counts_and_the_next_one_continues(tmp_path: Path) -> None:
 
 def test_two_writers_at_once_are_caught(tmp_path: Path) -> None:
     dev = _counter_file(tmp_path)
-    argv = [sys.executable, "-m", "sharedlvm.devcount", str(dev), "--interval", "0.0005",
+    argv = [sys.executable, "-m", "sharedlvm_testbed.devcount", str(dev), "--interval", "0.0005",
             "--iterations", "20000"]
     procs = [subprocess.Popen([*argv, "--host-id", str(i), "--state", str(tmp_path / f"s{i}")],
                               stderr=subprocess.PIPE, text=True) for i in (1, 2)]

@@ -20,7 +20,7 @@ def test_config_reader_is_read_only() -> None:
     assert "backup = 0" in text and "archive = 0" in text
 
 
-def test_config_writer() -> None:
+def test_config_manager() -> None:
     text = _config(True, activation=False).text()
     assert "locking_type" not in text
     assert "activation = 0" in text and "backup = 1" in text
@@ -70,3 +70,76 @@ def test_map_error(stderr: str, cls: type[errors.Error]) -> None:
     err = _map_error(errors.CommandError(["lvm", "lvcreate"], 5, "", stderr))
     assert type(err) is cls
     assert "\n" not in str(err)
+
+
+# Real stderr of LVM 2.03.16 (Debian 12), produced with LVM_SYSTEM_DIR pointing to an
+# empty lvm.conf; the last one on a kernel without device-mapper, activation on.
+NO_DM_LVCREATE = (
+    "  /dev/mapper/control: open failed: No such device\n"
+    "  Failure to communicate with kernel device-mapper driver.\n"
+    "  Check that device-mapper is available in the kernel.\n"
+    "  Incompatible libdevmapper 1.02.185 (2022-05-18) and kernel driver (unknown version).\n"
+    "  striped: Required device-mapper target(s) not detected in your kernel.\n"
+    "  Run `lvcreate --help' for more information.\n")
+
+
+# (command, its stderr, the line that says what went wrong)
+SAMPLES = [
+    ("lvcreate -n x -L 1G vg", NO_DM_LVCREATE,
+     "striped: Required device-mapper target(s) not detected in your kernel."),
+    ("lvcreate --bogus-option",
+     "lvcreate: unrecognized option '--bogusoption'\n"
+     "  Error during parsing of command line.\n",
+     "lvcreate: unrecognized option '--bogusoption'"),
+    ("lvcreate -L 1x vg",
+     "  Can't parse size argument.\n"
+     "  Invalid argument for --size: 1x\n"
+     "  Error during parsing of command line.\n",
+     "Invalid argument for --size: 1x"),
+    ("lvcreate -L 1G --type bogus vg",
+     "  WARNING: Unrecognised segment type bogus\n"
+     "  Invalid argument for --type: bogus\n"
+     "  Error during parsing of command line.\n",
+     "Invalid argument for --type: bogus"),
+    ("lvcreate -L 1G",
+     "  No command with matching syntax recognised.  Run 'lvcreate --help' for more "
+     "information.\n"
+     "  Nearest similar command has syntax:\n",
+     "No command with matching syntax recognised."),
+    ("lvremove",
+     "  No command with matching syntax recognised.  Run 'lvremove --help' for more "
+     "information.\n"
+     "  Correct command syntax is:\n",
+     "No command with matching syntax recognised."),
+    ("nosuchcmd", "  No such command.  Try 'lvm help'.\n", "No such command.  Try 'lvm help'."),
+    ("lvchange -ay vg/x",
+     '  Volume group "vg" not found\n  Cannot process volume group vg\n',
+     "Cannot process volume group vg"),
+]
+
+
+@pytest.mark.parametrize("argv, stderr, line", SAMPLES, ids=[s[0] for s in SAMPLES])
+def test_last_line_says_what_went_wrong(argv: str, stderr: str, line: str) -> None:
+    exc = errors.CommandError(["lvm", *argv.split()], 3, "", stderr)
+    assert exc.last_line() == line
+    assert "--help" not in str(exc) and "\n" not in str(exc)
+
+
+def test_last_line_falls_back_to_what_there_is() -> None:
+    def last(stderr: str) -> str:
+        return errors.CommandError(["lvm", "lvs"], 5, "", stderr).last_line()
+
+    assert last("") == ""
+    assert last("  WARNING: only a warning\n") == "WARNING: only a warning"
+    assert last("  Run `lvs --help' for more information.\n") == \
+        "Run `lvs --help' for more information."
+    assert last("oops\n\n  WARNING: later\n") == "oops"
+
+
+def test_lvm_error_without_device_mapper_names_the_reason() -> None:
+    """What `domain create` printed on a kernel without device-mapper (issue 9 item
+    13): "lvcreate: Run `lvcreate --help' for more information." """
+    err = _map_error(errors.CommandError(["lvm", "lvcreate"], 3, "", NO_DM_LVCREATE))
+    assert type(err) is errors.LvmError
+    assert str(err) == ("lvcreate: striped: Required device-mapper target(s) not detected "
+                        "in your kernel.")

@@ -2,7 +2,7 @@
 
 Two guests share one sparse LUN file. Host 1 (the writer) creates a VG and an LV,
 activates it and writes a pattern; host 2, read-only through ``locking_type=4`` as
-DESIGN.md rule 1 prescribes for non-writers, activates the same LV into a real
+DESIGN.md rule 1 prescribes for non-managers, activates the same LV into a real
 /dev/mapper device and reads the pattern back, and its lvcreate is refused. Then
 host 2 starts wdmd on the softdog watchdog and a sanlock daemon on top of it.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from sharedlvm.command import Runner
-from sharedlvm.vmbed import (
+from sharedlvm_testbed.vmbed import (
     Guest,
     GuestBed,
     GuestImage,
@@ -45,7 +45,7 @@ _DEVICES = ('devices{filter=["a|^/dev/vda$|","r|.*|"] obtain_device_list_from_ud
             'hints="none" use_devicesfile=0 scan_lvs=0}')
 _ACTIVATION = "activation{udev_sync=0 udev_rules=0 monitoring=0}"
 WRITER_CONFIG = f"{_DEVICES} {_ACTIVATION} global{{use_lvmlockd=0}}"
-# DESIGN.md rule 1: every non-writer runs LVM read-only.
+# DESIGN.md rule 1: every non-manager runs LVM read-only.
 READER_CONFIG = f"{_DEVICES} {_ACTIVATION} global{{use_lvmlockd=0 locking_type=4}}"
 
 TIMINGS: dict[str, float] = {}

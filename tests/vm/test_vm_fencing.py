@@ -1,9 +1,9 @@
 """Self-fencing on real kernels, watchdog included (issue 5).
 
 Three guests run wdmd + sanlock with softdog, joined to one lockspace at io_timeout 3
-(see :mod:`sharedlvm.vmbed.fencing` for the roles). At one moment host 1 loses its
-lease storage (its dm device is suspended) and host 3 loses its power, while host 2
-tries to take both their leases every 0.5 s. Both scenarios share one boot and one
+(see :mod:`sharedlvm_testbed.vmbed.fencing` for the roles). At one moment host 1 loses
+its lease storage (its dm device is suspended) and host 3 loses its power, while host
+2 tries to take both their leases every 0.5 s. Both scenarios share one boot and one
 wait of sanlock's host-dead time, so the module takes ~2 minutes, not ~4.
 
 Asserted:
@@ -26,8 +26,8 @@ import pytest
 
 import sharedlvm
 from sharedlvm.command import Runner
-from sharedlvm.vmbed import GuestBed, HostUnsupported, build_image, ensure_host_packages
-from sharedlvm.vmbed.fencing import (
+from sharedlvm_testbed.vmbed import GuestBed, HostUnsupported, build_image, ensure_host_packages
+from sharedlvm_testbed.vmbed.fencing import (
     IO_TIMEOUT,
     POWER_RESOURCE,
     STORAGE_RESOURCE,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from sharedlvm.vmbed import lease_guest
-from sharedlvm.vmbed.fencing import (
+from sharedlvm_testbed.vmbed import lease_guest
+from sharedlvm_testbed.vmbed.fencing import (
     POWER_RESOURCE,
     RESOURCES,
     STORAGE_RESOURCE,

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from sharedlvm.command import Runner
-from sharedlvm.vmbed import GuestBed, GuestImage, HostUnsupported, build_image, ensure_host_packages
+from sharedlvm_testbed.vmbed import (
+    GuestBed,
+    GuestImage,
+    HostUnsupported,
+    build_image,
+    ensure_host_packages,
+)
 
 pytestmark = pytest.mark.vm
 

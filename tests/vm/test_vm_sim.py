@@ -1,4 +1,4 @@
-"""``sharedlvm sim --backend vm``: sharedlvm itself (sanlock with the watchdog, the
+"""``sharedlvm-sim up --backend vm``: sharedlvm itself (sanlock with the watchdog, the
 daemon, the CLI) running in three qemu guests on one LUN file.
 
 One module, one boot (TCG guests are slow to start), tests in order:
@@ -33,8 +33,8 @@ from bed import inspect_lvm
 
 from sharedlvm.command import Runner
 from sharedlvm.leases import host_dead_seconds
-from sharedlvm.vmbed import HostUnsupported, build_image, ensure_host_packages
-from sharedlvm.vmbed.vmsim import LUN_DEVICE, VmSim
+from sharedlvm_testbed.vmbed import HostUnsupported, build_image, ensure_host_packages
+from sharedlvm_testbed.vmbed.vmsim import LUN_DEVICE, VmSim
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -49,21 +49,24 @@ def _skip(reason: str) -> None:
     pytest.skip(reason)
 
 
-def sharedlvm(*args: str, check: bool = True,
-              timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """The real ``sharedlvm`` command on the machine."""
-    proc = subprocess.run([sys.executable, "-m", "sharedlvm", *args], capture_output=True,
-                          text=True, timeout=timeout)
+SHAREDLVM_SIM = [sys.executable, "-m", "sharedlvm_testbed"]  # ``sharedlvm-sim``
+
+
+def sharedlvm_sim(*args: str, check: bool = True,
+                  timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """The real ``sharedlvm-sim`` command on the machine."""
+    proc = subprocess.run([*SHAREDLVM_SIM, *args], capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"sharedlvm {' '.join(args)}: rc={proc.returncode} "
+        raise AssertionError(f"sharedlvm-sim {' '.join(args)}: rc={proc.returncode} "
                              f"{proc.stderr.strip()}")
     return proc
 
 
 def sim_exec(directory: Path, host: int, *argv: str,
              check: bool = True) -> subprocess.CompletedProcess[str]:
-    return sharedlvm("sim", "exec", "--dir", str(directory), "--host", str(host), "--",
-                     *argv, check=check)
+    return sharedlvm_sim("exec", "--dir", str(directory), "--host", str(host), "--",
+                         *argv, check=check)
 
 
 @dataclass
@@ -82,8 +85,8 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     except HostUnsupported as exc:
         _skip(f"cannot run qemu guests here: {exc}")
     directory = tmp_path_factory.mktemp("vmsim")
-    up = sharedlvm("sim", "up", "--backend", "vm", "--hosts", "3", "--dir", str(directory),
-                   "--size", "8G", check=False)
+    up = sharedlvm_sim("up", "--backend", "vm", "--hosts", "3", "--dir", str(directory),
+                       "--size", "8G", check=False)
     if up.returncode != 0 and "qemu did not start" in up.stderr:
         _skip(up.stderr.strip())
     assert up.returncode == 0, up.stderr
@@ -93,7 +96,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         yield Bed(directory, up.stdout.splitlines()[0])
     finally:
         _save_guest_logs(directory)
-        sharedlvm("sim", "down", "--dir", str(directory), check=False)
+        sharedlvm_sim("down", "--dir", str(directory), check=False)
         # Every qemu of the bed is gone, whatever happened above.
         leftovers = [pid for pid in pids if pid and _qemu_alive(pid, directory)]
         assert not leftovers, f"qemu pids left running: {leftovers}"
@@ -120,7 +123,7 @@ def test_cli_domain_and_volume_across_guests(bed: Bed) -> None:
     sim_exec(d, 1, "sharedlvm", "domain", "create", "--name", DOMAIN, "--lun", LUN_DEVICE,
              "--host-id", "1", "--io-timeout", str(IO_TIMEOUT))
     attaches = [subprocess.Popen(
-        [sys.executable, "-m", "sharedlvm", "sim", "exec", "--dir", str(d), "--host", str(h),
+        [*SHAREDLVM_SIM, "exec", "--dir", str(d), "--host", str(h),
          "--", "sharedlvm", "domain", "attach", DOMAIN, "--lun", LUN_DEVICE,
          "--host-id", str(h)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for h in (2, 3)]
@@ -140,16 +143,16 @@ def test_cli_domain_and_volume_across_guests(bed: Bed) -> None:
     bad = sim_exec(d, 7, "true", check=False)
     assert bad.returncode != 0 and "invalid host 7" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
-    bad = sharedlvm("sim", "exec", "--dir", str(d / "nowhere"), "--host", "1", "--", "true",
-                    check=False)
+    bad = sharedlvm_sim("exec", "--dir", str(d / "nowhere"), "--host", "1", "--", "true",
+                        check=False)
     assert bad.returncode != 0 and "no simulation" in bad.stderr
 
 
 def _consumer(sim: VmSim, host: int, volume: str) -> int:
     return sim.spawn(host, ["sharedlvm", "run", "--wait", "900", "--domain", DOMAIN,
-                            "--volume", volume, "--", "python3", "-m", "sharedlvm.devcount",
-                            "{0}", "--host-id", str(host), "--state", STATE,
-                            "--interval", "0.05"],
+                            "--volume", volume, "--", "python3", "-m",
+                            "sharedlvm_testbed.devcount", "{0}", "--host-id", str(host),
+                            "--state", STATE, "--interval", "0.05"],
                      log_file="/run/devcount.log")
 
 
@@ -242,7 +245,7 @@ def test_power_loss_moves_manager_and_lease_devcount_sees_one_writer(bed: Bed) -
     assert started >= host1_last
 
     # Host 1 comes back (RAM root: attach again) and waits for the lease.
-    sharedlvm("sim", "start", "--dir", str(bed.dir), "--host", "1")
+    sharedlvm_sim("start", "--dir", str(bed.dir), "--host", "1")
     sim_exec(bed.dir, 1, "sharedlvm", "domain", "attach", DOMAIN, "--lun", LUN_DEVICE,
              "--host-id", "1")
     with VmSim.load(bed.dir) as sim:
@@ -257,7 +260,8 @@ def test_power_loss_moves_manager_and_lease_devcount_sees_one_writer(bed: Bed) -
         host1 = _state(sim, 1)
         assert int(host1["start"]) == int(host2["count"])
         time.sleep(2)
-        new_pid1 = int(sim.run(1, ["pgrep", "-f", "sharedlvm.devcount"]).out.split()[0])
+        new_pid1 = int(sim.run(1, ["pgrep", "-f", "sharedlvm_testbed.devcount"])
+                       .out.split()[0])
         sim.run(1, ["kill", "-TERM", str(new_pid1)])
         _wait("host 1's consumer to stop", lambda: "stopped" in _state(sim, 1), 60)
         final = _state(sim, 1)
@@ -271,7 +275,7 @@ def test_power_loss_moves_manager_and_lease_devcount_sees_one_writer(bed: Bed) -
 
 def _counter_record(lun: Path) -> tuple[int, int]:
     """(count, host id) of the one devcount record on the LUN file."""
-    from sharedlvm import devcount
+    from sharedlvm_testbed import devcount
 
     found = []
     with lun.open("rb") as f:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import sharedlvm.vmbed
-from sharedlvm.vmbed import agent, initramfs, kmodules
-from sharedlvm.vmbed.errors import ImageBuildError
-from sharedlvm.vmbed.image import GuestImage
-from sharedlvm.vmbed.qemu import QemuConfig, qemu_argv
+import sharedlvm_testbed.vmbed
+from sharedlvm_testbed.vmbed import agent, initramfs, kmodules
+from sharedlvm_testbed.vmbed.errors import ImageBuildError
+from sharedlvm_testbed.vmbed.image import GuestImage
+from sharedlvm_testbed.vmbed.qemu import QemuConfig, qemu_argv
 
 MODULES_DEP = """\
 kernel/drivers/md/dm-mod.ko:
@@ -98,7 +98,7 @@ def test_init_script_names_every_guest_module() -> None:
 
 
 def test_public_api_is_pinned() -> None:
-    assert sorted(sharedlvm.vmbed.__all__) == [
+    assert sorted(sharedlvm_testbed.vmbed.__all__) == [
         "DEFAULT_CACHE_DIR", "Guest", "GuestAgentError", "GuestBed", "GuestBootError",
         "GuestCommandError", "GuestImage", "GuestResult", "HostUnsupported",
         "ImageBuildError", "VmBedError", "build_image", "ensure_host_packages",
@@ -107,7 +107,7 @@ def test_public_api_is_pinned() -> None:
 
 def test_apt_policy_parsing_sees_every_version() -> None:
     from sharedlvm.command import Result, Runner
-    from sharedlvm.vmbed import debs
+    from sharedlvm_testbed.vmbed import debs
 
     text = """udev:
   Installed: (none)

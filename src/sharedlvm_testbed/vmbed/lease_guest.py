@@ -3,10 +3,10 @@
 Run as a script by the guest's own ``/usr/bin/python3`` (which has python3-sanlock),
 with the project on PYTHONPATH through the /project share::
 
-    python3 -P /project/sharedlvm/vmbed/lease_guest.py format DEVICE RESOURCE...
-    python3 -P /project/sharedlvm/vmbed/lease_guest.py join DEVICE HOST_ID
-    python3 -P /project/sharedlvm/vmbed/lease_guest.py hold DEVICE RESOURCE INDEX STATE_DIR
-    python3 -P /project/sharedlvm/vmbed/lease_guest.py poll DEVICE RESOURCE INDEX STATE_DIR
+    python3 -P /project/sharedlvm_testbed/vmbed/lease_guest.py format DEVICE RESOURCE...
+    python3 -P /project/sharedlvm_testbed/vmbed/lease_guest.py join DEVICE HOST_ID
+    python3 -P /project/sharedlvm_testbed/vmbed/lease_guest.py hold DEVICE RESOURCE INDEX STATE_DIR
+    python3 -P /project/sharedlvm_testbed/vmbed/lease_guest.py poll DEVICE RESOURCE INDEX STATE_DIR
 
 ``-P`` keeps this directory off sys.path (its ``errors.py`` would shadow nothing of
 the standard library today, but nothing here should depend on that). Run by path, not

@@ -1,5 +1,6 @@
 """Host end of the agent's control channel: a unix socket that qemu bridges to the
-guest's virtio-serial port (see :mod:`sharedlvm.vmbed.agent` for the protocol)."""
+guest's virtio-serial port (see :mod:`sharedlvm_testbed.vmbed.agent` for the
+protocol)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..errors import CommandError, Error
+from sharedlvm.errors import CommandError, Error
 
 
 class VmBedError(Error):

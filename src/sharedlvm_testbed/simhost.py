@@ -1,8 +1,8 @@
 """Processes of a simulated host: its sanlock daemon and its sharedlvm daemon.
 
-Used by ``sim up/down``, the test bed and the demo; never by production hosts, where
-sanlock and sharedlvm run as system services. Every process is started with its pid
-recorded and stopped by that pid, never by name.
+Used by ``sharedlvm-sim up/down``, the test bed and the demo; never by production
+hosts, where sanlock and sharedlvm run as system services. Every process is started
+with its pid recorded and stopped by that pid, never by name.
 
 sanlock raises RLIMIT_MEMLOCK at start and exits if it cannot ("cannot set the limits
 for memlock"), which happens in sandboxes without CAP_SYS_RESOURCE. Only there, the
@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import errors, rpc
-from .command import Runner
-from .paths import ROOT_ENV, HostPaths
+from sharedlvm import errors, rpc
+from sharedlvm.command import Runner
+from sharedlvm.paths import ROOT_ENV, HostPaths
 
 SHIM_SOURCE = """\
 /* sharedlvm test-only shim: lets sanlock start where RLIMIT_MEMLOCK cannot be raised */
@@ -65,13 +65,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read_pid(path: Path) -> int | None:
-    """The pid in a pid file, if that process is alive."""
+def _read_pid(path: Path, expect: str) -> int | None:
+    """The pid in a pid file, if that process is alive and is still the one that wrote
+    it (its command line contains ``expect``): a daemon killed without cleaning up
+    leaves its pid file behind, and pids wrap (32768 here), so a stale file may name
+    an unrelated process that must never be signalled."""
     try:
         pid = int(path.read_text().split()[0])
     except (FileNotFoundError, ValueError, IndexError):
         return None
-    return pid if _pid_alive(pid) else None
+    if not _pid_alive(pid):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return None
+    return pid if expect in cmdline else None
 
 
 def _sigkill(pid: int | None) -> None:
@@ -104,7 +113,7 @@ class SanlockProcess:
 
     @property
     def pid(self) -> int | None:
-        return _read_pid(self.run_dir / "sanlock.pid")
+        return _read_pid(self.run_dir / "sanlock.pid", "sanlock")
 
     def start(self) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +167,7 @@ class DaemonProcess:
 
     @property
     def pid(self) -> int | None:
-        return _read_pid(self.pid_file)
+        return _read_pid(self.pid_file, "sharedlvm daemon")
 
     def start(self, timeout: float = 30, extra_env: dict[str, str] | None = None) -> int:
         self.paths.ensure()

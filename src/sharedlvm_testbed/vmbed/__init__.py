@@ -9,8 +9,9 @@ the choices.
     with GuestBed(2, lun_path, work_dir, image=image) as bed:
         rc, out, err = bed[0].run(["lvs"], check=False)
 
-:mod:`sharedlvm.vmbed.fencing` runs watchdog self-fencing on a bed (storage loss and
-power loss of a lease holder); ``python -m sharedlvm.demo_vm`` shows it.
+:mod:`sharedlvm_testbed.vmbed.fencing` runs watchdog self-fencing on a bed (storage
+loss and power loss of a lease holder); ``python -m sharedlvm_testbed.demo_vm`` shows
+it. :mod:`sharedlvm_testbed.vmbed.vmsim` is the ``vm`` backend of ``sharedlvm-sim``.
 """
 
 from .bed import GuestBed

@@ -19,8 +19,9 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from ..command import Runner
-from ..errors import CommandError
+from sharedlvm.command import Runner
+from sharedlvm.errors import CommandError
+
 from .errors import ImageBuildError
 
 # Files depmod and modprobe read besides the .ko files themselves: without

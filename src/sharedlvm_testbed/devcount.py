@@ -1,13 +1,15 @@
-"""``python3 -m sharedlvm.devcount DEVICE --host-id N --state FILE``: a double-writer
-detector, in the spirit of sanlock's ``devcount`` test tool (its idea, our code).
+"""``python3 -m sharedlvm_testbed.devcount DEVICE --host-id N --state FILE``: a
+double-writer detector, in the spirit of sanlock's ``devcount`` test tool (its idea,
+our code).
 
-Run it as a consumer under ``sharedlvm run --volume V -- python3 -m sharedlvm.devcount
-{0} ...`` on several hosts at once. Each instance keeps incrementing one counter
-record in the first 4 KiB of DEVICE, with direct synchronous I/O, and before each
-increment checks that the record is still exactly the one it wrote last. If another
-writer touched the device while this one held it, the check fails: the instance
-writes ``TWO WRITERS ...`` to its state file and stderr and exits with status 3.
-The leases are right if that never happens, however hosts are killed and restarted.
+Run it as a consumer under ``sharedlvm run --volume V -- python3 -m
+sharedlvm_testbed.devcount {0} ...`` on several hosts at once. Each instance keeps
+incrementing one counter record in the first 4 KiB of DEVICE, with direct synchronous
+I/O, and before each increment checks that the record is still exactly the one it
+wrote last. If another writer touched the device while this one held it, the check
+fails: the instance writes ``TWO WRITERS ...`` to its state file and stderr and exits
+with status 3. The leases are right if that never happens, however hosts are killed
+and restarted.
 
 The state file (rewritten atomically) says what this instance did, one word per line:
 ``start COUNT`` (the value it found), ``count COUNT`` (the last value it wrote), and
@@ -146,7 +148,7 @@ def run(device: str, host_id: int, state_path: Path, interval: float,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m sharedlvm.devcount",
+    parser = argparse.ArgumentParser(prog="python3 -m sharedlvm_testbed.devcount",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("device")
     parser.add_argument("--host-id", type=int, required=True)

@@ -1,6 +1,6 @@
-"""The ``vm`` backend of ``sharedlvm sim``: each simulated host is a qemu guest.
+"""The ``vm`` backend of ``sharedlvm-sim``: each simulated host is a qemu guest.
 
-``sharedlvm sim up --backend vm --hosts N --dir DIR`` boots N guests (:mod:`.guest`)
+``sharedlvm-sim up --backend vm --hosts N --dir DIR`` boots N guests (:mod:`.guest`)
 that all attach ``DIR/lun0.img`` as one shared virtio disk (``/dev/vda``), and starts
 in each, as a real host would run them: ``wdmd`` (arming softdog), ``sanlock daemon``
 with the watchdog, and the sharedlvm daemon, all under ``SHAREDLVM_ROOT=/host``. The
@@ -9,9 +9,10 @@ later command (``sim exec``, ``sim kill``, ``sim start``, ``sim down``) adopts t
 guests from it, checking that each pid is still that guest's qemu before it signals
 anything.
 
-The guests run this checkout's code: the directory holding the ``sharedlvm`` package
-is shared at ``/project`` and is on the guests' PYTHONPATH, and ``sharedlvm ARGS`` in
-``sim exec`` runs as ``python3 -m sharedlvm ARGS`` in the guest.
+The guests run this checkout's code: the directory holding the ``sharedlvm`` and
+``sharedlvm_testbed`` packages is shared at ``/project`` and is on the guests'
+PYTHONPATH, and ``sharedlvm ARGS`` in ``sim exec`` runs as ``python3 -m sharedlvm ARGS``
+in the guest.
 
 A guest's root file system lives in its RAM: ``sim kill`` (power loss) loses its
 attached domains, so after ``sim start`` the host attaches them again, like a
@@ -20,7 +21,6 @@ re-installed host. The LUN file is the only thing that survives.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -30,9 +30,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .. import errors
-from ..command import Runner
-from ..paths import ROOT_ENV
+from sharedlvm import errors
+from sharedlvm.command import Runner
+from sharedlvm.paths import ROOT_ENV
+
+from ..state import STATE_FILE, VM_BACKEND, check_up_args, read_state, write_state
 from .bed import run_each
 from .debs import ensure_host_packages
 from .errors import VmBedError
@@ -41,8 +43,6 @@ from .image import GuestImage, build_image
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "sim.json"
-BACKEND = "vm"
 MAX_HOSTS = 16  # 512 MiB each; TCG guests share the machine's cores
 GUEST_ROOT = "/host"  # SHAREDLVM_ROOT inside every guest
 LUN_DEVICE = "/dev/vda"
@@ -54,8 +54,13 @@ _DAEMON_START_TIMEOUT = 120.0
 
 
 def package_share_dir() -> Path:
-    """The directory that holds the ``sharedlvm`` package (shared at /project)."""
-    return Path(__file__).resolve().parents[2]
+    """The directory that holds the ``sharedlvm_testbed`` package and, beside it, the
+    ``sharedlvm`` package (shared at /project): this checkout's ``src``."""
+    share = Path(__file__).resolve().parents[2]
+    if not (share / "sharedlvm" / "__init__.py").is_file():
+        raise VmBedError(f"{share} does not hold the sharedlvm package beside "
+                         "sharedlvm_testbed: the guests could not import it")
+    return share
 
 
 def guest_argv(argv: Sequence[str]) -> list[str]:
@@ -87,7 +92,7 @@ class VmSim:
 
     def save(self) -> None:
         data = {
-            "backend": BACKEND,
+            "backend": VM_BACKEND,
             "lun": {"file": str(self.lun_file), "device": LUN_DEVICE,
                     "sector_size": self.sector_size, "size": self.size},
             "share_dir": str(self.share_dir),
@@ -98,9 +103,7 @@ class VmSim:
             "hosts": [{"name": f"host{i}", "qemu_pid": pid}
                       for i, pid in enumerate(self.pids, start=1)],
         }
-        tmp = self.dir / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(self.dir / STATE_FILE)
+        write_state(self.dir, data)
 
     @classmethod
     def from_state(cls, directory: Path, data: Mapping[str, Any]) -> VmSim:
@@ -113,10 +116,8 @@ class VmSim:
 
     @classmethod
     def load(cls, directory: Path) -> VmSim:
-        from ..sim import read_state
-
         data = read_state(directory)
-        if data.get("backend") != BACKEND:
+        if data.get("backend") != VM_BACKEND:
             raise errors.InvalidArgument(f"the simulation in {directory} is not a vm one")
         return cls.from_state(directory, data)
 
@@ -235,8 +236,6 @@ def vm_sim_up(runner: Runner, directory: Path, hosts: int, size: int,
               sector_size: int = 512) -> tuple[VmSim, float]:
     """Boot ``hosts`` guests on a new LUN file in ``directory``; the bed and how long
     the boot took. Nothing is left running if any step fails."""
-    from ..sim import check_up_args
-
     check_up_args(directory, hosts, MAX_HOSTS, size, sector_size)
     ensure_host_packages(runner)
     image = build_image(runner)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..command import Runner
-from ..errors import CommandError
+from sharedlvm.command import Runner
+from sharedlvm.errors import CommandError
+
 from .errors import HostUnsupported, ImageBuildError
 
 # The packages the machine needs to run guests. qemu-system-x86 is the only one the

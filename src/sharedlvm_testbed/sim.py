@@ -2,14 +2,15 @@
 
 Two backends. ``loop`` (the default, this module): every host is a ``SHAREDLVM_ROOT``
 on the machine's own kernel, with its own sanlock and sharedlvm daemons. ``vm``
-(:mod:`sharedlvm.vmbed.vmsim`): every host is a qemu guest with its own kernel,
-device-mapper and watchdog. ``sim exec/kill/start/down`` work on both.
+(:mod:`sharedlvm_testbed.vmbed.vmsim`): every host is a qemu guest with its own kernel,
+device-mapper and watchdog. ``sharedlvm-sim exec/kill/start/down`` work on both.
 
 ``sim up`` makes sparse LUN files, attaches each to a loop device (512 B or 4 KiB
 logical sectors) and one ``SHAREDLVM_ROOT`` per host under DIR, and records all of it
-in ``DIR/sim.json``. ``sim down`` undoes exactly what that file records, and checks
-each loop device still points at our file before detaching it, so it never touches
-what it did not make. The test bed and ``make demo`` use the same code.
+in ``DIR/sim.json`` (:mod:`.state`). ``sim down`` undoes exactly what that file
+records, and checks each loop device still points at our file before detaching it,
+so it never touches what it did not make. The test bed and ``make demo`` use the same
+code.
 """
 
 from __future__ import annotations
@@ -21,20 +22,27 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from . import errors
-from .command import Runner
-from .errors import CommandError
-from .paths import ROOT_ENV, HostPaths
+from sharedlvm import errors
+from sharedlvm.command import Runner
+from sharedlvm.errors import CommandError
+from sharedlvm.paths import ROOT_ENV, HostPaths
+
 from .simhost import DaemonProcess, SanlockProcess
-
-if TYPE_CHECKING:
-    from .vmbed.vmsim import VmSim
+from .state import (
+    LOOP_BACKEND,
+    STATE_FILE,
+    VM_BACKEND,
+    backend_of,
+    check_up_args,
+    read_state,
+    write_state,
+)
+from .vmbed.vmsim import VmSim
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "sim.json"
+MAX_HOSTS = 64
 
 
 @dataclass(frozen=True)
@@ -57,30 +65,17 @@ class SimBed:
         return HostPaths(self.hosts[index])
 
     def save(self) -> None:
-        data = {"backend": "loop", "luns": [vars(lun) for lun in self.luns],
-                "hosts": [str(h) for h in self.hosts]}
-        (self.dir / STATE_FILE).write_text(json.dumps(data, indent=2) + "\n")
+        write_state(self.dir, {"backend": LOOP_BACKEND,
+                               "luns": [vars(lun) for lun in self.luns],
+                               "hosts": [str(h) for h in self.hosts]})
 
     @classmethod
     def load(cls, directory: Path) -> SimBed:
         data = read_state(directory)
-        if data.get("backend", "loop") != "loop":
+        if data.get("backend", LOOP_BACKEND) != LOOP_BACKEND:
             raise errors.InvalidArgument(f"the simulation in {directory} is not a loop one")
         return cls(directory, [SimLun(**lun) for lun in data["luns"]],
                    [Path(h) for h in data["hosts"]])
-
-
-def check_up_args(directory: Path, hosts: int, max_hosts: int, size: int,
-                  sector_size: int) -> None:
-    """What ``sim up`` refuses, before it makes anything (both backends)."""
-    if not 1 <= hosts <= max_hosts:
-        raise errors.InvalidArgument(f"invalid host count {hosts}: must be 1..{max_hosts}")
-    if sector_size not in (512, 4096):
-        raise errors.InvalidArgument(f"invalid sector size {sector_size}: use 512 or 4096")
-    if size < 4 * 1024**3:
-        raise errors.InvalidArgument("a simulated LUN needs at least 4G")
-    if (directory / STATE_FILE).exists():
-        raise errors.AlreadyExists(f"a simulation already runs in {directory}")
 
 
 def sim_up(runner: Runner, directory: Path, hosts: int, size: int, sector_size: int = 512,
@@ -88,7 +83,7 @@ def sim_up(runner: Runner, directory: Path, hosts: int, size: int, sector_size: 
            daemon_env: dict[str, str] | None = None) -> SimBed:
     """Make the LUNs and host roots; with ``services`` also start each host's sanlock
     daemon and sharedlvm daemon."""
-    check_up_args(directory, hosts, 64, size, sector_size)
+    check_up_args(directory, hosts, MAX_HOSTS, size, sector_size)
     directory.mkdir(parents=True, exist_ok=True)
     bed = SimBed(directory, [], [directory / f"host{i}" for i in range(1, hosts + 1)])
     try:
@@ -100,6 +95,8 @@ def sim_up(runner: Runner, directory: Path, hosts: int, size: int, sector_size: 
                                  str(sector_size), str(lun_file)]).out.strip()
             bed.luns.append(SimLun(str(lun_file), device, sector_size))
             bed.save()
+            # A block device's read-only flag outlives a detach: never inherit one.
+            runner.run(["blockdev", "--setrw", device])
         for host in bed.hosts:
             host.mkdir()
             HostPaths(host).ensure()
@@ -113,31 +110,10 @@ def sim_up(runner: Runner, directory: Path, hosts: int, size: int, sector_size: 
     return bed
 
 
-def read_state(directory: Path) -> dict[str, Any]:
-    """The state file of the simulation in directory (either backend)."""
-    try:
-        data = json.loads((directory / STATE_FILE).read_text())
-    except FileNotFoundError:
-        raise errors.NotFound(f"no simulation in {directory} ({STATE_FILE} missing)") \
-            from None
-    except ValueError as exc:
-        raise errors.Error(f"{directory / STATE_FILE} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise errors.Error(f"{directory / STATE_FILE} is not a simulation state")
-    return data
-
-
-def backend_of(directory: Path) -> str:
-    """``loop`` or ``vm``: which backend made the simulation in directory."""
-    return str(read_state(directory).get("backend", "loop"))
-
-
 def vm_sim(directory: Path) -> VmSim | None:
     """The simulation in directory if the vm backend made it, else None."""
-    if backend_of(directory) != "vm":
+    if backend_of(directory) != VM_BACKEND:
         return None
-    from .vmbed.vmsim import VmSim
-
     return VmSim.load(directory)
 
 

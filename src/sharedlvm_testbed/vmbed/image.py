@@ -25,7 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..command import Runner
+from sharedlvm.command import Runner
+
 from . import agent, debs, initramfs, kmodules
 from .debs import ensure_host_packages
 from .errors import ImageBuildError

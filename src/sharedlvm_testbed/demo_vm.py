@@ -1,10 +1,10 @@
-"""``python -m sharedlvm.demo_vm``: watchdog self-fencing on two real kernels.
+"""``python -m sharedlvm_testbed.demo_vm``: watchdog self-fencing on two real kernels.
 
-Boots two qemu guests on one LUN file (:mod:`sharedlvm.vmbed`), each running wdmd and
-sanlock with the softdog watchdog. Host 1 holds a lease for a consumer that keeps
-reading the LUN; then host 1 loses its lease storage. The demo prints when host 1 is
-reset by its watchdog and when host 2 takes the lease, which sanlock allows only after
-its host-dead time (8 x io_timeout + 60 s = 84 s here): about a minute and a half.
+Boots two qemu guests on one LUN file (:mod:`sharedlvm_testbed.vmbed`), each running
+wdmd and sanlock with the softdog watchdog. Host 1 holds a lease for a consumer that
+keeps reading the LUN; then host 1 loses its lease storage. The demo prints when host 1
+is reset by its watchdog and when host 2 takes the lease, which sanlock allows only
+after its host-dead time (8 x io_timeout + 60 s = 84 s here): about a minute and a half.
 
 Everything is cleaned up on the way out, failure or Ctrl-C included: the guests are
 killed by pid and the LUN file and guest directories are removed.
@@ -22,14 +22,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import sharedlvm
 from sharedlvm.command import Runner
-from sharedlvm.vmbed import GuestBed, HostUnsupported, build_image, ensure_host_packages
-from sharedlvm.vmbed.fencing import STORAGE_RESOURCE, FencingScenario, FencingTimeline
 
-# The guests import sharedlvm from the directory that holds the package (the 9p
-# /project share), so they run exactly this checkout's code.
-SHARE_DIR = Path(sharedlvm.__file__).resolve().parents[1]
+from .vmbed import GuestBed, HostUnsupported, build_image, ensure_host_packages
+from .vmbed.fencing import STORAGE_RESOURCE, FencingScenario, FencingTimeline
+from .vmbed.vmsim import package_share_dir
+
 # Room for the lockspace, the leases and the consumer's reads (lease_guest layout).
 LUN_SIZE = 256 * 1024 * 1024
 
@@ -46,8 +44,10 @@ def run_demo(work_dir: Path) -> FencingTimeline:
     lun = work_dir / "lun.img"
     with lun.open("wb") as f:
         f.truncate(LUN_SIZE)
+    # The guests import sharedlvm and the test bed from the directory that holds both
+    # packages (the 9p /project share), so they run exactly this checkout's code.
     bed = GuestBed(2, lun, work_dir / "bed", image=image, runner=runner,
-                   share_dir=SHARE_DIR)
+                   share_dir=package_share_dir())
     try:
         say("booting 2 guests (qemu, real kernels with device-mapper and softdog)...")
         bed.start()
@@ -69,7 +69,7 @@ def run_demo(work_dir: Path) -> FencingTimeline:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sharedlvm.demo_vm",
+        prog="python -m sharedlvm_testbed.demo_vm",
         description="Watchdog self-fencing on two qemu guests sharing a LUN file: "
                     "host 1 loses its lease storage, is reset by its watchdog, and "
                     "host 2 takes its lease after sanlock's host-dead time (~2 min).")

@@ -20,14 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import errors, rpc
-from .command import Runner
-from .domain import make_lvm
-from .leases import host_dead_seconds
-from .paths import ROOT_ENV, HostPaths
+from sharedlvm import errors, rpc
+from sharedlvm.command import Runner
+from sharedlvm.domain import make_lvm
+from sharedlvm.leases import host_dead_seconds
+from sharedlvm.paths import ROOT_ENV, HostPaths
+from sharedlvm.units import GiB
+
 from .sim import sim_down, sim_up
 from .simhost import DaemonProcess, SanlockProcess
-from .units import GiB
 
 BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
 
@@ -112,19 +113,24 @@ def run_story(hosts: list[Path], lun: str) -> None:
     except errors.ReadOnlyDenied as exc:
         print(f"    lvcreate on host2: {exc}")
 
-    say("Volume leases: host2 prepares a volume exclusively; host3 is refused")
-    p2 = sharedlvm(h2, "volume", "prepare", raw, "--exclusive").strip()
-    sharedlvm(h3, "volume", "prepare", raw, "--exclusive", expect_fail=True)
-    message = b"hello from host2, written under its exclusive lease".ljust(4096, b"\0")
-    fd = os.open(p2, os.O_WRONLY)
+    say("Volume leases live in the process that writes: host2 runs a writer under "
+        "its volume's exclusive lease; host3 is refused")
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "sharedlvm", "run", "--volume", raw, "--", sys.executable,
+         "-c", "import os, time; fd = os.open(os.environ['SHAREDLVM_DEVICE'], os.O_WRONLY); "
+         "os.pwrite(fd, b'hello from host2, written under its exclusive lease'.ljust("
+         "4096, b'\\0'), 1 << 20); os.fsync(fd); print('    host2 wrote', flush=True); "
+         "time.sleep(600)"], env=dict(os.environ, **{ROOT_ENV: str(h2)}),
+        stdout=subprocess.PIPE, text=True)
     try:
-        os.pwrite(fd, message, 1024 * 1024)
-        os.fsync(fd)
+        assert writer.stdout is not None
+        print(writer.stdout.readline(), end="")
+        sharedlvm(h3, "run", "--volume", raw, "--", "true", expect_fail=True)
+        sharedlvm(h2, "host", "list")
     finally:
-        os.close(fd)
-    sharedlvm(h2, "host", "list")
-    sharedlvm(h2, "volume", "teardown", raw)
-    print("    host3 now reads it under a shared lease, through its own mapping of the LV:")
+        writer.terminate()  # `run` passes it on to its consumer, then deactivates
+        writer.communicate(timeout=30)
+    print("    host3 now reads it under a shared lease, through its own read-only mapping:")
     sharedlvm(h3, "run", "--volume", f"{raw}:ro", "--", sys.executable, "-c",
               "import os; f=open(os.environ['SHAREDLVM_DEVICE'],'rb'); f.seek(1<<20); "
               "print('    host3 reads:', f.read(4096).rstrip(b'\\0').decode())")

@@ -2,7 +2,7 @@
 loses its leases to another host only after sanlock's host-dead time, and a host that
 loses its storage is reset by its own watchdog before that.
 
-Roles in a :class:`~sharedlvm.vmbed.GuestBed` of 2 or 3 guests, all running
+Roles in a :class:`~sharedlvm_testbed.vmbed.GuestBed` of 2 or 3 guests, all running
 ``wdmd`` + ``sanlock daemon`` with the watchdog (softdog) and joined to one lockspace
 at io_timeout :data:`IO_TIMEOUT`:
 
@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
 
-from ..errors import CommandTimeout
-from ..leases import host_dead_seconds
+from sharedlvm.errors import CommandTimeout
+from sharedlvm.leases import host_dead_seconds
+
 from . import lease_guest
 from .bed import GuestBed
 from .errors import GuestAgentError, VmBedError
@@ -43,7 +44,7 @@ T = TypeVar("T")
 
 IO_TIMEOUT = lease_guest.IO_TIMEOUT
 POLL_INTERVAL = 0.5
-SCRIPT = "/project/sharedlvm/vmbed/lease_guest.py"
+SCRIPT = "/project/sharedlvm_testbed/vmbed/lease_guest.py"
 STATE_DIR = "/run/slfence"
 LUN_DEVICE = "/dev/vda"
 DM_NAME = "slfence"

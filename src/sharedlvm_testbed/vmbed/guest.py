@@ -19,8 +19,9 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import NamedTuple
 
-from ..command import Runner
-from ..errors import CommandError, CommandTimeout
+from sharedlvm.command import Runner
+from sharedlvm.errors import CommandError, CommandTimeout
+
 from .channel import AgentChannel
 from .errors import (
     GuestAgentError,
@@ -59,8 +60,9 @@ class Guest:
 
     work_dir (created) holds the console log, the control socket and the pid file.
     share_dir is mounted read-write at /project in the guest and is on the agent's
-    PYTHONPATH (pass the directory holding the ``sharedlvm`` package to run project
-    code in the guest); by default it is ``work_dir/share``.
+    PYTHONPATH (pass the directory holding the ``sharedlvm`` and ``sharedlvm_testbed``
+    packages, :func:`.vmsim.package_share_dir`, to run project code in the guest); by
+    default it is ``work_dir/share``.
     """
 
     def __init__(self, name: str, image: GuestImage, lun_path: Path, work_dir: Path, *,

@@ -19,7 +19,7 @@ NOT_WRITER = "sharedlvm: host {id} is not the manager of domain dom1 (manager: h
 def test_only_the_manager_writes(cluster: Cluster) -> None:
     """Metadata changes asked on other hosts are committed by the manager's daemon (in
     its generation); what other hosts may not ask for is refused and changes nothing."""
-    gen = cluster.writer.cli_json("manager", "status")["generation"]
+    gen = cluster.first.cli_json("manager", "status")["generation"]
     vol = cluster.hosts[1].cli_json("volume", "create", "--size", "1G")
     assert vol["generation"] == gen
     before = cluster.disk_state()
@@ -30,11 +30,11 @@ def test_only_the_manager_writes(cluster: Cluster) -> None:
     assert cluster.disk_state() == before
 
 
-def test_lvm_itself_refuses_on_non_writer(cluster: Cluster) -> None:
+def test_lvm_itself_refuses_on_non_manager(cluster: Cluster) -> None:
     reader = cluster.hosts[1]
     runner = RecordingRunner()
     d = reader.domain()
-    lvm = make_lvm(reader.paths, runner, cluster.luns, writable=d.is_writer)
+    lvm = make_lvm(reader.paths, runner, cluster.luns, writable=d.is_manager)
     before = cluster.disk_state()
     with pytest.raises(errors.ReadOnlyDenied):
         lvm.lvcreate(cluster.name, "sneaky", 128 * 1024**2, [])
@@ -51,16 +51,16 @@ def test_lvm_itself_refuses_on_non_writer(cluster: Cluster) -> None:
 
 def test_domain_object_of_reader_is_read_only(cluster: Cluster) -> None:
     d = cluster.hosts[2].domain()
-    assert not d.is_writer and not d.lvm.writable
+    assert not d.is_manager and not d.lvm.writable
     with pytest.raises(errors.ReadOnlyDenied):
         d.lvm.lvcreate(cluster.name, "x", 128 * 1024**2, [])
     with pytest.raises(errors.NotManager):
-        d.require_writer()
+        d.require_manager()
     with pytest.raises(errors.NotManager), d.journal():
         pass
     # Only the daemon holding the manager lease writes: a Domain opened by any other
     # process, even on the manager host, is read-only down to LVM.
-    w = cluster.writer.domain()
-    assert cluster.writer.status()["manager"]
-    assert not w.is_writer and not w.lvm.writable
+    w = cluster.first.domain()
+    assert cluster.first.status()["manager"]
+    assert not w.is_manager and not w.lvm.writable
     assert "locking_type = 4" in w.lvm.config.text()

@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from ..command import Runner
+from sharedlvm.command import Runner
+
 from .errors import VmBedError
 from .guest import DEFAULT_BOOT_TIMEOUT, Guest
 from .image import GuestImage, build_image

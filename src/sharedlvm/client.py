@@ -1,0 +1,129 @@
+"""The Python client of a host's sharedlvm daemon.
+
+    from sharedlvm import Client, errors
+
+    client = Client()                       # this host's daemon ($SHAREDLVM_ROOT or /)
+    vol = client.create_volume(10 * 1024**3, format="qcow2", tags={"vm": "web-1"},
+                               request_id="web-1-disk-0")
+    try:
+        client.delete_volume(vol.uuid)
+    except errors.VolumeInUse as exc:
+        print("held by", exc.hosts)
+
+One method per operation, typed results (model.py), and the daemon's errors raised
+as their own classes with their fields (errors.py). Requests are validated here,
+before anything is sent (requests.py): bad input raises InvalidArgument and sends
+nothing. Any host's daemon can be asked: metadata changes are forwarded to the
+manager through the storage mailbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import codec, rpc
+from . import requests as rq
+from .model import (
+    Allocation,
+    Deleted,
+    DomainInfo,
+    HostInfo,
+    ManagerStatus,
+    ServiceStatus,
+    VolumeFormat,
+    VolumeInfo,
+)
+from .paths import HostPaths
+
+
+class Client:
+    def __init__(self, root: str | Path | None = None,
+                 timeout: float = rpc.CLIENT_TIMEOUT) -> None:
+        """``root``: the host's SHAREDLVM_ROOT (default: the environment's, or /)."""
+        self.paths = HostPaths(Path(root)) if root is not None else HostPaths.from_env()
+        self.timeout = timeout
+
+    def call(self, request: rq.Request) -> Any:
+        """Send any request; the result as the request's result type."""
+        data = rpc.call(self.paths.run_dir, request.op, codec.to_wire(request), self.timeout)
+        return codec.from_wire(request.Result, data, "result")
+
+    # Volumes
+
+    def create_volume(self, size: int, *, format: VolumeFormat | str = VolumeFormat.RAW,
+                      alloc: Allocation | str | None = None, image: str | None = None,
+                      tags: Mapping[str, str] | None = None, request_id: str | None = None,
+                      domain: str | None = None) -> VolumeInfo:
+        result: VolumeInfo = self.call(rq.CreateVolume(
+            size=size, format=VolumeFormat(format),
+            alloc=Allocation(alloc) if alloc is not None else None, image=image,
+            tags=dict(tags or {}), request_id=request_id, domain=domain))
+        return result
+
+    def extend_volume(self, volume: str, size: str | None = None, *,
+                      allocation: str | None = None, request_id: str | None = None,
+                      domain: str | None = None) -> VolumeInfo:
+        """``size``: the capacity, "+2G" (grow by) or "12G" (grow to); or
+        ``allocation``: a thin qcow2 volume's LV only (allowed while in use)."""
+        result: VolumeInfo = self.call(rq.ExtendVolume(volume, size, allocation,
+                                                       request_id, domain))
+        return result
+
+    def delete_volume(self, volume: str, *, wipe: bool = False, request_id: str | None = None,
+                      domain: str | None = None) -> Deleted:
+        result: Deleted = self.call(rq.DeleteVolume(volume, wipe, request_id, domain))
+        return result
+
+    def list_volumes(self, *, image: str | None = None, tags: Mapping[str, str] | None = None,
+                     domain: str | None = None) -> list[VolumeInfo]:
+        result: list[VolumeInfo] = self.call(rq.ListVolumes(image, dict(tags or {}), domain))
+        return result
+
+    def volume_info(self, volume: str, *, domain: str | None = None) -> VolumeInfo:
+        result: VolumeInfo = self.call(rq.GetVolume(volume, domain))
+        return result
+
+    def prepare_volume(self, volume: str, pid: int, *, shared: bool = False,
+                       domain: str | None = None) -> str:
+        """Acquire the volume's lease for process ``pid`` (registered with sanlock,
+        e.g. started by ``sharedlvm run``) and activate it: the device path."""
+        return str(self.call(rq.PrepareVolume(volume, pid, shared, domain)).path)
+
+    def teardown_volume(self, volume: str, *, domain: str | None = None) -> None:
+        self.call(rq.TeardownVolume(volume, domain))
+
+    # Domains, the manager role, hosts
+
+    def domain_info(self, domain: str | None = None) -> DomainInfo:
+        result: DomainInfo = self.call(rq.GetDomain(domain))
+        return result
+
+    def remove_domain(self, domain: str | None = None, *, force: bool = False) -> None:
+        self.call(rq.RemoveDomain(force, domain))
+
+    def manager_status(self, domain: str | None = None) -> ManagerStatus:
+        result: ManagerStatus = self.call(rq.GetManager(domain))
+        return result
+
+    def release_manager(self, domain: str | None = None) -> bool:
+        """Give the manager role up; True if this host had it."""
+        return bool(self.call(rq.ReleaseManager(domain)).released)
+
+    def list_hosts(self, domain: str | None = None) -> list[HostInfo]:
+        result: list[HostInfo] = self.call(rq.ListHosts(domain))
+        return result
+
+    # The daemon
+
+    def status(self) -> list[ServiceStatus]:
+        result: list[ServiceStatus] = self.call(rq.GetStatus())
+        return result
+
+    def reload(self) -> list[str]:
+        result: list[str] = self.call(rq.Reload())
+        return result
+
+    def metrics(self) -> str:
+        return str(self.call(rq.GetMetrics()))

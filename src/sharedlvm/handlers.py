@@ -1,0 +1,198 @@
+"""The handler of each operation: a typed request in, a typed result out.
+
+Handlers run in the daemon (and, for the read-only ones, in the CLI's own process
+when no daemon runs). They get a :class:`Context` — the daemon, or the CLI's local
+stand-in — and a request already validated at the edge (requests.py). Whether a
+handler runs here, on the manager, or is forwarded through the mailbox is decided
+once, by the daemon, from the operations table (operations.py); a handler of a
+manager-only operation runs with the manager role held and checked.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Protocol
+
+from . import errors
+from . import volume as volume_mod
+from .domain import Domain
+from .model import (
+    Deleted,
+    DomainInfo,
+    DomainRemoved,
+    Done,
+    HostInfo,
+    ManagerStatus,
+    Prepared,
+    Released,
+    ServiceStatus,
+    VolumeInfo,
+)
+from .requests import (
+    CreateVolume,
+    DeleteVolume,
+    ExtendVolume,
+    GetDomain,
+    GetManager,
+    GetMetrics,
+    GetStatus,
+    GetVolume,
+    ListHosts,
+    ListVolumes,
+    PrepareVolume,
+    ReleaseManager,
+    Reload,
+    RemoveDomain,
+    TeardownVolume,
+)
+from .service import DomainService
+
+
+class Context(Protocol):
+    """What handlers may use of the daemon."""
+
+    release_holdoff: float
+
+    def service(self, name: str | None) -> DomainService:
+        """The attached domain's service (DaemonNotRunning outside the daemon)."""
+        ...
+
+    def domain(self, name: str | None) -> Domain:
+        """The attached domain, opened on this host."""
+        ...
+
+    def services(self) -> list[DomainService]: ...
+
+    def reload(self) -> list[str]: ...
+
+    def forget(self, name: str) -> None:
+        """Stop serving a domain (it is being removed)."""
+        ...
+
+    def render_metrics(self) -> str: ...
+
+
+# Volumes
+
+
+def create_volume(ctx: Context, req: CreateVolume) -> VolumeInfo:
+    service = ctx.service(req.domain)
+    return volume_mod.create_volume(service.domain, req, service.layout.allocate_volume_lease,
+                                    service.exclusive)
+
+
+def extend_volume(ctx: Context, req: ExtendVolume) -> VolumeInfo:
+    service = ctx.service(req.domain)
+    return volume_mod.extend_volume(service.domain, req, service.exclusive)
+
+
+def delete_volume(ctx: Context, req: DeleteVolume) -> Deleted:
+    service = ctx.service(req.domain)
+    return volume_mod.delete_volume(service.domain, req, service.exclusive)
+
+
+def prepare_volume(ctx: Context, req: PrepareVolume) -> Prepared:
+    return Prepared(ctx.service(req.domain).prepared.prepare(req.volume, req.pid, req.shared))
+
+
+def teardown_volume(ctx: Context, req: TeardownVolume) -> Done:
+    ctx.service(req.domain).prepared.teardown(req.volume)
+    return Done()
+
+
+def list_volumes(ctx: Context, req: ListVolumes) -> list[VolumeInfo]:
+    return volume_mod.list_volumes(ctx.domain(req.domain), req.image, req.tags)
+
+
+def get_volume(ctx: Context, req: GetVolume) -> VolumeInfo:
+    return volume_mod.get_volume(ctx.domain(req.domain), req.volume)
+
+
+# Domains
+
+
+def get_domain(ctx: Context, req: GetDomain) -> DomainInfo:
+    d = ctx.domain(req.domain)
+    info = d.info()
+    try:
+        status = get_manager(ctx, GetManager(d.name))
+    except errors.DaemonNotRunning:
+        return info  # the last manager the domain record names
+    return replace(info, manager_host_id=status.manager or 0, is_manager=status.this_host)
+
+
+def remove_domain(ctx: Context, req: RemoveDomain) -> DomainRemoved:
+    service = ctx.service(req.domain)
+    d = service.domain
+    d.check_removable(req.force)
+    # A host that just left is seen free at this host's next renewal (every
+    # 2 x io_timeout): allow for that before refusing.
+    deadline = time.monotonic() + 3 * d.record.io_timeout + 1
+    while True:
+        others = sorted(h for h in service.layout.live_hosts() if h != d.host_id)
+        if not others or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if others:
+        raise errors.Busy(f"host(s) {', '.join(map(str, others))} still use domain "
+                          f"{d.name}: detach them first")
+    ctx.forget(d.name)
+    service.stop(leave=True)  # releases the role, leaves the lockspace
+    d.destroy(req.force)
+    return DomainRemoved(d.name)
+
+
+# The manager role, hosts, the daemon
+
+
+def get_manager(ctx: Context, req: GetManager) -> ManagerStatus:
+    service = ctx.service(req.domain)
+    record = service.domain.read_record()
+    owner = service.manager.lease.owner() if service.joined else None
+    live = service.layout.live_hosts() if service.joined else set()
+    return ManagerStatus(domain=service.domain.name, manager=owner if owner in live else None,
+                         generation=record.manager_generation,
+                         last_manager=record.manager_host_id,
+                         this_host=service.manager.active)
+
+
+def release_manager(ctx: Context, req: ReleaseManager) -> Released:
+    service = ctx.service(req.domain)
+    service.holdoff_until = time.monotonic() + ctx.release_holdoff
+    was = service.manager.active
+    service.manager.release()
+    return Released(was)
+
+
+def list_hosts(ctx: Context, req: ListHosts) -> list[HostInfo]:
+    service = ctx.service(req.domain)
+    service.require_joined()
+    holds: dict[int, list[str]] = {}
+    owner = service.manager.lease.owner()
+    if owner:
+        holds.setdefault(owner, []).append("manager")
+    for info in volume_mod.list_volumes(service.domain):
+        if info.lease is None:
+            continue
+        holders = service.layout.holders(info)
+        mode = "shared" if len(holders) > 1 else "exclusive"
+        for host in holders:
+            holds.setdefault(host, []).append(f"{info.uuid} ({mode})")
+    states = service.layout.host_states()
+    return [HostInfo(h, st.state, st.generation, holds.get(h, []))
+            for h, st in sorted(states.items())]
+
+
+def get_status(ctx: Context, req: GetStatus) -> list[ServiceStatus]:
+    return [ServiceStatus(domain=s.domain.name, host_id=s.domain.host_id, joined=s.joined,
+                          manager=s.manager.serving, generation=s.manager.generation,
+                          prepared=s.prepared.snapshot()) for s in ctx.services()]
+
+
+def reload(ctx: Context, req: Reload) -> list[str]:
+    return ctx.reload()
+
+
+def get_metrics(ctx: Context, req: GetMetrics) -> str:
+    return ctx.render_metrics()

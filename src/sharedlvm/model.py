@@ -1,0 +1,151 @@
+"""What the operations return: volumes, domains, hosts, the manager role.
+
+Plain frozen dataclasses with enums for the closed sets (volume state, format,
+allocation), carried typed inside the daemon and through the client library, turned
+into JSON only at the transport boundaries (codec.py). Parsing LV tags into a
+:class:`VolumeInfo` is the tag schema's job (tags.py).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from .errors import InvalidArgument
+
+# Each enum has UNKNOWN for a value on the disk this version does not know (written
+# by a newer version, or damaged): such a volume is listed as it is and left alone,
+# never a reason for a takeover or a listing to fail.
+
+class VolumeFormat(StrEnum):
+    RAW = "raw"
+    QCOW2 = "qcow2"
+    UNKNOWN = "unknown"
+
+
+class Allocation(StrEnum):
+    PREALLOCATED = "preallocated"
+    THIN = "thin"
+    UNKNOWN = "unknown"
+
+
+class VolumeState(StrEnum):
+    # Published by one LVM commit (raw) or after its content is valid (qcow2).
+    READY = "ready"
+    # LV made, content not yet valid: a new manager removes it (rolled back).
+    CREATING = "creating"
+    # Being wiped before removal: a new manager finishes it (rolled forward).
+    REMOVING = "removing"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    uuid: str
+    domain: str
+    image: str
+    parent: str | None
+    format: VolumeFormat
+    alloc: Allocation
+    capacity: int
+    size: int
+    state: VolumeState
+    generation: int
+    tags: dict[str, str] = field(default_factory=dict)
+    lease: int | None = None
+    segments: int = 1
+
+
+@dataclass(frozen=True)
+class Deleted:
+    uuid: str
+    deleted: bool = True
+
+
+@dataclass(frozen=True)
+class Prepared:
+    path: str
+
+
+@dataclass(frozen=True)
+class Done:
+    ok: bool = True
+
+
+@dataclass(frozen=True)
+class Released:
+    released: bool
+
+
+@dataclass(frozen=True)
+class DomainRemoved:
+    removed: str
+
+
+@dataclass(frozen=True)
+class ManagerStatus:
+    domain: str
+    manager: int | None
+    generation: int
+    last_manager: int
+    this_host: bool
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    host_id: int
+    state: str  # sanlock's view: live | failing | dead | free | unknown
+    generation: int
+    holds: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """One attached domain as this host's daemon runs it."""
+
+    domain: str
+    host_id: int
+    joined: bool
+    manager: bool
+    generation: int | None
+    prepared: dict[str, bool] = field(default_factory=dict)  # volume -> shared
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    name: str
+    domain_uuid: str
+    vg_uuid: str
+    format_version: int
+    host_id: int
+    manager_host_id: int
+    is_manager: bool
+    io_timeout: int
+    manager_generation: int
+    luns: list[str]
+    size: int
+    free: int
+    extent_size: int
+    volumes: int
+    metadata_size: int
+    metadata_free: int
+    seqno: int
+    created: float
+
+
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+def check_uuid(value: str, what: str = "volume") -> str:
+    if not _UUID_RE.match(value):
+        raise InvalidArgument(f"invalid {what} id {value!r}: expected a lowercase UUID")
+    return value
+
+
+def check_request_id(value: str) -> str:
+    if not _REQUEST_ID_RE.match(value):
+        raise InvalidArgument(
+            f"invalid request id {value!r}: 1-128 letters, digits, '_', '.', ':', '-'")
+    return value

@@ -1,0 +1,113 @@
+"""The operations table: every operation the daemon serves, one row each.
+
+A row names the request type (requests.py), its handler (handlers.py) and how the
+daemon runs it:
+
+- ``manager_only``: runs on the manager, with the role held and checked (fencing
+  token) for the whole handler;
+- ``forward``: a host that is not manager sends it through the storage mailbox
+  (otherwise it answers NotManager);
+- ``idempotent``: a ``request_id`` makes it exactly-once (journal.RequestLog);
+- ``local``: read-only, so the CLI may run it in its own process when no daemon runs;
+- ``check_here``: a check run on the asking host before anything is forwarded;
+- ``http``: method and path of its HTTP route (http_api.py builds the routes and the
+  OpenAPI document from this table);
+- ``cli``: its place in the ``sharedlvm`` command (cli.py builds the parser from the
+  request's fields).
+
+Adding an operation = one request type + one handler + one row here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import codec, errors, handlers
+from . import requests as rq
+
+
+@dataclass(frozen=True)
+class Operation:
+    request: type[rq.Request]
+    handler: Callable[[Any, Any], Any]
+    manager_only: bool = False
+    forward: bool = False
+    idempotent: bool = False
+    local: bool = False
+    check_here: Callable[[Any, Any], None] | None = None
+    http: tuple[str, str] | None = None  # (method, path)
+    cli: tuple[str, ...] = ()
+    http_status: int = 200
+
+    @property
+    def name(self) -> str:
+        return self.request.op
+
+    @property
+    def summary(self) -> str:
+        return (self.request.__doc__ or self.name).strip().splitlines()[0]
+
+
+def _not_prepared_here(ctx: handlers.Context, req: rq.DeleteVolume) -> None:
+    if req.volume in ctx.service(req.domain).prepared:
+        raise errors.Busy(f"volume {req.volume} is prepared on this host; tear it down first")
+
+
+_D = "/v1/domains/{domain}"
+_V = _D + "/volumes/{volume}"
+
+TABLE: tuple[Operation, ...] = (
+    Operation(rq.CreateVolume, handlers.create_volume, manager_only=True, forward=True,
+              idempotent=True, http=("POST", f"{_D}/volumes"), cli=("volume", "create"),
+              http_status=201),
+    Operation(rq.ExtendVolume, handlers.extend_volume, manager_only=True, forward=True,
+              idempotent=True, http=("POST", f"{_V}/extend"), cli=("volume", "extend")),
+    Operation(rq.DeleteVolume, handlers.delete_volume, manager_only=True, forward=True,
+              idempotent=True, check_here=_not_prepared_here, http=("DELETE", _V),
+              cli=("volume", "delete")),
+    Operation(rq.ListVolumes, handlers.list_volumes, local=True,
+              http=("GET", f"{_D}/volumes"), cli=("volume", "list")),
+    Operation(rq.GetVolume, handlers.get_volume, local=True, http=("GET", _V),
+              cli=("volume", "info")),
+    Operation(rq.PrepareVolume, handlers.prepare_volume, http=("POST", f"{_V}/prepare"),
+              cli=("volume", "prepare")),
+    Operation(rq.TeardownVolume, handlers.teardown_volume, http=("POST", f"{_V}/teardown"),
+              cli=("volume", "teardown")),
+    Operation(rq.GetDomain, handlers.get_domain, local=True, http=("GET", _D),
+              cli=("domain", "info")),
+    # Destroys every disk of the domain: on the manager's command line only, not
+    # over the network.
+    Operation(rq.RemoveDomain, handlers.remove_domain, manager_only=True,
+              cli=("domain", "remove")),
+    Operation(rq.GetManager, handlers.get_manager, http=("GET", f"{_D}/manager"),
+              cli=("manager", "status")),
+    Operation(rq.ReleaseManager, handlers.release_manager,
+              http=("POST", f"{_D}/manager/release"), cli=("manager", "release")),
+    Operation(rq.ListHosts, handlers.list_hosts, http=("GET", f"{_D}/hosts"),
+              cli=("host", "list")),
+    Operation(rq.GetStatus, handlers.get_status, http=("GET", "/v1/status")),
+    Operation(rq.Reload, handlers.reload, http=("POST", "/v1/reload")),
+    Operation(rq.GetMetrics, handlers.get_metrics, cli=("metrics",)),
+)
+
+OPERATIONS: dict[str, Operation] = {op.name: op for op in TABLE}
+
+
+def get(name: str) -> Operation:
+    try:
+        return OPERATIONS[name]
+    except KeyError:
+        raise errors.InvalidArgument(f"unknown request {name!r}") from None
+
+
+def decode(name: Any, fields: Any) -> rq.Request:
+    """A request from the wire (socket, mailbox, HTTP): its type from the table, its
+    fields checked by the codec and the type's own validation."""
+    if not isinstance(name, str):
+        raise errors.InvalidArgument("malformed request: no operation name")
+    op = get(name)
+    request: rq.Request = codec.from_wire(op.request, fields if fields is not None else {},
+                                          "request")
+    return request

@@ -1,0 +1,346 @@
+"""One dataclass per operation: what a caller may ask, validated once, at the edge.
+
+A request is built where it enters the system (the CLI's parser, the HTTP API, the
+client library, the manager's mailbox decoder) and checked in ``__post_init__``;
+from then on it travels typed to its handler. It becomes JSON only at the transport
+boundaries (codec.py): the daemon's socket, the storage mailbox and the journal carry
+``{"op": request.op, "fields": codec.to_wire(request)}``.
+
+Each request names its result type (``Result``), so the client library decodes
+answers into the same types the handler returned. Field metadata (:func:`arg`) gives
+the help text and the command-line form, from which the CLI parser, the HTTP routes
+and the OpenAPI document are all built (operations.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from . import tags as tags_mod
+from . import units
+from .errors import InvalidArgument
+from .model import (
+    Allocation,
+    Deleted,
+    DomainInfo,
+    DomainRemoved,
+    Done,
+    HostInfo,
+    ManagerStatus,
+    Prepared,
+    Released,
+    ServiceStatus,
+    VolumeFormat,
+    VolumeInfo,
+    check_request_id,
+    check_uuid,
+)
+
+
+def arg(help: str, default: Any = dataclasses.MISSING, *, positional: bool = False,
+        flag: str | None = None, negative: str | None = None, metavar: str | None = None,
+        cli_parse: Any = None, decode: Any = None, repeat: bool = False,
+        schema: dict[str, Any] | None = None, default_factory: Any = dataclasses.MISSING,
+        ) -> Any:
+    """A request field with what the CLI and the HTTP API need to know about it.
+
+    ``cli_parse``: text from the command line to the wire value (e.g. "10G" -> bytes);
+    ``decode``: a wire value in another accepted form to the canonical one (HTTP may
+    send a size as "10G"); ``repeat``: the option may be given several times;
+    ``negative``: a second flag that sets a bool field to False."""
+    metadata = {"help": help, "positional": positional, "flag": flag, "negative": negative,
+                "metavar": metavar, "cli_parse": cli_parse, "decode": decode,
+                "repeat": repeat, "schema": schema}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _size(value: Any) -> Any:
+    return units.parse_size(value) if isinstance(value, str) else value
+
+
+def _tag_pairs(values: list[str]) -> dict[str, str]:
+    return dict(tags_mod.parse_user_tag(t) for t in values)
+
+
+def _tag_map(value: Any) -> Any:
+    """Tags as an object {"key": "value"}; a list of [key, value] pairs is accepted too."""
+    if isinstance(value, list):
+        pairs = {}
+        for item in value:
+            if not (isinstance(item, list | tuple) and len(item) == 2
+                    and all(isinstance(x, str) for x in item)):
+                raise InvalidArgument("tags must be an object of key: value")
+            pairs[item[0]] = item[1]
+        return pairs
+    return value
+
+
+# User tags of one volume, as JSON. A request's journal record (one 4 KiB block,
+# ondisk.MAX_PAYLOAD) carries them once, in the intent and then in the answer, with
+# about 600 bytes of everything else: the limit keeps every record in its block, so an
+# operation never fails after its commit for want of room to record it.
+MAX_TAGS_SIZE = 2048
+
+_DOMAIN_HELP = "domain name (default: the only domain attached on this host)"
+_SIZE_SCHEMA = {"oneOf": [{"type": "integer", "minimum": 1},
+                          {"type": "string", "example": "10G"}]}
+_TAGS_SCHEMA = {"type": "object", "additionalProperties": {"type": "string"}}
+
+
+@dataclass(frozen=True)
+class Request:
+    """Base of all requests. ``op`` is the operation's name on every transport."""
+
+    op: ClassVar[str]
+    Result: ClassVar[Any]
+
+    def domain_name(self) -> str | None:
+        return getattr(self, "domain", None)
+
+    def with_request_id(self, request_id: str) -> Request:
+        return dataclasses.replace(self, request_id=request_id)  # type: ignore[call-arg]
+
+
+# Volumes
+
+
+@dataclass(frozen=True)
+class CreateVolume(Request):
+    """create a volume (asked on any host, run by the manager)"""
+
+    op: ClassVar[str] = "volume.create"
+    Result: ClassVar[Any] = VolumeInfo
+
+    size: int = arg("capacity: bytes or a binary unit, e.g. 10G", cli_parse=units.parse_size,
+                    decode=_size, schema=_SIZE_SCHEMA)
+    format: VolumeFormat = arg("volume format", VolumeFormat.RAW)
+    alloc: Allocation | None = arg("allocation (default: thin for qcow2, else preallocated)",
+                                   None)
+    image: str | None = arg("image UUID (default: a new image)", None)
+    tags: dict[str, str] = arg("user tag key=value (repeatable)", flag="--tag",
+                               default_factory=dict, cli_parse=_tag_pairs, repeat=True,
+                               decode=_tag_map, metavar="KEY=VALUE", schema=_TAGS_SCHEMA)
+    request_id: str | None = arg("makes the request idempotent", None)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.size <= units.MAX_SIZE:
+            raise InvalidArgument(f"invalid size {self.size}: must be 1..{units.MAX_SIZE}")
+        if self.format == VolumeFormat.UNKNOWN or self.alloc == Allocation.UNKNOWN:
+            raise InvalidArgument("invalid format or allocation 'unknown'")
+        alloc = self.alloc or (Allocation.THIN if self.format == VolumeFormat.QCOW2
+                               else Allocation.PREALLOCATED)
+        if self.format == VolumeFormat.RAW and alloc == Allocation.THIN:
+            raise InvalidArgument("raw volumes are always preallocated; thin needs qcow2")
+        object.__setattr__(self, "alloc", alloc)
+        if self.image is not None:
+            check_uuid(self.image, "image")
+        for key, value in self.tags.items():
+            tags_mod.make_user_tag(key, value)  # raises on a bad key or a too long tag
+        size = len(json.dumps(self.tags))
+        if size > MAX_TAGS_SIZE:
+            raise InvalidArgument(f"tags are too large: {size} bytes of JSON "
+                                  f"(at most {MAX_TAGS_SIZE})")
+        _check_common(self)
+
+
+@dataclass(frozen=True)
+class ExtendVolume(Request):
+    """grow a volume's capacity, or a thin volume's LV (asked on any host, run by the
+    manager)"""
+
+    op: ClassVar[str] = "volume.extend"
+    Result: ClassVar[Any] = VolumeInfo
+
+    volume: str = arg("volume UUID", positional=True)
+    size: str | None = arg("capacity: +2G (grow by) or 12G (grow to)", None,
+                           schema={"type": "string", "example": "+2G"})
+    allocation: str | None = arg(
+        "a thin qcow2 volume's LV: +1G or 3G; allowed while the volume is in use (the "
+        "user's host refreshes it)", None, schema={"type": "string", "example": "+1G"})
+    request_id: str | None = arg("makes the request idempotent", None)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_uuid(self.volume)
+        if (self.size is None) == (self.allocation is None):
+            raise InvalidArgument("give one of --size (capacity) and --allocation (LV)")
+        units.parse_resize(self.size or self.allocation or "", 0)
+        _check_common(self)
+
+    def target(self, current: int) -> int:
+        return units.parse_resize(self.size or self.allocation or "", current)
+
+
+@dataclass(frozen=True)
+class DeleteVolume(Request):
+    """delete a volume; refused while any live host holds its lease"""
+
+    op: ClassVar[str] = "volume.delete"
+    Result: ClassVar[Any] = Deleted
+
+    volume: str = arg("volume UUID", positional=True)
+    wipe: bool = arg("zero the data before removing", False)
+    request_id: str | None = arg("makes the request idempotent", None)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_uuid(self.volume)
+        _check_common(self)
+
+
+@dataclass(frozen=True)
+class PrepareVolume(Request):
+    """acquire the volume's lease for a consumer process, activate, print the device"""
+
+    op: ClassVar[str] = "volume.prepare"
+    Result: ClassVar[Any] = Prepared
+
+    volume: str = arg("volume UUID", positional=True)
+    pid: int = arg("the consumer process that will hold the lease: registered with "
+                   "sanlock, e.g. started with 'sharedlvm run -- COMMAND'", metavar="PID",
+                   cli_parse=int)
+    shared: bool = arg("shared lease, read-only device (readers, migration handoff)",
+                       False, negative="--exclusive")
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_uuid(self.volume)
+        if not 1 < self.pid < 2**22:
+            raise InvalidArgument(f"invalid pid {self.pid}")
+
+
+@dataclass(frozen=True)
+class TeardownVolume(Request):
+    """deactivate a prepared volume and release its lease"""
+
+    op: ClassVar[str] = "volume.teardown"
+    Result: ClassVar[Any] = Done
+
+    volume: str = arg("volume UUID", positional=True)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_uuid(self.volume)
+
+
+@dataclass(frozen=True)
+class ListVolumes(Request):
+    """list volumes"""
+
+    op: ClassVar[str] = "volume.list"
+    Result: ClassVar[Any] = list[VolumeInfo]
+
+    image: str | None = arg("only volumes of this image", None)
+    tags: dict[str, str] = arg("only volumes with tag key=value (repeatable)", flag="--tag",
+                               default_factory=dict, cli_parse=_tag_pairs, repeat=True,
+                               decode=_tag_map, metavar="KEY=VALUE", schema=_TAGS_SCHEMA)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        if self.image is not None:
+            check_uuid(self.image, "image")
+        for key in self.tags:
+            tags_mod.check_user_key(key)
+
+
+@dataclass(frozen=True)
+class GetVolume(Request):
+    """show one volume"""
+
+    op: ClassVar[str] = "volume.info"
+    Result: ClassVar[Any] = VolumeInfo
+
+    volume: str = arg("volume UUID", positional=True)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_uuid(self.volume)
+
+
+# Domains, the manager role, hosts, the daemon
+
+
+@dataclass(frozen=True)
+class GetDomain(Request):
+    """show a domain"""
+
+    op: ClassVar[str] = "domain.info"
+    Result: ClassVar[Any] = DomainInfo
+
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+
+@dataclass(frozen=True)
+class RemoveDomain(Request):
+    """destroy a domain (on its manager, once every other host detached)"""
+
+    op: ClassVar[str] = "domain.remove"
+    Result: ClassVar[Any] = DomainRemoved
+
+    force: bool = arg("even if volumes exist", False)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+
+@dataclass(frozen=True)
+class GetManager(Request):
+    """which host is manager, at which generation"""
+
+    op: ClassVar[str] = "manager.status"
+    Result: ClassVar[Any] = ManagerStatus
+
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+
+@dataclass(frozen=True)
+class ReleaseManager(Request):
+    """make this host give the manager role up (another host takes it at once)"""
+
+    op: ClassVar[str] = "manager.release"
+    Result: ClassVar[Any] = Released
+
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+
+@dataclass(frozen=True)
+class ListHosts(Request):
+    """host ids, their sanlock state and what they hold"""
+
+    op: ClassVar[str] = "host.list"
+    Result: ClassVar[Any] = list[HostInfo]
+
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+
+@dataclass(frozen=True)
+class GetStatus(Request):
+    """domains this host's daemon serves: lockspace, role, prepared volumes"""
+
+    op: ClassVar[str] = "status"
+    Result: ClassVar[Any] = list[ServiceStatus]
+
+
+@dataclass(frozen=True)
+class Reload(Request):
+    """make the daemon pick up domains attached or detached since it started"""
+
+    op: ClassVar[str] = "reload"
+    Result: ClassVar[Any] = list[str]
+
+
+@dataclass(frozen=True)
+class GetMetrics(Request):
+    """the daemon's metrics, Prometheus text format"""
+
+    op: ClassVar[str] = "metrics"
+    Result: ClassVar[Any] = str
+
+
+def _check_common(request: Any) -> None:
+    if request.request_id is not None:
+        check_request_id(request.request_id)
