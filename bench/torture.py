@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, required=True,
                         help="minutes of operations and faults (set-up and checks apart)")
     parser.add_argument("--hosts", type=int, default=4)
+    parser.add_argument("--shards", type=int, default=2,
+                        help="LUNs of the domain, a shard each (default 2)")
     parser.add_argument("--report", type=Path, help="also write the table to this file")
     crash = parser.add_mutually_exclusive_group()
     crash.add_argument("--crashes", dest="crashes", action="store_true", default=None,
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupted)
     cfg = Config(seed=args.seed, minutes=args.minutes, hosts=args.hosts, crashes=args.crashes,
-                 crash_interval=args.crash_interval, prepare_writers=args.prepare_writers,
+                 shards=args.shards, crash_interval=args.crash_interval,
+                 prepare_writers=args.prepare_writers,
                  workdir=args.dir, verbose=not args.quiet)
     result = run_torture(cfg)
     print(result.table)

@@ -76,6 +76,7 @@ from sharedlvm import Client, errors, failpoints, ondisk
 from sharedlvm import journal as journal_mod
 from sharedlvm import mailbox as mailbox_mod
 from sharedlvm.command import Runner
+from sharedlvm.domain import shard_vg_name
 from sharedlvm_testbed import sim
 
 MiB = 1024**2
@@ -141,6 +142,7 @@ class Config:
     seed: int
     minutes: float  # of operations and faults, after the bed is up
     hosts: int = 4
+    shards: int = 2  # LUNs of the domain: operations land in every shard
     crashes: bool | None = None  # None: on when minutes >= 5
     crash_interval: float = 300.0  # at most one host crash per this many seconds
     first_crash_after: float = 60.0
@@ -569,7 +571,7 @@ class Torture:
                  f"{Path(sharedlvm.__file__).parent}; work dir {self.workdir}", echo=True)
         env = self.fp_env(0.0)
         self.cluster = make_cluster(self.workdir / "bed", hosts=cfg.hosts, size=cfg.lun_size,
-                                    daemon_env=env)
+                                    daemon_env=env, luns=cfg.shards)
         self.vg = self.c.name
         for h in self.hosts:
             self.host_locks[h.index] = threading.Lock()
@@ -1585,15 +1587,18 @@ class Torture:
 
     def check_disk(self, final: bool, strict: bool = True) -> None:
         lvm = self.c.raw_lvm()
-        try:
-            lvs = lvm.lvs(self.vg)
-        except errors.Error as exc:
-            self.violation("VG unreadable", f"cannot read the VG: {exc}")
-            return
-        try:
-            lvm.vgck(self.vg)
-        except errors.Error as exc:
-            self.violation("vgck", f"vgck {self.vg}: {exc}")
+        lvs = []
+        for index in range(self.cfg.shards):  # every shard's VG
+            vg = shard_vg_name(self.vg, index)
+            try:
+                lvs += lvm.lvs(vg)
+            except errors.Error as exc:
+                self.violation("VG unreadable", f"cannot read VG {vg}: {exc}")
+                return
+            try:
+                lvm.vgck(vg)
+            except errors.Error as exc:
+                self.violation("vgck", f"vgck {vg}: {exc}")
         found: list[tuple[str, str]] = []
         involved: set[str] = set()
 

@@ -131,6 +131,7 @@ class Cluster:
     bed: sim.SimBed
     name: str
     hosts: list[Host]
+    domain_luns: int | None = None  # the domain uses the first N LUNs (None: all)
 
     @property
     def luns(self) -> list[str]:
@@ -195,7 +196,7 @@ class Cluster:
                 host.client.teardown_volume(vol, domain=self.name)
             # volumes only: the daemon keeps using its journal, mailbox, ids, leases
             sim.release_host_devices(Runner(), host.paths,
-                                     keep=frozenset(domain_mod.SPECIAL_LVS))
+                                     keep=domain_mod.SPECIAL_NAMES)
         manager = self.manager()
         for vol in manager.cli_json("volume", "list"):
             manager.cli("volume", "delete", vol["uuid"])
@@ -242,12 +243,14 @@ def inspect_lvm(devices: list[str], directory: Path) -> Lvm:
 def make_cluster(directory: Path, hosts: int = 3, size: int = 20 * GiB,
                  sector_size: int = 512, name: str = "dom1", attach: bool = True,
                  services: bool = True, extra: tuple[str, ...] = (),
-                 daemon_env: dict[str, str] | None = None) -> Cluster:
-    """A bed; with ``attach``, a domain formatted by host 1 (its manager) and attached
-    on every other host, all joined to the lockspace."""
-    bed = sim.sim_up(Runner(), directory, hosts, size, sector_size=sector_size,
+                 daemon_env: dict[str, str] | None = None, luns: int = 1,
+                 domain_luns: int | None = None) -> Cluster:
+    """A bed of ``luns`` LUNs; with ``attach``, a domain formatted by host 1 (its
+    manager) on the first ``domain_luns`` of them (all by default: a shard each) and
+    attached on every other host, all joined to the lockspace."""
+    bed = sim.sim_up(Runner(), directory, hosts, size, sector_size=sector_size, luns=luns,
                      services=services and attach, daemon_env=daemon_env)
-    cluster = Cluster(bed, name, [])
+    cluster = Cluster(bed, name, [], domain_luns)
     cluster.hosts = [Host(i + 1, root, cluster) for i, root in enumerate(bed.hosts)]
     try:
         if attach:
@@ -268,7 +271,7 @@ def make_cluster(directory: Path, hosts: int = 3, size: int = 20 * GiB,
 
 def lun_args(cluster: Cluster) -> list[str]:
     args: list[str] = []
-    for lun in cluster.luns:
+    for lun in cluster.luns[:cluster.domain_luns]:
         args += ["--lun", lun]
     return args
 

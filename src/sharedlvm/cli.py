@@ -127,10 +127,13 @@ def _request_from_args(op: Operation, args: argparse.Namespace) -> rq.Request:
             continue
         value = getattr(args, f.name)
         if f.metadata.get("repeat"):
-            merged: dict[str, str] = {}
-            for item in value:
-                merged.update(item)
-            value = merged
+            if value and isinstance(value[0], list):
+                value = [x for item in value for x in item]
+            else:
+                merged: dict[str, str] = {}
+                for item in value:
+                    merged.update(item)
+                value = merged
         fields[f.name] = codec.to_wire(value)
     return operations.decode(op.name, fields)
 
@@ -221,6 +224,12 @@ def _show_domain(info: DomainInfo) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key.ljust(width)}  {value}")
+    if len(info.shards) > 1:
+        print()
+        _table([[str(s.index), s.vg_name, ",".join(s.luns), str(s.volumes),
+                 units.format_size(s.size), units.format_size(s.free), str(s.seqno)]
+                for s in info.shards],
+               ["SHARD", "VG", "LUNS", "VOLUMES", "SIZE", "FREE", "SEQNO"])
 
 
 def _show_manager(request: rq.Request, s: ManagerStatus) -> None:
@@ -266,7 +275,8 @@ def cmd_domain_create(args: argparse.Namespace) -> None:
     paths = HostPaths.from_env()
     d = domain_mod.create_domain(paths, Runner(), args.name, args.lun, args.host_id,
                                  io_timeout=args.io_timeout, format_leases=format_leases,
-                                 leases_size=args.leases_size)
+                                 leases_size=args.leases_size,
+                                 format_version=args.format_version)
     _start_using(paths, d, wait=not args.no_wait, quiet=args.json, manager=True)
     _show_local_domain(domain_mod.Domain.open(paths, Runner(), d.name).info(), args.json)
 
@@ -335,9 +345,32 @@ def cmd_domain_detach(args: argparse.Namespace) -> None:
     print(f"domain {d.name} detached from this host")
 
 
+def cmd_domain_backup(args: argparse.Namespace) -> None:
+    from . import backup
+
+    d = domain_mod.Domain.open(HostPaths.from_env(), Runner(), args.domain)
+    if "backup" not in d.special_lvs():
+        raise errors.Unsupported(f"domain {d.name} has format version "
+                                 f"{d.record.format_version}: no metadata backups")
+    if not 0 <= args.shard < len(d.shards()):
+        raise errors.InvalidArgument(f"domain {d.name} has no shard {args.shard}")
+    with d.special_reader("backup") as dev:
+        found = backup.read(dev, args.shard)
+    if found is None:
+        raise errors.NotFound(f"no metadata backup of shard {args.shard} of {d.name} yet")
+    if args.output == "-":
+        sys.stdout.buffer.write(found.text)
+    else:
+        Path(args.output).write_bytes(found.text)
+    print(f"{found.vg_name} at seqno {found.seqno}, backed up "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(found.time))}"
+          + ("" if args.output == "-" else f": {args.output} (vgcfgrestore -f "
+             f"{args.output} {found.vg_name})"), file=sys.stderr)
+
+
 def cmd_volume_deactivate(args: argparse.Namespace) -> None:
     d = domain_mod.Domain.open(HostPaths.from_env(), Runner(), args.domain)
-    d.activator.deactivate(d.vg_name, check_uuid(args.volume))
+    d.deactivate_volume(check_uuid(args.volume))
 
 
 def cmd_daemon(args: argparse.Namespace) -> None:
@@ -366,8 +399,11 @@ def _add_local_commands(groups: dict[str, Any], top: Any) -> None:
     p = dom.add_parser("create", help="format LUNs as a new domain; this host becomes "
                        "its manager")
     p.add_argument("--name", required=True)
-    p.add_argument("--lun", action="append", required=True, help="block device (repeatable)")
+    p.add_argument("--lun", action="append", required=True,
+                   help="block device (repeatable): each LUN is a shard of the domain")
     p.add_argument("--host-id", type=int, required=True)
+    p.add_argument("--format-version", type=int, default=domain_mod.FORMAT_VERSION,
+                   help=argparse.SUPPRESS)  # 1: the old single-VG layout, for tests
     p.add_argument("--io-timeout", type=int, default=10, help="sanlock io_timeout, seconds")
     p.add_argument("--no-wait", action="store_true", help="do not wait for the lockspace")
     p.add_argument("--leases-size", type=_cli_type(units.parse_size),
@@ -388,6 +424,12 @@ def _add_local_commands(groups: dict[str, Any], top: Any) -> None:
     p = dom.add_parser("detach", help="forget a domain on this host (not on its manager)")
     p.add_argument("--domain", help="domain name (default: the only attached one)")
     p.set_defaults(func=cmd_domain_detach)
+    p = dom.add_parser("backup", help="write the manager's backup of a shard's LVM "
+                                      "metadata, for vgcfgrestore")
+    p.add_argument("--domain", help="domain name (default: the only attached one)")
+    p.add_argument("--shard", type=int, default=0, help="shard index (default 0)")
+    p.add_argument("--output", required=True, help="file to write, or - for stdout")
+    p.set_defaults(func=cmd_domain_backup)
 
     vol = groups["volume"]
     # No "activate" here: no activation without a lease (run, or prepare --pid).

@@ -137,7 +137,7 @@ def _deactivate_unused(domain: Domain, infos: list[VolumeInfo]) -> None:
         if domain.host_id in layout.holders(info):
             continue
         with contextlib.suppress(errors.Error):
-            domain.activator.deactivate(domain.vg_name, info.uuid)
+            domain.deactivate_volume(info.uuid)
 
 
 def _acquire(layout: LeaseLayout, info: VolumeInfo, shared: bool, fd: int,

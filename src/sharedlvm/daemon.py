@@ -68,6 +68,9 @@ class DaemonConfig:
     # Longer than any single step of the daemon's loop (a metadata command is bounded
     # by 6 x io_timeout + 30 s: 90 s at the default io_timeout).
     hang_timeout: float = 120.0
+    # The manager copies each shard's LVM metadata into the domain (backup.py) when
+    # it changed, at most this often per shard, and at once after a takeover.
+    backup_interval: float = 60.0
     # The HTTP API (http_api.py): off unless an address is set, e.g. "0.0.0.0:8750"
     # (with TLS, or http_insecure below).
     http_listen: str = ""
@@ -245,7 +248,8 @@ class Daemon:
     def _settings(self) -> ServiceSettings:
         c = self.config
         return ServiceSettings(c.manager_poll, PollSettings(c.mailbox_poll, c.mailbox_sweep,
-                                                            c.mailbox_hot))
+                                                            c.mailbox_hot),
+                               c.backup_interval)
 
     # handlers.Context
 
@@ -337,7 +341,7 @@ class Daemon:
 
     def execute_as_manager(self, service: DomainService, request: Request) -> Any:
         op = operations.get(request.op)
-        with service.manager.lock:
+        with service.manager.lock.shared():
             service.require_manager()
             return op.handler(self, request)
 

@@ -15,25 +15,41 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from . import errors, journal, ondisk
+from . import errors, journal, lvm_mda, ondisk
 from .activation import Activator, make_activator
 from .command import Runner
 from .devmapper import available as device_mapper_available
 from .errors import CommandError
-from .lvm import Lvm, LvmConfig, Segment, udev_running
-from .model import DomainInfo
+from .lvm import LogicalVolume, Lvm, LvmConfig, Segment, udev_running
+from .model import DomainInfo, ShardInfo
 from .paths import HostPaths
 
 log = logging.getLogger(__name__)
 
 DOMAIN_TAG = "sharedlvm.domain"
-FORMAT_TAG = "sharedlvm.format=1"
+FORMAT_TAG = "sharedlvm.format"
+SHARD_TAG = "sharedlvm.shard"
 SPECIAL_TAG = "sharedlvm.special"
+
+# Format 1: one VG holds everything. Format 2: the domain's metadata is sharded over
+# several VGs ("shards"), each on its own LUN(s), so that an LVM command parses and
+# rewrites the metadata of one shard, not of the whole domain (docs/design.md
+# "Shards"). Shard 0 is the VG named like the domain and holds the special LVs; a
+# version-1 domain is a domain of one shard.
+FORMAT_VERSION = 2
+
+# Volumes per shard the manager aims at: an LVM command costs about 15 ms + 55 us per
+# LV in its VG (lvm2 2.03.16, bench/scale.py), so 500 keeps every command near 45 ms.
+# A soft cap: when every shard has this many, the least loaded one still takes the
+# next volume, and the manager logs that the domain wants another LUN.
+SHARD_VOLUMES = 500
 
 # The special LVs of format version 1 (docs/design.md "On-disk layout"), created in this
 # order right after the VG so each is a single segment at the start of the first PV.
@@ -43,16 +59,26 @@ SPECIAL_LVS: dict[str, int] = {
     "mailbox": 16 * 1024 * 1024,
     "journal": 64 * 1024 * 1024,
 }
+# Format 2 adds the manager's backups of every shard's metadata (backup.py).
+SPECIAL_LVS_V2: dict[str, int] = {**SPECIAL_LVS, "backup": 256 * 1024 * 1024}
+SPECIAL_NAMES = frozenset(SPECIAL_LVS_V2)
 
 MAX_HOST_ID = 2000
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_+.-]{0,63}$")
+_SHARD_SUFFIX = re.compile(r"\+[0-9]+$")
 
 
 def check_name(name: str) -> None:
-    if not _NAME_RE.match(name) or name in SPECIAL_LVS:
+    if not _NAME_RE.match(name) or name in SPECIAL_NAMES or _SHARD_SUFFIX.search(name):
         raise errors.InvalidArgument(
             f"invalid domain name {name!r}: use 1-64 characters of letters, digits, "
-            "'_', '+', '.', '-', not starting with '+', '.' or '-'")
+            "'_', '+', '.', '-', not starting with '+', '.' or '-' and not ending in "
+            "'+' and digits (the names of a domain's shards)")
+
+
+def shard_vg_name(domain_name: str, index: int) -> str:
+    """The VG of shard ``index``: the domain's name for shard 0, ``NAME+K`` after."""
+    return domain_name if index == 0 else f"{domain_name}+{index}"
 
 
 def check_host_id(host_id: int) -> None:
@@ -102,15 +128,34 @@ def attached_domains(paths: HostPaths) -> list[str]:
     return sorted(p.stem for p in paths.domains_dir.glob("*.json"))
 
 
+# The private lvm.conf of LVM_SYSTEM_DIR. Everything else is in each command's --config
+# (lvm.py); use_aio is here because LVM ignores it in --config (lvm2 2.03.16, measured).
+LVM_CONF = """\
+# sharedlvm: settings are passed with --config; see lvm.py
+config {
+    checks = 1
+}
+global {
+    # Without it every command waits ~35 ms for its async I/O context at exit
+    # (measured: vgs 42 ms -> 9 ms on a loop LUN); sharedlvm's commands do a few
+    # metadata I/Os each, where aio gains nothing.
+    use_aio = 0
+}
+"""
+
+
 def _write_lvm_conf(paths: HostPaths) -> None:
-    """LVM_SYSTEM_DIR needs an lvm.conf; ours is empty on purpose: every setting
-    sharedlvm relies on is in the --config of each command (see lvm.py)."""
+    """LVM_SYSTEM_DIR needs an lvm.conf; ours holds only what --config cannot carry."""
     paths.ensure()
     conf = paths.lvm_system_dir / "lvm.conf"
-    if not conf.exists():
-        # LVM refuses a file with no section at all.
-        conf.write_text("# sharedlvm: settings are passed with --config; see lvm.py\n"
-                        "config {\n    checks = 1\n}\n")
+    try:
+        if conf.read_text() == LVM_CONF:
+            return
+    except FileNotFoundError:
+        pass
+    tmp = conf.with_suffix(".tmp")
+    tmp.write_text(LVM_CONF)
+    os.replace(tmp, conf)
 
 
 def make_lvm(paths: HostPaths, runner: Runner, luns: Sequence[str], writable: bool,
@@ -124,6 +169,87 @@ def make_lvm(paths: HostPaths, runner: Runner, luns: Sequence[str], writable: bo
                                  udev=udev_running()),
                before_write=before_write, after_write=after_write,
                **({"write_timeout": write_timeout} if write_timeout else {}))
+
+
+class Shard:
+    """One VG of a domain, opened on this host: its LVM sees only the shard's PVs, so
+    a command reads and writes one shard's metadata (docs/design.md "Shards")."""
+
+    def __init__(self, index: int, vg_name: str, luns: tuple[str, ...], lvm: Lvm,
+                 activator: Activator) -> None:
+        self.index = index
+        self.vg_name = vg_name
+        self.luns = luns
+        self.lvm = lvm
+        self.activator = activator
+
+    def __repr__(self) -> str:
+        return f"Shard({self.index}, {self.vg_name!r}, {self.luns!r})"
+
+
+# Called around each metadata command of a shard on the manager (manager.py).
+ShardHook = Callable[[Shard], None]
+
+
+class Placement:
+    """Which shard takes a new volume (manager only): one under SHARD_VOLUMES with
+    room for it, the fewest volumes first, then the most free space. The counts are
+    read from LVM once per shard and term, then kept by this manager, the only
+    writer; a failed operation makes it read a shard again."""
+
+    def __init__(self, domain: Domain) -> None:
+        self._domain = domain
+        self._lock = threading.Lock()
+        self._stats: dict[int, list[int]] = {}  # shard -> [volumes, free bytes]
+
+    def _read(self, shard: Shard) -> list[int]:
+        vg = shard.lvm.vg(shard.vg_name)
+        specials = len(self._domain.special_lvs()) if shard.index == 0 else 0
+        return [vg.lv_count - specials, vg.free]
+
+    def choose(self, size: int) -> Shard:
+        shards = [s for s in self._domain.shards() if s.luns]
+        with self._lock:
+            missing = [s for s in shards if s.index not in self._stats]
+        if missing:
+            with ThreadPoolExecutor(max_workers=min(8, len(missing))) as pool:
+                read = list(pool.map(self._read, missing))
+            with self._lock:
+                for s, found in zip(missing, read, strict=True):
+                    self._stats.setdefault(s.index, found)
+        need = -(-size // self._domain.record.extent_size) * self._domain.record.extent_size
+        with self._lock:
+            stats = {s.index: self._stats[s.index] for s in shards}
+        fits = [s for s in shards if stats[s.index][1] >= need]
+        if not fits:  # LVM says no, with the sizes, in the request's own terms
+            return max(shards, key=lambda s: stats[s.index][1])
+        under = [s for s in fits if stats[s.index][0] < SHARD_VOLUMES]
+        if not under:
+            log.warning("domain %s: every shard has %d volumes or more: add a LUN "
+                        "(domain extend) to keep metadata commands fast",
+                        self._domain.name, SHARD_VOLUMES)
+        return min(under or fits, key=lambda s: (stats[s.index][0], -stats[s.index][1],
+                                                 s.index))
+
+    def used(self, shard: Shard, volumes: int, size: int) -> None:
+        """This manager added (removed: negative) volumes and bytes in ``shard``."""
+        extent = self._domain.record.extent_size
+        with self._lock:
+            stats = self._stats.get(shard.index)
+            if stats is not None:
+                rounded = -(-abs(size) // extent) * extent
+                stats[0] += volumes
+                stats[1] -= rounded if size > 0 else -rounded
+                if stats[1] < 0:
+                    del self._stats[shard.index]
+
+    def forget(self, shard: Shard) -> None:
+        with self._lock:
+            self._stats.pop(shard.index, None)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._stats.clear()
 
 
 class Domain:
@@ -140,14 +266,182 @@ class Domain:
         # see become_manager().
         self._manager = False
         self._guard: Callable[[], None] | None = None
+        self._hooks: tuple[ShardHook, ShardHook, float] | None = None
         self._pe_start_cache: dict[str, int] | None = None
         self._segments: dict[str, list[Segment]] = {}
         self._record: journal.DomainRecord | None = None
         self._extent_size: int | None = None
         # Long steps (a wipe) call this as they progress: the daemon's hang watch.
         self.on_progress: Callable[[], None] | None = None
-        self.lvm = make_lvm(paths, runner, config.luns, writable=False)
-        self.activator: Activator = make_activator(self.lvm, runner, paths.activations_dir)
+        self._shards_lock = threading.Lock()
+        self._journal_lock = threading.Lock()
+        self._request_locks = [threading.Lock() for _ in range(64)]
+        self._lun_vgs = _lun_vgs(config.luns)
+        zero = tuple(lun for lun, vg in self._lun_vgs.items() if vg == self.vg_name)
+        # shard 0: the domain's VG (format 1: the only one, on all the LUNs)
+        self._shards: list[Shard] = [self._open_shard(0, self.vg_name, zero or config.luns)]
+        self._shards_loaded = False
+        self._where: dict[str, int] = {}  # volume -> shard, as found (volumes never move)
+        self.placement = Placement(self)
+
+    # Shards
+
+    def _open_shard(self, index: int, vg_name: str, luns: tuple[str, ...]) -> Shard:
+        if self._hooks is not None:
+            before, after, timeout = self._hooks
+            lvm = make_lvm(self.paths, self.runner, luns, writable=True,
+                           before_write=lambda: before(shard),
+                           after_write=lambda: after(shard), write_timeout=timeout)
+        else:
+            lvm = make_lvm(self.paths, self.runner, luns, writable=False)
+        shard = Shard(index, vg_name, luns, lvm,
+                      make_activator(lvm, self.runner, self.paths.activations_dir))
+        return shard
+
+    @property
+    def lvm(self) -> Lvm:
+        """Shard 0's LVM: the special LVs (and, in format 1, every volume)."""
+        return self._shards[0].lvm
+
+    @property
+    def activator(self) -> Activator:
+        return self._shards[0].activator
+
+    def shards(self) -> list[Shard]:
+        """Every shard of the domain, in order (format 1: one)."""
+        with self._shards_lock:
+            if not self._shards_loaded:
+                self._load_shards()
+            return list(self._shards)
+
+    def shard(self, index: int) -> Shard:
+        shards = self.shards()
+        if index >= len(shards):
+            self.reload_shards()
+            shards = self.shards()
+        if index >= len(shards):
+            raise errors.NotFound(f"domain {self.name} has no shard {index}")
+        found = shards[index]
+        if not found.luns:
+            raise errors.NotFound(
+                f"shard {index} of domain {self.name} (VG {found.vg_name}) is on no LUN "
+                "this host sees: attach the domain again with all its LUNs (--lun)")
+        return found
+
+    def reload_shards(self) -> None:
+        """Read the shard table again (another host added a shard)."""
+        with self._shards_lock:
+            self._shards_loaded = False
+            self._record = None
+
+    def _load_shards(self) -> None:
+        record = self.record
+        shards = [self._shards[0]]
+        if record.format_version >= 2 and record.shard_count > 1:
+            with self._journal_reader() as dev:
+                table = journal.read_shards(dev, record.shard_count)
+            known = {s.index: s for s in self._shards}
+            for entry in table[1:]:
+                old = known.get(entry.index)
+                if old is not None and old.luns:
+                    shards.append(old)
+                    continue
+                luns = tuple(lun for lun, vg in self._lun_vgs.items() if vg == entry.vg_name)
+                if not luns:  # a shard added after this host attached: the recorded paths
+                    hints = _lun_vgs(tuple(x for x in entry.luns if os.path.exists(x)))
+                    luns = tuple(lun for lun, vg in hints.items() if vg == entry.vg_name)
+                    self._lun_vgs.update(hints)
+                shards.append(self._open_shard(entry.index, entry.vg_name, luns))
+        self._shards = shards
+        self._shards_loaded = True
+
+    def volume_shard(self, volume_id: str) -> Shard:
+        """The shard that holds ``volume_id`` (or would: VolumeNotFound is the caller's
+        to raise when the LV is not there). Format 2 reads the volume index, one 4 KiB
+        block; a volume found is remembered (volumes never move between shards)."""
+        if self.record.format_version < 2:
+            return self._shards[0]
+        known = self._where.get(volume_id)
+        if known is not None:
+            return self.shard(known)
+        try:
+            with self._journal_reader() as dev:
+                index = journal.read_index(dev, volume_id).get(volume_id)
+        except errors.CorruptRecord:
+            index = None
+        if index is None:
+            index = self._search(volume_id)
+        if index is None:
+            return self._shards[0]  # nowhere: the caller's lookup fails there
+        self._where[volume_id] = index
+        return self.shard(index)
+
+    def _search(self, volume_id: str) -> int | None:
+        """Ask every shard's LVM (a torn index bucket): slow, and only then."""
+        for shard in self.shards():
+            if shard.luns and shard.lvm.lvs(shard.vg_name, select=f"lv_name={volume_id}"):
+                return shard.index
+        return None
+
+    def deactivate_volume(self, volume_id: str) -> None:
+        shard = self.volume_shard(volume_id)
+        shard.activator.deactivate(shard.vg_name, volume_id)
+
+    def forget_volume(self, volume_id: str) -> None:
+        self._where.pop(volume_id, None)
+
+    def set_volume_shard(self, volume_id: str, shard: Shard) -> None:
+        """Record in the index that ``volume_id`` lives in ``shard`` (manager, before
+        its lvcreate)."""
+        if self.record.format_version < 2:
+            return
+        with self.journal() as dev, self._journal_lock:
+            entries, rebuilt = self._index_bucket(dev, volume_id)
+            if rebuilt or entries.get(volume_id) != shard.index:
+                entries[volume_id] = shard.index
+                journal.write_index(dev, volume_id, entries)
+        self._where[volume_id] = shard.index
+
+    def clear_volume_shard(self, volume_id: str) -> None:
+        """Drop ``volume_id`` from the index (manager, after its lvremove)."""
+        self._where.pop(volume_id, None)
+        if self.record.format_version < 2:
+            return
+        with self.journal() as dev, self._journal_lock:
+            entries, rebuilt = self._index_bucket(dev, volume_id)
+            if entries.pop(volume_id, None) is not None or rebuilt:
+                journal.write_index(dev, volume_id, entries)
+
+    def _index_bucket(self, dev: ondisk.BlockFile,
+                      volume_id: str) -> tuple[dict[str, int], bool]:
+        """The index bucket of ``volume_id``, and whether it had to be rebuilt."""
+        try:
+            return journal.read_index(dev, volume_id), False
+        except errors.CorruptRecord:
+            # torn: rebuilt from the LVs of every shard (the truth), for that bucket
+            bucket = journal.index_bucket(volume_id)
+            log.warning("volume index bucket %d of %s is corrupt: rebuilding it", bucket,
+                        self.name)
+            return {lv.name: shard.index for shard in self.shards() if shard.luns
+                    for lv in shard.lvm.lvs(shard.vg_name)
+                    if lv.name not in SPECIAL_NAMES
+                    and journal.index_bucket(lv.name) == bucket}, True
+
+    def request_log(self, dev: ondisk.BlockFile) -> journal.RequestLog:
+        """The request log on ``dev``, its read-modify-writes serialized between this
+        manager's threads."""
+        return journal.RequestLog(dev, lock=self._journal_lock)
+
+    @contextlib.contextmanager
+    def request_lock(self, request_id: str | None) -> Iterator[None]:
+        """Held across a whole operation with a request id: two concurrent requests of
+        one id (a client retrying early) run one after the other, whatever shards
+        they would use. Striped: ids sharing a stripe wait for each other too."""
+        if request_id is None:
+            yield
+            return
+        with self._request_locks[hash(request_id) % len(self._request_locks)]:
+            yield
 
     @property
     def record(self) -> journal.DomainRecord:
@@ -179,23 +473,32 @@ class Domain:
         """True in the one process that holds the manager role (manager.py)."""
         return self._manager
 
-    def become_manager(self, guard: Callable[[], None], before: Callable[[], None],
-                       after: Callable[[], None], write_timeout: float) -> None:
-        """Switch to read-write LVM, with ``before`` and ``after`` run around every
-        metadata command and ``guard`` (the fencing check) before every other write.
-        Called by the manager role only."""
-        self.lvm = make_lvm(self.paths, self.runner, self.config.luns, writable=True,
-                            before_write=before, after_write=after,
-                            write_timeout=write_timeout)
-        self.activator = make_activator(self.lvm, self.runner, self.paths.activations_dir)
-        self._guard = guard
-        self._manager = True
+    def become_manager(self, guard: Callable[[], None], before: ShardHook,
+                       after: ShardHook, write_timeout: float) -> None:
+        """Switch every shard to read-write LVM, with ``before`` and ``after`` run
+        around every metadata command of a shard and ``guard`` (the fencing check)
+        before every other write. Called by the manager role only."""
+        with self._shards_lock:
+            self._hooks = (before, after, write_timeout)
+            self._reopen_shards()
+            self.placement.reset()
+            self._guard = guard
+            self._manager = True
 
     def become_reader(self) -> None:
-        self._manager = False
-        self._guard = None
-        self.lvm = make_lvm(self.paths, self.runner, self.config.luns, writable=False)
-        self.activator = make_activator(self.lvm, self.runner, self.paths.activations_dir)
+        with self._shards_lock:
+            self._manager = False
+            self._guard = None
+            self._hooks = None
+            self._reopen_shards()
+
+    def _reopen_shards(self) -> None:
+        self._shards = [self._open_shard(s.index, s.vg_name, s.luns) for s in self._shards]
+
+    def add_shard(self, shard: Shard) -> None:
+        """A shard this manager just made (domain extend)."""
+        with self._shards_lock:
+            self._shards.append(self._open_shard(shard.index, shard.vg_name, shard.luns))
 
     def require_manager(self) -> None:
         if not self.is_manager:
@@ -261,17 +564,39 @@ class Domain:
             self._pe_start_cache = {pv.name: pv.pe_start for pv in self.lvm.pvs()}
         return self._pe_start_cache
 
+    def special_lvs(self) -> list[str]:
+        """The special LVs this domain's format has."""
+        return list(SPECIAL_LVS if self.record.format_version < 2 else SPECIAL_LVS_V2)
+
+    @contextlib.contextmanager
+    def special_reader(self, lv_name: str) -> Iterator[ondisk.BlockFile]:
+        """A special LV opened for reading where it is: the activated LV, or its place
+        on the PV (no activation just to look; special LVs are one segment, but for
+        ``leases``, which is not read this way)."""
+        path = self.activator.path(self.vg_name, lv_name)
+        if path is not None:
+            base = 0
+        else:
+            if self._extent_size is None:
+                self._extent_size = self.lvm.vg(self.vg_name).extent_size
+            path, base = self._pv_location(lv_name, 0, self._extent_size)
+        with ondisk.BlockFile(path, base=base) as dev:
+            yield dev
+
+    @contextlib.contextmanager
+    def special_writer(self, lv_name: str) -> Iterator[ondisk.BlockFile]:
+        """A special LV opened for writing, after the fencing check (manager)."""
+        self.require_manager_now()
+        with ondisk.BlockFile(self.special_path(lv_name), writable=True) as dev:
+            yield dev
+
+    def _journal_reader(self) -> contextlib.AbstractContextManager[ondisk.BlockFile]:
+        return self.special_reader("journal")
+
     def read_record(self) -> journal.DomainRecord:
         """The domain record as it is on the LUN now, checked against this host's
         config (the LUN holds the domain this host attached)."""
-        path = self.activator.path(self.vg_name, "journal")
-        if path is not None:
-            base = 0
-        else:  # read it where it lives on the PV: no activation just to look
-            if self._extent_size is None:
-                self._extent_size = self.lvm.vg(self.vg_name).extent_size
-            path, base = self._pv_location("journal", 0, self._extent_size)
-        with ondisk.BlockFile(path, base=base) as dev:
+        with self._journal_reader() as dev:
             record = journal.read_domain_record(dev)
         if record.domain_uuid != self.config.domain_uuid:
             raise errors.CorruptRecord(
@@ -287,35 +612,62 @@ class Domain:
             yield dev
 
     @contextlib.contextmanager
-    def manager_lock(self) -> Iterator[None]:
-        """Serialize metadata operations of processes on the manager host: the journal's
-        request records are read-modify-write."""
+    def manager_lock(self, shard: Shard | None = None) -> Iterator[None]:
+        """Serialize the metadata operations of one shard (all of them without one):
+        operations on different shards run in parallel, each shard's commits in order."""
         self.require_manager()
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.paths.run_dir / f"{self.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        suffix = "" if shard is None or shard.index == 0 else f".{shard.index}"
+        fd = os.open(self.paths.run_dir / f"{self.name}{suffix}.lock",
+                     os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
 
+    def volume_lvs(self) -> list[LogicalVolume]:
+        """Every LV but the special ones, of every shard this host sees: one report per
+        shard, in parallel. The shard count is read fresh (one 8 KiB read): another
+        host may have added a shard since this process looked."""
+        if self.record.format_version >= 2:
+            fresh = self.read_record()
+            if fresh.shard_count != len(self.shards()):
+                self.reload_shards()
+        shards = [s for s in self.shards() if s.luns]
+        if len(shards) == 1:
+            found = [shards[0].lvm.lvs(shards[0].vg_name)]
+        else:
+            with ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
+                found = list(pool.map(lambda s: s.lvm.lvs(s.vg_name), shards))
+        return [lv for lvs in found for lv in lvs if lv.name not in SPECIAL_NAMES]
+
     def info(self) -> DomainInfo:
-        vg = self.lvm.vg(self.vg_name)
         record = self.read_record()  # fresh: another host may be manager since
-        volumes = len([lv for lv in self.lvm.lvs(self.vg_name) if lv.name not in SPECIAL_LVS])
+        self.reload_shards()
+        shards = [s for s in self.shards() if s.luns]
+        vgs = [s.lvm.vg(s.vg_name) for s in shards]
+        volumes = len(self.volume_lvs())
         return DomainInfo(
-            name=self.name, domain_uuid=record.domain_uuid, vg_uuid=vg.uuid,
-            format_version=ondisk.FORMAT_VERSION, host_id=self.host_id,
+            name=self.name, domain_uuid=record.domain_uuid, vg_uuid=vgs[0].uuid,
+            format_version=record.format_version, host_id=self.host_id,
             manager_host_id=record.manager_host_id, is_manager=self.is_manager,
             io_timeout=record.io_timeout,
-            manager_generation=record.manager_generation, luns=list(self.config.luns),
-            size=vg.size, free=vg.free, extent_size=vg.extent_size, volumes=volumes,
-            metadata_size=vg.mda_size, metadata_free=vg.mda_free, seqno=vg.seqno,
-            created=record.created)
+            manager_generation=record.manager_generation,
+            luns=[lun for s in shards for lun in s.luns],
+            size=sum(v.size for v in vgs), free=sum(v.free for v in vgs),
+            extent_size=vgs[0].extent_size, volumes=volumes,
+            metadata_size=vgs[0].mda_size, metadata_free=min(v.mda_free for v in vgs),
+            seqno=vgs[0].seqno, created=record.created,
+            shards=[ShardInfo(s.index, s.vg_name, list(s.luns), v.lv_count - (
+                len(self.special_lvs()) if s.index == 0 else 0), v.size, v.free, v.seqno)
+                for s, v in zip(shards, vgs, strict=True)])
 
     def deactivate_all(self) -> None:
-        for lv_name in self.activator.active(self.vg_name):
-            self.activator.deactivate(self.vg_name, lv_name)
+        for shard in self.shards():
+            if shard.luns:
+                for lv_name in shard.activator.active(shard.vg_name):
+                    shard.activator.deactivate(shard.vg_name, lv_name)
 
     def detach(self) -> None:
         """Forget the domain on this host (hosts that are not manager); the LUN is untouched."""
@@ -323,23 +675,37 @@ class Domain:
         self.paths.domain_config(self.name).unlink(missing_ok=True)
 
     def check_removable(self, force: bool = False) -> None:
-        volumes = [lv.name for lv in self.lvm.lvs(self.vg_name) if lv.name not in SPECIAL_LVS]
+        volumes = [lv.name for lv in self.volume_lvs()]
         if volumes and not force:
             raise errors.Busy(f"domain {self.name} has {len(volumes)} volume(s); "
                               "delete them or use --force")
 
     def destroy(self, force: bool = False) -> None:
-        """Destroy the domain: VG, PV labels, this host's config.
+        """Destroy the domain: VGs, PV labels, this host's config.
 
         Like formatting, this runs outside the manager role: the daemon gives the role
         up and leaves the lockspace first (sanlock must stop renewing on ``ids`` before
         the LV goes), after checking no other host is still live in it."""
         self.check_removable(force)
+        shards = self.shards()
         self.deactivate_all()
-        lvm = make_lvm(self.paths, self.runner, self.config.luns, writable=True)
-        lvm.vgremove(self.vg_name)
-        lvm.pvremove(self.config.luns)
+        for shard in reversed(shards):  # shard 0, with the domain record, last
+            if not shard.luns:
+                continue
+            lvm = make_lvm(self.paths, self.runner, shard.luns, writable=True)
+            lvm.vgremove(shard.vg_name)
+            lvm.pvremove(shard.luns)
         self.paths.domain_config(self.name).unlink(missing_ok=True)
+
+
+def _lun_vgs(luns: Sequence[str]) -> dict[str, str | None]:
+    """LUN -> the VG its metadata area names (None: not readable as one), read from the
+    metadata areas directly: no LVM command that would parse every shard."""
+    found: dict[str, str | None] = {}
+    for lun in luns:
+        head = lvm_mda.read_head(lun)
+        found[lun] = head.vg_name if head else None
+    return found
 
 
 def _device_size(path: str) -> int:
@@ -365,63 +731,138 @@ def _lun_signature(runner: Runner, lun: str) -> str | None:
 def create_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[str],
                   host_id: int, io_timeout: int = 10,
                   format_leases: Callable[[Domain], None] | None = None,
-                  leases_size: int | None = None) -> Domain:
-    """Format ``luns`` as a new domain with this host as its manager."""
+                  leases_size: int | None = None,
+                  format_version: int = FORMAT_VERSION) -> Domain:
+    """Format ``luns`` as a new domain with this host as its manager: format 2, one
+    shard per LUN (format 1: one VG over all of them)."""
     check_name(name)
     check_host_id(host_id)
-    if not luns:
-        raise errors.InvalidArgument("at least one --lun is needed")
-    if len(set(luns)) != len(luns):
-        raise errors.InvalidArgument("the same LUN is given twice")
     if not 1 <= io_timeout <= 60:
         raise errors.InvalidArgument(f"invalid io_timeout {io_timeout}: must be 1..60 s")
-    for lun in luns:
-        check_lun(lun)
+    if format_version not in (1, 2):
+        raise errors.InvalidArgument(f"invalid format version {format_version}: 1 or 2")
+    if len(luns) > journal.MAX_SHARDS:
+        raise errors.InvalidArgument(f"a domain has at most {journal.MAX_SHARDS} shards")
     if paths.domain_config(name).exists():
         raise errors.AlreadyExists(f"domain {name} is already attached on this host")
-    for lun in luns:
-        found = _lun_signature(runner, lun)
-        if found:
-            raise errors.AlreadyExists(f"LUN {lun} is not empty: it holds {found}")
+    _check_new_luns(paths, runner, luns)
 
     domain_uuid = str(uuid.uuid4())
-    lvm = make_lvm(paths, runner, luns, writable=True)
-    lvm.pvcreate(luns)
+    # format 1: one VG on every LUN (kept for tests of old domains); 2: a shard per LUN
+    shard_luns = [tuple(luns)] if format_version == 1 else [(lun,) for lun in luns]
+    made: list[tuple[str, tuple[str, ...]]] = []
     try:
-        lvm.vgcreate(name, luns, [f"{DOMAIN_TAG}={domain_uuid}", FORMAT_TAG])
-        for lv_name, size in SPECIAL_LVS.items():
+        for index, members in enumerate(shard_luns):
+            vg_name = shard_vg_name(name, index)
+            lvm = make_lvm(paths, runner, members, writable=True)
+            lvm.pvcreate(members)
+            made.append((vg_name, members))
+            vg_tags = [f"{DOMAIN_TAG}={domain_uuid}", f"{FORMAT_TAG}={format_version}"]
+            if format_version >= 2:
+                vg_tags.append(f"{SHARD_TAG}={index}")
+            lvm.vgcreate(vg_name, members, vg_tags)
+        lvm = make_lvm(paths, runner, shard_luns[0], writable=True)
+        for lv_name, size in (SPECIAL_LVS if format_version == 1 else SPECIAL_LVS_V2).items():
             if lv_name == "leases" and leases_size:
                 size = leases_size
             lvm.lvcreate(name, lv_name, size, [SPECIAL_TAG])
         activator = make_activator(lvm, runner, paths.activations_dir)
         record = journal.DomainRecord(domain_uuid=domain_uuid, vg_name=name,
                                       manager_host_id=0, created=time.time(),
-                                      io_timeout=io_timeout)
+                                      io_timeout=io_timeout, format_version=format_version,
+                                      shard_count=len(shard_luns))
         with ondisk.BlockFile(activator.activate(name, "journal"), writable=True) as dev:
-            dev.write(0, b"\0" * journal.REQUESTS_OFFSET)
+            # Nothing of an earlier use of the LUN may read as a record of this domain.
+            chunk = b"\0" * (4 * 1024 * 1024)
+            for offset in range(0, journal.JOURNAL_END, len(chunk)):
+                dev.write(offset, chunk)
+            if format_version >= 2:
+                for index, members in enumerate(shard_luns):
+                    journal.write_shard(dev, journal.ShardRecord(
+                        index, shard_vg_name(name, index), members))
             journal.write_domain_record(dev, record)
         config = HostDomainConfig(name, domain_uuid, tuple(luns), host_id)
         domain = Domain(paths, runner, config)
         if format_leases is not None:
             format_leases(domain)  # the lockspace and the manager lease
     except BaseException:
-        _undo_format(lvm, paths, runner, name, luns)
+        _undo_format(paths, runner, name, made)
         raise
     config.save(paths)
     return domain
 
 
-def _undo_format(lvm: Lvm, paths: HostPaths, runner: Runner, name: str,
-                 luns: Sequence[str]) -> None:
+def extend_domain(domain: Domain, luns: Sequence[str]) -> list[Shard]:
+    """Add a shard on each of ``luns`` (manager only; empty LUNs): the VG, its shard
+    record, then the domain record that counts it, so a crash in between leaves an
+    unused VG, never a counted shard that is not there."""
+    domain.require_manager()
+    record = domain.read_record()
+    if record.format_version < 2:
+        raise errors.Unsupported(f"domain {domain.name} has format version "
+                                 f"{record.format_version}: it cannot grow shards")
+    _check_new_luns(domain.paths, domain.runner, luns)
+    known = {lun for s in domain.shards() for lun in s.luns}
+    for lun in luns:
+        if lun in known:
+            raise errors.AlreadyExists(f"LUN {lun} is already in domain {domain.name}")
+    if record.shard_count + len(luns) > journal.MAX_SHARDS:
+        raise errors.InvalidArgument(f"a domain has at most {journal.MAX_SHARDS} shards")
+    added: list[Shard] = []
+    for lun in luns:
+        index = record.shard_count
+        vg_name = shard_vg_name(domain.name, index)
+        domain.require_manager_now()
+        lvm = make_lvm(domain.paths, domain.runner, [lun], writable=True)
+        lvm.pvcreate([lun])
+        lvm.vgcreate(vg_name, [lun], [f"{DOMAIN_TAG}={domain.config.domain_uuid}",
+                                     f"{FORMAT_TAG}={record.format_version}",
+                                     f"{SHARD_TAG}={index}"])
+        with domain.journal() as dev:
+            journal.write_shard(dev, journal.ShardRecord(index, vg_name, (lun,)))
+            record = journal.read_domain_record(dev)
+            record.shard_count = index + 1
+            journal.write_domain_record(dev, record)
+        domain.record = record
+        shard = Shard(index, vg_name, (lun,), lvm, make_activator(
+            lvm, domain.runner, domain.paths.activations_dir))
+        domain.add_shard(shard)
+        added.append(shard)
+        log.info("domain %s: shard %d (VG %s) added on %s", domain.name, index, vg_name, lun)
+    config = domain.config
+    domain.config = HostDomainConfig(config.name, config.domain_uuid,
+                                     config.luns + tuple(luns), config.host_id)
+    domain.config.save(domain.paths)
+    return added
+
+
+def _check_new_luns(paths: HostPaths, runner: Runner, luns: Sequence[str]) -> None:
+    if not luns:
+        raise errors.InvalidArgument("at least one --lun is needed")
+    if len(set(luns)) != len(luns):
+        raise errors.InvalidArgument("the same LUN is given twice")
+    for lun in luns:
+        check_lun(lun)
+    for lun in luns:
+        found = _lun_signature(runner, lun)
+        if found:
+            raise errors.AlreadyExists(f"LUN {lun} is not empty: it holds {found}")
+
+
+def _undo_format(paths: HostPaths, runner: Runner, name: str,
+                 made: Sequence[tuple[str, tuple[str, ...]]]) -> None:
     """Best effort: leave the LUNs as empty as they were found."""
-    activator = make_activator(lvm, runner, paths.activations_dir)
-    for lv_name in SPECIAL_LVS:
+    for vg_name, members in reversed(made):
+        lvm = make_lvm(paths, runner, members, writable=True)
+        if vg_name == name:
+            activator = make_activator(lvm, runner, paths.activations_dir)
+            for lv_name in SPECIAL_NAMES:
+                with contextlib.suppress(errors.Error):
+                    activator.deactivate(name, lv_name)
         with contextlib.suppress(errors.Error):
-            activator.deactivate(name, lv_name)
-    with contextlib.suppress(errors.Error):
-        lvm.vgremove(name)
-    with contextlib.suppress(errors.Error):
-        lvm.pvremove(luns)
+            lvm.vgremove(vg_name)
+        with contextlib.suppress(errors.Error):
+            lvm.pvremove(members)
 
 
 def attach_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[str],
@@ -435,7 +876,9 @@ def attach_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[st
         check_lun(lun)
     if paths.domain_config(name).exists():
         raise errors.AlreadyExists(f"domain {name} is already attached on this host")
-    lvm = make_lvm(paths, runner, luns, writable=False)
+    heads = _lun_vgs(luns)
+    zero = [lun for lun in luns if heads[lun] == name] or list(luns)
+    lvm = make_lvm(paths, runner, zero, writable=False)
     try:
         vg = lvm.vg(name)
     except (errors.LvmError, errors.DomainNotFound):
@@ -444,15 +887,26 @@ def attach_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[st
     domain_uuid = tags.get(DOMAIN_TAG)
     if not domain_uuid:
         raise errors.DomainNotFound(f"volume group {name} is not a sharedlvm domain")
-    if vg.pv_count != len(luns):
+    if vg.pv_count != len(zero):
         raise errors.InvalidArgument(
-            f"domain {name} has {vg.pv_count} LUN(s); give all of them with --lun")
+            f"domain {name} has {vg.pv_count} LUN(s) in VG {name}; give all the domain's "
+            "LUNs with --lun")
     config = HostDomainConfig(name, domain_uuid, tuple(luns), host_id)
     domain = Domain(paths, runner, config)
     try:
         domain.record  # noqa: B018 - reads and verifies the domain record
+        shards = domain.shards()
     except (errors.Error, CommandError):
         make_activator(lvm, runner, paths.activations_dir).deactivate(name, "journal")
         raise
+    missing = [s.vg_name for s in shards if not s.luns]
+    ours = {lun for s in shards for lun in s.luns}
+    foreign = [lun for lun in luns if lun not in ours]
+    if missing or foreign:
+        make_activator(lvm, runner, paths.activations_dir).deactivate(name, "journal")
+        raise errors.InvalidArgument(
+            f"domain {name}: " + "; ".join(
+                ([f"no LUN given for shard VG(s) {', '.join(missing)}"] if missing else [])
+                + ([f"{', '.join(foreign)} not in the domain"] if foreign else [])))
     config.save(paths)
     return domain

@@ -14,6 +14,7 @@ import time
 from dataclasses import replace
 from typing import Protocol
 
+from . import domain as domain_mod
 from . import errors
 from . import volume as volume_mod
 from .domain import Domain
@@ -32,6 +33,7 @@ from .model import (
 from .requests import (
     CreateVolume,
     DeleteVolume,
+    ExtendDomain,
     ExtendVolume,
     GetDomain,
     GetManager,
@@ -120,6 +122,12 @@ def get_domain(ctx: Context, req: GetDomain) -> DomainInfo:
     except errors.DaemonNotRunning:
         return info  # the last manager the domain record names
     return replace(info, manager_host_id=status.manager or 0, is_manager=status.this_host)
+
+
+def extend_domain(ctx: Context, req: ExtendDomain) -> DomainInfo:
+    service = ctx.service(req.domain)
+    domain_mod.extend_domain(service.domain, req.luns)
+    return get_domain(ctx, GetDomain(req.domain))
 
 
 def remove_domain(ctx: Context, req: RemoveDomain) -> DomainRemoved:

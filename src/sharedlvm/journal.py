@@ -5,6 +5,8 @@ Layout (offsets in the LV)::
     0        domain record, copy A   (4 KiB)
     4 KiB    domain record, copy B   (4 KiB)
     1 MiB    request records: REQUEST_BUCKETS buckets of BUCKET_SLOTS 4 KiB slots
+    40 MiB   format 2: the shard table, one 4 KiB record per shard (MAX_SHARDS)
+    48 MiB   format 2: the volume index, INDEX_BUCKETS 4 KiB buckets (volume -> shard)
 
 The domain record is written as A then B; a reader takes the valid copy with the
 highest sequence, so a write torn by a crash leaves the older copy readable.
@@ -24,23 +26,34 @@ is refused. A new manager rolls every pending request forward (or marks it
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import ondisk
-from .errors import Busy, CorruptRecord, DomainNotFound
+from .errors import Busy, CorruptRecord, DomainNotFound, InvalidArgument
 from .lvm import EXTENT_SIZE
 
 DOMAIN_MAGIC = b"SLVMDOM1"
 REQUEST_MAGIC = b"SLVMREQ1"
+SHARD_MAGIC = b"SLVMSHD1"
+INDEX_MAGIC = b"SLVMIDX1"
 
 DOMAIN_COPIES = (0, ondisk.BLOCK_SIZE)
 REQUESTS_OFFSET = 1024 * 1024
 BUCKET_SLOTS = 8
 REQUEST_BUCKETS = 1024  # 8,192 slots: 32 MiB; the journal LV is 64 MiB at least
 BUCKET_SIZE = BUCKET_SLOTS * ondisk.BLOCK_SIZE
+SHARDS_OFFSET = 40 * 1024 * 1024
+MAX_SHARDS = 256
+INDEX_OFFSET = 48 * 1024 * 1024
+# 2,048 buckets of one block: about 80 volumes fit a bucket (a 36-character UUID and
+# its shard, as JSON), 5 on average at 10,000 volumes: a full bucket is a refusal
+# (Busy) at some 10^5 volumes, far past what a domain's LUNs hold.
+INDEX_BUCKETS = 2048
+JOURNAL_END = INDEX_OFFSET + INDEX_BUCKETS * ondisk.BLOCK_SIZE  # 56 MiB of the 64
 
 
 @dataclass
@@ -52,15 +65,21 @@ class DomainRecord:
     io_timeout: int = 10
     manager_generation: int = 0
     extent_size: int = EXTENT_SIZE
+    format_version: int = 1
+    shard_count: int = 1  # format 2: shards 0..shard_count-1 in the shard table
     seq: int = 0
 
     def payload(self) -> dict[str, Any]:
-        return {
+        out = {
             "domain_uuid": self.domain_uuid, "vg_name": self.vg_name,
             "manager_host_id": self.manager_host_id, "created": self.created,
             "io_timeout": self.io_timeout, "manager_generation": self.manager_generation,
             "extent_size": self.extent_size,
         }
+        if self.format_version > 1:  # a version-1 record stays as version 1 wrote it
+            out["format_version"] = self.format_version
+            out["shard_count"] = self.shard_count
+        return out
 
     @classmethod
     def from_record(cls, rec: ondisk.Record) -> DomainRecord:
@@ -70,7 +89,9 @@ class DomainRecord:
                        manager_host_id=int(p["manager_host_id"]), created=float(p["created"]),
                        io_timeout=int(p["io_timeout"]),
                        manager_generation=int(p["manager_generation"]),
-                       extent_size=int(p["extent_size"]), seq=rec.seq)
+                       extent_size=int(p["extent_size"]),
+                       format_version=int(p.get("format_version", 1)),
+                       shard_count=int(p.get("shard_count", 1)), seq=rec.seq)
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptRecord(f"domain record is missing {exc}") from exc
 
@@ -168,9 +189,13 @@ class RequestLog:
     readable (a torn ``done`` leaves ``pending``: the request rolls forward again,
     idempotently), never nothing."""
 
-    def __init__(self, dev: ondisk.BlockFile, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, dev: ondisk.BlockFile, clock: Callable[[], float] = time.time,
+                 lock: threading.Lock | None = None) -> None:
+        """``lock``: held around each read-modify-write of a bucket, when threads of
+        one manager write concurrently (operations on different shards)."""
         self.dev = dev
         self.clock = clock
+        self._lock = lock or threading.Lock()
 
     def _bucket(self, request_id: str) -> list[tuple[int, ondisk.Record | None]]:
         base = _bucket_offset(request_id)
@@ -196,7 +221,8 @@ class RequestLog:
         return newest
 
     def find(self, request_id: str) -> RequestRecord | None:
-        slots = self._bucket(request_id)
+        with self._lock:
+            slots = self._bucket(request_id)
         best: ondisk.Record | None = None
         for _, rec in slots:
             if rec and rec.payload.get("id") == request_id and (best is None or
@@ -212,6 +238,10 @@ class RequestLog:
         overwritten; with no such slot a new request is refused (Busy, retry later),
         while the answer of a started one replaces its own current record.
         Raises InvalidArgument, before writing anything, if the record is too large."""
+        with self._lock:
+            self._put(record)
+
+    def _put(self, record: RequestRecord) -> None:
         slots = self._bucket(record.request_id)
         newest = self._newest(slots)
         top = max((r.seq for _, r in slots if r), default=0)
@@ -263,3 +293,73 @@ class RequestLog:
                     newest[rid] = rec
         return [RequestRecord.from_payload(r.payload) for r in newest.values()
                 if r.payload.get("state") == PENDING]
+
+
+# The shard table (format 2): what each shard is, for hosts that have not seen it yet.
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """Shard ``index``: its VG, and the LUN paths it was made on (a host that has no
+    LUN of that VG in its own config looks there: give LUNs by names that are the
+    same on every host, /dev/disk/by-id or /dev/mapper/WWID)."""
+
+    index: int
+    vg_name: str
+    luns: tuple[str, ...]
+
+
+def write_shard(dev: ondisk.BlockFile, shard: ShardRecord) -> None:
+    if not 0 <= shard.index < MAX_SHARDS:
+        raise InvalidArgument(f"a domain has at most {MAX_SHARDS} shards")
+    dev.write(SHARDS_OFFSET + shard.index * ondisk.BLOCK_SIZE, ondisk.encode(
+        SHARD_MAGIC, 1, {"index": shard.index, "vg": shard.vg_name,
+                         "luns": list(shard.luns)}))
+
+
+def read_shards(dev: ondisk.BlockFile, count: int) -> list[ShardRecord]:
+    """The first ``count`` shard records (one read). A missing or corrupt record is
+    an error: the table is written before the domain record counts the shard."""
+    data = dev.read(SHARDS_OFFSET, max(count, 1) * ondisk.BLOCK_SIZE)
+    found = []
+    for i in range(count):
+        rec = ondisk.decode(data[i * ondisk.BLOCK_SIZE:(i + 1) * ondisk.BLOCK_SIZE],
+                            SHARD_MAGIC)
+        if rec is None or rec.payload.get("index") != i:
+            raise CorruptRecord(f"shard table on {dev.path}: no record for shard {i}")
+        found.append(ShardRecord(i, str(rec.payload["vg"]),
+                                 tuple(str(x) for x in rec.payload.get("luns", []))))
+    return found
+
+
+# The volume index (format 2): volume UUID -> shard, so any host finds a volume's VG
+# with one 4 KiB read instead of asking LVM about every shard. The LVs stay the truth:
+# an entry is written before the volume's lvcreate and removed after its lvremove, so
+# an entry may name a volume that is gone (a crash between), never miss one that
+# exists; a torn or missing bucket is rebuilt by the manager from the shards' LVs.
+
+def _index_offset(volume: str) -> int:
+    digest = hashlib.sha256(volume.encode()).digest()
+    return INDEX_OFFSET + int.from_bytes(digest[:4], "big") % INDEX_BUCKETS * ondisk.BLOCK_SIZE
+
+
+def index_bucket(volume: str) -> int:
+    return (_index_offset(volume) - INDEX_OFFSET) // ondisk.BLOCK_SIZE
+
+
+def read_index(dev: ondisk.BlockFile, volume: str) -> dict[str, int]:
+    """The bucket holding ``volume``: {uuid: shard} of every volume hashed there.
+    Raises CorruptRecord for a torn bucket."""
+    rec = ondisk.decode(dev.read(_index_offset(volume), ondisk.BLOCK_SIZE), INDEX_MAGIC)
+    if rec is None:
+        return {}
+    return {str(k): int(v) for k, v in rec.payload.get("volumes", {}).items()}
+
+
+def write_index(dev: ondisk.BlockFile, volume: str, entries: dict[str, int]) -> None:
+    """Write the bucket of ``volume`` (and of every other volume in ``entries``)."""
+    try:
+        block = ondisk.encode(INDEX_MAGIC, 1, {"volumes": entries})
+    except InvalidArgument:
+        raise Busy(f"the volume index bucket of {volume} is full "
+                   f"({len(entries)} volumes)") from None
+    dev.write(_index_offset(volume), block)

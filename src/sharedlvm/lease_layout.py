@@ -111,7 +111,7 @@ class LeaseLayout:
 
     def _scan_used(self) -> set[int]:
         used = {MANAGER_SLOT}
-        for lv in self.domain.lvm.lvs(self.domain.vg_name):
+        for lv in self.domain.volume_lvs():
             slot = tags.lease_slot(lv.tags)
             if slot is not None:
                 used.add(slot)
@@ -140,6 +140,7 @@ class LeaseLayout:
                 self.domain.lvm.lvextend(self.domain.vg_name, "leases",
                                          lv.size + LEASES_GROWTH)
                 self._count = (lv.size + LEASES_GROWTH) // self.align
+                self.domain.placement.forget(self.domain.shard(0))
                 slot = count
             self.domain.require_manager_now()  # a lease write is a write: fenced too
             leases.init_resource(self.lockspace, volume_uuid, self.slot_disk(slot),

@@ -114,10 +114,15 @@ def use_run_dir(path: Path) -> None:
     os.environ[RUN_DIR_ENV] = str(path)
 
 
-def _map(exc: Exception, what: str) -> errors.Error:
+def _errno(exc: BaseException | None) -> Any:
     code = getattr(exc, "errno", None)
     if code is None and getattr(exc, "args", None):
-        code = exc.args[0]
+        code = exc.args[0]  # type: ignore[union-attr]
+    return code
+
+
+def _map(exc: Exception, what: str) -> errors.Error:
+    code = _errno(exc)
     cls, meaning = ERRNO_MAP.get(int(code) if isinstance(code, int) else 0,
                                  (errors.LeaseError, str(exc)))
     return cls(f"{what}: {meaning} (sanlock error {code})")
@@ -220,8 +225,16 @@ def _owner(fd: int | None, pid: int | None) -> dict[str, int]:
 def acquire(lockspace: str, resource: str, disks: Sequence[Disk], *, shared: bool,
             fd: int | None = None, pid: int | None = None) -> None:
     with _FD_LOCK:
-        _call(f"cannot acquire lease {resource}", sanlock.acquire, lockspace.encode(),
-              resource.encode(), _disks(disks), shared=shared, **_owner(fd, pid))
+        try:
+            _call(f"cannot acquire lease {resource}", sanlock.acquire, lockspace.encode(),
+                  resource.encode(), _disks(disks), shared=shared, **_owner(fd, pid))
+        except errors.LockspaceError as exc:
+            # EEXIST from acquire: another process of this host holds the resource
+            # (sanlock keeps one token per resource per host daemon).
+            if _errno(exc.__cause__) != errno.EEXIST:
+                raise
+            raise errors.LeaseHeld(f"cannot acquire lease {resource}: held by another "
+                                   "process on this host (sanlock error 17)") from exc
 
 
 def release(lockspace: str, resource: str, disks: Sequence[Disk], *,

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +51,8 @@ activation {{
     monitoring = 0
 }}
 backup {{
-    backup = {backup}
-    archive = {backup}
-    backup_dir = "{backup_dir}"
-    archive_dir = "{archive_dir}"
-    retain_min = 50
-    retain_days = 0
+    backup = 0
+    archive = 0
 }}
 """
 # devices/filter, global_filter: accept only the domain's PVs. LVM never scans, reads
@@ -79,8 +76,13 @@ backup {{
 # activation/monitoring = 0: only linear LVs, nothing for dmeventd to watch.
 # locking_dir: per host, so simulated hosts on one machine do not serialize each
 #   other through a shared /run/lock/lvm and hide races the real world has.
-# backup/archive: only the manager keeps metadata backups (in its private
-#   LVM_SYSTEM_DIR); a reader could only archive someone else's changes.
+# backup/archive = 0: LVM's own backup and archive rewrite a copy of the whole VG's
+#   metadata on every commit (0.8-8 MB at 1,000-10,000 volumes) on the host that
+#   commits, where the next manager cannot read it, and make later commands parse
+#   it (15-18% per commit, more for vgs). sharedlvm keeps its own (planned: see
+#   docs/design.md "Shards").
+# global/use_aio is not here: LVM ignores it in --config; it is in the private
+#   lvm.conf (domain.LVM_CONF).
 
 # Metadata area per PV. Measured (bench/metadata_ops.py, vgcfgbackup): 632 bytes of
 # metadata text per volume with its tags, so 10,000 volumes take about 6 MiB. LVM
@@ -108,16 +110,12 @@ class LvmConfig:
     def text(self) -> str:
         accept = " ".join(f'"a|^{_regex_escape(d)}$|",' for d in self.devices)
         locking = "" if self.writable else "locking_type = 4"
-        backup = 1 if self.writable else 0
         return CONFIG_TEMPLATE.format(
             accept=accept,
             locking=locking,
             activation=1 if self.activation else 0,
             udev=1 if self.udev else 0,
             lock_dir=self.lock_dir,
-            backup=backup,
-            backup_dir=self.system_dir / "backup",
-            archive_dir=self.system_dir / "archive",
         )
 
 
@@ -199,6 +197,9 @@ class Lvm:
         self.after_write = after_write
         # A metadata command must end while this host surely still holds the role.
         self.write_timeout = write_timeout
+        # One metadata command at a time on these devices, checks included: the
+        # seqno check before a command is only true if no other thread commits.
+        self._write_lock = threading.Lock()
 
     @property
     def writable(self) -> bool:
@@ -223,13 +224,14 @@ class Lvm:
 
     def write(self, command: str, *args: str) -> str:
         """Run a metadata-changing command, between the manager's checks."""
-        if self.before_write is not None:
-            self.before_write()
-        try:
-            return self.run(command, *args, timeout=self.write_timeout)
-        finally:
-            if self.after_write is not None:
-                self.after_write()
+        with self._write_lock:
+            if self.before_write is not None:
+                self.before_write()
+            try:
+                return self.run(command, *args, timeout=self.write_timeout)
+            finally:
+                if self.after_write is not None:
+                    self.after_write()
 
     def _report(self, command: str, kind: str, fields: str, *args: str) -> list[dict[str, str]]:
         out = self.run(command, "--reportformat", "json", "--units", "b", "--nosuffix",

@@ -25,11 +25,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from . import errors, journal, ondisk
-from .domain import Domain
+from . import errors, journal, lvm_mda, ondisk
+from .domain import Domain, Shard
 from .errors import Fenced
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,68 @@ def metadata_timeout(io_timeout: int) -> float:
     return 6 * io_timeout + 30.0
 
 
+class RoleLock:
+    """Operations hold the role shared (several run at once, one per shard at a time:
+    Domain.manager_lock); taking, releasing and giving up the role hold it exclusive,
+    waiting for the running operations. Waiting exclusive holders go first."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._owner: int | None = None  # thread holding it exclusive
+        self._depth = 0
+        self._waiting = 0
+        self._mine = threading.local()  # this thread's shared holds
+
+    def held_shared(self) -> bool:
+        """This thread runs an operation under the role (it must not wait for
+        exclusive: that would wait for itself)."""
+        return getattr(self._mine, "shared", 0) > 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:  # the exclusive holder may run operations (recovery)
+                self._depth += 1
+            else:
+                while self._owner is not None or self._waiting:
+                    self._cond.wait()
+                self._shared += 1
+                self._mine.shared = getattr(self._mine, "shared", 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                if self._owner == me:
+                    self._depth -= 1
+                else:
+                    self._shared -= 1
+                    self._mine.shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+            else:
+                self._waiting += 1
+                while self._owner is not None or self._shared:
+                    self._cond.wait()
+                self._waiting -= 1
+                self._owner, self._depth = me, 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._owner = None
+                self._cond.notify_all()
+
+
 class Manager:
     def __init__(self, domain: Domain, lease: ManagerLease,
                  recover: Callable[[], list[str]] = list) -> None:
@@ -80,8 +143,9 @@ class Manager:
         self.recovering = False
         self.token: int | None = None
         self.generation: int | None = None
-        self.seqno: int | None = None  # the VG's seqno after this manager's last commit
-        self.lock = threading.RLock()  # one metadata operation at a time
+        # Each shard VG's seqno after this manager's last commit to it.
+        self.seqnos: dict[str, int] = {}
+        self.lock = RoleLock()
 
     @property
     def active(self) -> bool:
@@ -94,7 +158,7 @@ class Manager:
 
     def try_take(self) -> bool:
         """Try to become manager; True if this host is manager afterwards."""
-        with self.lock:
+        with self.lock.exclusive():
             if self.active:
                 return True
             try:
@@ -118,34 +182,59 @@ class Manager:
         d.record = record
         self.token = token
         self.generation = record.manager_generation
+        d.reload_shards()
+        shards = [s for s in d.shards() if s.luns]
+        with ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
+            seqnos = list(pool.map(self._lvm_seqno, shards))
+        self.seqnos = {s.vg_name: n for s, n in zip(shards, seqnos, strict=True)}
         d.become_manager(self.check, self.before_write, self.after_write,
                          metadata_timeout(record.io_timeout))
-        self.seqno = d.lvm.vg(d.vg_name).seqno
         log.info("host %d is manager of %s at generation %d (lease version %d)",
                  d.host_id, d.name, self.generation, token)
         self.recover()
 
-    def before_write(self) -> None:
-        """Before each metadata command: the fencing check, and the VG's sequence
-        number still the one this manager's last commit left. Any other value means
-        that another process wrote the metadata meanwhile (a second manager, a stray
-        lvm): stop before writing, and say so."""
+    @staticmethod
+    def _lvm_seqno(shard: Shard) -> int:
+        return shard.lvm.vg(shard.vg_name).seqno
+
+    @classmethod
+    def _seqno(cls, shard: Shard) -> int:
+        """The shard VG's committed seqno: read from its metadata area (one O_DIRECT
+        read, lvm_mda), or from LVM when that cannot be read."""
+        head = lvm_mda.read_head(shard.luns[0]) if shard.luns else None
+        if head is None or head.vg_name != shard.vg_name:
+            return cls._lvm_seqno(shard)
+        return head.seqno
+
+    def before_write(self, shard: Shard) -> None:
+        """Before each metadata command: the fencing check, and the shard VG's
+        sequence number still the one this manager's last commit left. Any other value
+        means that another process wrote the metadata meanwhile (a second manager, a
+        stray lvm): stop before writing, and say so. A value read from the metadata
+        area that differs is confirmed with LVM before it counts."""
         self.check()
-        d = self.domain
-        seqno = d.lvm.vg(d.vg_name).seqno
-        if self.seqno is not None and seqno != self.seqno:
-            self._fence(f"the metadata of VG {d.vg_name} is at seqno {seqno}, this "
-                        f"manager's last commit left {self.seqno}: another host or "
+        expected = self.seqnos.get(shard.vg_name)
+        if expected is None:  # a shard added in this term: its first write
+            self.seqnos[shard.vg_name] = self._lvm_seqno(shard)
+            return
+        seqno = self._seqno(shard)
+        if seqno != expected:
+            seqno = self._lvm_seqno(shard)
+        if seqno != expected:
+            self._fence(f"the metadata of VG {shard.vg_name} is at seqno {seqno}, this "
+                        f"manager's last commit left {expected}: another host or "
                         "process wrote it")
 
-    def after_write(self) -> None:
+    def after_write(self, shard: Shard) -> None:
         """After each metadata command (also a failed one): one commit at most, or
         something else committed during it."""
-        d = self.domain
-        seqno = d.lvm.vg(d.vg_name).seqno
-        before, self.seqno = self.seqno, seqno
+        before = self.seqnos.get(shard.vg_name)
+        seqno = self._seqno(shard)
+        if before is not None and not before <= seqno <= before + 1:
+            seqno = self._lvm_seqno(shard)
+        self.seqnos[shard.vg_name] = seqno
         if before is not None and seqno > before + 1:
-            self._fence(f"the metadata of VG {d.vg_name} went from seqno {before} to "
+            self._fence(f"the metadata of VG {shard.vg_name} went from seqno {before} to "
                         f"{seqno} across one command: another host or process wrote it")
 
     def check(self) -> None:
@@ -183,8 +272,10 @@ class Manager:
             self.lease.release()
 
     def release(self) -> None:
-        """Give the role up cleanly (another host can take it at once)."""
-        with self.lock:
+        """Give the role up cleanly (another host can take it at once): after the
+        running operations, or at once from within one (domain remove)."""
+        held = self.lock.held_shared()
+        with contextlib.nullcontext() if held else self.lock.exclusive():
             if self.active:
                 log.info("host %d releases the manager role of %s", self.domain.host_id,
                          self.domain.name)

@@ -113,6 +113,19 @@ class ServiceStatus:
 
 
 @dataclass(frozen=True)
+class ShardInfo:
+    """One VG of a domain (docs/design.md "Shards")."""
+
+    index: int
+    vg_name: str
+    luns: list[str]
+    volumes: int
+    size: int
+    free: int
+    seqno: int
+
+
+@dataclass(frozen=True)
 class DomainInfo:
     name: str
     domain_uuid: str
@@ -130,8 +143,9 @@ class DomainInfo:
     volumes: int
     metadata_size: int
     metadata_free: int
-    seqno: int
+    seqno: int  # of shard 0
     created: float
+    shards: list[ShardInfo]
 
 
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

@@ -77,6 +77,9 @@ TABLE: tuple[Operation, ...] = (
               cli=("volume", "teardown")),
     Operation(rq.GetDomain, handlers.get_domain, local=True, http=("GET", _D),
               cli=("domain", "info")),
+    # LUN paths are the manager host's: not forwarded (another host's path may differ)
+    Operation(rq.ExtendDomain, handlers.extend_domain, manager_only=True,
+              http=("POST", f"{_D}/extend"), cli=("domain", "extend")),
     # Destroys every disk of the domain: on the manager's command line only, not
     # over the network.
     Operation(rq.RemoveDomain, handlers.remove_domain, manager_only=True,

@@ -77,7 +77,7 @@ class PreparedVolumes:
                 log.info("volume %s was prepared for process %d, which is gone", vol,
                          prep.pid)
                 with contextlib.suppress(errors.Error):
-                    self.domain.activator.deactivate(self.domain.vg_name, vol)
+                    self.domain.deactivate_volume(vol)
                 del found[vol]
         return found
 
@@ -144,6 +144,6 @@ class PreparedVolumes:
             if pid_alive(prep.pid):
                 with contextlib.suppress(errors.LeaseError):  # it may have released it
                     self.layout.release_volume(info, pid=prep.pid)
-            self.domain.activator.deactivate(self.domain.vg_name, volume)
+            self.domain.deactivate_volume(volume)
             del self._held[volume]
             self._save()

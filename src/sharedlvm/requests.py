@@ -288,6 +288,26 @@ class RemoveDomain(Request):
 
 
 @dataclass(frozen=True)
+class ExtendDomain(Request):
+    """add a shard on each new LUN (on the manager; give LUNs by names that are the
+    same on every host)"""
+
+    op: ClassVar[str] = "domain.extend"
+    Result: ClassVar[Any] = DomainInfo
+
+    luns: list[str] = arg("empty block device for a new shard (repeatable)", flag="--lun",
+                          cli_parse=list, repeat=True, metavar="DEVICE")
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        if not self.luns:
+            raise InvalidArgument("at least one --lun is needed")
+        for lun in self.luns:
+            if not lun.startswith("/dev/") or "\0" in lun or len(lun) > 4096:
+                raise InvalidArgument(f"invalid LUN {lun!r}: a block device path under /dev")
+
+
+@dataclass(frozen=True)
 class GetManager(Request):
     """which host is manager, at which generation"""
 

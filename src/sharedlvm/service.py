@@ -19,6 +19,7 @@ from typing import Any
 
 from . import codec, errors
 from . import volume as volume_mod
+from .backup import Backups
 from .domain import Domain
 from .lease_layout import LeaseLayout
 from .leases import host_dead_seconds
@@ -38,6 +39,7 @@ LOCKSPACE_CHECK = 5.0
 class ServiceSettings:
     manager_poll: float
     mailbox: PollSettings
+    backup_interval: float = 60.0
 
 
 class DomainService:
@@ -58,6 +60,7 @@ class DomainService:
             domain, self.layout, domain.paths.run_dir / f"prepared-{domain.name}.json",
             self.require_joined)
         self.mailbox = Mailbox(domain)
+        self.backups = Backups(domain, settings.backup_interval)
         self.mailbox_client = MailboxClient(self.mailbox)
         self.mailbox_server = MailboxServer(self.mailbox, settings.mailbox, self._live,
                                             lambda: self.layout.sector_size,
@@ -92,8 +95,10 @@ class DomainService:
                         and self.manager.try_take()):
                     self.layout.reset_slots()
                     self.mailbox_server.reset()
+                    self.backups.reset()
                 if self.manager.active:
                     self.mailbox_server.serve()
+                    self._backup()
             except errors.Error as exc:
                 log.error("domain %s: %s", d.name, exc)
                 self.stopped.wait(2.0)
@@ -104,6 +109,18 @@ class DomainService:
                 self.stopped.wait(2.0)
             self.stopped.wait(self.settings.mailbox.poll if self.manager.active
                               else self.settings.manager_poll)
+
+    def _backup(self) -> None:
+        """The shards' metadata backups (backup.py): a failure is logged, never fatal
+        to the role (the next check tries again)."""
+        try:
+            self.backups.run()
+        except errors.Fenced:
+            raise
+        except errors.Error as exc:
+            log.error("domain %s: metadata backup failed: %s", self.domain.name, exc)
+            self.backups.reset()
+            self.backups.delay()
 
     def _check_lockspace(self) -> None:
         """A lockspace this host lost (storage gone long enough for renewal to fail,

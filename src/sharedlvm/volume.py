@@ -26,7 +26,7 @@ from typing import Any
 
 from . import codec, errors, journal, qemu_img, tags
 from .activation import set_read_only
-from .domain import Domain
+from .domain import Domain, Shard
 from .failpoints import failpoint
 from .lvm import LogicalVolume
 from .model import Allocation, Deleted, VolumeFormat, VolumeInfo, VolumeState, check_uuid
@@ -58,7 +58,7 @@ def _volume(lv: LogicalVolume) -> VolumeInfo | None:
 def list_volumes(domain: Domain, image: str | None = None,
                  user_tags: dict[str, str] | None = None) -> list[VolumeInfo]:
     found = []
-    for lv in domain.lvm.lvs(domain.vg_name):
+    for lv in domain.volume_lvs():
         info = _volume(lv)
         if info is None or (image and info.image != image):
             continue
@@ -70,24 +70,32 @@ def list_volumes(domain: Domain, image: str | None = None,
 
 def get_volume(domain: Domain, volume_id: str) -> VolumeInfo:
     check_uuid(volume_id)
+    shard = domain.volume_shard(volume_id)
     try:
-        info = _volume(domain.lvm.lv(domain.vg_name, volume_id))
+        info = _volume(shard.lvm.lv(shard.vg_name, volume_id))
     except errors.VolumeNotFound:
         info = None
     if info is None:
+        domain.forget_volume(volume_id)
         raise errors.VolumeNotFound(volume_id, domain.name)
     return info
+
+
+def _exists(domain: Domain, shard: Shard, volume_id: str) -> LogicalVolume | None:
+    found = shard.lvm.lvs(shard.vg_name, select=f"lv_name={volume_id}")
+    return found[0] if found else None
 
 
 @contextlib.contextmanager
 def activated(domain: Domain, volume_id: str) -> Iterator[str]:
     """Activate the volume on this host for the block, then deactivate it again."""
-    path = domain.activator.activate(domain.vg_name, volume_id)
+    shard = domain.volume_shard(volume_id)
+    path = shard.activator.activate(shard.vg_name, volume_id)
     try:
         yield path
     finally:
         with contextlib.suppress(errors.Error):
-            domain.activator.deactivate(domain.vg_name, volume_id)
+            shard.activator.deactivate(shard.vg_name, volume_id)
 
 
 # Exactly-once by request id
@@ -127,7 +135,7 @@ def _once(domain: Domain, request: Request, op: str, intent: dict[str, Any],
         return run(intent, False)
     digest = request_digest(request)
     with domain.journal() as dev:
-        requests = journal.RequestLog(dev)
+        requests = domain.request_log(dev)
         rec = requests.find(request_id)
         resumed = False
         if rec is not None and (rec.op != op or (rec.digest and rec.digest != digest)):
@@ -171,37 +179,75 @@ class _CreateIntent:
     format: VolumeFormat
     alloc: Allocation
     tags: dict[str, str]
+    shard: int = 0  # records written before format 2 have none: shard 0
+
+
+def _recorded_intent(domain: Domain, request_id: str | None) -> dict[str, Any] | None:
+    """The intent a known request id resolved to the first time (None: a new id, or
+    one whose first run was aborted)."""
+    if request_id is None:
+        return None
+    with domain.journal() as dev:
+        rec = domain.request_log(dev).find(request_id)
+    if rec is not None and rec.state not in (journal.ABORTED, journal.DONE,
+                                             journal.FAILED):
+        return rec.args
+    return None
 
 
 def create_volume(domain: Domain, request: CreateVolume, allocate_lease: LeaseAllocator,
                   exclusive: ExclusiveLease) -> VolumeInfo:
     domain.require_manager()
     assert request.alloc is not None  # resolved by the request
-    intent = _CreateIntent(volume=str(uuid.uuid4()), image=request.image or str(uuid.uuid4()),
-                           size=request.size, format=request.format, alloc=request.alloc,
-                           tags=dict(request.tags))
+    with domain.request_lock(request.request_id):
+        recorded = _recorded_intent(domain, request.request_id)
+        if recorded is not None:  # roll forward where it started
+            shard = domain.shard(int(recorded.get("shard", 0)))
+            intent = recorded
+        else:
+            shard = domain.placement.choose(_lv_size(request.size, request.format,
+                                                     request.alloc))
+            intent = codec.to_wire(_CreateIntent(
+                volume=str(uuid.uuid4()), image=request.image or str(uuid.uuid4()),
+                size=request.size, format=request.format, alloc=request.alloc,
+                tags=dict(request.tags), shard=shard.index))
 
-    def run(data: dict[str, Any], resumed: bool) -> Any:
-        a = codec.from_wire(_CreateIntent, data, "create intent")
-        return codec.to_wire(_create(domain, a, resumed, allocate_lease, exclusive))
+        def run(data: dict[str, Any], resumed: bool) -> Any:
+            a = codec.from_wire(_CreateIntent, data, "create intent")
+            return codec.to_wire(_create(domain, a, resumed, allocate_lease, exclusive))
 
-    with domain.manager_lock():
-        result = _once(domain, request, "create", codec.to_wire(intent), run)
+        try:
+            with domain.manager_lock(shard):
+                result = _once(domain, request, "create", intent, run)
+        except errors.Error:
+            domain.placement.forget(shard)  # its counts may be off: read them again
+            raise
     return codec.from_wire(VolumeInfo, result)  # type: ignore[no-any-return]
+
+
+def _lv_size(size: int, fmt: VolumeFormat, alloc: Allocation) -> int:
+    if fmt == VolumeFormat.RAW:
+        return size
+    lv_size = min(size, THIN_INITIAL_SIZE) if alloc == Allocation.THIN else size
+    return lv_size + qemu_img.metadata_overhead(size)
 
 
 def _create(domain: Domain, a: _CreateIntent, resumed: bool,
             allocate_lease: LeaseAllocator, exclusive: ExclusiveLease) -> VolumeInfo:
     gen = domain.record.manager_generation
-    if resumed and domain.lvm.lvs(domain.vg_name, select=f"lv_name={a.volume}"):
+    shard = domain.shard(a.shard)
+    if resumed and _exists(domain, shard, a.volume):
         info = get_volume(domain, a.volume)
         if info.state == VolumeState.READY:  # published: never formatted again
             return info
         return _finish_qcow2(domain, info, a.size, exclusive)
-    # The lease exists before the volume is published (docs/design.md "Create").
+    # The lease exists before the volume is published (docs/design.md "Create"), and
+    # the index names its shard before the LV exists (journal: "The volume index").
     lease = allocate_lease(a.volume)
+    domain.set_volume_shard(a.volume, shard)
+    lv_size = _lv_size(a.size, a.format, a.alloc)
     if a.format == VolumeFormat.RAW:
-        _lvcreate(domain, a.volume, a.size, tags.volume_tags(
+        _lvcreate(domain, shard, a.volume, lv_size, tags.volume_tags(
             image=a.image, parent=None, fmt=a.format, alloc=a.alloc, generation=gen,
             lease=lease, state=VolumeState.READY, user=a.tags))
         # What one lvcreate just committed: no second LVM command to read it back.
@@ -210,8 +256,7 @@ def _create(domain: Domain, a: _CreateIntent, resumed: bool,
                           format=a.format, alloc=a.alloc, capacity=size, size=size,
                           state=VolumeState.READY, generation=gen, tags=dict(a.tags),
                           lease=lease)
-    lv_size = min(a.size, THIN_INITIAL_SIZE) if a.alloc == Allocation.THIN else a.size
-    _lvcreate(domain, a.volume, lv_size + qemu_img.metadata_overhead(a.size), tags.volume_tags(
+    _lvcreate(domain, shard, a.volume, lv_size, tags.volume_tags(
         image=a.image, parent=None, fmt=a.format, alloc=a.alloc, generation=gen,
         lease=lease, state=VolumeState.CREATING, capacity=a.size, user=a.tags))
     return _finish_qcow2(domain, get_volume(domain, a.volume), a.size, exclusive)
@@ -223,26 +268,31 @@ def _finish_qcow2(domain: Domain, info: VolumeInfo, size: int,
     with exclusive(info), activated(domain, info.uuid) as path:
         domain.require_manager_now()
         qemu_img.create(domain.runner, path, "qcow2", size)
-    domain.lvm.change_tags(domain.vg_name, info.uuid,
-                           add=[tags.state_tag(VolumeState.READY)],
-                           delete=[tags.state_tag(VolumeState.CREATING)])
+    shard = domain.volume_shard(info.uuid)
+    shard.lvm.change_tags(shard.vg_name, info.uuid,
+                          add=[tags.state_tag(VolumeState.READY)],
+                          delete=[tags.state_tag(VolumeState.CREATING)])
     return get_volume(domain, info.uuid)
 
 
-def _lvextend(domain: Domain, vol: str, size: int, current: int) -> None:
+def _lvextend(domain: Domain, shard: Shard, vol: str, size: int, current: int) -> None:
     try:
-        domain.lvm.lvextend(domain.vg_name, vol, size)
+        shard.lvm.lvextend(shard.vg_name, vol, size)
     except errors.NoSpace:
-        free = domain.lvm.vg(domain.vg_name).free
+        free = shard.lvm.vg(shard.vg_name).free
+        domain.placement.forget(shard)
         raise errors.NoSpace(domain.name, size - current, free) from None
+    domain.placement.used(shard, 0, size - current)
 
 
-def _lvcreate(domain: Domain, vol: str, size: int, lv_tags: list[str]) -> None:
+def _lvcreate(domain: Domain, shard: Shard, vol: str, size: int,
+              lv_tags: list[str]) -> None:
     try:
-        domain.lvm.lvcreate(domain.vg_name, vol, size, lv_tags)
+        shard.lvm.lvcreate(shard.vg_name, vol, size, lv_tags)
     except errors.NoSpace:
-        free = domain.lvm.vg(domain.vg_name).free
+        free = shard.lvm.vg(shard.vg_name).free
         raise errors.NoSpace(domain.name, size, free) from None
+    domain.placement.used(shard, 1, size)
 
 
 # Extend
@@ -257,7 +307,8 @@ def extend_volume(domain: Domain, request: ExtendVolume,
     disk through its own qemu)."""
     domain.require_manager()
     vol = request.volume
-    with domain.manager_lock():
+    with domain.request_lock(request.request_id), \
+            domain.manager_lock(domain.volume_shard(vol)):
         current: list[VolumeInfo] = []
 
         def resolve() -> dict[str, Any]:
@@ -276,7 +327,7 @@ def extend_volume(domain: Domain, request: ExtendVolume,
             # A known id keeps what it resolved to the first time ("+1G" of the size
             # then), and a finished one is answered as it was: resolve only a new one.
             with domain.journal() as dev:
-                rec = journal.RequestLog(dev).find(request.request_id)
+                rec = domain.request_log(dev).find(request.request_id)
             if rec is not None and rec.state != journal.ABORTED:
                 intent = rec.args
 
@@ -310,7 +361,7 @@ def _allocate(domain: Domain, vol: str, lv_size: int) -> VolumeInfo:
     """Grow a thin volume's LV only: the qcow2 inside is not touched, so no lease is
     needed and the volume may be in use (the thin-extend path of a running VM)."""
     info = get_volume(domain, vol)
-    _lvextend(domain, vol, lv_size, info.size)
+    _lvextend(domain, domain.volume_shard(vol), vol, lv_size, info.size)
     return get_volume(domain, vol)
 
 
@@ -318,8 +369,9 @@ def _extend(domain: Domain, vol: str, capacity: int, info: VolumeInfo | None,
             exclusive: ExclusiveLease) -> VolumeInfo:
     if info is None:
         info = get_volume(domain, vol)
+    shard = domain.volume_shard(vol)
     if info.format == VolumeFormat.RAW:
-        _lvextend(domain, vol, capacity, info.size)
+        _lvextend(domain, shard, vol, capacity, info.size)
         size = max(info.size, round_up(capacity, domain.record.extent_size))
         return replace(info, capacity=size, size=size)
     if info.format != VolumeFormat.QCOW2:
@@ -332,11 +384,12 @@ def _extend(domain: Domain, vol: str, capacity: int, info: VolumeInfo | None,
         if info.alloc == Allocation.PREALLOCATED:
             # (qemu-img resize writes the header and L1 table near the image's start:
             # the device as mapped before the extend holds them)
-            _lvextend(domain, vol, capacity + qemu_img.metadata_overhead(capacity), info.size)
+            _lvextend(domain, shard, vol, capacity + qemu_img.metadata_overhead(capacity),
+                      info.size)
         domain.require_manager_now()
         qemu_img.resize(domain.runner, path, "qcow2", capacity)
-        domain.lvm.change_tags(domain.vg_name, vol, add=[tags.capacity_tag(capacity)],
-                               delete=[tags.capacity_tag(info.capacity)])
+        shard.lvm.change_tags(shard.vg_name, vol, add=[tags.capacity_tag(capacity)],
+                              delete=[tags.capacity_tag(info.capacity)])
     return get_volume(domain, vol)
 
 
@@ -353,7 +406,8 @@ def delete_volume(domain: Domain, request: DeleteVolume,
         return codec.to_wire(_delete(domain, a["volume"], bool(a["wipe"]), resumed,
                                      exclusive))
 
-    with domain.manager_lock():
+    with domain.request_lock(request.request_id), \
+            domain.manager_lock(domain.volume_shard(request.volume)):
         result = _once(domain, request, "delete",
                        {"volume": request.volume, "wipe": request.wipe}, run)
     return codec.from_wire(Deleted, result)  # type: ignore[no-any-return]
@@ -365,36 +419,41 @@ def _delete(domain: Domain, vol: str, wipe: bool, resumed: bool,
         info = get_volume(domain, vol)
     except errors.VolumeNotFound:
         if resumed:  # removed before the manager that started it died
+            domain.clear_volume_shard(vol)
             return Deleted(vol)
         raise
+    shard = domain.volume_shard(vol)
     with exclusive(info):
         failpoint("delete-holding-lease")
-        domain.activator.deactivate(domain.vg_name, vol)
+        shard.activator.deactivate(shard.vg_name, vol)
         if not wipe:
             # One command: the selection matches only a sharedlvm volume of that name,
             # never a special LV or a foreign LV (rule: never touch what is not ours).
-            domain.lvm.lvremove_selected(domain.vg_name,
-                                         f"lv_name={vol} && {VOLUME_SELECT}")
-            return Deleted(vol)
-        # Reach the data first: a volume that cannot be wiped is left untouched.
-        domain.activator.activate(domain.vg_name, vol)
-        if info.state != VolumeState.REMOVING:
-            domain.lvm.change_tags(domain.vg_name, vol,
-                                   add=[tags.state_tag(VolumeState.REMOVING)],
-                                   delete=[tags.state_tag(info.state)])
-        finish_removal(domain, vol)
+            shard.lvm.lvremove_selected(shard.vg_name,
+                                        f"lv_name={vol} && {VOLUME_SELECT}")
+        else:
+            # Reach the data first: a volume that cannot be wiped is left untouched.
+            shard.activator.activate(shard.vg_name, vol)
+            if info.state != VolumeState.REMOVING:
+                shard.lvm.change_tags(shard.vg_name, vol,
+                                      add=[tags.state_tag(VolumeState.REMOVING)],
+                                      delete=[tags.state_tag(info.state)])
+            finish_removal(domain, vol)
+    domain.placement.used(shard, -1, -info.size)
+    domain.clear_volume_shard(vol)
     return Deleted(vol)
 
 
 def finish_removal(domain: Domain, vol: str) -> None:
     """Zero and remove a volume marked ``removing``, under its lease (the caller
     holds it); also the recovery path."""
-    size = domain.lvm.lv(domain.vg_name, vol).size
-    path = domain.activator.activate(domain.vg_name, vol)
+    shard = domain.volume_shard(vol)
+    size = shard.lvm.lv(shard.vg_name, vol).size
+    path = shard.activator.activate(shard.vg_name, vol)
     domain.require_manager_now()
     zero_device(path, size, progress=domain.progress)
-    domain.activator.deactivate(domain.vg_name, vol)
-    domain.lvm.lvremove(domain.vg_name, [vol])
+    shard.activator.deactivate(shard.vg_name, vol)
+    shard.lvm.lvremove(shard.vg_name, [vol])
 
 
 def zero_device(path: str, size: int, chunk: int = 8 * 1024 * 1024,
@@ -424,7 +483,8 @@ def volume_path(domain: Domain, volume_id: str, read_only: bool = False) -> str:
     info = get_volume(domain, volume_id)
     if info.state != VolumeState.READY:
         raise errors.Busy(f"volume {volume_id} is {info.state}, not ready")
-    path = domain.activator.activate(domain.vg_name, volume_id)
+    shard = domain.volume_shard(volume_id)
+    path = shard.activator.activate(shard.vg_name, volume_id)
     set_read_only(domain.runner, path, read_only)
     return path
 
@@ -439,7 +499,7 @@ def recover(domain: Domain, exclusive: ExclusiveLease) -> list[str]:
     volume held by a host) is returned, not raised: it is tried again at the next
     takeover or when its request is repeated. Fenced stops everything."""
     problems: list[str] = []
-    for lv in domain.lvm.lvs(domain.vg_name):
+    for lv in domain.volume_lvs():
         info = _volume(lv)
         if info is None or info.state == VolumeState.READY:
             continue
@@ -447,8 +507,10 @@ def recover(domain: Domain, exclusive: ExclusiveLease) -> list[str]:
             with exclusive(info):
                 if info.state == VolumeState.CREATING:
                     log.warning("recovery: removing %s left creating", info.uuid)
-                    domain.activator.deactivate(domain.vg_name, info.uuid)
-                    domain.lvm.lvremove(domain.vg_name, [info.uuid])
+                    shard = domain.volume_shard(info.uuid)
+                    shard.activator.deactivate(shard.vg_name, info.uuid)
+                    shard.lvm.lvremove(shard.vg_name, [info.uuid])
+                    domain.clear_volume_shard(info.uuid)
                 else:
                     log.warning("recovery: finishing the wipe and removal of %s", info.uuid)
                     finish_removal(domain, info.uuid)
@@ -462,14 +524,14 @@ def recover(domain: Domain, exclusive: ExclusiveLease) -> list[str]:
 def _recover_requests(domain: Domain, exclusive: ExclusiveLease) -> list[str]:
     problems: list[str] = []
     with domain.journal() as dev:
-        requests = journal.RequestLog(dev)
+        requests = domain.request_log(dev)
         for rec in requests.pending():
             answer = journal.RequestRecord(rec.request_id, rec.op, journal.DONE, rec.digest)
             try:
                 if rec.op == "create":
                     vol = str(rec.args["volume"])
-                    found = domain.lvm.lvs(domain.vg_name, select=f"lv_name={vol}")
-                    info = _volume(found[0]) if found else None
+                    found = _exists(domain, domain.shard(int(rec.args.get("shard", 0))), vol)
+                    info = _volume(found) if found else None
                     if info is None or info.state != VolumeState.READY:
                         answer.state = journal.ABORTED  # never published: nothing to keep
                     else:

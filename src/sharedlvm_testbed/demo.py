@@ -61,10 +61,11 @@ def main() -> int:
     runner = Runner()
     with tempfile.TemporaryDirectory(prefix="sharedlvm-demo-") as tmp:
         directory = Path(tmp)
-        say("A 20 GiB sparse file as the shared LUN, 3 simulated hosts with their daemons")
-        bed = sim_up(runner, directory, hosts=3, size=20 * GiB)
+        say("Two 10 GiB sparse files as the shared LUNs, 3 simulated hosts with their "
+            "daemons")
+        bed = sim_up(runner, directory, hosts=3, size=10 * GiB, luns=2)
         try:
-            run_story(bed.hosts, bed.luns[0].device)
+            run_story(bed.hosts, [lun.device for lun in bed.luns])
         finally:
             say("Cleaning up: detaching loop devices, removing the LUN file")
             sim_down(runner, directory)
@@ -75,23 +76,28 @@ def main() -> int:
 IO_TIMEOUT = 1  # seconds; production default is 10. Short, so the failover fits a demo.
 
 
-def run_story(hosts: list[Path], lun: str) -> None:
+def run_story(hosts: list[Path], luns: list[str]) -> None:
     h1, h2, h3 = hosts
-    print(f"    LUN: {lun}; each host has its own sanlock daemon and sharedlvm daemon")
+    lun = luns[0]
+    lun_args = [arg for device in luns for arg in ("--lun", device)]
+    print(f"    LUNs: {', '.join(luns)}; each host has its own sanlock daemon and sharedlvm "
+          "daemon")
     for h in hosts:
         print(f"    {h.name}: SHAREDLVM_ROOT={h}")
 
-    say("host1 formats the domain; its daemon joins the lockspace and becomes manager")
-    sharedlvm(h1, "domain", "create", "--name", "demo", "--lun", lun, "--host-id", "1",
+    say("host1 formats the domain, a shard (one VG) per LUN; its daemon joins the "
+        "lockspace and becomes manager")
+    sharedlvm(h1, "domain", "create", "--name", "demo", *lun_args, "--host-id", "1",
               "--io-timeout", str(IO_TIMEOUT))
 
     say("host2 and host3 attach it: they verify the domain record and join the lockspace")
-    sharedlvm(h2, "domain", "attach", "demo", "--lun", lun, "--host-id", "2")
-    sharedlvm(h3, "domain", "attach", "demo", "--lun", lun, "--host-id", "3")
+    sharedlvm(h2, "domain", "attach", "demo", *lun_args, "--host-id", "2")
+    sharedlvm(h3, "domain", "attach", "demo", *lun_args, "--host-id", "3")
     for h in hosts:
         sharedlvm(h, "manager", "status")
 
-    say("The manager creates volumes: metadata in LV tags, a sanlock lease slot each")
+    say("The manager creates volumes: metadata in LV tags, a sanlock lease slot each, "
+        "spread over the shards (each LVM command reads one shard's metadata)")
     raw = json.loads(sharedlvm(h1, "volume", "create", "--size", "2G", "--tag", "vm=web-1",
                                "--json"))["uuid"]
     sharedlvm(h1, "volume", "create", "--size", "10G", "--format", "qcow2", "--tag", "vm=db-1")

@@ -22,9 +22,9 @@ def test_create_and_attach(cluster: Cluster) -> None:
     lvm = cluster.raw_lvm()
     vg = lvm.vg(cluster.name)
     assert any(t.startswith("sharedlvm.domain=") for t in vg.tags)
-    assert "sharedlvm.format=1" in vg.tags
+    assert "sharedlvm.format=2" in vg.tags and "sharedlvm.shard=0" in vg.tags
     special = {lv.name: lv.size for lv in lvm.lvs(cluster.name)}
-    assert set(special) == {"ids", "leases", "mailbox", "journal"}
+    assert set(special) == {"ids", "leases", "mailbox", "journal", "backup"}
     assert special["leases"] >= 1024**3 and special["journal"] >= 64 * 1024**2
     # Every host sees the same domain and knows who the manager is.
     infos = [h.cli_json("domain", "info") for h in cluster.hosts]
@@ -32,7 +32,7 @@ def test_create_and_attach(cluster: Cluster) -> None:
     assert {i["domain_uuid"] for i in infos} == {tag.split("=", 1)[1]}
     assert {i["manager_host_id"] for i in infos} == {1}
     assert infos[0]["manager_generation"] >= 1
-    assert infos[0]["format_version"] == 1
+    assert infos[0]["format_version"] == 2
     # The PV metadata area is sized for 10,000 volumes (see lvm.METADATA_SIZE).
     assert infos[0]["metadata_size"] >= 128 * 1024**2
     lvm.vgck(cluster.name)

@@ -333,3 +333,16 @@ def test_a_thin_qcow2_lv_grows_while_in_use(cluster: Cluster,
     proc = cluster.first.cli("volume", "extend", raw, "--allocation", "+1G", check=False)
     assert proc.returncode == 1 and "only a thin qcow2 volume" in proc.stderr
     assert [s for s in cluster.disk_state()["lvs"] if s[1] != raw] == before["lvs"]
+
+
+def test_a_volume_held_by_another_process_of_the_same_host_is_refused_clearly(
+        cluster: Cluster, consumers: list[subprocess.Popen[str]]) -> None:
+    """A second consumer on the host that already runs one gets VolumeHeld naming the
+    host (sanlock answers EEXIST there, not a conflict), and nothing changes."""
+    vol = cluster.first.cli_json("volume", "create", "--size", "128M")["uuid"]
+    consumers.append(_holder(cluster, 2, vol))
+    before = cluster.disk_state()
+    proc = cluster.hosts[1].cli("run", "--volume", vol, "--", "true", check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == f"sharedlvm: volume {vol} is held by host 2 (exclusive)\n"
+    assert cluster.disk_state() == before

@@ -91,6 +91,7 @@ def test_every_request_round_trips() -> None:
         rq.TeardownVolume(VOL),
         rq.ListVolumes(image=VOL, tags={"vm": "x"}),
         rq.GetVolume(VOL), rq.GetDomain("dom1"), rq.RemoveDomain(force=True),
+        rq.ExtendDomain(["/dev/sdb", "/dev/sdc"]),
         rq.GetManager(), rq.ReleaseManager(), rq.ListHosts(), rq.GetStatus(), rq.Reload(),
         rq.GetMetrics(),
     ]

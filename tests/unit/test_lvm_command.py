@@ -23,7 +23,7 @@ def test_config_reader_is_read_only() -> None:
 def test_config_manager() -> None:
     text = _config(True, activation=False).text()
     assert "locking_type" not in text
-    assert "activation = 0" in text and "backup = 1" in text
+    assert "activation = 0" in text and "backup = 0" in text and "archive = 0" in text
 
 
 def test_config_filter_accepts_only_domain_pvs() -> None:
