@@ -40,6 +40,7 @@ Run as root: ``.venv/bin/python bench/scale.py [--rounds 20] [--counts 100,1000,
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -51,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -61,7 +63,7 @@ from benchlib import pct  # first: it puts tests/ (the test bed) on the path
 # isort: split
 from bed import Cluster, GiB, destroy_cluster, make_cluster
 
-from sharedlvm import Client, tags
+from sharedlvm import Client, codec, errors, tags, volume
 from sharedlvm.command import Runner
 from sharedlvm.daemon import DaemonConfig
 from sharedlvm.devmapper import available as device_mapper_available
@@ -70,8 +72,9 @@ from sharedlvm.lease_layout import LEASES_GROWTH
 from sharedlvm.leases import align_for
 from sharedlvm.lvm import Lvm, LvmConfig
 from sharedlvm.mailbox import MAX_HOSTS, Mailbox, MailboxServer, PollSettings
-from sharedlvm.model import Allocation, VolumeFormat, VolumeState
+from sharedlvm.model import Allocation, VolumeFormat, VolumeInfo, VolumeState
 from sharedlvm.paths import HostPaths
+from sharedlvm.rpc import MAX_MESSAGE
 
 EXTENT = 128 * 1024 * 1024
 MiB = 1024 * 1024
@@ -149,6 +152,9 @@ class Ours:
         self.root = cluster.first.root
         self.client = self.new_client()
         self.count = 0
+        self.reader: Domain | None = None  # host 1's domain, opened read-only here
+        self.list_error = ""  # why `volume list` through the daemon failed
+        self.list_bytes = 0  # its answer, as JSON
 
     def new_client(self) -> Client:
         return Client(self.root, timeout=300)
@@ -202,11 +208,25 @@ class Ours:
         return total / seconds
 
     def list(self, times: dict[str, list[float]]) -> None:
+        """``volume list`` through the daemon, as the CLI and the client library ask
+        ("list"); and the same listing in this process, what the daemon runs for it
+        (and the CLI where no daemon answers) without the socket ("list in process")."""
+        name = self.cluster.name
         found: list[int] = []
-        timed(times, "list", lambda: found.append(len(
-            self.client.list_volumes(domain=self.cluster.name))))
-        if found[0] != self.count:
-            raise AssertionError(f"volume list: {found[0]} volumes, expected {self.count}")
+        try:
+            timed(times, "list", lambda: found.append(len(
+                self.client.list_volumes(domain=name))))
+        except errors.Error as exc:
+            self.list_error = f"{type(exc).__name__}: {exc}"
+        if self.reader is None:
+            self.reader = Domain.open(self.cluster.first.paths, Runner(), name)
+        reader = self.reader
+        listed: list[list[VolumeInfo]] = []
+        timed(times, "list in process", lambda: listed.append(volume.list_volumes(reader)))
+        self.list_bytes = len(json.dumps(codec.to_wire(listed[0])))
+        for n in [*found, len(listed[0])]:
+            if n != self.count:
+                raise AssertionError(f"volume list: {n} volumes, expected {self.count}")
 
 
 # The bare side
@@ -254,6 +274,7 @@ class Bare:
 
     def list(self, times: dict[str, list[float]]) -> None:
         timed(times, "list", lambda: self.lvm.lvs(self.vg))
+        times["list in process"] = times["list"]
 
 
 def sharedlvm_lvm(root: Path, device: str) -> Callable[[], Lvm]:
@@ -497,56 +518,73 @@ def main() -> int:
         builds: list[list[str]] = []
         latency: list[list[str]] = []
         rates: list[list[str]] = []
+        lists: list[str] = []
         figures: dict[tuple[int, str], float] = {}  # (count, figure) -> value, targets
-        for count in counts:
-            say(f"population {count}: building through sharedlvm "
-                f"({args.build_threads} requesters)")
-            added, seconds = ours.grow(count, args.build_threads)
-            if added:
-                builds.append([f"{count:,}", f"{added:,}", str(args.build_threads),
-                               f"{seconds:.1f}", f"{added / seconds:.1f}"])
-            shard_lvs = max(ours.shard_volumes())
-            say(f"population {count}: bare VGs of {count} and {shard_lvs} LVs (vgcfgrestore)")
-            fill_vg(bares[1].lvm, big_vg, count, tmp)
-            fill_vg(bares[2].lvm, shard_vg, shard_lvs, tmp)
+        stopped = ""  # why the run stopped early: what was measured is still reported
+        try:
+            for count in counts:
+                say(f"population {count}: building through sharedlvm "
+                    f"({args.build_threads} requesters)")
+                added, seconds = ours.grow(count, args.build_threads)
+                if added:
+                    builds.append([f"{count:,}", f"{added:,}", str(args.build_threads),
+                                   f"{seconds:.1f}", f"{added / seconds:.1f}"])
+                shard_lvs = max(ours.shard_volumes())
+                say(f"population {count}: bare VGs of {count} and {shard_lvs} LVs "
+                    "(vgcfgrestore)")
+                fill_vg(bares[1].lvm, big_vg, count, tmp)
+                fill_vg(bares[2].lvm, shard_vg, shard_lvs, tmp)
 
-            say(f"population {count}: {rounds} rounds of create/extend/delete")
-            ours_times: dict[str, list[float]] = {}
-            bare_times: dict[str, dict[str, list[float]]] = {b.label: {} for b in bares}
-            for _ in range(rounds):
-                ours.round(ours_times)
-                for bare in bares:
-                    bare.round(bare_times[bare.label])
-            say(f"population {count}: volume list / lvs")
-            for _ in range(min(LISTS, rounds)):
-                ours.list(ours_times)
-                for bare in bares[:2]:
-                    bare.list(bare_times[bare.label])
-            for op in ("create", "extend", "delete", "list"):
-                o = ours_times[op]
-                row = [f"{count:,}", op, f"{ms(o, .5):.1f}", f"{ms(o, .95):.1f}"]
-                for bare in bares:
-                    b = bare_times[bare.label].get(op)
-                    row += [f"{ms(b, .5):.1f}", f"{ms(b, .95):.1f}"] if b else ["-", "-"]
-                d, s = bare_times["defaults"][op], bare_times["shard"].get(op)
-                row += [fmt_ratio(ms(o, .5), ms(d, .5)),
-                        fmt_ratio(ms(o, .5), ms(s, .5)) if s else "-",
-                        fmt_ratio(ms(o, .95), ms(s, .95)) if s else "-"]
-                latency.append(row)
-                figures[(count, f"{op} p50")] = ms(o, .5)
-                if s:
-                    figures[(count, f"{op} x shard")] = ms(o, .5) / ms(s, .5)
+                say(f"population {count}: {rounds} rounds of create/extend/delete")
+                ours_times: dict[str, list[float]] = {}
+                bare_times: dict[str, dict[str, list[float]]] = {b.label: {} for b in bares}
+                for _ in range(rounds):
+                    ours.round(ours_times)
+                    for bare in bares:
+                        bare.round(bare_times[bare.label])
+                say(f"population {count}: volume list / lvs")
+                ours.list_error = ""
+                for _ in range(min(LISTS, rounds)):
+                    ours.list(ours_times)
+                    for bare in bares[:2]:
+                        bare.list(bare_times[bare.label])
+                lists.append(f"- `volume list` at {count:,} volumes: its answer is "
+                             f"{ours.list_bytes:,} bytes of JSON (the socket's limit, "
+                             f"rpc.MAX_MESSAGE: {MAX_MESSAGE:,})"
+                             + (f"; through the daemon it **fails**: {ours.list_error}"
+                                if ours.list_error else ""))
+                for op in ("create", "extend", "delete", "list", "list in process"):
+                    o = ours_times.get(op)
+                    d, s = bare_times["defaults"][op], bare_times["shard"].get(op)
+                    if not o:
+                        latency.append([f"{count:,}", op, "fails", "-"] + ["-"] * 9)
+                        continue
+                    row = [f"{count:,}", op, f"{ms(o, .5):.1f}", f"{ms(o, .95):.1f}"]
+                    for bare in bares:
+                        b = bare_times[bare.label].get(op)
+                        row += [f"{ms(b, .5):.1f}", f"{ms(b, .95):.1f}"] if b else ["-", "-"]
+                    row += [fmt_ratio(ms(o, .5), ms(d, .5)),
+                            fmt_ratio(ms(o, .5), ms(s, .5)) if s else "-",
+                            fmt_ratio(ms(o, .95), ms(s, .95)) if s else "-"]
+                    latency.append(row)
+                    figures[(count, f"{op} p50")] = ms(o, .5)
+                    if s:
+                        figures[(count, f"{op} x shard")] = ms(o, .5) / ms(s, .5)
 
-            for threads in REQUESTERS:
-                say(f"population {count}: creates/s, {threads} requester(s)")
-                ours_rate = ours.rate(threads, rate_total)
-                bare_rate = {bare.label: bare.rate(threads, rate_total) for bare in bares}
-                rates.append([f"{count:,}", str(threads), f"{ours_rate:.1f}"]
-                             + [f"{bare_rate[b.label]:.1f}" for b in bares]
-                             + [fmt_ratio(ours_rate, bare_rate["defaults"]),
-                                fmt_ratio(ours_rate, bare_rate["shard"])])
-                figures[(count, f"creates/s x{threads}")] = ours_rate
-            say(f"population {count} done at {(time.monotonic() - started) / 60:.1f} min")
+                for threads in REQUESTERS:
+                    say(f"population {count}: creates/s, {threads} requester(s)")
+                    ours_rate = ours.rate(threads, rate_total)
+                    bare_rate = {bare.label: bare.rate(threads, rate_total) for bare in bares}
+                    rates.append([f"{count:,}", str(threads), f"{ours_rate:.1f}"]
+                                 + [f"{bare_rate[b.label]:.1f}" for b in bares]
+                                 + [fmt_ratio(ours_rate, bare_rate["defaults"]),
+                                    fmt_ratio(ours_rate, bare_rate["shard"])])
+                    figures[(count, f"creates/s x{threads}")] = ours_rate
+                say(f"population {count} done at {(time.monotonic() - started) / 60:.1f} min")
+        except Exception as exc:
+            stopped = f"{type(exc).__name__}: {exc}"
+            say(f"stopped: {stopped}")
+            traceback.print_exc()
 
         leases_lv = cluster.raw_lvm().lv(cluster.name, "leases").size
         wall = time.monotonic() - started
@@ -586,7 +624,10 @@ def main() -> int:
             report.add(f"- `leases` LV for 10,000 volume leases + the manager's, {sector} B "
                        f"sectors: {align_for(sector) // MiB} MiB x 10,001 = "
                        f"{need / GiB:.2f} GiB ({steps // GiB} GiB in 1 GiB steps)")
-        report.add(f"- `leases` LV in this run after {top:,} volumes: {leases_lv / GiB:.0f} GiB")
+        report.add(f"- `leases` LV in this run after {ours.count:,} volumes: "
+                   f"{leases_lv / GiB:.0f} GiB")
+        for line in lists:
+            report.add(line)
         report.add()
 
         checks: list[list[str]] = []
@@ -614,9 +655,12 @@ def main() -> int:
         report.add()
         report.table(["target", "measured", "met"], checks)
 
+        if stopped:
+            report.add(f"**The run stopped early**: {stopped}")
         print(report.text(), end="")
         if args.report:
             args.report.write_text(report.text())
+        return 1 if stopped else 0
     finally:
         say("cleaning up")
         try:
@@ -625,7 +669,6 @@ def main() -> int:
         finally:
             loops.detach_all()
             shutil.rmtree(tmp, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

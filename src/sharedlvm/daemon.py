@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import signal
@@ -162,6 +163,7 @@ class Daemon:
         watch = HangWatch(self.config.hang_timeout)
         watch.start()  # before any thread exists
         self.paths.ensure()
+        lock_fd = self._only_daemon()  # after the fork: the watcher must not hold it
         leases.use_run_dir(self.paths.sanlock_run_dir)
         self.sanlock_fd = leases.register()
         self.reload()
@@ -194,6 +196,27 @@ class Daemon:
         rpc.socket_path(self.paths.run_dir).unlink(missing_ok=True)
         (self.paths.run_dir / "daemon.pid").unlink(missing_ok=True)
         watch.stop()
+        os.close(lock_fd)
+
+    def _only_daemon(self) -> int:
+        """One daemon per host: a second one would register a second sanlock client,
+        compete with the first for the manager lease (sanlock answers it EEXIST while
+        the first holds it), take over the socket the first serves, and remove it when
+        it exits (found by the fault harness: a restart retried under load). The lock
+        dies with the process, so a crashed daemon never blocks its successor."""
+        path = self.paths.run_dir / "daemon.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            try:
+                pid = (self.paths.run_dir / "daemon.pid").read_text().strip()
+            except OSError:
+                pid = "unknown"
+            raise errors.Busy(f"a sharedlvm daemon already runs on this host (pid {pid}, "
+                              f"{path} is locked)") from None
+        return fd
 
     def _heartbeat(self, watch: HangWatch) -> None:
         """Beat while every domain's loop makes progress (or waits in a bounded call)."""

@@ -52,6 +52,9 @@ ERRNO_MAP: dict[int, tuple[type[errors.Error], str]] = {
     -242: (errors.LeaseHeld, "held by another host, its lockspace is unknown"),  # IDDISK
     -247: (errors.LeaseHeld, "held by another host (retry later)"),  # OWNED_RETRY
     errno.EAGAIN: (errors.LeaseHeld, "held in a conflicting mode"),
+    # being acquired or released by another process of this host right now (seen by
+    # the fault harness under a restart race): a refusal, to retry
+    errno.EBUSY: (errors.LeaseHeld, "being acquired or released on this host"),
     -223: (errors.LeaseError, "no lease initialized there"),  # SANLK_LEADER_MAGIC
     -226: (errors.LeaseError, "lease belongs to another lockspace"),  # LEADER_LOCKSPACE
     -227: (errors.LeaseError, "lease belongs to another resource"),  # LEADER_RESOURCE

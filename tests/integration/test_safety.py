@@ -346,3 +346,17 @@ def test_a_volume_held_by_another_process_of_the_same_host_is_refused_clearly(
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr == f"sharedlvm: volume {vol} is held by host 2 (exclusive)\n"
     assert cluster.disk_state() == before
+
+
+def test_a_second_daemon_on_a_host_refuses_to_start(cluster: Cluster) -> None:
+    """Found by the fault harness: a daemon restart retried under load left two
+    daemons on one host, the first holding the manager lease and the second the
+    socket. A second daemon now exits at once, and the first serves on."""
+    host = cluster.hosts[1]
+    pid = host.daemon.pid
+    proc = host.cli("daemon", check=False, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("sharedlvm: a sharedlvm daemon already runs on this host")
+    assert proc.stderr.count("\n") == 1
+    assert host.daemon.pid == pid and host.status()  # the first one still answers
+    assert host.cli_json("volume", "list") == []
