@@ -6,7 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # libc6-dev: only a recommend of gcc, but the test bed's sanlock shim includes its
 # <sys/resource.h> (simhost.py).
-DEB_PACKAGES := lvm2 sanlock python3-sanlock qemu-utils util-linux gcc libc6-dev qemu-system-x86
+# fdisk: sfdisk, for shards on GPT partitions of one LUN (partitions.py).
+DEB_PACKAGES := lvm2 sanlock python3-sanlock qemu-utils util-linux fdisk gcc libc6-dev qemu-system-x86
 STAMP_DEB := $(VENV)/.deb-stamp
 STAMP_PIP := $(VENV)/.pip-stamp
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sharedlvm import Client
+from sharedlvm import Client, partitions
 from sharedlvm import domain as domain_mod
 from sharedlvm.command import Runner
 from sharedlvm.lvm import Lvm, LvmConfig
@@ -170,8 +170,10 @@ class Cluster:
         raise AssertionError(f"no new manager in {timeout} s")
 
     def raw_lvm(self) -> Lvm:
-        """A read-only LVM of the bed itself (not of any host), to inspect the disk."""
-        return inspect_lvm(self.luns, self.bed.dir)
+        """A read-only LVM of the bed itself (not of any host), to inspect the disk
+        (a partitioned LUN: its partitions)."""
+        return inspect_lvm([p for lun in self.luns for p in partitions.members(lun)],
+                           self.bed.dir)
 
     def disk_state(self) -> dict[str, Any]:
         """What is on the disk: every VG and LV with tags, sizes and the VG seqno.

@@ -276,7 +276,8 @@ def cmd_domain_create(args: argparse.Namespace) -> None:
     d = domain_mod.create_domain(paths, Runner(), args.name, args.lun, args.host_id,
                                  io_timeout=args.io_timeout, format_leases=format_leases,
                                  leases_size=args.leases_size,
-                                 format_version=args.format_version)
+                                 format_version=args.format_version,
+                                 split=args.partitions)
     _start_using(paths, d, wait=not args.no_wait, quiet=args.json, manager=True)
     _show_local_domain(domain_mod.Domain.open(paths, Runner(), d.name).info(), args.json)
 
@@ -402,6 +403,9 @@ def _add_local_commands(groups: dict[str, Any], top: Any) -> None:
     p.add_argument("--lun", action="append", required=True,
                    help="block device (repeatable): each LUN is a shard of the domain")
     p.add_argument("--host-id", type=int, required=True)
+    p.add_argument("--partitions", type=int, default=1, metavar="N",
+                   help="cut each LUN into N GPT partitions, a shard each (a LUN larger "
+                        "than one shard needs; default 1: the whole LUN)")
     p.add_argument("--format-version", type=int, default=domain_mod.FORMAT_VERSION,
                    help=argparse.SUPPRESS)  # 1: the old single-VG layout, for tests
     p.add_argument("--io-timeout", type=int, default=10, help="sanlock io_timeout, seconds")

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from . import errors, journal, lvm_mda, ondisk
+from . import errors, journal, lvm_mda, ondisk, partitions
 from .activation import Activator, make_activator
 from .command import Runner
 from .devmapper import available as device_mapper_available
@@ -276,7 +276,7 @@ class Domain:
         self._shards_lock = threading.Lock()
         self._journal_lock = threading.Lock()
         self._request_locks = [threading.Lock() for _ in range(64)]
-        self._lun_vgs = _lun_vgs(config.luns)
+        self._lun_vgs = _lun_vgs(_expand(config.luns))
         zero = tuple(lun for lun, vg in self._lun_vgs.items() if vg == self.vg_name)
         # shard 0: the domain's VG (format 1: the only one, on all the LUNs)
         self._shards: list[Shard] = [self._open_shard(0, self.vg_name, zero or config.luns)]
@@ -347,10 +347,17 @@ class Domain:
                     shards.append(old)
                     continue
                 luns = tuple(lun for lun, vg in self._lun_vgs.items() if vg == entry.vg_name)
-                if not luns:  # a shard added after this host attached: the recorded paths
+                if not luns:
+                    # A shard added after this host attached: on new partitions of its
+                    # LUNs (which this host's kernel may not show yet), or on a LUN at
+                    # the path recorded in the shard table.
+                    for lun in self.config.luns:
+                        partitions.reread(self.runner, lun)
+                    self._lun_vgs.update(_lun_vgs(_expand(self.config.luns)))
                     hints = _lun_vgs(tuple(x for x in entry.luns if os.path.exists(x)))
-                    luns = tuple(lun for lun, vg in hints.items() if vg == entry.vg_name)
                     self._lun_vgs.update(hints)
+                    luns = tuple(lun for lun, vg in self._lun_vgs.items()
+                                 if vg == entry.vg_name)
                 shards.append(self._open_shard(entry.index, entry.vg_name, luns))
         self._shards = shards
         self._shards_loaded = True
@@ -635,6 +642,9 @@ class Domain:
             if fresh.shard_count != len(self.shards()):
                 self.reload_shards()
         shards = [s for s in self.shards() if s.luns]
+        for unseen in (s for s in self.shards() if not s.luns):
+            log.warning("domain %s: shard %d (VG %s) is on no LUN this host sees: its "
+                        "volumes are not listed", self.name, unseen.index, unseen.vg_name)
         if len(shards) == 1:
             found = [shards[0].lvm.lvs(shards[0].vg_name)]
         else:
@@ -695,7 +705,15 @@ class Domain:
             lvm = make_lvm(self.paths, self.runner, shard.luns, writable=True)
             lvm.vgremove(shard.vg_name)
             lvm.pvremove(shard.luns)
+        for lun in self.config.luns:  # the partition tables sharedlvm wrote
+            if partitions.members(lun) != [lun]:
+                partitions.forget(self.runner, lun)
         self.paths.domain_config(self.name).unlink(missing_ok=True)
+
+
+def _expand(luns: Sequence[str]) -> tuple[str, ...]:
+    """LUNs, a partitioned one as its partitions."""
+    return tuple(p for lun in luns for p in partitions.members(lun))
 
 
 def _lun_vgs(luns: Sequence[str]) -> dict[str, str | None]:
@@ -732,9 +750,10 @@ def create_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[st
                   host_id: int, io_timeout: int = 10,
                   format_leases: Callable[[Domain], None] | None = None,
                   leases_size: int | None = None,
-                  format_version: int = FORMAT_VERSION) -> Domain:
+                  format_version: int = FORMAT_VERSION, split: int = 1) -> Domain:
     """Format ``luns`` as a new domain with this host as its manager: format 2, one
-    shard per LUN (format 1: one VG over all of them)."""
+    shard per LUN, or per partition with ``split`` > 1 (each LUN cut into that many
+    GPT partitions); format 1: one VG over all of them."""
     check_name(name)
     check_host_id(host_id)
     if not 1 <= io_timeout <= 60:
@@ -745,13 +764,20 @@ def create_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[st
         raise errors.InvalidArgument(f"a domain has at most {journal.MAX_SHARDS} shards")
     if paths.domain_config(name).exists():
         raise errors.AlreadyExists(f"domain {name} is already attached on this host")
+    if split != 1 and format_version == 1:
+        raise errors.InvalidArgument("a format-1 domain has no partitions")
+    if len(luns) * split > journal.MAX_SHARDS:
+        raise errors.InvalidArgument(f"a domain has at most {journal.MAX_SHARDS} shards")
     _check_new_luns(paths, runner, luns)
 
     domain_uuid = str(uuid.uuid4())
-    # format 1: one VG on every LUN (kept for tests of old domains); 2: a shard per LUN
-    shard_luns = [tuple(luns)] if format_version == 1 else [(lun,) for lun in luns]
     made: list[tuple[str, tuple[str, ...]]] = []
     try:
+        # format 1: one VG on every LUN (kept for tests of old domains); 2: a shard per
+        # LUN or partition
+        shard_luns = [tuple(luns)] if format_version == 1 else [
+            (p,) for lun in luns
+            for p in (partitions.split(runner, lun, split) if split > 1 else [lun])]
         for index, members in enumerate(shard_luns):
             vg_name = shard_vg_name(name, index)
             lvm = make_lvm(paths, runner, members, writable=True)
@@ -787,12 +813,15 @@ def create_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[st
             format_leases(domain)  # the lockspace and the manager lease
     except BaseException:
         _undo_format(paths, runner, name, made)
+        if split > 1:
+            for lun in luns:
+                partitions.forget(runner, lun)
         raise
     config.save(paths)
     return domain
 
 
-def extend_domain(domain: Domain, luns: Sequence[str]) -> list[Shard]:
+def extend_domain(domain: Domain, luns: Sequence[str], split: int = 1) -> list[Shard]:
     """Add a shard on each of ``luns`` (manager only; empty LUNs): the VG, its shard
     record, then the domain record that counts it, so a crash in between leaves an
     unused VG, never a counted shard that is not there."""
@@ -806,10 +835,12 @@ def extend_domain(domain: Domain, luns: Sequence[str]) -> list[Shard]:
     for lun in luns:
         if lun in known:
             raise errors.AlreadyExists(f"LUN {lun} is already in domain {domain.name}")
-    if record.shard_count + len(luns) > journal.MAX_SHARDS:
+    if record.shard_count + len(luns) * split > journal.MAX_SHARDS:
         raise errors.InvalidArgument(f"a domain has at most {journal.MAX_SHARDS} shards")
     added: list[Shard] = []
-    for lun in luns:
+    devices = [p for lun in luns
+               for p in (partitions.split(domain.runner, lun, split) if split > 1 else [lun])]
+    for lun in devices:
         index = record.shard_count
         vg_name = shard_vg_name(domain.name, index)
         domain.require_manager_now()
@@ -876,8 +907,10 @@ def attach_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[st
         check_lun(lun)
     if paths.domain_config(name).exists():
         raise errors.AlreadyExists(f"domain {name} is already attached on this host")
-    heads = _lun_vgs(luns)
-    zero = [lun for lun in luns if heads[lun] == name] or list(luns)
+    for lun in luns:  # a partitioned LUN: this host's kernel must show the partitions
+        partitions.reread(runner, lun)
+    heads = _lun_vgs(_expand(luns))
+    zero = [lun for lun, vg in heads.items() if vg == name] or list(luns)
     lvm = make_lvm(paths, runner, zero, writable=False)
     try:
         vg = lvm.vg(name)
@@ -901,7 +934,7 @@ def attach_domain(paths: HostPaths, runner: Runner, name: str, luns: Sequence[st
         raise
     missing = [s.vg_name for s in shards if not s.luns]
     ours = {lun for s in shards for lun in s.luns}
-    foreign = [lun for lun in luns if lun not in ours]
+    foreign = [lun for lun in luns if not ours & set(partitions.members(lun))]
     if missing or foreign:
         make_activator(lvm, runner, paths.activations_dir).deactivate(name, "journal")
         raise errors.InvalidArgument(

@@ -126,7 +126,7 @@ def get_domain(ctx: Context, req: GetDomain) -> DomainInfo:
 
 def extend_domain(ctx: Context, req: ExtendDomain) -> DomainInfo:
     service = ctx.service(req.domain)
-    domain_mod.extend_domain(service.domain, req.luns)
+    domain_mod.extend_domain(service.domain, req.luns, req.partitions)
     return get_domain(ctx, GetDomain(req.domain))
 
 

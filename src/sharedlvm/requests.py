@@ -59,6 +59,13 @@ def arg(help: str, default: Any = dataclasses.MISSING, *, positional: bool = Fal
     return field(default=default, metadata=metadata)
 
 
+def _count(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidArgument(f"invalid count {text!r}: a whole number") from None
+
+
 def _size(value: Any) -> Any:
     return units.parse_size(value) if isinstance(value, str) else value
 
@@ -297,11 +304,15 @@ class ExtendDomain(Request):
 
     luns: list[str] = arg("empty block device for a new shard (repeatable)", flag="--lun",
                           cli_parse=list, repeat=True, metavar="DEVICE")
+    partitions: int = arg("cut each LUN into this many GPT partitions, a shard each", 1,
+                          metavar="N", cli_parse=_count)
     domain: str | None = arg(_DOMAIN_HELP, None)
 
     def __post_init__(self) -> None:
         if not self.luns:
             raise InvalidArgument("at least one --lun is needed")
+        if not 1 <= self.partitions <= 128:
+            raise InvalidArgument(f"invalid partition count {self.partitions}: 1..128")
         for lun in self.luns:
             if not lun.startswith("/dev/") or "\0" in lun or len(lun) > 4096:
                 raise InvalidArgument(f"invalid LUN {lun!r}: a block device path under /dev")

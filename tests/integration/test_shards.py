@@ -319,3 +319,42 @@ def test_metadata_backups_kept_in_the_domain(shards: Cluster, tmp_path: Path) ->
         assert not list((host.paths.lvm_system_dir).glob("backup/*"))
     bad = shards.first.cli("domain", "backup", "--shard", "9", "--output", "-", check=False)
     assert bad.returncode == 1 and "no shard 9" in bad.stderr
+
+
+def test_shards_on_partitions_of_one_lun(tmp_path: Path) -> None:
+    """A LUN larger than one shard needs is cut into GPT partitions, a shard each; a
+    host attached by the whole LUN finds them; extend cuts a new LUN the same way;
+    remove leaves the LUNs blank."""
+    c = make_cluster(tmp_path / "bed", hosts=2, size=40 * GiB, luns=2, domain_luns=1,
+                     extra=("--partitions", "3"))
+    try:
+        lun, spare = c.luns
+        base = Path(lun).name
+        info = c.hosts[1].cli_json("domain", "info")
+        assert [(s["vg_name"], s["luns"]) for s in info["shards"]] == [
+            (shard_vg_name("dom1", i), [f"/dev/{base}p{i + 1}"]) for i in range(3)]
+        made = [c.hosts[i % 2].cli_json("volume", "create", "--size", "128M")["uuid"]
+                for i in range(3)]
+        assert sorted(where(c).values()) == ["dom1", "dom1+1", "dom1+2"]
+        for vol in made:
+            c.hosts[1].with_volume(vol, WRITE, f"p {vol}")
+            assert c.first.with_volume(vol, READ, read_only=True).strip() == f"p {vol}"
+        bad = c.first.cli("domain", "extend", "--lun", spare, "--partitions", "200",
+                          check=False)
+        assert bad.returncode != 0 and "partition count" in bad.stderr
+        info = c.first.cli_json("domain", "extend", "--lun", spare, "--partitions", "2")
+        assert [s["luns"] for s in info["shards"]][3:] == [
+            [f"/dev/{Path(spare).name}p1"], [f"/dev/{Path(spare).name}p2"]]
+        new = [c.hosts[1].cli_json("volume", "create", "--size", "128M")["uuid"]
+               for _ in range(2)]
+        assert sorted(where(c)[v] for v in new) == ["dom1+3", "dom1+4"]
+        c.hosts[1].with_volume(new[1], WRITE, "on a new partition")
+        for vol in made + new:
+            c.first.cli("volume", "delete", vol)
+        c.hosts[1].cli("domain", "detach")
+        c.first.cli("domain", "remove", "--force")
+        for device in (lun, spare):
+            probe = subprocess.run(["blkid", "-p", device], capture_output=True)
+            assert probe.returncode == 2, probe  # blank again
+    finally:
+        destroy_cluster(c)
