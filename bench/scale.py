@@ -10,7 +10,9 @@ each population measures, in the same run:
 - sharedlvm: K rounds of create / extend (to an absolute size, +1 extent) / delete of
   an extra volume, a request to the manager's daemon over its socket as the CLI sends
   it (p50, p95); creates per second with 1 and with 4 concurrent requesters (a thread
-  and a client each); ``volume list``;
+  and a client each); ``volume list`` through the daemon, and the same listing run in
+  this process (``volume.list_volumes``: what the daemon runs for it, without the
+  socket);
 - the baselines, interleaved round by round with the above: bare ``lvm lvcreate`` /
   ``lvextend`` / ``lvremove`` (the same 7 volume tags, 1 extent) and their creates per
   second with 1 and 4 requesters, ``lvs`` for the list:
@@ -34,7 +36,8 @@ It also measures the idle mailbox read I/O of a manager with 2,000 live host ids
 only), and prints the size of the ``leases`` LV that 10,000 volume leases need.
 
 Run as root: ``.venv/bin/python bench/scale.py [--rounds 20] [--counts 100,1000,10000]
-[--quick] [--report FILE]`` (about an hour in full; ``--quick``: 100 and 1,000 volumes).
+[--quick] [--report FILE]`` (15 minutes in full on a 2-core test machine, most of it
+building the 10,000 volumes; ``--quick``: 100 and 1,000 volumes, 10 rounds).
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ from sharedlvm.lvm import Lvm, LvmConfig
 from sharedlvm.mailbox import MAX_HOSTS, Mailbox, MailboxServer, PollSettings
 from sharedlvm.model import Allocation, VolumeFormat, VolumeInfo, VolumeState
 from sharedlvm.paths import HostPaths
-from sharedlvm.rpc import MAX_MESSAGE
+from sharedlvm.rpc import MAX_ANSWER
 
 EXTENT = 128 * 1024 * 1024
 MiB = 1024 * 1024
@@ -550,7 +553,7 @@ def main() -> int:
                         bare.list(bare_times[bare.label])
                 lists.append(f"- `volume list` at {count:,} volumes: its answer is "
                              f"{ours.list_bytes:,} bytes of JSON (the socket's limit, "
-                             f"rpc.MAX_MESSAGE: {MAX_MESSAGE:,})"
+                             f"rpc.MAX_ANSWER: {MAX_ANSWER:,})"
                              + (f"; through the daemon it **fails**: {ours.list_error}"
                                 if ours.list_error else ""))
                 for op in ("create", "extend", "delete", "list", "list in process"):
