@@ -70,7 +70,7 @@ from sharedlvm import Client, codec, errors, tags, volume
 from sharedlvm.command import Runner
 from sharedlvm.daemon import DaemonConfig
 from sharedlvm.devmapper import available as device_mapper_available
-from sharedlvm.domain import SHARD_VOLUMES, Domain, make_lvm
+from sharedlvm.domain import Domain, make_lvm
 from sharedlvm.lease_layout import LEASES_GROWTH
 from sharedlvm.leases import align_for
 from sharedlvm.lvm import Lvm, LvmConfig
@@ -78,6 +78,7 @@ from sharedlvm.mailbox import MAX_HOSTS, Mailbox, MailboxServer, PollSettings
 from sharedlvm.model import Allocation, VolumeFormat, VolumeInfo, VolumeState
 from sharedlvm.paths import HostPaths
 from sharedlvm.rpc import MAX_ANSWER
+from sharedlvm.shards import SHARD_VOLUMES
 
 EXTENT = 128 * 1024 * 1024
 MiB = 1024 * 1024

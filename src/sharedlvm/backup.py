@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import errors, lvm_mda, ondisk
-from .domain import Domain, Shard
+from .domain import Domain
+from .shards import Shard
 
 log = logging.getLogger(__name__)
 

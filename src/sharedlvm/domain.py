@@ -30,6 +30,7 @@ from .errors import CommandError
 from .lvm import LogicalVolume, Lvm, LvmConfig, Segment, udev_running
 from .model import DomainInfo, ShardInfo
 from .paths import HostPaths
+from .shards import Placement, Shard, ShardHook, shard_vg_name
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,6 @@ SPECIAL_TAG = "sharedlvm.special"
 # "Shards"). Shard 0 is the VG named like the domain and holds the special LVs; a
 # version-1 domain is a domain of one shard.
 FORMAT_VERSION = 2
-
-# Volumes per shard the manager aims at: an LVM command costs about 15 ms + 55 us per
-# LV in its VG (lvm2 2.03.16, bench/scale.py), so 500 keeps every command near 45 ms.
-# A soft cap: when every shard has this many, the least loaded one still takes the
-# next volume, and the manager logs that the domain wants another LUN.
-SHARD_VOLUMES = 500
 
 # The special LVs of format version 1 (docs/design.md "On-disk layout"), created in this
 # order right after the VG so each is a single segment at the start of the first PV.
@@ -74,11 +69,6 @@ def check_name(name: str) -> None:
             f"invalid domain name {name!r}: use 1-64 characters of letters, digits, "
             "'_', '+', '.', '-', not starting with '+', '.' or '-' and not ending in "
             "'+' and digits (the names of a domain's shards)")
-
-
-def shard_vg_name(domain_name: str, index: int) -> str:
-    """The VG of shard ``index``: the domain's name for shard 0, ``NAME+K`` after."""
-    return domain_name if index == 0 else f"{domain_name}+{index}"
 
 
 def check_host_id(host_id: int) -> None:
@@ -169,87 +159,6 @@ def make_lvm(paths: HostPaths, runner: Runner, luns: Sequence[str], writable: bo
                                  udev=udev_running()),
                before_write=before_write, after_write=after_write,
                **({"write_timeout": write_timeout} if write_timeout else {}))
-
-
-class Shard:
-    """One VG of a domain, opened on this host: its LVM sees only the shard's PVs, so
-    a command reads and writes one shard's metadata (docs/design.md "Shards")."""
-
-    def __init__(self, index: int, vg_name: str, luns: tuple[str, ...], lvm: Lvm,
-                 activator: Activator) -> None:
-        self.index = index
-        self.vg_name = vg_name
-        self.luns = luns
-        self.lvm = lvm
-        self.activator = activator
-
-    def __repr__(self) -> str:
-        return f"Shard({self.index}, {self.vg_name!r}, {self.luns!r})"
-
-
-# Called around each metadata command of a shard on the manager (manager.py).
-ShardHook = Callable[[Shard], None]
-
-
-class Placement:
-    """Which shard takes a new volume (manager only): one under SHARD_VOLUMES with
-    room for it, the fewest volumes first, then the most free space. The counts are
-    read from LVM once per shard and term, then kept by this manager, the only
-    writer; a failed operation makes it read a shard again."""
-
-    def __init__(self, domain: Domain) -> None:
-        self._domain = domain
-        self._lock = threading.Lock()
-        self._stats: dict[int, list[int]] = {}  # shard -> [volumes, free bytes]
-
-    def _read(self, shard: Shard) -> list[int]:
-        vg = shard.lvm.vg(shard.vg_name)
-        specials = len(self._domain.special_lvs()) if shard.index == 0 else 0
-        return [vg.lv_count - specials, vg.free]
-
-    def choose(self, size: int) -> Shard:
-        shards = [s for s in self._domain.shards() if s.luns]
-        with self._lock:
-            missing = [s for s in shards if s.index not in self._stats]
-        if missing:
-            with ThreadPoolExecutor(max_workers=min(8, len(missing))) as pool:
-                read = list(pool.map(self._read, missing))
-            with self._lock:
-                for s, found in zip(missing, read, strict=True):
-                    self._stats.setdefault(s.index, found)
-        need = -(-size // self._domain.record.extent_size) * self._domain.record.extent_size
-        with self._lock:
-            stats = {s.index: self._stats[s.index] for s in shards}
-        fits = [s for s in shards if stats[s.index][1] >= need]
-        if not fits:  # LVM says no, with the sizes, in the request's own terms
-            return max(shards, key=lambda s: stats[s.index][1])
-        under = [s for s in fits if stats[s.index][0] < SHARD_VOLUMES]
-        if not under:
-            log.warning("domain %s: every shard has %d volumes or more: add a LUN "
-                        "(domain extend) to keep metadata commands fast",
-                        self._domain.name, SHARD_VOLUMES)
-        return min(under or fits, key=lambda s: (stats[s.index][0], -stats[s.index][1],
-                                                 s.index))
-
-    def used(self, shard: Shard, volumes: int, size: int) -> None:
-        """This manager added (removed: negative) volumes and bytes in ``shard``."""
-        extent = self._domain.record.extent_size
-        with self._lock:
-            stats = self._stats.get(shard.index)
-            if stats is not None:
-                rounded = -(-abs(size) // extent) * extent
-                stats[0] += volumes
-                stats[1] -= rounded if size > 0 else -rounded
-                if stats[1] < 0:
-                    del self._stats[shard.index]
-
-    def forget(self, shard: Shard) -> None:
-        with self._lock:
-            self._stats.pop(shard.index, None)
-
-    def reset(self) -> None:
-        with self._lock:
-            self._stats.clear()
 
 
 class Domain:

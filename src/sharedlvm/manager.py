@@ -30,8 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from . import errors, journal, lvm_mda, ondisk
-from .domain import Domain, Shard
+from .domain import Domain
 from .errors import Fenced
+from .shards import Shard
 
 log = logging.getLogger(__name__)
 

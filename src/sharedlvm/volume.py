@@ -26,11 +26,12 @@ from typing import Any
 
 from . import codec, errors, journal, qemu_img, tags
 from .activation import set_read_only
-from .domain import Domain, Shard
+from .domain import Domain
 from .failpoints import failpoint
 from .lvm import LogicalVolume
 from .model import Allocation, Deleted, VolumeFormat, VolumeInfo, VolumeState, check_uuid
 from .requests import CreateVolume, DeleteVolume, ExtendVolume, Request
+from .shards import Shard
 from .units import GiB, MiB, round_up
 
 log = logging.getLogger(__name__)
