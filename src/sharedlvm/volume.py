@@ -183,17 +183,14 @@ class _CreateIntent:
     shard: int = 0  # records written before format 2 have none: shard 0
 
 
-def _recorded_intent(domain: Domain, request_id: str | None) -> dict[str, Any] | None:
-    """The intent a known request id resolved to the first time (None: a new id, or
-    one whose first run was aborted)."""
+def _recorded(domain: Domain, request_id: str | None) -> journal.RequestRecord | None:
+    """The current record of a request id, read before the operation picks its shard
+    or resolves its target. A read: no fencing check (``_once`` checks before it
+    writes anything)."""
     if request_id is None:
         return None
-    with domain.journal() as dev:
-        rec = domain.request_log(dev).find(request_id)
-    if rec is not None and rec.state not in (journal.ABORTED, journal.DONE,
-                                             journal.FAILED):
-        return rec.args
-    return None
+    with domain.special_reader("journal") as dev:
+        return domain.request_log(dev).find(request_id)
 
 
 def create_volume(domain: Domain, request: CreateVolume, allocate_lease: LeaseAllocator,
@@ -201,7 +198,8 @@ def create_volume(domain: Domain, request: CreateVolume, allocate_lease: LeaseAl
     domain.require_manager()
     assert request.alloc is not None  # resolved by the request
     with domain.request_lock(request.request_id):
-        recorded = _recorded_intent(domain, request.request_id)
+        rec = _recorded(domain, request.request_id)
+        recorded = rec.args if rec is not None and rec.state == journal.PENDING else None
         if recorded is not None:  # roll forward where it started
             shard = domain.shard(int(recorded.get("shard", 0)))
             intent = recorded
@@ -323,14 +321,10 @@ def extend_volume(domain: Domain, request: ExtendVolume,
                     f"volume {vol} is {info.capacity} bytes; it cannot shrink to {new}")
             return {"volume": vol, "capacity": new}
 
-        intent: dict[str, Any] | None = None
-        if request.request_id is not None:
-            # A known id keeps what it resolved to the first time ("+1G" of the size
-            # then), and a finished one is answered as it was: resolve only a new one.
-            with domain.journal() as dev:
-                rec = domain.request_log(dev).find(request.request_id)
-            if rec is not None and rec.state != journal.ABORTED:
-                intent = rec.args
+        # A known id keeps what it resolved to the first time ("+1G" of the size
+        # then), and a finished one is answered as it was: resolve only a new one.
+        rec = _recorded(domain, request.request_id)
+        intent = rec.args if rec is not None and rec.state != journal.ABORTED else None
 
         def run(a: dict[str, Any], resumed: bool) -> Any:
             info = current[0] if current and not resumed else None
