@@ -6,13 +6,16 @@ One module, one boot (TCG guests are slow to start), tests in order:
 1. the playground CLI: ``sim up --backend vm``, ``sim exec`` (domain create on host 1,
    attach on hosts 2 and 3, a volume created from host 3 through the manager on
    host 1), and bad input refused with one line and a non-zero exit;
-2. host power loss while host 1 is manager AND runs a devcount consumer that holds a
+2. the ``leases`` LV grown by the manager while other guests have it active (real
+   device-mapper, a table of the old size): a guest that then takes a lease in the
+   new slots reloads its table first, and sanlock holds the lease at that offset;
+3. host power loss while host 1 is manager AND runs a devcount consumer that holds a
    volume lease (host 2 runs one waiting for the lease): the manager role and the
    lease move to surviving guests no earlier than sanlock allows and within the
    host-dead time x 1.05 + 10 s; host 1 restarts, attaches again and waits for the
    lease; host 2 lets go and host 1 carries on. The counter record on the volume never
    shows two writers, and each new writer starts where the last one stopped;
-3. ``sim down`` kills every guest by pid and leaves no qemu behind.
+4. ``sim down`` kills every guest by pid and leaves no qemu behind.
 
 Skipped, with the reason printed, when this machine cannot run qemu guests.
 """
@@ -42,6 +45,13 @@ IO_TIMEOUT = 2  # host-dead time 8 x 2 + 60 = 76 s
 DOMAIN = "vmdom"
 STATE = "/run/devcount"
 GiB = 1024**3
+MiB = 1024**2
+# The LUN has 4 KiB sectors: a lease slot is 8 MiB (sanlock's alignment for 2,000
+# hosts), so the smallest leases LV (one 128 MiB extent) has 16 slots, and the next
+# test fills them with a few volumes (it would take 127 on 512 B sectors).
+SECTOR = 4096
+SLOT = 8 * MiB
+LEASES_SIZE = 128 * MiB
 
 
 def _skip(reason: str) -> None:
@@ -86,7 +96,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         _skip(f"cannot run qemu guests here: {exc}")
     directory = tmp_path_factory.mktemp("vmsim")
     up = sharedlvm_sim("up", "--backend", "vm", "--hosts", "3", "--dir", str(directory),
-                       "--size", "8G", check=False)
+                       "--size", "8G", "--sector-size", str(SECTOR), check=False)
     if up.returncode != 0 and "qemu did not start" in up.stderr:
         _skip(up.stderr.strip())
     assert up.returncode == 0, up.stderr
@@ -120,8 +130,10 @@ def _qemu_alive(pid: int, directory: Path) -> bool:
 
 def test_cli_domain_and_volume_across_guests(bed: Bed) -> None:
     d = bed.dir
+    # The smallest leases LV: the next test makes the manager grow it.
     sim_exec(d, 1, "sharedlvm", "domain", "create", "--name", DOMAIN, "--lun", LUN_DEVICE,
-             "--host-id", "1", "--io-timeout", str(IO_TIMEOUT))
+             "--host-id", "1", "--io-timeout", str(IO_TIMEOUT),
+             "--leases-size", str(LEASES_SIZE))
     attaches = [subprocess.Popen(
         [*SHAREDLVM_SIM, "exec", "--dir", str(d), "--host", str(h),
          "--", "sharedlvm", "domain", "attach", DOMAIN, "--lun", LUN_DEVICE,
@@ -146,6 +158,58 @@ def test_cli_domain_and_volume_across_guests(bed: Bed) -> None:
     bad = sharedlvm_sim("exec", "--dir", str(d / "nowhere"), "--host", "1", "--", "true",
                         check=False)
     assert bad.returncode != 0 and "no simulation" in bad.stderr
+
+
+def _leases_size(host: int, directory: Path) -> int:
+    """Size of host's device-mapper device of the ``leases`` LV, as its kernel has it."""
+    return int(sim_exec(directory, host, "blockdev", "--getsize64",
+                        f"/dev/mapper/{DOMAIN}-leases").stdout)
+
+
+def test_leases_lv_grown_by_manager_is_reloaded_before_use(bed: Bed) -> None:
+    d = bed.dir
+    # Every guest's daemon has used slot 0 (the manager lease), so each has the
+    # leases LV active with the size it had then.
+    for host in (1, 2, 3):
+        assert _leases_size(host, d) == LEASES_SIZE
+    # Host 3 fills the free slots (slot 0: manager, slot 1: the first test's volume),
+    # through the client library in one process (a python start costs seconds in TCG).
+    free = LEASES_SIZE // SLOT - 2
+    fill = ("from sharedlvm.client import Client\n"
+            f"c = Client()\nfor _ in range({free}): c.create_volume({128 * MiB})\n")
+    sim_exec(d, 3, "python3", "-c", fill)
+    assert _leases_size(1, d) == LEASES_SIZE
+    # One more volume: no free slot, the manager (host 1) grows the LV by 1 GiB; on
+    # this LUN the growth is a second segment, after the volumes.
+    vol = json.loads(sim_exec(d, 3, "sharedlvm", "volume", "create", "--domain", DOMAIN,
+                              "--size", "64M", "--json").stdout)["uuid"]
+    assert _leases_size(2, d) == LEASES_SIZE  # host 2's table still maps the old size
+    table = sim_exec(d, 1, "dmsetup", "table", f"{DOMAIN}-leases").stdout
+    assert len(table.strip().splitlines()) == 2, table  # two linear segments
+
+    # Host 2 runs a consumer of the new volume: its lease lives in slot 16, past the
+    # end of host 2's device. sanlock in the consumer reports the lease it holds.
+    run = sim_exec(d, 2, "sharedlvm", "run", "--domain", DOMAIN, "--volume", vol, "--",
+                   "sanlock", "client", "status")
+    assert _leases_size(2, d) == LEASES_SIZE + GiB
+    held = [line for line in run.stdout.splitlines() if f":{vol}:" in line]
+    assert len(held) == 1, run.stdout
+    # "r LOCKSPACE:RESOURCE:PATH:OFFSET:LVER p PID"
+    where = held[0].split()[1].split(":")[2:4]
+    assert where[0] in (f"/dev/{DOMAIN}/leases", f"/dev/mapper/{DOMAIN}-leases"), held
+    assert int(where[1]) == LEASES_SIZE, held
+    # On the disk, read with sanlock's direct read on the manager's host (host 3 has
+    # not used the new slots, so its table still ends at 128 MiB): the lease leader of
+    # slot 16 is the new volume's, last owned by host 2.
+    assert _leases_size(3, d) == LEASES_SIZE
+    info = json.loads(sim_exec(d, 1, "sharedlvm", "domain", "info", "--domain", DOMAIN,
+                               "--json").stdout)
+    lockspace = info["domain_uuid"].replace("-", "")
+    leader = sim_exec(d, 1, "sanlock", "direct", "read_leader", "-r",
+                      f"{lockspace}:{vol}:/dev/{DOMAIN}/leases:{LEASES_SIZE}").stdout
+    fields = dict(line.split(" ", 1) for line in leader.splitlines() if " " in line)
+    assert fields.get("owner_id") == "2", leader
+    assert int(fields["lver"]) >= 1, leader
 
 
 def _consumer(sim: VmSim, host: int, volume: str) -> int:
