@@ -328,12 +328,13 @@ class Loops:
         self.attached.clear()
 
 
-def make_bare_vg(lvm: Lvm, vg: str, device: str) -> None:
+def make_bare_vg(lvm: Lvm, vg: str, device: str,
+                 make_tags: Callable[[], list[str]] = volume_tags) -> None:
     """PV and VG like a shard's (128 MiB metadata area and extents), and one LV made by
     lvcreate: the template of the generated ones."""
     lvm.pvcreate([device])
     lvm.vgcreate(vg, [device], ["sharedlvm.bench"])
-    lvm.lvcreate(vg, str(uuid.uuid4()), EXTENT, volume_tags())
+    lvm.lvcreate(vg, str(uuid.uuid4()), EXTENT, make_tags())
 
 
 _LV_ID_CHARS = string.ascii_letters + string.digits
@@ -362,7 +363,8 @@ def _block_end(text: str, open_brace: int) -> int:
     raise ValueError("unbalanced braces in LVM metadata")
 
 
-def fill_vg(lvm: Lvm, vg: str, count: int, directory: Path) -> None:
+def fill_vg(lvm: Lvm, vg: str, count: int, directory: Path,
+            make_tags: Callable[[], list[str]] = volume_tags) -> None:
     """Bring ``vg`` to ``count`` LVs with one vgcfgrestore: its vgcfgbackup with LV
     sections added, copies of the first LV's (new name, id, tags, extent)."""
     have = lvm.vg(vg).lv_count
@@ -387,7 +389,7 @@ def fill_vg(lvm: Lvm, vg: str, count: int, directory: Path) -> None:
     free = (pe for pe in range(pe_count) if pe not in used)
     blocks = []
     for _ in range(count - have):
-        lv_tags = ", ".join(f'"{t}"' for t in volume_tags())
+        lv_tags = ", ".join(f'"{t}"' for t in make_tags())
         block = template.replace(first.group(1), str(uuid.uuid4()), 1)
         block = re.sub(r'\bid = "[^"]+"', f'id = "{lv_id()}"', block, count=1)
         block = re.sub(r"tags = \[[^\]]*\]", f"tags = [{lv_tags}]".replace("\\", "\\\\"),

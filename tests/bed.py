@@ -242,6 +242,24 @@ def inspect_lvm(devices: list[str], directory: Path) -> Lvm:
                                    activation=False))
 
 
+@contextlib.contextmanager
+def scratch_lun(directory: Path, size: int,
+                keep_view: bool = False) -> Iterator[tuple[str, Lvm, Lvm]]:
+    """A loop device on a sparse file in ``directory``, outside any simulated host:
+    (device, a read-only LVM on it, a writable one), detached afterwards."""
+    image = directory / "scratch-lun.img"
+    with open(image, "xb") as f:
+        f.truncate(size)
+    device = Runner().run(["losetup", "--find", "--show", str(image)]).out.strip()
+    try:
+        reader = inspect_lvm([device], directory)
+        writer = Lvm(reader.runner, dataclasses.replace(reader.config, writable=True),
+                     keep_view=keep_view)
+        yield device, reader, writer
+    finally:
+        Runner().run(["losetup", "--detach", device], check=False)
+
+
 def make_cluster(directory: Path, hosts: int = 3, size: int = 20 * GiB,
                  sector_size: int = 512, name: str = "dom1", attach: bool = True,
                  services: bool = True, extra: tuple[str, ...] = (),

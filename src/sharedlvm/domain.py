@@ -151,13 +151,13 @@ def _write_lvm_conf(paths: HostPaths) -> None:
 def make_lvm(paths: HostPaths, runner: Runner, luns: Sequence[str], writable: bool,
              before_write: Callable[[], None] | None = None,
              after_write: Callable[[], None] | None = None,
-             write_timeout: float | None = None) -> Lvm:
+             write_timeout: float | None = None, keep_view: bool = False) -> Lvm:
     _write_lvm_conf(paths)
     return Lvm(runner, LvmConfig(devices=tuple(luns), writable=writable,
                                  system_dir=paths.lvm_system_dir, lock_dir=paths.lvm_lock_dir,
                                  activation=device_mapper_available(),
                                  udev=udev_running()),
-               before_write=before_write, after_write=after_write,
+               before_write=before_write, after_write=after_write, keep_view=keep_view,
                **({"write_timeout": write_timeout} if write_timeout else {}))
 
 
@@ -200,7 +200,8 @@ class Domain:
             before, after, timeout = self._hooks
             lvm = make_lvm(self.paths, self.runner, luns, writable=True,
                            before_write=lambda: before(shard),
-                           after_write=lambda: after(shard), write_timeout=timeout)
+                           after_write=lambda: after(shard), write_timeout=timeout,
+                           keep_view=True)
         else:
             lvm = make_lvm(self.paths, self.runner, luns, writable=False)
         shard = Shard(index, vg_name, luns, lvm,
@@ -543,8 +544,9 @@ class Domain:
             os.close(fd)
 
     def volume_lvs(self) -> list[LogicalVolume]:
-        """Every LV but the special ones, of every shard this host sees: one report per
-        shard, in parallel. The shard count is read fresh (one 8 KiB read): another
+        """Every LV but the special ones (name, size, tags), of every shard this host
+        sees: one report per shard, in parallel; the manager's from its view of each
+        shard (Lvm.volume_lvs). The shard count is read fresh (one 8 KiB read): another
         host may have added a shard since this process looked."""
         if self.record.format_version >= 2:
             fresh = self.read_record()
@@ -555,10 +557,10 @@ class Domain:
             log.warning("domain %s: shard %d (VG %s) is on no LUN this host sees: its "
                         "volumes are not listed", self.name, unseen.index, unseen.vg_name)
         if len(shards) == 1:
-            found = [shards[0].lvm.lvs(shards[0].vg_name)]
+            found = [shards[0].lvm.volume_lvs(shards[0].vg_name)]
         else:
             with ThreadPoolExecutor(max_workers=min(8, len(shards))) as pool:
-                found = list(pool.map(lambda s: s.lvm.lvs(s.vg_name), shards))
+                found = list(pool.map(lambda s: s.lvm.volume_lvs(s.vg_name), shards))
         return [lv for lvs in found for lv in lvs if lv.name not in SPECIAL_NAMES]
 
     def info(self) -> DomainInfo:

@@ -85,6 +85,10 @@ class LoopActivator:
         device = self.runner.run([
             "losetup", "--find", "--show", "--offset", str(offset), "--sizelimit",
             str(lv.size), "--sector-size", sector, "--direct-io=on", pv]).out.strip()
+        # A block device's read-only flag (BLKROSET) outlives a detach: a loop device
+        # detached by something that did not reset it (a crashed host's cleanup,
+        # another program) would make this mapping refuse writes (EPERM).
+        self.runner.run(["blockdev", "--setrw", device])
         self._write_record(vg_name, lv_name, device, pv, offset, lv.size)
         log.debug("activated %s/%s as %s (offset %d)", vg_name, lv_name, device, offset)
         return device

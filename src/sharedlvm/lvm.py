@@ -18,7 +18,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,8 @@ METADATA_SIZE = 128 * 1024 * 1024
 EXTENT_SIZE = 128 * 1024 * 1024
 
 LV_FIELDS = "lv_name,vg_name,lv_size,lv_tags,lv_attr,seg_count,devices,lv_uuid"
+# What a volume is made of (model.VolumeInfo from tags.volume_from_lv).
+VOLUME_FIELDS = "lv_name,lv_size,lv_tags"
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,11 @@ class LogicalVolume:
         return len(self.attr) > 4 and self.attr[4] == "a"
 
 
+# What a metadata command did to a VG's LVs, applied to the manager's view of them:
+# (LVs by name, the VG's extent size, the command's output).
+ViewChange = Callable[[dict[str, LogicalVolume], int, str], None]
+
+
 @dataclass(frozen=True)
 class VolumeGroup:
     name: str
@@ -185,7 +192,7 @@ class Lvm:
     def __init__(self, runner: Runner, config: LvmConfig,
                  before_write: Callable[[], None] | None = None,
                  after_write: Callable[[], None] | None = None,
-                 write_timeout: float = DEFAULT_TIMEOUT) -> None:
+                 write_timeout: float = DEFAULT_TIMEOUT, keep_view: bool = False) -> None:
         self.runner = runner
         self.config = config
         self._config_text = config.text()
@@ -200,6 +207,10 @@ class Lvm:
         # One metadata command at a time on these devices, checks included: the
         # seqno check before a command is only true if no other thread commits.
         self._write_lock = threading.Lock()
+        # The manager's view (keep_view): VG -> its LVs as this process's own commits
+        # left them, and the VG's extent size. See volume_lv().
+        self._views: dict[str, tuple[dict[str, LogicalVolume], int]] | None = (
+            {} if keep_view else None)
 
     @property
     def writable(self) -> bool:
@@ -222,14 +233,31 @@ class Lvm:
             raise _map_error(exc) from exc
         return result.out
 
-    def write(self, command: str, *args: str) -> str:
-        """Run a metadata-changing command, between the manager's checks."""
+    def write(self, command: str, *args: str, vg_name: str | None = None,
+              change: ViewChange | None = None) -> str:
+        """Run a metadata-changing command, between the manager's checks. With a
+        view kept: ``change`` applies the command's effect on ``vg_name``'s LVs to it
+        once the command succeeded; without one, or when the command failed (it may
+        have committed anyway), the view of ``vg_name`` (of every VG when None) is
+        dropped, to be read again from LVM."""
         with self._write_lock:
             if self.before_write is not None:
                 self.before_write()
+            applied = False
             try:
-                return self.run(command, *args, timeout=self.write_timeout)
+                out = self.run(command, *args, timeout=self.write_timeout)
+                if self._views is not None and vg_name is not None and change is not None:
+                    view = self._views.get(vg_name)
+                    if view is not None:
+                        change(view[0], view[1], out)
+                    applied = True
+                return out
             finally:
+                if not applied and self._views is not None:
+                    if vg_name is None:
+                        self._views.clear()
+                    else:
+                        self._views.pop(vg_name, None)
                 if self.after_write is not None:
                     self.after_write()
 
@@ -267,14 +295,64 @@ class Lvm:
         args = [f"{vg_name}/{lv}" for lv in lv_names] or [vg_name]
         if select:
             args = ["--select", select, *args]
-        rows = self._report("lvs", "lv", LV_FIELDS, *args)
+        return [_lv_from_row(r) for r in self._lv_rows(LV_FIELDS, *args)]
+
+    def _lv_rows(self, fields: str, *args: str) -> list[dict[str, str]]:
+        rows = self._report("lvs", "lv", fields, *args)
         # "devices" is a segment field: LVM reports one row per segment. Merge them.
         merged: dict[str, dict[str, str]] = {}
         for row in rows:
             first = merged.setdefault(row["lv_uuid"], dict(row))
             if first is not row and row["devices"] and row["devices"] not in first["devices"]:
                 first["devices"] = f"{first['devices']},{row['devices']}"
-        return [_lv_from_row(r) for r in merged.values()]
+        return list(merged.values())
+
+    @property
+    def keeps_view(self) -> bool:
+        return self._views is not None
+
+    def volume_lv(self, vg_name: str, lv_name: str) -> LogicalVolume | None:
+        """An LV by name (None when there is none); only its name, size and tags are
+        meant to be used.
+
+        Read from LVM, but in the manager (``keep_view``) from its view of the VG: the
+        VG's LVs read with one report on first use in the term, then changed by each
+        of this process's own commits as LVM changes them (sizes rounded up to the
+        VG's extent). The manager is the VG's only writer, which its checks around
+        every commit prove (the VG's seqno moved by its own commit only), so the view
+        is what is on the disk without a read per operation; a failed command drops
+        it. docs/design.md, rule 4."""
+        if self._views is None:
+            try:
+                return self.lv(vg_name, lv_name)
+            except errors.VolumeNotFound:
+                return None
+        return self._view(vg_name).get(lv_name)
+
+    def volume_lvs(self, vg_name: str) -> list[LogicalVolume]:
+        """Every LV of ``vg_name``, only their names, sizes and tags meant to be used:
+        the manager's view (see volume_lv), or one report of just those fields (no
+        segment field: one row per LV, the least LVM has to format and we to parse)."""
+        if self._views is None:
+            rows = self._report("lvs", "lv", VOLUME_FIELDS, vg_name)
+            return [LogicalVolume(r["lv_name"], vg_name, int(r["lv_size"]),
+                                  _split_tags(r["lv_tags"]), attr="", segments=0,
+                                  devices="", uuid="") for r in rows]
+        return list(self._view(vg_name).values())
+
+    def _view(self, vg_name: str) -> dict[str, LogicalVolume]:
+        assert self._views is not None
+        with self._write_lock:  # no command between the report and its use
+            view = self._views.get(vg_name)
+            if view is None:
+                rows = self._report("lvs", "lv", f"{VOLUME_FIELDS},vg_extent_size", vg_name)
+                extent = int(rows[0]["vg_extent_size"]) if rows else self.vg(
+                    vg_name).extent_size
+                view = ({r["lv_name"]: LogicalVolume(
+                    r["lv_name"], vg_name, int(r["lv_size"]), _split_tags(r["lv_tags"]),
+                    attr="", segments=0, devices="", uuid="") for r in rows}, extent)
+                self._views[vg_name] = view
+            return view[0]
 
     def lv(self, vg_name: str, lv_name: str) -> LogicalVolume:
         lvs = self.lvs(vg_name, [lv_name])
@@ -312,32 +390,60 @@ class Lvm:
         # --zero n / --wipesignatures n: zeroing needs activation, and a new volume's
         # content is the creator's business (qemu-img create, a copy, or --wipe at
         # delete time); --yes answers nothing interactively.
+        def created(view: dict[str, LogicalVolume], extent: int, out: str) -> None:
+            view[lv_name] = LogicalVolume(lv_name, vg_name, _round_up(size, extent),
+                                          tuple(tags), attr="", segments=0, devices="",
+                                          uuid="")
+
         self.write("lvcreate", "--name", lv_name, "--size", f"{size}b", "--zero", "n",
-                 "--wipesignatures", "n", "--yes", *_tag_args("--addtag", tags), vg_name)
+                   "--wipesignatures", "n", "--yes", *_tag_args("--addtag", tags), vg_name,
+                   vg_name=vg_name, change=created)
 
     def lvextend(self, vg_name: str, lv_name: str, size: int) -> None:
         """Extend to ``size`` bytes; a no-op when the LV already has that size."""
+        def extended(view: dict[str, LogicalVolume], extent: int, out: str) -> None:
+            lv = view.pop(lv_name, None)
+            if lv is not None:
+                view[lv_name] = replace(lv, size=max(lv.size, _round_up(size, extent)))
+
         try:
-            self.write("lvextend", "--size", f"{size}b", f"{vg_name}/{lv_name}")
+            self.write("lvextend", "--size", f"{size}b", f"{vg_name}/{lv_name}",
+                       vg_name=vg_name, change=extended)
         except errors.LvmError as exc:
             if "matches existing size" in str(exc):
                 return
             raise
 
     def lvremove(self, vg_name: str, lv_names: Sequence[str]) -> None:
-        self.write("lvremove", "--yes", *[f"{vg_name}/{lv}" for lv in lv_names])
+        def removed(view: dict[str, LogicalVolume], extent: int, out: str) -> None:
+            for name in lv_names:
+                view.pop(name, None)
+
+        self.write("lvremove", "--yes", *[f"{vg_name}/{lv}" for lv in lv_names],
+                   vg_name=vg_name, change=removed)
 
     def lvremove_selected(self, vg_name: str, select: str) -> list[str]:
         """Remove the LVs of ``vg_name`` matching an LVM selection; returns their names
         (empty when nothing matched, which LVM does not treat as an error)."""
-        out = self.write("lvremove", "--yes", "--select", select, vg_name)
-        return re.findall(r'Logical volume "([^"]+)" successfully removed', out)
+        def removed(view: dict[str, LogicalVolume], extent: int, out: str) -> None:
+            for name in _removed_names(out):
+                view.pop(name, None)
+
+        return _removed_names(self.write("lvremove", "--yes", "--select", select, vg_name,
+                                         vg_name=vg_name, change=removed))
 
     def change_tags(self, vg_name: str, lv_name: str, add: Sequence[str] = (),
                     delete: Sequence[str] = ()) -> None:
         """Add and delete tags in one metadata commit."""
+        def changed(view: dict[str, LogicalVolume], extent: int, out: str) -> None:
+            lv = view.pop(lv_name, None)
+            if lv is not None:
+                kept = tuple(t for t in lv.tags if t not in delete)
+                view[lv_name] = replace(lv, tags=kept + tuple(
+                    t for t in dict.fromkeys(add) if t not in kept))
+
         self.write("lvchange", *_tag_args("--deltag", delete), *_tag_args("--addtag", add),
-                 f"{vg_name}/{lv_name}")
+                   f"{vg_name}/{lv_name}", vg_name=vg_name, change=changed)
 
     def vgck(self, vg_name: str) -> None:
         self.run("vgck", vg_name)
@@ -360,6 +466,14 @@ def _tag_args(flag: str, tags: Iterable[str]) -> list[str]:
     for tag in tags:
         args += [flag, tag]
     return args
+
+
+def _round_up(size: int, extent: int) -> int:
+    return -(-size // extent) * extent
+
+
+def _removed_names(out: str) -> list[str]:
+    return re.findall(r'Logical volume "([^"]+)" successfully removed', out)
 
 
 def _split_tags(text: str) -> tuple[str, ...]:

@@ -72,10 +72,8 @@ def list_volumes(domain: Domain, image: str | None = None,
 def get_volume(domain: Domain, volume_id: str) -> VolumeInfo:
     check_uuid(volume_id)
     shard = domain.volume_shard(volume_id)
-    try:
-        info = _volume(shard.lvm.lv(shard.vg_name, volume_id))
-    except errors.VolumeNotFound:
-        info = None
+    lv = shard.lvm.volume_lv(shard.vg_name, volume_id)  # the manager: from its view
+    info = _volume(lv) if lv is not None else None
     if info is None:
         domain.forget_volume(volume_id)
         raise errors.VolumeNotFound(volume_id, domain.name)
@@ -83,8 +81,7 @@ def get_volume(domain: Domain, volume_id: str) -> VolumeInfo:
 
 
 def _exists(domain: Domain, shard: Shard, volume_id: str) -> LogicalVolume | None:
-    found = shard.lvm.lvs(shard.vg_name, select=f"lv_name={volume_id}")
-    return found[0] if found else None
+    return shard.lvm.volume_lv(shard.vg_name, volume_id)
 
 
 @contextlib.contextmanager
@@ -443,7 +440,10 @@ def finish_removal(domain: Domain, vol: str) -> None:
     """Zero and remove a volume marked ``removing``, under its lease (the caller
     holds it); also the recovery path."""
     shard = domain.volume_shard(vol)
-    size = shard.lvm.lv(shard.vg_name, vol).size
+    lv = shard.lvm.volume_lv(shard.vg_name, vol)
+    if lv is None:
+        raise errors.VolumeNotFound(vol, domain.name)
+    size = lv.size
     path = shard.activator.activate(shard.vg_name, vol)
     domain.require_manager_now()
     zero_device(path, size, progress=domain.progress)

@@ -228,6 +228,8 @@ def release_host_devices(runner: Runner, paths: HostPaths,
             continue
         device = data.get("device", "")
         if device and _backing_file(device) == os.path.realpath(data.get("pv", "")):
+            # (a shared lease's read-only flag would outlive the detach)
+            runner.run(["blockdev", "--setrw", device], check=False)
             try:
                 runner.run(["losetup", "--detach", device])
             except CommandError as exc:

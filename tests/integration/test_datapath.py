@@ -84,3 +84,45 @@ def test_extend_grows_active_device_on_refresh(cluster: Cluster) -> None:
         assert again == path  # same device, refreshed
         assert int(Path(f"/sys/block/{dev}/size").read_text()) * 512 == 2 * 1024**3
         r.cli("volume", "teardown", vol)
+
+
+def test_loop_device_left_read_only_is_writable_again(tmp_path: Path) -> None:
+    """A block device's read-only flag (BLKROSET) outlives a loop detach: a loop
+    device left read-only by whatever used it before (a shared lease's device
+    detached by a crashed host's cleanup) must not make the next mapping refuse
+    writes. Found as an EPERM on the journal at `domain create` in a CI run."""
+    import subprocess
+
+    from bed import scratch_lun
+
+    from sharedlvm import ondisk
+    from sharedlvm.command import Runner
+    from sharedlvm.loopdev import LoopActivator
+    from sharedlvm.lvm import EXTENT_SIZE
+
+    def run(*argv: str) -> str:
+        return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+
+    with scratch_lun(tmp_path, 2 * 1024**3) as (lun, _reader, lvm):
+        lvm.pvcreate([lun])
+        lvm.vgcreate("rovg", [lun], [])
+        lvm.lvcreate("rovg", "lv", EXTENT_SIZE, [])
+        # The next free loop device, left read-only by its last user.
+        scratch = tmp_path / "scratch.img"
+        with open(scratch, "xb") as f:
+            f.truncate(1024**2)
+        stale = run("losetup", "--find", "--show", str(scratch))
+        run("blockdev", "--setro", stale)
+        run("losetup", "--detach", stale)
+        assert run("blockdev", "--getro", stale) == "1"
+
+        activator = LoopActivator(lvm, Runner(), tmp_path / "activations")
+        device = activator.activate("rovg", "lv")
+        try:
+            assert device == stale  # the first free one
+            with ondisk.BlockFile(device, writable=True) as dev:
+                dev.write(0, b"\x01" * ondisk.BLOCK_SIZE)
+            assert run("blockdev", "--getro", device) == "0"
+        finally:
+            activator.deactivate("rovg", "lv")
+        lvm.vgremove("rovg")

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bed import Cluster, destroy_cluster, make_cluster
+from bed import Cluster, destroy_cluster, make_cluster, scratch_lun
 
-from sharedlvm import journal, lvm_mda, ondisk, tags
+from sharedlvm import errors, journal, lvm_mda, ondisk, tags
 from sharedlvm.command import Runner
 from sharedlvm.domain import make_lvm, shard_vg_name
 from sharedlvm.units import GiB
@@ -265,17 +265,7 @@ def test_version_1_domain_still_works(tmp_path: Path) -> None:
 def test_fast_seqno_read_follows_lvm_around_the_ring(tmp_path: Path) -> None:
     """lvm_mda reads what LVM committed, also once the metadata text wraps around the
     circular area (a small one here, so it wraps after a few commits)."""
-    img = tmp_path / "ring.img"
-    with open(img, "xb") as f:
-        f.truncate(2 * GiB)
-    dev = subprocess.run(["losetup", "--find", "--show", str(img)], check=True,
-                         capture_output=True, text=True).stdout.strip()
-    try:
-        from bed import inspect_lvm
-        lvm = inspect_lvm([dev], tmp_path)
-        writer = type(lvm)(lvm.runner, type(lvm.config)(
-            devices=(dev,), writable=True, system_dir=lvm.config.system_dir,
-            lock_dir=lvm.config.lock_dir, activation=False))
+    with scratch_lun(tmp_path, 2 * GiB) as (dev, lvm, writer):
         writer.run("pvcreate", "--metadatasize", "1m", dev)
         writer.vgcreate("ring", [dev], [])
         writer.lvcreate("ring", "lv", 128 * 1024 ** 2, [])
@@ -284,8 +274,6 @@ def test_fast_seqno_read_follows_lvm_around_the_ring(tmp_path: Path) -> None:
             head = lvm_mda.read_head(dev)
             assert head == lvm_mda.MdaHead("ring", lvm.vg("ring").seqno)
         writer.vgremove("ring")
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def test_metadata_backups_kept_in_the_domain(shards: Cluster, tmp_path: Path) -> None:
@@ -358,3 +346,50 @@ def test_shards_on_partitions_of_one_lun(tmp_path: Path) -> None:
             assert probe.returncode == 2, probe  # blank again
     finally:
         destroy_cluster(c)
+
+
+def test_manager_view_of_lvs_follows_lvm(tmp_path: Path) -> None:
+    """The manager's view of a shard's LVs (Lvm keep_view: read once, then changed by
+    its own commits) says what a fresh LVM report says after every kind of commit,
+    sizes rounded as LVM rounds them; a failed command drops it (read again)."""
+    from sharedlvm.lvm import EXTENT_SIZE
+
+    with scratch_lun(tmp_path, 8 * GiB, keep_view=True) as (dev, fresh, manager):
+        manager.pvcreate([dev])
+        manager.vgcreate("view", [dev], [])
+        manager.lvcreate("view", "before", EXTENT_SIZE, ["sl.a=1"])
+
+        def same() -> None:
+            on_disk = {lv.name: (lv.size, set(lv.tags)) for lv in fresh.lvs("view")}
+            for name in {*on_disk, "before", "raw", "qcow", "gone", "missing"}:
+                lv = manager.volume_lv("view", name)
+                seen = (lv.size, set(lv.tags)) if lv is not None else None
+                assert seen == on_disk.get(name), name
+            for lvm in (manager, fresh):  # the list: from the view, from a light report
+                assert {lv.name: (lv.size, set(lv.tags))
+                        for lv in lvm.volume_lvs("view")} == on_disk
+
+        same()  # loads the view: "before" is in it
+        manager.lvcreate("view", "raw", 512, ["sl.b=2", "sl.c=3"])  # one extent
+        same()
+        manager.lvextend("view", "raw", EXTENT_SIZE + 512)  # two extents
+        same()
+        manager.lvextend("view", "raw", 2 * EXTENT_SIZE)  # no-op (LVM: matches existing)
+        same()
+        manager.lvcreate("view", "qcow", 3 * EXTENT_SIZE, [tags.make_tag("state", "creating")])
+        manager.change_tags("view", "qcow", add=[tags.make_tag("state", "ready"), "sl.x=1"],
+                            delete=[tags.make_tag("state", "creating")])
+        same()
+        manager.lvcreate("view", "gone", EXTENT_SIZE, [])
+        assert manager.lvremove_selected("view", "lv_name=gone") == ["gone"]
+        manager.lvremove("view", ["before"])
+        same()
+        # A command that fails (it might have committed): the view is read again.
+        with pytest.raises(errors.AlreadyExists):
+            manager.lvcreate("view", "raw", EXTENT_SIZE, [])
+        assert "view" not in (manager._views or {})
+        same()
+        # What the view cannot see by itself: a commit by another writer. The
+        # manager's seqno check around each commit is what stops that (tests of
+        # the stray writer); the view only ever holds its own commits.
+        manager.vgremove("view")
