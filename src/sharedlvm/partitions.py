@@ -8,26 +8,62 @@ partitions: the kernel of the host that wrote the table is told with ``partx
 BLKRRPART would fail), and every other host does the same when it attaches or
 meets a shard it cannot find. Which devices are a LUN's partitions is read from
 sysfs (``/sys/class/block/<disk>/<partition>/partition``), whatever the naming
-(``sdb1``, ``loop0p1``, ``nvme0n1p1``). Not handled: partitions of device-mapper
-multipath LUNs, which are device-mapper devices of their own (kpartx).
+(``sdb1``, ``loop0p1``, ``nvme0n1p1``).
+
+A multipath LUN is a device-mapper device (``/dev/mapper/<wwid>``, DM UUID
+``mpath-<wwid>``): the kernel makes no partitions of it. kpartx makes them as
+device-mapper devices of their own, linear maps on top of it whose DM UUID is
+``part<N>-<the LUN's DM UUID>`` (the convention multipath-tools and LVM share). For
+such a LUN every host runs ``kpartx -a`` where others run ``partx``, and its
+partitions are the holders of the LUN's dm device with that UUID, named
+``/dev/mapper/<their dm name>`` whatever delimiter kpartx used.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
 from . import errors
 from .command import Runner
+from .lvm import udev_running
 
 MAX_PARTITIONS = 128  # a GPT's default table
 _ALIGN = 1024 * 1024
 _GPT_RESERVED = 2 * _ALIGN  # the primary table at the start, the backup at the end
 
 
+SYS_BLOCK = Path("/sys/class/block")
+_PART_UUID = re.compile(r"^part(\d+)-(.+)$")
+
+
 def _sys_block(device: str) -> Path:
-    return Path("/sys/class/block") / os.path.basename(os.path.realpath(device))
+    """The device's directory in sysfs, found by its device number: without udev a
+    /dev/mapper name is a node of its own, not a link to ``dm-N``."""
+    try:
+        rdev = os.stat(device).st_rdev
+    except OSError:
+        rdev = 0
+    if rdev:
+        by_number = Path("/sys/dev/block") / f"{os.major(rdev)}:{os.minor(rdev)}"
+        if by_number.exists():
+            return SYS_BLOCK / os.path.basename(os.path.realpath(by_number))
+    return SYS_BLOCK / os.path.basename(os.path.realpath(device))
+
+
+def _dm_uuid(block: Path) -> str | None:
+    """The DM UUID of a device-mapper device's sysfs entry (None: not device-mapper,
+    or a map without a UUID)."""
+    try:
+        return (block / "dm" / "uuid").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _is_dm(device: str) -> bool:
+    return (_sys_block(device) / "dm").is_dir()
 
 
 def members(device: str) -> list[str]:
@@ -35,18 +71,45 @@ def members(device: str) -> list[str]:
     none (or is itself a partition)."""
     base = _sys_block(device)
     found: list[tuple[int, str]] = []
-    try:
-        entries = list(base.iterdir())
-    except OSError:
-        return [device]
-    for entry in entries:
-        number = entry / "partition"
-        if number.is_file():
-            try:
-                found.append((int(number.read_text()), f"/dev/{entry.name}"))
-            except (OSError, ValueError):
-                continue
+    if (base / "dm").is_dir():
+        found = _dm_partitions(base)
+    else:
+        try:
+            entries = list(base.iterdir())
+        except OSError:
+            return [device]
+        for entry in entries:
+            number = entry / "partition"
+            if number.is_file():
+                try:
+                    found.append((int(number.read_text()), f"/dev/{entry.name}"))
+                except (OSError, ValueError):
+                    continue
     return [path for _, path in sorted(found)] or [device]
+
+
+def _dm_partitions(base: Path) -> list[tuple[int, str]]:
+    """kpartx's partitions of the dm device at ``base``: its holders whose DM UUID is
+    ``part<N>-<its DM UUID>``."""
+    parent = _dm_uuid(base)
+    if parent is None:
+        return []
+    found = []
+    try:
+        holders = list((base / "holders").iterdir())
+    except OSError:
+        return []
+    for holder in holders:
+        block = SYS_BLOCK / holder.name
+        match = _PART_UUID.match(_dm_uuid(block) or "")
+        if match is None or match.group(2) != parent:
+            continue
+        try:
+            name = (block / "dm" / "name").read_text().strip()
+        except OSError:
+            continue
+        found.append((int(match.group(1)), f"/dev/mapper/{name}"))
+    return found
 
 
 def reread(runner: Runner, device: str) -> None:
@@ -54,6 +117,13 @@ def reread(runner: Runner, device: str) -> None:
     no partition table, or whose partitions are known, is fine as it is)."""
     if (_sys_block(device) / "partition").exists():
         return  # a partition itself
+    if _is_dm(device):
+        if _PART_UUID.match(_dm_uuid(_sys_block(device)) or ""):
+            return  # kpartx's partition itself
+        runner.run(["kpartx", "-a", "-s", device], check=False)
+        if not udev_running():  # nobody else makes the new maps' /dev/mapper nodes
+            runner.run(["dmsetup", "mknodes"], check=False)
+        return
     runner.run(["partx", "--update", device], check=False)
 
 
@@ -70,7 +140,7 @@ def split(runner: Runner, device: str, count: int) -> list[str]:
     script = "label: gpt\n" + "".join(f",{each // 512}\n" for _ in range(count))
     runner.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", device],
                input=script)
-    runner.run(["partx", "--update", device], check=False)
+    reread(runner, device)
     deadline = time.monotonic() + 10
     while True:
         found = members(device)
@@ -85,5 +155,9 @@ def split(runner: Runner, device: str, count: int) -> list[str]:
 def forget(runner: Runner, device: str) -> None:
     """Erase the partition table (domain remove) and drop the partitions from this
     host's kernel."""
+    if _is_dm(device):
+        runner.run(["kpartx", "-d", device], check=False)  # before their table goes
+        runner.run(["wipefs", "--all", "--quiet", device], check=False)
+        return
     runner.run(["wipefs", "--all", "--quiet", device], check=False)
     runner.run(["partx", "--delete", device], check=False)

@@ -1,6 +1,12 @@
-"""Real device-mapper on a reader host: after the manager extends a volume that is in
-use there, the reader's device shows the new size only after a refresh, and sharedlvm
-does that refresh itself when the volume is used again (``volume path``/prepare)."""
+"""Real device-mapper on two guests sharing one disk (one boot for the module):
+
+1. after the manager extends a volume that is in use on a reader, the reader's device
+   shows the new size only after a refresh, and sharedlvm does that refresh itself
+   when the volume is used again (``volume path``/prepare);
+2. a domain on partitions of a multipath LUN: the LUN is a device-mapper map (as
+   multipathd makes one, DM UUID ``mpath-<wwid>``), its partitions kpartx's maps on
+   top of it; the reader host finds them at attach and uses a volume of the second
+   shard, whose data the other host reads."""
 
 from __future__ import annotations
 
@@ -79,34 +85,121 @@ def image() -> Iterator[GuestImage]:
         pytest.skip(str(exc))
 
 
-def test_reader_refresh_after_extend(image: GuestImage, tmp_path: Path) -> None:
-    lun = tmp_path / "lun.img"
+@pytest.fixture(scope="module")
+def bed(image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestBed]:
+    directory = tmp_path_factory.mktemp("vmrefresh")
+    lun = directory / "lun.img"
     with lun.open("wb") as f:
-        f.truncate(8 * GiB)
-    bed = GuestBed(2, lun, tmp_path / "bed", image=image, share_dir=SRC_DIR)
+        f.truncate(20 * GiB)  # sparse; room for two 8 GiB partitions in the second test
+    guests = GuestBed(2, lun, directory / "bed", image=image, share_dir=SRC_DIR)
     try:
-        bed.start()
+        guests.start()
     except HostUnsupported as exc:
         pytest.skip(str(exc))
     try:
-        writer, reader = bed[0], bed[1]
-        _, out, _ = writer.run(["python3", "-c", WRITER], timeout=120)
-        vol = json.loads(out.strip().splitlines()[-1])["volume"]
-        _, path, _ = reader.run(["python3", "-c", READER_PATH, vol], timeout=120)
-        path = path.strip().splitlines()[-1]
-        assert path == f"/dev/vmdom/{vol}"
-        _, table, _ = reader.run(["dmsetup", "table", f"vmdom-{vol.replace('-', '--')}"])
-        assert " linear " in table  # real device-mapper on the reader
-        _, size, _ = reader.run(["blockdev", "--getsize64", path])
-        assert int(size) == GiB
-        # The manager extends the volume while the reader has it active.
-        writer.run(["python3", "-c", EXTEND, vol], timeout=120)
-        _, size, _ = reader.run(["blockdev", "--getsize64", path])
-        assert int(size) == GiB  # the reader's table still maps the old size
-        # Using the volume again through sharedlvm refreshes it.
-        _, again, _ = reader.run(["python3", "-c", READER_PATH, vol], timeout=120)
-        assert again.strip().splitlines()[-1] == path
-        _, size, _ = reader.run(["blockdev", "--getsize64", path])
-        assert int(size) == 2 * GiB
+        yield guests
     finally:
-        bed.stop()
+        guests.stop()
+
+
+def test_reader_refresh_after_extend(bed: GuestBed) -> None:
+    writer, reader = bed[0], bed[1]
+    _, out, _ = writer.run(["python3", "-c", WRITER], timeout=120)
+    vol = json.loads(out.strip().splitlines()[-1])["volume"]
+    _, path, _ = reader.run(["python3", "-c", READER_PATH, vol], timeout=120)
+    path = path.strip().splitlines()[-1]
+    assert path == f"/dev/vmdom/{vol}"
+    _, table, _ = reader.run(["dmsetup", "table", f"vmdom-{vol.replace('-', '--')}"])
+    assert " linear " in table  # real device-mapper on the reader
+    _, size, _ = reader.run(["blockdev", "--getsize64", path])
+    assert int(size) == GiB
+    # The manager extends the volume while the reader has it active.
+    writer.run(["python3", "-c", EXTEND, vol], timeout=120)
+    _, size, _ = reader.run(["blockdev", "--getsize64", path])
+    assert int(size) == GiB  # the reader's table still maps the old size
+    # Using the volume again through sharedlvm refreshes it.
+    _, again, _ = reader.run(["python3", "-c", READER_PATH, vol], timeout=120)
+    assert again.strip().splitlines()[-1] == path
+    _, size, _ = reader.run(["blockdev", "--getsize64", path])
+    assert int(size) == 2 * GiB
+
+
+# Guest 1 formats a domain on partitions of the multipath LUN (as `domain create
+# --partitions 2` does) and creates a volume in shard 1 with the manager's tags.
+MP_WRITER = """
+import json, uuid
+from pathlib import Path
+from sharedlvm.command import Runner
+from sharedlvm.domain import create_domain, make_lvm
+from sharedlvm.paths import HostPaths
+from sharedlvm import partitions, tags
+paths = HostPaths(Path("/tmp/mp1"))
+create_domain(paths, Runner(), "mpdom", ["/dev/mapper/mpatha"], 1, split=2)
+parts = partitions.members("/dev/mapper/mpatha")
+vol = str(uuid.uuid4())
+lvm = make_lvm(paths, Runner(), [parts[1]], writable=True)
+lvm.lvcreate("mpdom+1", vol, 1 << 30, [tags.make_tag("image", str(uuid.uuid4())),
+             tags.make_tag("state", "ready"), tags.make_tag("format", "raw")])
+print(json.dumps({"volume": vol, "parts": parts}))
+"""
+
+# Guest 2 attaches with the whole LUN, as a host does: it must find the partitions.
+MP_READER = """
+import json, sys
+from pathlib import Path
+from sharedlvm.command import Runner
+from sharedlvm.domain import Domain, attach_domain, attached_domains
+from sharedlvm.paths import HostPaths
+from sharedlvm import volume
+paths = HostPaths(Path(sys.argv[2]))
+if not attached_domains(paths):
+    attach_domain(paths, Runner(), "mpdom", ["/dev/mapper/mpatha"], int(sys.argv[3]))
+d = Domain.open(paths, Runner(), "mpdom")
+print(json.dumps({"shards": [list(s.luns) for s in d.shards()],
+                  "path": volume.volume_path(d, sys.argv[1])}))
+"""
+
+PATTERN = "5a" * 512  # 512 bytes
+
+
+def test_domain_on_partitions_of_a_multipath_lun(bed: GuestBed) -> None:
+    host1, host2 = bed[0], bed[1]
+    for guest in (host1, host2):  # the first test's domain goes: a fresh disk
+        guest.run(["dmsetup", "remove_all", "--force"])
+    host1.run(["wipefs", "--all", "--quiet", "/dev/vda"])
+    # A multipath map on each host, as multipathd would make it (here over the one
+    # path each guest has), with the DM UUID multipath-tools gives it.
+    for guest in (host1, host2):
+        _, sectors, _ = guest.run(["blockdev", "--getsz", "/dev/vda"])
+        guest.run(["dmsetup", "create", "mpatha", "--noudevsync",
+                   "--uuid", "mpath-36001405sharedlvm",
+                   "--table", f"0 {int(sectors)} linear /dev/vda 0"])
+        guest.run(["dmsetup", "mknodes"])  # no udev in these guests to make the node
+    _, out, _ = host1.run(["python3", "-c", MP_WRITER], timeout=300)
+    made = json.loads(out.strip().splitlines()[-1])
+    parts, vol = made["parts"], made["volume"]
+    assert len(parts) == 2 and all(p.startswith("/dev/mapper/mpatha") for p in parts)
+    # kpartx's maps: linear on top of the multipath map, DM UUID part<N>-mpath-...
+    _, uuids, _ = host1.run(["dmsetup", "info", "-c", "--noheadings", "-o", "name,uuid"])
+    assert {line.split(":")[1] for line in uuids.split() if ":part" in line} == {
+        "part1-mpath-36001405sharedlvm", "part2-mpath-36001405sharedlvm"}, uuids
+
+    # Host 2 has the multipath map but not its partitions: attach makes them.
+    _, before, _ = host2.run(["dmsetup", "ls"])
+    assert "mpatha" in before and parts[0].rsplit("/", 1)[1] not in before
+    _, out, _ = host2.run(["python3", "-c", MP_READER, vol, "/tmp/mp2", "2"], timeout=300)
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert seen["shards"] == [[parts[0]], [parts[1]]]
+    assert seen["path"] == f"/dev/mpdom+1/{vol}"
+    _, table, _ = host2.run(["dmsetup", "table", f"mpdom+1-{vol.replace('-', '--')}"])
+    assert " linear " in table
+    # Data written on host 2 through its maps is read on host 1 through its own.
+    host2.run(["python3", "-c", "import os, sys; fd = os.open(sys.argv[1], os.O_WRONLY); "
+               "os.pwrite(fd, bytes.fromhex(sys.argv[2]), 0); os.fsync(fd)",
+               seen["path"], PATTERN])
+    _, out, _ = host1.run(["python3", "-c", MP_READER, vol, "/tmp/mp1", "1"], timeout=300)
+    path1 = json.loads(out.strip().splitlines()[-1])["path"]
+    _, data, _ = host1.run(["python3", "-c", "import os, sys; fd = os.open(sys.argv[1], "
+                            "os.O_RDONLY | os.O_DIRECT); import mmap; b = mmap.mmap(-1, "
+                            "4096); os.preadv(fd, [b], 0); print(b[:512].hex())", path1])
+    assert data.strip() == PATTERN
