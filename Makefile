@@ -51,7 +51,7 @@ unit: $(STAMP_PIP)
 	$(PY) -m pytest tests/unit -q
 
 test: $(STAMP_PIP) lint
-	$(PY) -m pytest tests -q --timeout=900 -p no:cacheprovider
+	$(PY) -m pytest tests -q --timeout=900 -p no:cacheprovider --durations=20
 
 bench: $(STAMP_PIP)
 	$(PY) bench/metadata_ops.py

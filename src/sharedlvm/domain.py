@@ -191,7 +191,10 @@ class Domain:
         self._shards: list[Shard] = [self._open_shard(0, self.vg_name, zero or config.luns)]
         self._shards_loaded = False
         self._where: dict[str, int] = {}  # volume -> shard, as found (volumes never move)
-        self.placement = Placement(self)
+        self.placement = Placement(self, lambda need: grow_into_free_space(self, need))
+        # Held while shards are added (domain extend, growth into free space): each
+        # takes the next index and partition.
+        self.adding_shards = threading.RLock()
 
     # Shards
 
@@ -748,34 +751,78 @@ def extend_domain(domain: Domain, luns: Sequence[str], split: int = 1) -> list[S
             raise errors.AlreadyExists(f"LUN {lun} is already in domain {domain.name}")
     if record.shard_count + len(luns) * split > journal.MAX_SHARDS:
         raise errors.InvalidArgument(f"a domain has at most {journal.MAX_SHARDS} shards")
-    added: list[Shard] = []
-    devices = [p for lun in luns
-               for p in (partitions.split(domain.runner, lun, split) if split > 1 else [lun])]
-    for lun in devices:
-        index = record.shard_count
-        vg_name = shard_vg_name(domain.name, index)
-        domain.require_manager_now()
-        lvm = make_lvm(domain.paths, domain.runner, [lun], writable=True)
-        lvm.pvcreate([lun])
-        lvm.vgcreate(vg_name, [lun], [f"{DOMAIN_TAG}={domain.config.domain_uuid}",
-                                     f"{FORMAT_TAG}={record.format_version}",
-                                     f"{SHARD_TAG}={index}"])
-        with domain.journal() as dev:
-            journal.write_shard(dev, journal.ShardRecord(index, vg_name, (lun,)))
-            record = journal.read_domain_record(dev)
-            record.shard_count = index + 1
-            journal.write_domain_record(dev, record)
-        domain.record = record
-        shard = Shard(index, vg_name, (lun,), lvm, make_activator(
-            lvm, domain.runner, domain.paths.activations_dir))
-        domain.add_shard(shard)
-        added.append(shard)
-        log.info("domain %s: shard %d (VG %s) added on %s", domain.name, index, vg_name, lun)
+    with domain.adding_shards:
+        devices = [p for lun in luns for p in (
+            partitions.split(domain.runner, lun, split) if split > 1 else [lun])]
+        added = [_add_shard(domain, device) for device in devices]
     config = domain.config
     domain.config = HostDomainConfig(config.name, config.domain_uuid,
                                      config.luns + tuple(luns), config.host_id)
     domain.config.save(domain.paths)
     return added
+
+
+def _add_shard(domain: Domain, device: str) -> Shard:
+    """A new shard's VG on the empty ``device``, its shard record, then the domain
+    record that counts it (manager)."""
+    record = domain.read_record()
+    index = record.shard_count
+    vg_name = shard_vg_name(domain.name, index)
+    domain.require_manager_now()
+    lvm = make_lvm(domain.paths, domain.runner, [device], writable=True)
+    lvm.pvcreate([device])
+    lvm.vgcreate(vg_name, [device], [f"{DOMAIN_TAG}={domain.config.domain_uuid}",
+                                     f"{FORMAT_TAG}={record.format_version}",
+                                     f"{SHARD_TAG}={index}"])
+    with domain.journal() as dev:
+        journal.write_shard(dev, journal.ShardRecord(index, vg_name, (device,)))
+        record = journal.read_domain_record(dev)
+        record.shard_count = index + 1
+        journal.write_domain_record(dev, record)
+    domain.record = record
+    shard = Shard(index, vg_name, (device,), lvm, make_activator(
+        lvm, domain.runner, domain.paths.activations_dir))
+    domain.add_shard(shard)
+    log.info("domain %s: shard %d (VG %s) added on %s", domain.name, index, vg_name, device)
+    return shard
+
+
+def grow_into_free_space(domain: Domain, need: int) -> Shard | None:
+    """A new shard on a new partition in the free space at the end of one of the
+    domain's partitioned LUNs (one that grew, or that was not cut to its end), as
+    large as the LUN's first partition (less when less is left, but at least
+    partitions.MIN_PARTITION and ``need``); None when no LUN has that room. Manager
+    only, when no shard has room for a volume or every shard has its share of
+    volumes (shards.Placement)."""
+    domain.require_manager()
+    with domain.adding_shards:
+        return _grow(domain, need)
+
+
+def _grow(domain: Domain, need: int) -> Shard | None:
+    record = domain.read_record()
+    if record.format_version < 2 or record.shard_count >= journal.MAX_SHARDS:
+        return None
+    used = {device for shard in domain.shards() for device in shard.luns}
+    for lun in domain.config.luns:
+        found = partitions.free_tail(domain.runner, lun)
+        if found is None:
+            continue
+        # A blank partition of a growth a crash interrupted before its VG: take it.
+        for orphan in partitions.members(lun):
+            if orphan not in used and _lun_signature(domain.runner, orphan) is None:
+                log.info("domain %s: blank partition %s of %s is in no shard: using it",
+                         domain.name, orphan, lun)
+                return _add_shard(domain, orphan)
+        free, usual = found
+        size = min(usual, free) // (1024 * 1024) * 1024 * 1024
+        if size < max(partitions.MIN_PARTITION, need):
+            continue
+        domain.require_manager_now()
+        log.info("domain %s: %d bytes free after the partitions of %s: adding a shard "
+                 "on a new partition of %d bytes", domain.name, free, lun, size)
+        return _add_shard(domain, partitions.append(domain.runner, lun, size))
+    return None
 
 
 def _check_new_luns(paths: HostPaths, runner: Runner, luns: Sequence[str]) -> None:

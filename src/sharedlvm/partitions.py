@@ -127,6 +127,58 @@ def reread(runner: Runner, device: str) -> None:
     runner.run(["partx", "--update", device], check=False)
 
 
+MIN_PARTITION = 8 * 1024 * 1024 * 1024  # a shard smaller than this is not worth one
+
+
+def free_tail(runner: Runner, device: str) -> tuple[int, int] | None:
+    """(bytes free after the last partition of ``device``, size of its first
+    partition), or None when ``device`` is not partitioned. The free space is what a
+    new partition may take: the LUN's end less the room of GPT's backup table."""
+    parts = members(device)
+    if parts == [device]:
+        return None
+    size = int(runner.run(["blockdev", "--getsize64", device]).out.strip())
+
+    def extent(part: str) -> tuple[int, int]:
+        block = _sys_block(part)
+        return (int((block / "start").read_text()) * 512 if (block / "start").exists()
+                else _dm_start(runner, part), int(runner.run(
+                    ["blockdev", "--getsize64", part]).out.strip()))
+
+    _, first_size = extent(parts[0])
+    last_start, last_size = extent(parts[-1])
+    end = -(-(last_start + last_size) // _ALIGN) * _ALIGN
+    return max(0, size - _GPT_RESERVED // 2 - end), first_size
+
+
+def _dm_start(runner: Runner, part: str) -> int:
+    """Where kpartx's linear map of a partition starts on its LUN, in bytes."""
+    table = runner.run(["dmsetup", "table", part]).out.split()
+    # "0 SECTORS linear MAJ:MIN START"
+    return int(table[4]) * 512
+
+
+def append(runner: Runner, device: str, size: int) -> str:
+    """Add a partition of ``size`` bytes after the last one of the partitioned
+    ``device`` (the GPT's backup table moved to the end first, for a LUN that grew)
+    and return its path, once this host's kernel shows it."""
+    before = members(device)
+    runner.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", "--relocate",
+                "gpt-bak-std", device])
+    runner.run(["sfdisk", "--quiet", "--append", "--no-reread", "--no-tell-kernel",
+                device], input=f",{size // _ALIGN}MiB\n")  # (a bare number: sectors)
+    reread(runner, device)
+    deadline = time.monotonic() + 10
+    while True:
+        found = members(device)
+        if len(found) == len(before) + 1 and os.path.exists(found[-1]):
+            return found[-1]
+        if time.monotonic() > deadline:
+            raise errors.StorageIOError(f"the new partition of {device} did not appear: "
+                                        f"{found}")
+        time.sleep(0.1)
+
+
 def split(runner: Runner, device: str, count: int) -> list[str]:
     """Write a GPT of ``count`` equal partitions on the empty ``device`` and return
     their device paths, once this host's kernel shows them."""
@@ -134,10 +186,11 @@ def split(runner: Runner, device: str, count: int) -> list[str]:
         raise errors.InvalidArgument(f"invalid partition count {count}: 2..{MAX_PARTITIONS}")
     size = int(runner.run(["blockdev", "--getsize64", device]).out.strip())
     each = (size - _GPT_RESERVED) // count // _ALIGN * _ALIGN
-    if each < 8 * 1024 * 1024 * 1024:
+    if each < MIN_PARTITION:
         raise errors.InvalidArgument(
             f"{device} is {size} bytes: {count} partitions would be under 8 GiB each")
-    script = "label: gpt\n" + "".join(f",{each // 512}\n" for _ in range(count))
+    # sizes in MiB: a bare number is in the device's sectors, 512 B or 4 KiB
+    script = "label: gpt\n" + "".join(f",{each // _ALIGN}MiB\n" for _ in range(count))
     runner.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", device],
                input=script)
     reread(runner, device)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from . import errors
 from .activation import Activator
 from .lvm import Lvm
 
@@ -25,6 +27,10 @@ log = logging.getLogger(__name__)
 # A soft cap: when every shard has this many, the least loaded one still takes the
 # next volume, and the manager logs that the domain wants another LUN.
 SHARD_VOLUMES = 500
+
+# After finding no free space for a new shard, the manager looks again after this
+# long (a LUN grows by an admin's hand, not from one create to the next).
+NO_ROOM_RECHECK = 60.0
 
 
 def shard_vg_name(domain_name: str, index: int) -> str:
@@ -58,10 +64,14 @@ class Placement:
     read from LVM once per shard and term, then kept by this manager, the only
     writer; a failed operation makes it read a shard again."""
 
-    def __init__(self, domain: Domain) -> None:
+    def __init__(self, domain: Domain,
+                 grow: Callable[[int], Shard | None] | None = None) -> None:
+        """``grow(bytes)``: a new shard made from free space, or None (manager)."""
         self._domain = domain
+        self._grow_into = grow
         self._lock = threading.Lock()
         self._stats: dict[int, list[int]] = {}  # shard -> [volumes, free bytes]
+        self._no_room_until = 0.0  # when to look for free space again
 
     def _read(self, shard: Shard) -> list[int]:
         vg = shard.lvm.vg(shard.vg_name)
@@ -82,15 +92,42 @@ class Placement:
         with self._lock:
             stats = {s.index: self._stats[s.index] for s in shards}
         fits = [s for s in shards if stats[s.index][1] >= need]
+        under = [s for s in fits if stats[s.index][0] < SHARD_VOLUMES]
+        if not under:
+            grown = self._grow(need, probe=not fits)
+            if grown is not None:
+                return grown
         if not fits:  # LVM says no, with the sizes, in the request's own terms
             return max(shards, key=lambda s: stats[s.index][1])
-        under = [s for s in fits if stats[s.index][0] < SHARD_VOLUMES]
         if not under:
             log.warning("domain %s: every shard has %d volumes or more: add a LUN "
                         "(domain extend) to keep metadata commands fast",
                         self._domain.name, SHARD_VOLUMES)
         return min(under or fits, key=lambda s: (stats[s.index][0], -stats[s.index][1],
                                                  s.index))
+
+    def _grow(self, need: int, probe: bool) -> Shard | None:
+        """A shard made in the free space of a partitioned LUN, if there is any
+        (``grow``: domain.grow_into_free_space); a failure is logged and left: the request
+        goes on with the shards there are. ``probe``: look even if a look a moment
+        ago found nothing (no shard has room: the request fails otherwise)."""
+        if self._grow_into is None:
+            return None
+        if not probe and time.monotonic() < self._no_room_until:
+            return None  # looked a moment ago: do not probe the LUNs at every create
+        try:
+            shard = self._grow_into(need)
+        except errors.Error as exc:
+            log.error("domain %s: cannot add a shard in free space: %s",
+                      self._domain.name, exc)
+            shard = None
+        if shard is None:
+            self._no_room_until = time.monotonic() + NO_ROOM_RECHECK
+            return None
+        with self._lock:
+            self._stats[shard.index] = self._read(shard)
+        self._no_room_until = 0.0
+        return shard
 
     def used(self, shard: Shard, volumes: int, size: int) -> None:
         """This manager added (removed: negative) volumes and bytes in ``shard``."""

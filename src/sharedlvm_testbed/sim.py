@@ -95,8 +95,10 @@ def sim_up(runner: Runner, directory: Path, hosts: int, size: int, sector_size: 
                                  str(sector_size), str(lun_file)]).out.strip()
             bed.luns.append(SimLun(str(lun_file), device, sector_size))
             bed.save()
-            # A block device's read-only flag outlives a detach: never inherit one.
+            # A block device's read-only flag outlives a detach: never inherit one;
+            # nor partitions a test added to it (partx) and did not delete.
             runner.run(["blockdev", "--setrw", device])
+            runner.run(["partx", "--delete", device], check=False)
         for host in bed.hosts:
             host.mkdir()
             HostPaths(host).ensure()
@@ -130,6 +132,8 @@ def sim_down(runner: Runner, directory: Path, bed: SimBed | None = None) -> None
         problems += release_host_devices(runner, HostPaths(host))
     for lun in bed.luns:
         if _backing_file(lun.device) == os.path.realpath(lun.file):
+            # the kernel's partitions of a loop device outlive its detach
+            runner.run(["partx", "--delete", lun.device], check=False)
             try:
                 runner.run(["losetup", "--detach", lun.device])
             except CommandError as exc:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from bed import Cluster, destroy_cluster, make_cluster, scratch_lun
 
-from sharedlvm import errors, journal, lvm_mda, ondisk, tags
+from sharedlvm import errors, journal, lvm_mda, ondisk, partitions, tags
 from sharedlvm.command import Runner
 from sharedlvm.domain import make_lvm, shard_vg_name
 from sharedlvm.units import GiB
@@ -393,3 +393,48 @@ def test_manager_view_of_lvs_follows_lvm(tmp_path: Path) -> None:
         # manager's seqno check around each commit is what stops that (tests of
         # the stray writer); the view only ever holds its own commits.
         manager.vgremove("view")
+
+
+def test_a_grown_lun_gets_a_new_shard_when_the_shards_are_full(tmp_path: Path) -> None:
+    """A partitioned LUN that grew (the SAN admin's resize, seen by every host: the bed's
+    hosts share one loop device) gets a new partition and shard from the manager as
+    soon as a volume fits in no shard; the volume goes there and another host uses it.
+    Where no LUN has room, the create fails with NoSpace and nothing changes."""
+    c = make_cluster(tmp_path / "bed", hosts=2, size=20 * GiB,
+                     extra=("--partitions", "2"))
+    try:
+        lun = c.luns[0]
+        lun_file = Path(c.bed.luns[0].file)
+        # Fill both shards (10 GiB partitions; shard 0 also holds the special LVs).
+        for _ in range(2):
+            c.first.cli("volume", "create", "--size", "8G")
+        assert sorted(where(c).values()) == ["dom1", "dom1+1"]
+        before = c.disk_state()
+        table = subprocess.run(["sfdisk", "--dump", lun], capture_output=True,
+                               text=True, check=True).stdout
+        bad = c.hosts[1].cli("volume", "create", "--size", "9G", check=False)
+        assert bad.returncode == 1 and "not enough free space" in bad.stderr, bad.stderr
+        assert c.disk_state() == before  # refused: nothing changed, no partition made
+        assert subprocess.run(["sfdisk", "--dump", lun], capture_output=True, text=True,
+                              check=True).stdout == table
+
+        # The LUN grows by 12 GiB; the next create that fits nowhere makes a shard.
+        with lun_file.open("r+b") as f:
+            f.truncate(32 * GiB)
+        subprocess.run(["losetup", "--set-capacity", lun], check=True)
+        vol = c.hosts[1].cli_json("volume", "create", "--size", "9G")["uuid"]
+        assert where(c)[vol] == "dom1+2"
+        parts = partitions.members(lun)
+        assert len(parts) == 3
+        first, third = (int(subprocess.run(["blockdev", "--getsize64", p],
+                                           capture_output=True, text=True,
+                                           check=True).stdout) for p in (parts[0], parts[2]))
+        assert third == first  # as large as the LUN's other partitions
+        info = c.hosts[1].cli_json("domain", "info")
+        assert [s["luns"] for s in info["shards"]] == [[p] for p in parts]
+        c.hosts[1].with_volume(vol, WRITE, "in grown space")
+        assert c.first.with_volume(vol, READ, read_only=True).strip() == "in grown space"
+        # The primary GPT and the backup at the LUN's new end agree (sfdisk --verify).
+        subprocess.run(["sfdisk", "--verify", lun], check=True, capture_output=True)
+    finally:
+        destroy_cluster(c)
