@@ -191,7 +191,8 @@ class Domain:
         self._shards: list[Shard] = [self._open_shard(0, self.vg_name, zero or config.luns)]
         self._shards_loaded = False
         self._where: dict[str, int] = {}  # volume -> shard, as found (volumes never move)
-        self.placement = Placement(self, lambda need: grow_into_free_space(self, need))
+        self.placement = Placement(
+            self, lambda need, seen: grow_into_free_space(self, need, seen))
         # Held while shards are added (domain extend, growth into free space): each
         # takes the next index and partition.
         self.adding_shards = threading.RLock()
@@ -271,6 +272,10 @@ class Domain:
                     self._lun_vgs.update(hints)
                     luns = tuple(lun for lun, vg in self._lun_vgs.items()
                                  if vg == entry.vg_name)
+                if len(luns) > 1 and set(entry.luns) & set(luns):
+                    # Another device names the same VG (a shard addition interrupted
+                    # after its vgcreate): the shard is on the device its record names.
+                    luns = tuple(lun for lun in luns if lun in entry.luns)
                 shards.append(self._open_shard(entry.index, entry.vg_name, luns))
         self._shards = shards
         self._shards_loaded = True
@@ -404,6 +409,11 @@ class Domain:
             self.placement.reset()
             self._guard = guard
             self._manager = True
+
+    @property
+    def write_timeout(self) -> float | None:
+        """How long a metadata command may take in this manager term (None: reader)."""
+        return self._hooks[2] if self._hooks is not None else None
 
     def become_reader(self) -> None:
         with self._shards_lock:
@@ -752,6 +762,7 @@ def extend_domain(domain: Domain, luns: Sequence[str], split: int = 1) -> list[S
     if record.shard_count + len(luns) * split > journal.MAX_SHARDS:
         raise errors.InvalidArgument(f"a domain has at most {journal.MAX_SHARDS} shards")
     with domain.adding_shards:
+        domain.require_manager_now()  # (sfdisk writes the LUNs)
         devices = [p for lun in luns for p in (
             partitions.split(domain.runner, lun, split) if split > 1 else [lun])]
         added = [_add_shard(domain, device) for device in devices]
@@ -762,18 +773,23 @@ def extend_domain(domain: Domain, luns: Sequence[str], split: int = 1) -> list[S
     return added
 
 
-def _add_shard(domain: Domain, device: str) -> Shard:
-    """A new shard's VG on the empty ``device``, its shard record, then the domain
-    record that counts it (manager)."""
+def _add_shard(domain: Domain, device: str, made: bool = False) -> Shard:
+    """A new shard's VG on the empty ``device`` (``made``: the VG of the next index is
+    there already, from an addition interrupted after its vgcreate), its shard
+    record, then the domain record that counts it (manager; every LVM command after a
+    fencing check)."""
     record = domain.read_record()
     index = record.shard_count
     vg_name = shard_vg_name(domain.name, index)
     domain.require_manager_now()
-    lvm = make_lvm(domain.paths, domain.runner, [device], writable=True)
-    lvm.pvcreate([device])
-    lvm.vgcreate(vg_name, [device], [f"{DOMAIN_TAG}={domain.config.domain_uuid}",
-                                     f"{FORMAT_TAG}={record.format_version}",
-                                     f"{SHARD_TAG}={index}"])
+    lvm = make_lvm(domain.paths, domain.runner, [device], writable=True,
+                   before_write=domain.require_manager_now,
+                   write_timeout=domain.write_timeout)
+    if not made:
+        lvm.pvcreate([device])
+        lvm.vgcreate(vg_name, [device], [f"{DOMAIN_TAG}={domain.config.domain_uuid}",
+                                         f"{FORMAT_TAG}={record.format_version}",
+                                         f"{SHARD_TAG}={index}"])
     with domain.journal() as dev:
         journal.write_shard(dev, journal.ShardRecord(index, vg_name, (device,)))
         record = journal.read_domain_record(dev)
@@ -784,36 +800,49 @@ def _add_shard(domain: Domain, device: str) -> Shard:
         lvm, domain.runner, domain.paths.activations_dir))
     domain.add_shard(shard)
     log.info("domain %s: shard %d (VG %s) added on %s", domain.name, index, vg_name, device)
-    return shard
+    return domain.shard(index)  # the one opened with the manager's checks
 
 
-def grow_into_free_space(domain: Domain, need: int) -> Shard | None:
+def grow_into_free_space(domain: Domain, need: int, seen: int) -> Shard | None:
     """A new shard on a new partition in the free space at the end of one of the
     domain's partitioned LUNs (one that grew, or that was not cut to its end), as
     large as the LUN's first partition (less when less is left, but at least
     partitions.MIN_PARTITION and ``need``); None when no LUN has that room. Manager
     only, when no shard has room for a volume or every shard has its share of
-    volumes (shards.Placement)."""
+    volumes (shards.Placement). ``seen``: the shard count the caller chose from: a
+    shard added since (by another request) is returned instead of a second one."""
     domain.require_manager()
     with domain.adding_shards:
-        return _grow(domain, need)
+        record = domain.read_record()
+        if record.shard_count > seen:
+            return domain.shard(record.shard_count - 1)
+        return _grow(domain, need, record)
 
 
-def _grow(domain: Domain, need: int) -> Shard | None:
-    record = domain.read_record()
+def _grow(domain: Domain, need: int, record: journal.DomainRecord) -> Shard | None:
     if record.format_version < 2 or record.shard_count >= journal.MAX_SHARDS:
         return None
     used = {device for shard in domain.shards() for device in shard.luns}
+    next_vg = shard_vg_name(domain.name, record.shard_count)
     for lun in domain.config.luns:
+        partitions.reread(domain.runner, lun)  # the table as on the disk, not as known
         found = partitions.free_tail(domain.runner, lun)
         if found is None:
             continue
-        # A blank partition of a growth a crash interrupted before its VG: take it.
+        # A partition of an addition interrupted before it was counted: finish it
+        # (blank, or holding the VG of the next index, of this domain), or leave it.
         for orphan in partitions.members(lun):
-            if orphan not in used and _lun_signature(domain.runner, orphan) is None:
+            if orphan in used:
+                continue
+            if _lun_signature(domain.runner, orphan) is None:
                 log.info("domain %s: blank partition %s of %s is in no shard: using it",
                          domain.name, orphan, lun)
                 return _add_shard(domain, orphan)
+            head = lvm_mda.read_head(orphan)
+            if head is not None and head.vg_name == next_vg and _our_vg(domain, orphan):
+                log.info("domain %s: VG %s on %s was made but not counted: counting it",
+                         domain.name, next_vg, orphan)
+                return _add_shard(domain, orphan, made=True)
         free, usual = found
         size = min(usual, free) // (1024 * 1024) * 1024 * 1024
         if size < max(partitions.MIN_PARTITION, need):
@@ -823,6 +852,15 @@ def _grow(domain: Domain, need: int) -> Shard | None:
                  "on a new partition of %d bytes", domain.name, free, lun, size)
         return _add_shard(domain, partitions.append(domain.runner, lun, size))
     return None
+
+
+def _our_vg(domain: Domain, device: str) -> bool:
+    """The VG on ``device`` carries this domain's UUID tag."""
+    lvm = make_lvm(domain.paths, domain.runner, [device], writable=False)
+    try:
+        return any(f"{DOMAIN_TAG}={domain.config.domain_uuid}" in vg.tags for vg in lvm.vgs())
+    except errors.Error:
+        return False
 
 
 def _check_new_luns(paths: HostPaths, runner: Runner, luns: Sequence[str]) -> None:

@@ -88,7 +88,11 @@ class LoopActivator:
         # A block device's read-only flag (BLKROSET) outlives a detach: a loop device
         # detached by something that did not reset it (a crashed host's cleanup,
         # another program) would make this mapping refuse writes (EPERM).
-        self.runner.run(["blockdev", "--setrw", device])
+        try:
+            self.runner.run(["blockdev", "--setrw", device])
+        except CommandError:
+            self.runner.run(["losetup", "--detach", device], check=False)
+            raise
         self._write_record(vg_name, lv_name, device, pv, offset, lv.size)
         log.debug("activated %s/%s as %s (offset %d)", vg_name, lv_name, device, offset)
         return device

@@ -97,7 +97,7 @@ EXTENT_SIZE = 128 * 1024 * 1024
 
 LV_FIELDS = "lv_name,vg_name,lv_size,lv_tags,lv_attr,seg_count,devices,lv_uuid"
 # What a volume is made of (model.VolumeInfo from tags.volume_from_lv).
-VOLUME_FIELDS = "lv_name,lv_size,lv_tags"
+VOLUME_FIELDS = "lv_name,lv_size,lv_tags,seg_count"
 
 
 @dataclass(frozen=True)
@@ -312,8 +312,8 @@ class Lvm:
         return self._views is not None
 
     def volume_lv(self, vg_name: str, lv_name: str) -> LogicalVolume | None:
-        """An LV by name (None when there is none); only its name, size and tags are
-        meant to be used.
+        """An LV by name (None when there is none); only its name, size, tags and
+        segment count (0: not known) are meant to be used.
 
         Read from LVM, but in the manager (``keep_view``) from its view of the VG: the
         VG's LVs read with one report on first use in the term, then changed by each
@@ -335,9 +335,7 @@ class Lvm:
         segment field: one row per LV, the least LVM has to format and we to parse)."""
         if self._views is None:
             rows = self._report("lvs", "lv", VOLUME_FIELDS, vg_name)
-            return [LogicalVolume(r["lv_name"], vg_name, int(r["lv_size"]),
-                                  _split_tags(r["lv_tags"]), attr="", segments=0,
-                                  devices="", uuid="") for r in rows]
+            return [_volume_lv(vg_name, r) for r in rows]
         return list(self._view(vg_name).values())
 
     def _view(self, vg_name: str) -> dict[str, LogicalVolume]:
@@ -348,9 +346,7 @@ class Lvm:
                 rows = self._report("lvs", "lv", f"{VOLUME_FIELDS},vg_extent_size", vg_name)
                 extent = int(rows[0]["vg_extent_size"]) if rows else self.vg(
                     vg_name).extent_size
-                view = ({r["lv_name"]: LogicalVolume(
-                    r["lv_name"], vg_name, int(r["lv_size"]), _split_tags(r["lv_tags"]),
-                    attr="", segments=0, devices="", uuid="") for r in rows}, extent)
+                view = ({r["lv_name"]: _volume_lv(vg_name, r) for r in rows}, extent)
                 self._views[vg_name] = view
             return view[0]
 
@@ -391,9 +387,10 @@ class Lvm:
         # content is the creator's business (qemu-img create, a copy, or --wipe at
         # delete time); --yes answers nothing interactively.
         def created(view: dict[str, LogicalVolume], extent: int, out: str) -> None:
+            # (segments: 0, not known without reading it back)
             view[lv_name] = LogicalVolume(lv_name, vg_name, _round_up(size, extent),
-                                          tuple(tags), attr="", segments=0, devices="",
-                                          uuid="")
+                                          tuple(dict.fromkeys(tags)), attr="", segments=0,
+                                          devices="", uuid="")
 
         self.write("lvcreate", "--name", lv_name, "--size", f"{size}b", "--zero", "n",
                    "--wipesignatures", "n", "--yes", *_tag_args("--addtag", tags), vg_name,
@@ -402,9 +399,11 @@ class Lvm:
     def lvextend(self, vg_name: str, lv_name: str, size: int) -> None:
         """Extend to ``size`` bytes; a no-op when the LV already has that size."""
         def extended(view: dict[str, LogicalVolume], extent: int, out: str) -> None:
-            lv = view.pop(lv_name, None)
+            # One assignment: a reader (no lock) never finds the LV missing.
+            lv = view.get(lv_name)
             if lv is not None:
-                view[lv_name] = replace(lv, size=max(lv.size, _round_up(size, extent)))
+                view[lv_name] = replace(lv, size=max(lv.size, _round_up(size, extent)),
+                                        segments=0)
 
         try:
             self.write("lvextend", "--size", f"{size}b", f"{vg_name}/{lv_name}",
@@ -436,7 +435,7 @@ class Lvm:
                     delete: Sequence[str] = ()) -> None:
         """Add and delete tags in one metadata commit."""
         def changed(view: dict[str, LogicalVolume], extent: int, out: str) -> None:
-            lv = view.pop(lv_name, None)
+            lv = view.get(lv_name)
             if lv is not None:
                 kept = tuple(t for t in lv.tags if t not in delete)
                 view[lv_name] = replace(lv, tags=kept + tuple(
@@ -466,6 +465,12 @@ def _tag_args(flag: str, tags: Iterable[str]) -> list[str]:
     for tag in tags:
         args += [flag, tag]
     return args
+
+
+def _volume_lv(vg_name: str, r: dict[str, Any]) -> LogicalVolume:
+    """An LV from a VOLUME_FIELDS report row."""
+    return LogicalVolume(r["lv_name"], vg_name, int(r["lv_size"]), _split_tags(r["lv_tags"]),
+                         attr="", segments=int(r["seg_count"] or 0), devices="", uuid="")
 
 
 def _round_up(size: int, extent: int) -> int:

@@ -65,8 +65,8 @@ class Placement:
     writer; a failed operation makes it read a shard again."""
 
     def __init__(self, domain: Domain,
-                 grow: Callable[[int], Shard | None] | None = None) -> None:
-        """``grow(bytes)``: a new shard made from free space, or None (manager)."""
+                 grow: Callable[[int, int], Shard | None] | None = None) -> None:
+        """``grow(bytes, shards seen)``: a new shard made from free space, or None."""
         self._domain = domain
         self._grow_into = grow
         self._lock = threading.Lock()
@@ -94,7 +94,7 @@ class Placement:
         fits = [s for s in shards if stats[s.index][1] >= need]
         under = [s for s in fits if stats[s.index][0] < SHARD_VOLUMES]
         if not under:
-            grown = self._grow(need, probe=not fits)
+            grown = self._grow(need, len(self._domain.shards()), probe=not fits)
             if grown is not None:
                 return grown
         if not fits:  # LVM says no, with the sizes, in the request's own terms
@@ -106,7 +106,7 @@ class Placement:
         return min(under or fits, key=lambda s: (stats[s.index][0], -stats[s.index][1],
                                                  s.index))
 
-    def _grow(self, need: int, probe: bool) -> Shard | None:
+    def _grow(self, need: int, seen: int, probe: bool) -> Shard | None:
         """A shard made in the free space of a partitioned LUN, if there is any
         (``grow``: domain.grow_into_free_space); a failure is logged and left: the request
         goes on with the shards there are. ``probe``: look even if a look a moment
@@ -116,7 +116,9 @@ class Placement:
         if not probe and time.monotonic() < self._no_room_until:
             return None  # looked a moment ago: do not probe the LUNs at every create
         try:
-            shard = self._grow_into(need)
+            shard = self._grow_into(need, seen)
+        except errors.Fenced:
+            raise  # not the manager any more: the request stops here
         except errors.Error as exc:
             log.error("domain %s: cannot add a shard in free space: %s",
                       self._domain.name, exc)

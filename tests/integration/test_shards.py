@@ -399,7 +399,8 @@ def test_a_grown_lun_gets_a_new_shard_when_the_shards_are_full(tmp_path: Path) -
     """A partitioned LUN that grew (the SAN admin's resize, seen by every host: the bed's
     hosts share one loop device) gets a new partition and shard from the manager as
     soon as a volume fits in no shard; the volume goes there and another host uses it.
-    Where no LUN has room, the create fails with NoSpace and nothing changes."""
+    Where no LUN has room, the create fails with NoSpace and nothing changes. An
+    interrupted growth is finished, not repeated."""
     c = make_cluster(tmp_path / "bed", hosts=2, size=20 * GiB,
                      extra=("--partitions", "2"))
     try:
@@ -436,5 +437,24 @@ def test_a_grown_lun_gets_a_new_shard_when_the_shards_are_full(tmp_path: Path) -
         assert c.first.with_volume(vol, READ, read_only=True).strip() == "in grown space"
         # The primary GPT and the backup at the LUN's new end agree (sfdisk --verify).
         subprocess.run(["sfdisk", "--verify", lun], check=True, capture_output=True)
+
+        # A growth that stopped after its vgcreate (the manager crashed or was fenced
+        # before the shard was counted) left a partition holding the next index's VG:
+        # the next growth counts it instead of making a second VG of the same name on
+        # another partition (which would make the shard ambiguous on every host).
+        with lun_file.open("r+b") as f:
+            f.truncate(54 * GiB)  # room for two more partitions
+        subprocess.run(["losetup", "--set-capacity", lun], check=True)
+        part = partitions.append(Runner(), lun, 10 * GiB)
+        stray = make_lvm(c.first.paths, Runner(), [part], writable=True)
+        stray.pvcreate([part])
+        stray.vgcreate("dom1+3", [part], [f"sharedlvm.domain={info['domain_uuid']}",
+                                          "sharedlvm.format=2", "sharedlvm.shard=3"])
+        vol = c.first.cli_json("volume", "create", "--size", "9G")["uuid"]
+        assert where(c)[vol] == "dom1+3"
+        assert partitions.members(lun)[3:] == [part]  # no fifth partition
+        info = c.hosts[1].cli_json("domain", "info")
+        assert [s["luns"] for s in info["shards"]][3] == [part]
+        c.hosts[1].with_volume(vol, WRITE, "finished growth")
     finally:
         destroy_cluster(c)
