@@ -97,7 +97,7 @@ EXTENT_SIZE = 128 * 1024 * 1024
 
 LV_FIELDS = "lv_name,vg_name,lv_size,lv_tags,lv_attr,seg_count,devices,lv_uuid"
 # What a volume is made of (model.VolumeInfo from tags.volume_from_lv).
-VOLUME_FIELDS = "lv_name,lv_size,lv_tags,seg_count"
+VOLUME_FIELDS = "lv_name,lv_size,lv_tags"
 
 
 @dataclass(frozen=True)
@@ -312,8 +312,8 @@ class Lvm:
         return self._views is not None
 
     def volume_lv(self, vg_name: str, lv_name: str) -> LogicalVolume | None:
-        """An LV by name (None when there is none); only its name, size, tags and
-        segment count (0: not known) are meant to be used.
+        """An LV by name (None when there is none); only its name, size and tags are
+        meant to be used (its segment count is 0: not read).
 
         Read from LVM, but in the manager (``keep_view``) from its view of the VG: the
         VG's LVs read with one report on first use in the term, then changed by each
@@ -470,7 +470,7 @@ def _tag_args(flag: str, tags: Iterable[str]) -> list[str]:
 def _volume_lv(vg_name: str, r: dict[str, Any]) -> LogicalVolume:
     """An LV from a VOLUME_FIELDS report row."""
     return LogicalVolume(r["lv_name"], vg_name, int(r["lv_size"]), _split_tags(r["lv_tags"]),
-                         attr="", segments=int(r["seg_count"] or 0), devices="", uuid="")
+                         attr="", segments=0, devices="", uuid="")
 
 
 def _round_up(size: int, extent: int) -> int:

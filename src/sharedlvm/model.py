@@ -54,8 +54,8 @@ class VolumeInfo:
     generation: int
     tags: dict[str, str] = field(default_factory=dict)
     lease: int | None = None
-    # The LV's segments as LVM last reported them; 0 when not known (the manager's
-    # view after its own create or extend of the LV; another host reads it fresh).
+    # The LV's segments where they were read (a create's answer: 1); 0 in `volume
+    # list` and `volume info`, which read only names, sizes and tags.
     segments: int = 1
 
 
