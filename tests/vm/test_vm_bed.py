@@ -1,18 +1,14 @@
-"""Simulated hosts as qemu guests: real device-mapper activation on a shared LUN.
-
-Two guests share one sparse LUN file. Host 1 (the writer) creates a VG and an LV,
-activates it and writes a pattern; host 2, read-only through ``locking_type=4`` as
-DESIGN.md rule 1 prescribes for non-managers, activates the same LV into a real
-/dev/mapper device and reads the pattern back, and its lvcreate is refused. Then
-host 2 starts wdmd on the softdog watchdog and a sanlock daemon on top of it.
+"""Simulated hosts as qemu guests: one guest boots a real kernel with udev, the
+shared LUN, device-mapper and a watchdog. What two guests do on one LUN (real
+device-mapper on a read-only host, its LVM refused, sanlock on wdmd and softdog) is
+in test_vm_refresh.py and test_vm_sim.py, on beds booted once per module.
 
 Skipped, with the reason printed, when this machine cannot install or start qemu.
-Timings (image, boot of 1 and of 2 guests, scenario) are printed; run with -s.
+Timings (image, boot) are printed; run with -s.
 """
 
 from __future__ import annotations
 
-import secrets
 import sys
 import time
 from collections.abc import Iterator
@@ -23,7 +19,6 @@ import pytest
 from sharedlvm.command import Runner
 from sharedlvm_testbed.vmbed import (
     Guest,
-    GuestBed,
     GuestImage,
     HostUnsupported,
     build_image,
@@ -33,20 +28,7 @@ from sharedlvm_testbed.vmbed import (
 pytestmark = pytest.mark.vm
 
 GiB = 1024**3
-VG = "vmbedvg"
-LV = "lv0"
-PATTERN_SIZE = 64 * 1024
 SRC_DIR = Path(__file__).resolve().parents[2] / "src"
-
-# What every guest's LVM needs without lvmetad, udev or a devices file: scan only the
-# shared LUN, no udev device list or sync (nodes are made by libdevmapper), no hints
-# file that could go stale when another host changes the VG.
-_DEVICES = ('devices{filter=["a|^/dev/vda$|","r|.*|"] obtain_device_list_from_udev=0 '
-            'hints="none" use_devicesfile=0 scan_lvs=0}')
-_ACTIVATION = "activation{udev_sync=0 udev_rules=0 monitoring=0}"
-WRITER_CONFIG = f"{_DEVICES} {_ACTIVATION} global{{use_lvmlockd=0}}"
-# DESIGN.md rule 1: every non-manager runs LVM read-only.
-READER_CONFIG = f"{_DEVICES} {_ACTIVATION} global{{use_lvmlockd=0 locking_type=4}}"
 
 TIMINGS: dict[str, float] = {}
 
@@ -80,10 +62,6 @@ def lun(tmp_path: Path) -> Path:
     return path
 
 
-def lvm(guest: Guest, config: str, *args: str, check: bool = True) -> tuple[int, str, str]:
-    return guest.run(["lvm", args[0], "--config", config, *args[1:]], check=check)
-
-
 def test_one_guest_boots_with_a_real_kernel(image: GuestImage, lun: Path,
                                             tmp_path: Path) -> None:
     # This one boots with udev (when the archive has the machine's systemd version),
@@ -110,68 +88,3 @@ def test_one_guest_boots_with_a_real_kernel(image: GuestImage, lun: Path,
     finally:
         guest.stop()
     assert not guest.is_running()
-
-
-def test_writer_and_read_only_host_share_one_lun(image: GuestImage, lun: Path,
-                                                 tmp_path: Path) -> None:
-    started = time.monotonic()
-    bed = GuestBed(2, lun, tmp_path / "bed", image=image, share_dir=SRC_DIR)
-    try:
-        bed.start()
-    except HostUnsupported as exc:
-        _skip(str(exc))
-    try:
-        assert bed.boot_seconds is not None
-        TIMINGS["boot 2 guests in parallel"] = bed.boot_seconds
-        writer, reader = bed[0], bed[1]
-        scenario = time.monotonic()
-
-        lvm(writer, WRITER_CONFIG, "pvcreate", "/dev/vda")
-        lvm(writer, WRITER_CONFIG, "vgcreate", VG, "/dev/vda")
-        lvm(writer, WRITER_CONFIG, "lvcreate", "-n", LV, "-L", "16m", VG)
-        lvm(writer, WRITER_CONFIG, "lvchange", "-ay", f"{VG}/{LV}")
-        pattern = (secrets.token_hex(8).encode() * (PATTERN_SIZE // 16))[:PATTERN_SIZE]
-        writer.run(["dd", f"of=/dev/{VG}/{LV}", f"bs={PATTERN_SIZE}", "count=1",
-                    "iflag=fullblock", "oflag=direct", "conv=fsync", "status=none"],
-                   input=pattern)
-
-        # The read-only host activates with real device-mapper and sees the data.
-        lvm(reader, READER_CONFIG, "lvchange", "-ay", f"{VG}/{LV}")
-        reader.run(["test", "-b", f"/dev/mapper/{VG}-{LV}"])
-        _, table, _ = reader.run(["dmsetup", "table", f"{VG}-{LV}"])
-        assert " linear " in table
-        _, data, _ = reader.run(["dd", f"if=/dev/mapper/{VG}-{LV}", f"bs={PATTERN_SIZE}",
-                                 "count=1", "iflag=direct", "status=none"])
-        assert data == pattern.decode()
-
-        # ... and cannot change metadata, whatever it runs.
-        rc, _, err = lvm(reader, READER_CONFIG, "lvcreate", "-n", "intruder", "-L", "8m", VG,
-                         check=False)
-        assert rc != 0, "lvcreate with locking_type=4 must be refused"
-        assert "read" in err.lower(), err
-        _, out, _ = lvm(writer, WRITER_CONFIG, "lvs", "--noheadings", "-o", "lv_name", VG)
-        assert out.split() == [LV]
-        TIMINGS["LVM scenario on 2 guests"] = time.monotonic() - scenario
-
-        # Self-fencing stack on the read-only host: softdog -> wdmd -> sanlock.
-        fencing = time.monotonic()
-        reader.run(["test", "-c", "/dev/watchdog0"])
-        reader.run(["wdmd"])
-        reader.run(["sanlock", "daemon", "-U", "root", "-G", "root"])
-        reader.wait_ok(["sanlock", "client", "status"], timeout=30)
-        TIMINGS["wdmd + sanlock start"] = time.monotonic() - fencing
-
-        # Power loss of one host: its qemu is gone at once, the other host goes on.
-        reader.power_off()
-        assert not reader.is_running()
-        _, out, _ = writer.run(["dd", f"if=/dev/{VG}/{LV}", f"bs={PATTERN_SIZE}", "count=1",
-                                "iflag=direct", "status=none"])
-        assert out == pattern.decode()
-    finally:
-        guests = list(bed.guests)
-        stopping = time.monotonic()
-        bed.stop()
-        TIMINGS["stop 2 guests"] = time.monotonic() - stopping
-    assert not any(guest.is_running() for guest in guests)
-    TIMINGS["2-guest test wall time"] = time.monotonic() - started
-

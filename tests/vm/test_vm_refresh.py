@@ -74,6 +74,23 @@ assert not d.lvm.writable
 print(volume.volume_path(d, sys.argv[1]))
 """
 
+# The reader's own LVM (locking_type = 4, as on every host that is not manager)
+# refuses a metadata write, whoever asks: LVM says so, not sharedlvm.
+READER_LVCREATE = """
+from pathlib import Path
+from sharedlvm.command import Runner
+from sharedlvm.domain import Domain
+from sharedlvm.errors import ReadOnlyDenied
+from sharedlvm.paths import HostPaths
+d = Domain.open(HostPaths(Path("/tmp/h2")), Runner(), "vmdom")
+try:
+    d.lvm.lvcreate("vmdom", "intruder", 1 << 27, [])
+except ReadOnlyDenied as exc:  # mapped from LVM's own message
+    print("REFUSED", exc.__cause__.err)  # LVM's own words
+else:
+    print("CREATED")
+"""
+
 
 @pytest.fixture(scope="module")
 def image() -> Iterator[GuestImage]:
@@ -122,6 +139,13 @@ def test_reader_refresh_after_extend(bed: GuestBed) -> None:
     assert again.strip().splitlines()[-1] == path
     _, size, _ = reader.run(["blockdev", "--getsize64", path])
     assert int(size) == 2 * GiB
+    # The reader cannot change the metadata: its LVM refuses, and nothing was made.
+    _, out, _ = reader.run(["python3", "-c", READER_LVCREATE], timeout=120)
+    assert "REFUSED" in out and "read" in out.lower(), out
+    _, out, _ = writer.run(["lvm", "lvs", "--noheadings", "-o", "lv_name", "--config",
+                            'devices{filter=["a|^/dev/vda$|","r|.*|"] use_devicesfile=0}',
+                            "vmdom"])
+    assert "intruder" not in out.split(), out
 
 
 # Guest 1 formats a domain on partitions of the multipath LUN (as `domain create
