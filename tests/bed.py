@@ -243,8 +243,8 @@ def inspect_lvm(devices: list[str], directory: Path) -> Lvm:
 
 
 @contextlib.contextmanager
-def scratch_lun(directory: Path, size: int,
-                keep_view: bool = False) -> Iterator[tuple[str, Lvm, Lvm]]:
+def scratch_lun(directory: Path, size: int, keep_view: bool = False,
+                shell: bool = False) -> Iterator[tuple[str, Lvm, Lvm]]:
     """A loop device on a sparse file in ``directory``, outside any simulated host:
     (device, a read-only LVM on it, a writable one), detached afterwards."""
     image = directory / "scratch-lun.img"
@@ -254,8 +254,11 @@ def scratch_lun(directory: Path, size: int,
     try:
         reader = inspect_lvm([device], directory)
         writer = Lvm(reader.runner, dataclasses.replace(reader.config, writable=True),
-                     keep_view=keep_view)
-        yield device, reader, writer
+                     keep_view=keep_view, shell=shell)
+        try:
+            yield device, reader, writer
+        finally:
+            writer.close()
     finally:
         Runner().run(["losetup", "--detach", device], check=False)
 

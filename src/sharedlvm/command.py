@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import IO
 
 from .errors import CommandError, CommandTimeout
 
@@ -93,6 +94,27 @@ class Runner:
         if check and proc.returncode != 0:
             raise CommandError(argv, proc.returncode, proc.stdout, proc.stderr)
         return Result(argv, proc.returncode, proc.stdout, proc.stderr, elapsed)
+
+
+    def spawn(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+              stderr: IO[bytes] | int | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+        """Start a long-running child with pipes to its stdin and stdout (binary),
+        for a command that serves several requests (lvm_shell.py). It dies with this
+        process when ``die_with_parent``; the thread that calls this must be the one
+        that waits for the child, since the parent-death signal follows that thread."""
+        argv = [str(a) for a in argv]
+        full_env = dict(os.environ)
+        full_env.update(self.env)
+        if env:
+            full_env.update(env)
+        log.debug("spawn %s", argv)
+        try:
+            return subprocess.Popen(
+                [*DIE_WITH_PARENT, *argv] if self.die_with_parent else argv,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                env=full_env, close_fds=True)
+        except FileNotFoundError as exc:
+            raise CommandError(argv, 127, "", f"{argv[0]}: command not found") from exc
 
 
 def _text(data: bytes | str | None) -> str:

@@ -151,14 +151,15 @@ def _write_lvm_conf(paths: HostPaths) -> None:
 def make_lvm(paths: HostPaths, runner: Runner, luns: Sequence[str], writable: bool,
              before_write: Callable[[], None] | None = None,
              after_write: Callable[[], None] | None = None,
-             write_timeout: float | None = None, keep_view: bool = False) -> Lvm:
+             write_timeout: float | None = None, keep_view: bool = False,
+             shell: bool = False) -> Lvm:
     _write_lvm_conf(paths)
     return Lvm(runner, LvmConfig(devices=tuple(luns), writable=writable,
                                  system_dir=paths.lvm_system_dir, lock_dir=paths.lvm_lock_dir,
                                  activation=device_mapper_available(),
                                  udev=udev_running()),
                before_write=before_write, after_write=after_write, keep_view=keep_view,
-               **({"write_timeout": write_timeout} if write_timeout else {}))
+               shell=shell, **({"write_timeout": write_timeout} if write_timeout else {}))
 
 
 class Domain:
@@ -205,7 +206,7 @@ class Domain:
             lvm = make_lvm(self.paths, self.runner, luns, writable=True,
                            before_write=lambda: before(shard),
                            after_write=lambda: after(shard), write_timeout=timeout,
-                           keep_view=True)
+                           keep_view=True, shell=True)
         else:
             lvm = make_lvm(self.paths, self.runner, luns, writable=False)
         shard = Shard(index, vg_name, luns, lvm,
@@ -277,6 +278,10 @@ class Domain:
                     # after its vgcreate): the shard is on the device its record names.
                     luns = tuple(lun for lun in luns if lun in entry.luns)
                 shards.append(self._open_shard(entry.index, entry.vg_name, luns))
+        kept = {id(s) for s in shards}
+        for shard in self._shards:
+            if id(shard) not in kept:
+                shard.lvm.close()
         self._shards = shards
         self._shards_loaded = True
 
@@ -423,7 +428,10 @@ class Domain:
             self._reopen_shards()
 
     def _reopen_shards(self) -> None:
-        self._shards = [self._open_shard(s.index, s.vg_name, s.luns) for s in self._shards]
+        old, self._shards = self._shards, [self._open_shard(s.index, s.vg_name, s.luns)
+                                           for s in self._shards]
+        for shard in old:
+            shard.lvm.close()
 
     def add_shard(self, shard: Shard) -> None:
         """A shard this manager just made (domain extend)."""

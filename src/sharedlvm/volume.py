@@ -44,7 +44,7 @@ THIN_INITIAL_SIZE = 1 * GiB
 # LVM selection matching sharedlvm volumes: every volume carries one sl.state tag.
 # (LVM allows no regex on tag lists, and "{a,b}" did not match either tag on 2.03.16;
 # "{a}" means "has tag a".)
-VOLUME_SELECT = "(" + " || ".join(
+VOLUME_SELECT = "(" + "||".join(
     f"lv_tags={{{tags.state_tag(state)}}}" for state in VolumeState) + ")"
 
 # Allocates and initializes a lease slot for a new volume (lease_layout): required,
@@ -422,7 +422,7 @@ def _delete(domain: Domain, vol: str, wipe: bool, resumed: bool,
             # One command: the selection matches only a sharedlvm volume of that name,
             # never a special LV or a foreign LV (rule: never touch what is not ours).
             shard.lvm.lvremove_selected(shard.vg_name,
-                                        f"lv_name={vol} && {VOLUME_SELECT}")
+                                        f"lv_name={vol}&&{VOLUME_SELECT}")
         else:
             # Reach the data first: a volume that cannot be wiped is left untouched.
             shard.activator.activate(shard.vg_name, vol)

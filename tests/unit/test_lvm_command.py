@@ -63,6 +63,7 @@ def test_recording_runner_records_and_runs() -> None:
      errors.NoSpace),
     ('  Logical Volume "x" already exists in volume group "vg"', errors.AlreadyExists),
     ('  Failed to find logical volume "vg/x"', errors.VolumeNotFound),
+    ('  Logical volume x not found in volume group vg.', errors.VolumeNotFound),  # lvextend
     ('  Volume group "vg" not found\n  Cannot process volume group vg', errors.DomainNotFound),
     ("  Something else entirely", errors.LvmError),
 ])
