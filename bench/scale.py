@@ -415,7 +415,10 @@ def mailbox_idle(cluster: Cluster, seconds: float, sector: int) -> tuple[float, 
     domain = Domain.open(cluster.first.paths, Runner(), cluster.name)
     box = Mailbox(domain)
     config = DaemonConfig()
-    settings = PollSettings(config.mailbox_poll, config.mailbox_sweep, config.mailbox_hot)
+    settings = PollSettings(config.mailbox_poll, config.mailbox_sweep, config.mailbox_hot,
+                            config.mailbox_idle_kib * 1024)
+    # At least two whole sweeps, however slow the budget makes them.
+    seconds = max(seconds, 2.5 * settings.sweep_interval(MAX_HOSTS, sector))
     server = MailboxServer(box, settings, lambda: set(range(1, MAX_HOSTS + 1)),
                            lambda: sector, lambda msg: None)
     sweeps: list[tuple[float, int]] = []  # (start of a sweep, bytes read before it)
@@ -618,8 +621,9 @@ def main() -> int:
         report.table(["volumes", "requesters", "sharedlvm", "defaults", "sl settings",
                       "shard", "vs defaults", "vs shard"], rates)
         report.add(f"Idle mailbox, {MAX_HOSTS:,} live host ids, no requests "
-                   f"({args.mailbox_seconds:g} s, sweep every "
-                   f"{DaemonConfig().mailbox_sweep:g} s):")
+                   f"(at least {args.mailbox_seconds:g} s, sweep every "
+                   f"{DaemonConfig().mailbox_sweep:g} s or slower to stay within "
+                   f"{DaemonConfig().mailbox_idle_kib} KiB/s):")
         report.add()
         report.table(["sector", "bytes per sweep", "s between sweeps", "KiB/s", "target"],
                      [[f"{sector} B", f"{per:,}", f"{period:.3f}", f"{rate / 1024:.1f}",
@@ -654,9 +658,10 @@ def main() -> int:
             for op in ("create", "extend", "delete"):
                 check(f"{op} p50 <= 1.2x bare at the same shard size, {count:,}",
                       (count, f"{op} x shard"), lambda v: v <= 1.2, "x")
-        rate512 = mailbox[512][0] / 1024
-        checks.append(["idle mailbox <= 512 KiB/s at 2,000 host ids (512 B sectors)",
-                       f"{rate512:.1f} KiB/s", "yes" if rate512 <= 512 else "**no**"])
+        for sector, (rate, _, period) in mailbox.items():
+            checks.append([f"idle mailbox <= 512 KiB/s at 2,000 host ids ({sector} B sectors)",
+                           f"{rate / 1024:.1f} KiB/s (a sweep every {period:.1f} s)",
+                           "yes" if rate / 1024 <= 512 else "**no**"])
         report.add("Targets:")
         report.add()
         report.table(["target", "measured", "met"], checks)

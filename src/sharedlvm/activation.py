@@ -46,7 +46,10 @@ class DeviceMapperActivator:
         return f"/dev/{vg_name}/{lv_name}"
 
     def deactivate(self, vg_name: str, lv_name: str) -> None:
-        self.lvm.deactivate(vg_name, lv_name)
+        # Not active here (the usual case of a delete on the manager): no LVM command.
+        # Nothing activates it meanwhile: activation needs the volume's lease.
+        if devmapper.is_active(vg_name, lv_name):
+            self.lvm.deactivate(vg_name, lv_name)
 
     def refresh(self, vg_name: str, lv_name: str) -> str:
         """Reload the LV's table from its current segments (read fresh). The manager

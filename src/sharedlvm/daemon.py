@@ -63,6 +63,11 @@ class DaemonConfig:
     mailbox_poll: float = 0.005
     mailbox_sweep: float = 2.0
     mailbox_hot: float = 30.0
+    # The most the idle sweep may read, KiB/s: past it (more than 256 live hosts on a
+    # 4 KiB-sector LUN, 2,048 on 512 B) the sweep slows to stay within it, so an idle
+    # manager's reads do not grow with the hosts (2,000 live hosts on 4 KiB sectors:
+    # a sweep every 16 s; hot hosts are still read every `mailbox_poll`). 0: no bound.
+    mailbox_idle_kib: int = 512
     # A daemon that makes no progress this long (SIGSTOP, a deadlock) is killed by its
     # watcher process (hangwatch.py), so that sanlock frees its leases and another
     # host becomes manager: a hung manager would otherwise keep the role forever.
@@ -271,7 +276,8 @@ class Daemon:
     def _settings(self) -> ServiceSettings:
         c = self.config
         return ServiceSettings(c.manager_poll, PollSettings(c.mailbox_poll, c.mailbox_sweep,
-                                                            c.mailbox_hot),
+                                                            c.mailbox_hot,
+                                                            c.mailbox_idle_kib * 1024),
                                c.backup_interval)
 
     # handlers.Context

@@ -17,7 +17,10 @@ Polling is adaptive (:class:`MailboxServer`): outboxes of hosts that asked recen
 reading one logical sector of its outbox, the header with the sequence number. Idle,
 that is 250 hosts x 512 B / 2 s = 62.5 KiB/s on a 512 B-sector LUN (8x that on a
 4 KiB-sector LUN, whose smallest read is 4 KiB); the first request of an idle host
-waits up to one sweep.
+waits up to one sweep. The sweep's reads are bounded (``mailbox_idle_kib``, 512 KiB/s):
+with more live hosts than fit in it every 2 s (2,048 on 512 B sectors, 256 on 4 KiB)
+the sweep slows down instead, so 2,000 live hosts on 4 KiB sectors are swept every
+16 s, a cost in first-request latency that grows with the hosts, never in I/O.
 
 A request is ``{"op": NAME, "fields": {...}, "request_id": ID, "host_id": N}`` (the
 request type's name and its serialized fields, requests.py), a reply ``{"ok": true,
@@ -205,6 +208,14 @@ class PollSettings:
     poll: float = 0.005  # hot hosts' outboxes, seconds
     sweep: float = 2.0  # every live host's outbox header, seconds
     hot: float = 30.0  # a host is hot this long after its last request, seconds
+    idle_budget: int = 512 * 1024  # what a sweep may read, bytes/s (0: no bound)
+
+    def sweep_interval(self, hosts: int, sector_size: int) -> float:
+        """Seconds between sweeps of ``hosts`` live hosts: ``sweep``, or longer where
+        one sector per host every ``sweep`` would read more than ``idle_budget``."""
+        if self.idle_budget <= 0:
+            return self.sweep
+        return max(self.sweep, hosts * sector_size / self.idle_budget)
 
 
 class MailboxServer:
@@ -244,10 +255,10 @@ class MailboxServer:
         # there for an answer.
         live = self.live_hosts() | {self.mailbox.domain.host_id}
         to_read = {h for h, t in self.hot.items() if now - t < self.settings.hot} & live
-        if now - self.last_sweep >= self.settings.sweep:
+        sector = self.sector_size()
+        if now - self.last_sweep >= self.settings.sweep_interval(len(live), sector):
             self.last_sweep = now
-            for host, seq in self.mailbox.peek_seqs(sorted(live),
-                                                    self.sector_size()).items():
+            for host, seq in self.mailbox.peek_seqs(sorted(live), sector).items():
                 if seq > self._answered(host):
                     to_read.add(host)
         for msg in self.mailbox.read_outboxes(sorted(to_read)):
