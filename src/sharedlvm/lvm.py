@@ -215,8 +215,8 @@ class Lvm:
             {} if keep_view else None)
         # The manager's metadata commands through one persistent lvm process
         # (lvm_shell.py: ~10 ms less per command); reports still run as processes.
-        self._shell = (LvmShell(runner, config.system_dir, self._config_text, self._env())
-                       if shell else None)
+        self._shell = (LvmShell(runner, config.system_dir, self._config_text, self._env(),
+                                devices=config.devices) if shell else None)
 
     def close(self) -> None:
         """This Lvm is dropped (a new manager term, shards reloaded): its shell ends."""

@@ -22,6 +22,11 @@ Safety is the runner's: the shell dies with the daemon (parent-death signal, set
 lives exactly as long), a command that exceeds its timeout kills the shell (the
 caller then treats the command as one that may have committed, as for a killed
 ``lvm``), and an idle shell exits after :data:`IDLE_SECONDS`.
+
+A shell keeps one thing across commands: the device numbers of the paths it scanned
+first. When a PV's device number changes (a partition table read again gives loop
+and device-mapper partitions new minors; test_shards.py's partition test failed on
+"Volume group not found" until this), the shell is replaced before the command.
 """
 
 from __future__ import annotations
@@ -80,8 +85,14 @@ class LvmShell:
     caller serializes, as Lvm.write does under its lock)."""
 
     def __init__(self, runner: Runner, system_dir: Path, config_text: str,
-                 env: Mapping[str, str], idle: float = IDLE_SECONDS) -> None:
+                 env: Mapping[str, str], idle: float = IDLE_SECONDS,
+                 devices: Sequence[str] = ()) -> None:
         self.runner = runner
+        # The shard's PVs: a shell keeps the device numbers it found at its first
+        # scan, so a device whose number changed (a partition table read again gives
+        # loop and device-mapper partitions new minors) means a new shell.
+        self._devices = tuple(devices)
+        self._numbers: dict[str, int | None] = {}
         self._base_dir = system_dir
         self._config_text = config_text
         self._env = dict(env)
@@ -221,9 +232,16 @@ class LvmShell:
                 raise ValueError("the lvm shell is closed")
             start = time.monotonic()
             proc = self._proc
+            numbers = self._device_numbers()
+            if proc is not None and numbers != self._numbers:
+                log.info("lvm shell %d: the devices changed (%s -> %s): a new shell",
+                         proc.pid, self._numbers, numbers)
+                self._stop_locked(kill=True)
+                proc = None
             if proc is None or proc.poll() is not None:
                 self._stop_locked(kill=True)
                 proc = self._start()
+            self._numbers = numbers
             line = (" ".join(argv) + "\n").encode()
             assert proc.stdin is not None and proc.stdout is not None
             try:
@@ -262,6 +280,15 @@ class LvmShell:
         if rc != 0:
             raise CommandError(full, rc, out, err)
         return Result(full, rc, out, err, elapsed)
+
+    def _device_numbers(self) -> dict[str, int | None]:
+        numbers: dict[str, int | None] = {}
+        for path in self._devices:
+            try:
+                numbers[path] = os.stat(path).st_rdev
+            except OSError:
+                numbers[path] = None
+        return numbers
 
     def _read_doc(self, proc: subprocess.Popen[bytes], deadline: float
                   ) -> tuple[dict[str, Any], str]:
