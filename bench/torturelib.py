@@ -111,7 +111,7 @@ sys.exit(devcount.main([device, "--host-id", host, "--state", state, "--interval
 
 OP_WEIGHTS = [("create-raw", 14), ("create-qcow2", 5), ("create-bigtags", 1), ("extend", 8),
               ("delete", 8), ("prepare", 4), ("teardown", 4), ("consume", 7),
-              ("release-manager", 1), ("list", 3)]
+              ("release-manager", 1), ("list", 3), ("snapshot", 3)]
 FAULT_WEIGHTS = [("kill-manager-daemon", 3), ("kill-daemon", 2), ("stop-manager-daemon", 2),
                  ("stop-daemon", 1), ("host-crash", 2), ("kill-lvm-child", 3),
                  ("kill-qemu-img-child", 1), ("failpoint", 2), ("torn-outbox", 2),
@@ -123,7 +123,7 @@ UNCERTAIN = {"Timeout", "LostConnection", "Fenced"}
 LOCAL = {"DaemonNotRunning", "NotManager", "LockspaceError(not joined)"}
 # A delete refused before it touched anything.
 CLEAN_REFUSALS = LOCAL | {"VolumeInUse", "VolumeHeld", "Busy", "VolumeNotFound", "NotFound",
-                          "LeaseHeld", "InvalidArgument"}
+                          "LeaseHeld", "InvalidArgument", "HasChildren", "ReadOnlyVolume"}
 # Newer sharedlvm says of each error class whether it is the request's final answer
 # (``final``) or a refusal that changed nothing (``changes_nothing``); any other error
 # leaves the request pending in the journal, to be rolled forward when it is repeated
@@ -134,7 +134,7 @@ CLEAN_REFUSALS = LOCAL | {"VolumeInUse", "VolumeHeld", "Busy", "VolumeNotFound",
 ERRORS_SAY_FINAL = hasattr(errors.Error, "final")
 NONFINAL_TRIES = 8
 REPLAYABLE = ("create-raw", "create-qcow2", "create-bigtags", "create-journal", "extend",
-              "delete", "delete-wipe")
+              "delete", "delete-wipe", "snapshot")
 
 
 @dataclass
@@ -199,6 +199,8 @@ class Vol:
     t_deleted: float = 0.0
     why_maybe: str = ""
     failures: list[str] = field(default_factory=list)  # failed deletes and extends
+    parent: str | None = None  # a snapshot's: the volume below it
+    leaf: bool = True  # as far as the harness knows: nothing on top of it
 
     def history(self) -> str:
         return f"; earlier failed requests on it: {', '.join(self.failures)}" if (
@@ -737,6 +739,7 @@ class Torture:
          "delete": self.op_delete, "prepare": self.op_prepare,
          "teardown": self.op_teardown, "consume": self.op_consume,
          "release-manager": self.op_release, "list": self.op_list,
+         "snapshot": self.op_snapshot,
          }[kind](host, kind, p, rid)
 
     def pick_volume(self, x: float, pred: Callable[[Vol], bool], busy: bool,
@@ -788,6 +791,34 @@ class Torture:
                 req.volume = info.uuid
         return req
 
+    def op_snapshot(self, host: Host, kind: str, p: list[float], rid: str) -> None:
+        """A new qcow2 leaf over a leaf (images.py). A chain is kept short: a volume
+        already a snapshot is snapshotted again only sometimes."""
+        vol = self.pick_volume(p[0], lambda v: v.leaf and (v.parent is None or p[2] < 0.3),
+                               busy=True)
+        if vol is None:
+            self.op_list(host, "list", p, rid)
+            return
+        rid += "-s"
+        tags = {"rid": rid, "torture": str(self.cfg.seed)}
+        try:
+            req = self.new_req(rid, "snapshot", host.index,
+                               lambda c: c.snapshot_volume(vol.uuid, tags=tags,
+                                                           request_id=rid), vol.uuid)
+            self.ask(req)
+            with self.lock:
+                if req.status == "acked":
+                    info = req.result
+                    self.volumes[info.uuid] = Vol(info.uuid, rid, "qcow2", info.capacity,
+                                                  info.size, parent=vol.uuid)
+                    vol.leaf = False
+                    req.volume = info.uuid
+                elif req.status == "failed":
+                    vol.failures.append(f"{req.rid} ({req.error}, t={self.t(req.t_done)})")
+        finally:
+            with self.lock:
+                vol.busy = False
+
     def op_extend(self, host: Host, kind: str, p: list[float], rid: str) -> None:
         vol = self.pick_volume(p[0], lambda v: v.capacity < (1536 * MiB if v.fmt == "raw"
                                                              else 4 * GiB), busy=True)
@@ -831,6 +862,9 @@ class Torture:
                     vol.failures.append(f"{req.rid} ({req.error}, t={self.t(req.t_done)})")
                 if req.status == "acked":
                     vol.state, vol.t_deleted = "deleted", req.t_done
+                    below = self.volumes.get(vol.parent or "")
+                    if below is not None:  # the leaf again (images.py)
+                        below.leaf = True
                 elif vol.state == "maybe" and req.error == "VolumeNotFound":
                     vol.state = "deleted"  # the delete left open took effect meanwhile
                 elif req.status == "abandoned":
@@ -1716,6 +1750,28 @@ class Torture:
                 if meta.get("state") != "ready":
                     bad("half-done after recovery", f"volume {name} is {meta.get('state')} "
                         "after the final recovery", name)
+        # Chains (images.py): no overlay over a missing volume, no chain forked, no
+        # internal volume left with nothing on top after recovery.
+        on_top: dict[str, list[str]] = defaultdict(list)
+        for name, (_, meta) in on_disk.items():
+            parent = meta.get("parent", "none")
+            if parent != "none":
+                on_top[parent].append(name)
+                if parent not in on_disk:
+                    bad("chain broken", f"volume {name} is on top of {parent}, which is "
+                        "not on the disk", name)
+        for parent, names in sorted(on_top.items()):
+            same = [n for n in names if parent in on_disk
+                    and on_disk[n][1].get("image") == on_disk[parent][1].get("image")]
+            if len(same) > 1:
+                bad("chain forked", f"volume {parent} has {len(same)} snapshots on top: "
+                    f"{sorted(same)}", parent, *same)
+        if final:
+            for name, (_, meta) in sorted(on_disk.items()):
+                if meta.get("role") == "internal" and not on_top.get(name):
+                    bad("internal volume with nothing on top", f"volume {name} is internal "
+                        "(read-only) after the final recovery, with no snapshot over it",
+                        name)
         for kind, text in found:
             self.violation(kind, text)
         if found:

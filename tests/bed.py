@@ -94,6 +94,9 @@ class Host:
         finally:
             stop_consumer(proc)
 
+    def prepared_images(self) -> list[str]:
+        return list(self.status().get("images", {}))
+
     def status(self) -> dict[str, Any]:
         """This host's daemon's view of the cluster's domain ({} if it has none)."""
         found = {s.domain: s for s in self.client.status()}.get(self.cluster.name)
@@ -194,14 +197,22 @@ class Cluster:
         for host in self.hosts:
             if not host.daemon.pid:
                 continue
+            for image in host.prepared_images():
+                host.client.teardown_image(image, domain=self.name)
             for vol in list(host.status().get("prepared", {})):
                 host.client.teardown_volume(vol, domain=self.name)
             # volumes only: the daemon keeps using its journal, mailbox, ids, leases
             sim.release_host_devices(Runner(), host.paths,
                                      keep=domain_mod.SPECIAL_NAMES)
         manager = self.manager()
-        for vol in manager.cli_json("volume", "list"):
-            manager.cli("volume", "delete", vol["uuid"])
+        # Leaves first: a volume with anything on top of it is not deleted.
+        volumes = manager.cli_json("volume", "list")
+        while volumes:
+            parents = {v["parent"] for v in volumes}
+            for vol in volumes:
+                if vol["uuid"] not in parents:
+                    manager.cli("volume", "delete", vol["uuid"])
+            volumes = manager.cli_json("volume", "list")
 
 
 def consumer_pid(proc: subprocess.Popen[str], comm: str, timeout: float = 30) -> int:

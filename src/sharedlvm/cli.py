@@ -29,7 +29,7 @@ from . import requests as rq
 from .client import Client
 from .command import Runner
 from .leases import host_dead_seconds
-from .model import DomainInfo, HostInfo, ManagerStatus, VolumeInfo, check_uuid
+from .model import DomainInfo, HostInfo, ImageInfo, ManagerStatus, VolumeInfo, check_uuid
 from .operations import Operation
 from .paths import HostPaths
 
@@ -44,7 +44,8 @@ EXIT_CODES: dict[type[errors.Error], int] = {
 
 GROUP_HELP = {
     "domain": "format, attach, inspect, remove domains",
-    "volume": "create, list, extend, delete, prepare volumes",
+    "volume": "create, list, extend, delete, prepare, snapshot, clone volumes",
+    "image": "chains of volumes: inspect, prepare for a consumer",
     "manager": "the manager role",
     "host": "hosts of a domain",
 }
@@ -143,6 +144,7 @@ class _Local:
     daemon runs on this host (``volume list`` must work without it)."""
 
     release_holdoff = 0.0
+    max_chain = 0  # snapshots run in the daemon
 
     def __init__(self, paths: HostPaths) -> None:
         self.paths = paths
@@ -199,9 +201,20 @@ def _show(request: rq.Request, as_json: bool, result: Any) -> None:
 
 def _show_volumes(found: list[VolumeInfo]) -> None:
     rows = [[v.uuid, v.image, v.format.value, v.alloc.value, units.format_size(v.capacity),
-             units.format_size(v.size), v.state.value,
+             units.format_size(v.size), v.state.value, v.role.value,
              ",".join(f"{k}={val}" for k, val in sorted(v.tags.items()))] for v in found]
-    _table(rows, ["VOLUME", "IMAGE", "FORMAT", "ALLOC", "CAPACITY", "LV SIZE", "STATE", "TAGS"])
+    _table(rows, ["VOLUME", "IMAGE", "FORMAT", "ALLOC", "CAPACITY", "LV SIZE", "STATE", "ROLE",
+                  "TAGS"])
+
+
+def _show_image(info: ImageInfo) -> None:
+    print(f"image {info.image} in domain {info.domain}: {len(info.chain)} volume(s), "
+          f"leaf {info.leaf}")
+    rows = [[str(i), v.uuid, v.role.value, v.format.value, units.format_size(v.capacity),
+             units.format_size(v.size), v.state.value,
+             "" if v.image == info.image else f"image {v.image}"]
+            for i, v in enumerate(info.chain)]
+    _table(rows, ["#", "VOLUME", "ROLE", "FORMAT", "CAPACITY", "LV SIZE", "STATE", "FROM"])
 
 
 def _show_domain(info: DomainInfo) -> None:
@@ -252,6 +265,11 @@ _PRINTERS: dict[str, Callable[[Any, Any], None]] = {
     "volume.delete": lambda a, r: print(f"volume {r.uuid} deleted"
                                         + (" (wiped)" if a.wipe else "")),
     "volume.prepare": lambda a, r: print(r.path),
+    "volume.snapshot": lambda a, r: _show_volumes([r]),
+    "volume.template": lambda a, r: _show_volumes([r]),
+    "volume.clone": lambda a, r: _show_volumes([r]),
+    "image.info": lambda a, r: _show_image(r),
+    "image.prepare": lambda a, r: print(r.path),
     "domain.info": lambda a, r: _show_domain(r),
     "domain.remove": lambda a, r: print(f"domain {r.removed} removed"),
     "manager.status": _show_manager,
@@ -388,11 +406,16 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .consumer import parse_volume_arg, run_with_leases
 
     volumes = [parse_volume_arg(v) for v in args.volume or []]
+    image = parse_volume_arg(args.image) if args.image else None
+    if image is not None and volumes:
+        raise errors.InvalidArgument("give --volume or --image, not both")
     command = list(args.command)
     command = command[1:] if command[:1] == ["--"] else command
     paths = HostPaths.from_env()
-    d = domain_mod.Domain.open(paths, Runner(), args.domain) if volumes else None
-    raise SystemExit(run_with_leases(paths, d, volumes, command, wait=args.wait))
+    d = (domain_mod.Domain.open(paths, Runner(), args.domain) if volumes or image
+         else None)
+    raise SystemExit(run_with_leases(paths, d, volumes, command, wait=args.wait,
+                                     image=image))
 
 
 def _add_local_commands(groups: dict[str, Any], top: Any) -> None:
@@ -451,6 +474,10 @@ def _add_local_commands(groups: dict[str, Any], top: Any) -> None:
     p.add_argument("--volume", action="append",
                    help="UUID or UUID:ro (repeatable; none: only register the command "
                         "with sanlock, for 'volume prepare --pid')")
+    p.add_argument("--image", metavar="IMAGE[:ro]",
+                   help="an image's whole chain: the leaf exclusive (shared with :ro), the "
+                        "volumes below it shared; {0} is the leaf's path in the image "
+                        "directory, where its backing files resolve")
     p.add_argument("--domain")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="if another host holds a lease, try again for up to SECONDS")

@@ -30,6 +30,7 @@ from .model import (
     Deleted,
     DomainInfo,
     HostInfo,
+    ImageInfo,
     ManagerStatus,
     ServiceStatus,
     VolumeFormat,
@@ -93,6 +94,43 @@ class Client:
 
     def teardown_volume(self, volume: str, *, domain: str | None = None) -> None:
         self.call(rq.TeardownVolume(volume, domain))
+
+    # Images: snapshots, templates, linked clones, chains
+
+    def snapshot_volume(self, volume: str, *, tags: Mapping[str, str] | None = None,
+                        request_id: str | None = None, domain: str | None = None
+                        ) -> VolumeInfo:
+        """A new empty qcow2 leaf over ``volume`` (a leaf), which becomes read-only."""
+        result: VolumeInfo = self.call(rq.SnapshotVolume(volume, dict(tags or {}),
+                                                         request_id, domain))
+        return result
+
+    def template_volume(self, volume: str, *, request_id: str | None = None,
+                        domain: str | None = None) -> VolumeInfo:
+        """Make a leaf a template: read-only, the base of linked clones."""
+        result: VolumeInfo = self.call(rq.TemplateVolume(volume, request_id, domain))
+        return result
+
+    def clone_volume(self, volume: str, *, linked: bool = True, image: str | None = None,
+                     tags: Mapping[str, str] | None = None, request_id: str | None = None,
+                     domain: str | None = None) -> VolumeInfo:
+        """A new image over the template ``volume`` (linked): its first volume."""
+        result: VolumeInfo = self.call(rq.CloneVolume(volume, linked, image,
+                                                      dict(tags or {}), request_id, domain))
+        return result
+
+    def image_info(self, image: str, *, domain: str | None = None) -> ImageInfo:
+        result: ImageInfo = self.call(rq.GetImage(image, domain))
+        return result
+
+    def prepare_image(self, image: str, pid: int, *, shared: bool = False,
+                      domain: str | None = None) -> str:
+        """Acquire the chain's leases for process ``pid`` and activate it: the leaf's
+        path in the image directory (open it there: its backing files resolve)."""
+        return str(self.call(rq.PrepareImage(image, pid, shared, domain)).path)
+
+    def teardown_image(self, image: str, *, domain: str | None = None) -> None:
+        self.call(rq.TeardownImage(image, domain))
 
     # Domains, the manager role, hosts
 

@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import errors, leases
+from . import errors, images, leases
 from . import volume as volume_mod
 from .domain import Domain
 from .lease_layout import LeaseLayout
@@ -54,26 +54,42 @@ def parse_volume_arg(text: str) -> tuple[str, bool]:
 
 def run_with_leases(paths: HostPaths, domain: Domain | None,
                     volumes: Sequence[tuple[str, bool]], argv: Sequence[str],
-                    wait: float = 0.0) -> int:
-    """Run ``argv`` as a registered consumer holding ``volumes``; its exit status."""
+                    wait: float = 0.0, image: tuple[str, bool] | None = None) -> int:
+    """Run ``argv`` as a registered consumer holding ``volumes``, or the chain of
+    ``image`` (its leaf exclusive unless read-only, the rest shared); its exit
+    status."""
     if not argv:
         raise errors.InvalidArgument("no command given after --")
     if wait < 0:
         raise errors.InvalidArgument(f"invalid wait {wait}: must be >= 0 seconds")
-    if volumes and domain is None:
+    if (volumes or image) and domain is None:
         raise errors.InvalidArgument("volumes need a domain")
-    infos = [volume_mod.get_volume(domain, vol) for vol, _ in volumes] if domain else []
+    chain_of: str | None = None
+    if image is not None and domain is not None:
+        info = images.image_info(domain, image[0])
+        if not image[1]:
+            images.require_writable(info.chain[-1], "write", "use IMAGE:ro")
+        infos = info.chain
+        modes = [image[1] or v.uuid != info.leaf for v in infos]
+        chain_of = image[0]
+    else:
+        infos = ([volume_mod.get_volume(domain, vol) for vol, _ in volumes] if domain
+                 else [])
+        modes = [shared for _, shared in volumes]
+        for vol, ro in zip(infos, modes, strict=True):
+            if not ro:
+                images.require_writable(vol, "write", "use UUID:ro")
     leases.use_run_dir(paths.sanlock_run_dir)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        _consumer(domain, infos, [shared for _, shared in volumes], argv, wait)
-    return _supervise(pid, domain, infos)
+        _consumer(domain, infos, modes, argv, wait, chain_of)
+    return _supervise(pid, domain, infos, chain_of)
 
 
 def _consumer(domain: Domain | None, infos: list[VolumeInfo], shared: list[bool],
-              argv: Sequence[str], wait: float) -> NoReturn:
+              argv: Sequence[str], wait: float, image: str | None = None) -> NoReturn:
     try:
         os.setpgid(0, 0)
         for signo in FORWARDED:
@@ -90,6 +106,11 @@ def _consumer(domain: Domain | None, infos: list[VolumeInfo], shared: list[bool]
                 _acquire(layout, infos[i], shared[i], fd, deadline)
             devices = [volume_mod.volume_path(domain, info.uuid, read_only=ro)
                        for info, ro in zip(infos, shared, strict=True)]
+            if image is not None:
+                # The chain opens through the image directory: {0} is the leaf there.
+                directory = images.link_chain(
+                    domain, image, {i.uuid: d for i, d in zip(infos, devices, strict=True)})
+                devices = [str(directory / infos[-1].uuid)]
         env = dict(os.environ, SHAREDLVM_DEVICES=" ".join(devices),
                    SHAREDLVM_DEVICE=devices[0] if devices else "")
         final = [arg.format(*devices) if "{" in arg else arg for arg in argv]
@@ -103,7 +124,8 @@ def _consumer(domain: Domain | None, infos: list[VolumeInfo], shared: list[bool]
     os._exit(1)
 
 
-def _supervise(pid: int, domain: Domain | None, infos: list[VolumeInfo]) -> int:
+def _supervise(pid: int, domain: Domain | None, infos: list[VolumeInfo],
+               image: str | None = None) -> int:
     def forward(signo: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signo)
@@ -120,6 +142,8 @@ def _supervise(pid: int, domain: Domain | None, infos: list[VolumeInfo]) -> int:
         except InterruptedError:
             continue
     if domain is not None:
+        if image is not None:
+            images.unlink_chain(domain, image, [i.uuid for i in infos])
         _deactivate_unused(domain, infos)
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell

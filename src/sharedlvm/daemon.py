@@ -66,8 +66,11 @@ class DaemonConfig:
     # The most the idle sweep may read, KiB/s: past it (more than 256 live hosts on a
     # 4 KiB-sector LUN, 2,048 on 512 B) the sweep slows to stay within it, so an idle
     # manager's reads do not grow with the hosts (2,000 live hosts on 4 KiB sectors:
-    # a sweep every 16 s; hot hosts are still read every `mailbox_poll`). 0: no bound.
+    # a sweep every 16 s; hot hosts are still read every `mailbox_poll`).
     mailbox_idle_kib: int = 512
+    # The deepest chain a snapshot may make (images.py): a read of a cluster that no
+    # overlay has walks the whole chain, and qemu opens every volume of it.
+    max_chain: int = 32
     # A daemon that makes no progress this long (SIGSTOP, a deadlock) is killed by its
     # watcher process (hangwatch.py), so that sanlock frees its leases and another
     # host becomes manager: a hung manager would otherwise keep the role forever.
@@ -285,6 +288,10 @@ class Daemon:
     @property
     def release_holdoff(self) -> float:
         return self.config.release_holdoff
+
+    @property
+    def max_chain(self) -> int:
+        return self.config.max_chain
 
     def reload(self) -> list[str]:
         """Start services for domains attached since the last look; drop detached ones."""

@@ -186,6 +186,7 @@ class Domain:
         self._shards_lock = threading.Lock()
         self._journal_lock = threading.Lock()
         self._request_locks = [threading.Lock() for _ in range(64)]
+        self._chain_locks = [threading.Lock() for _ in range(64)]
         self._lun_vgs = _lun_vgs(_expand(config.luns))
         zero = tuple(lun for lun, vg in self._lun_vgs.items() if vg == self.vg_name)
         # shard 0: the domain's VG (format 1: the only one, on all the LUNs)
@@ -371,6 +372,15 @@ class Domain:
             yield
             return
         with self._request_locks[hash(request_id) % len(self._request_locks)]:
+            yield
+
+    @contextlib.contextmanager
+    def chain_lock(self, volume_id: str) -> Iterator[None]:
+        """Held by an operation that checks what is on top of ``volume_id`` and acts on
+        it: a delete of the volume, a snapshot or clone over it. Without it a clone
+        could be made over a template a concurrent delete found childless. Taken
+        after the request lock, before the shard's. Striped like the request locks."""
+        with self._chain_locks[hash(volume_id) % len(self._chain_locks)]:
             yield
 
     @property

@@ -235,6 +235,35 @@ class VolumeInUse(Busy):
                          f"{', '.join(f'host {h}' for h in hosts)}")
 
 
+class HasChildren(Busy):
+    """A volume that other volumes are read through (their backing file) cannot be
+    deleted, snapshotted over or written."""
+
+    changes_nothing = True
+
+    def __init__(self, volume: str, children: Sequence[str], doing: str) -> None:
+        self.volume = volume
+        self.children = list(children)
+        self.doing = doing
+        super().__init__(f"cannot {doing} volume {volume}: volume(s) "
+                         f"{', '.join(children)} are on top of it")
+
+
+class ReadOnlyVolume(Error):
+    """A template or an internal volume of a chain: never written."""
+
+    changes_nothing = True
+
+    def __init__(self, volume: str, role: str, doing: str, hint: str = "") -> None:
+        self.volume = volume
+        self.role = role
+        self.doing = doing
+        self.hint = hint
+        what = {"template": "a template", "internal": "below a snapshot in its chain"}
+        super().__init__(f"cannot {doing} volume {volume}: it is {what.get(role, role)}, "
+                         f"read-only" + (f" ({hint})" if hint else ""))
+
+
 class DaemonNotRunning(Error):
     pass
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Protocol
 
 from . import domain as domain_mod
-from . import errors
+from . import errors, images
 from . import volume as volume_mod
 from .domain import Domain
 from .model import (
@@ -24,6 +24,7 @@ from .model import (
     DomainRemoved,
     Done,
     HostInfo,
+    ImageInfo,
     ManagerStatus,
     Prepared,
     Released,
@@ -31,22 +32,28 @@ from .model import (
     VolumeInfo,
 )
 from .requests import (
+    CloneVolume,
     CreateVolume,
     DeleteVolume,
     ExtendDomain,
     ExtendVolume,
     GetDomain,
+    GetImage,
     GetManager,
     GetMetrics,
     GetStatus,
     GetVolume,
     ListHosts,
     ListVolumes,
+    PrepareImage,
     PrepareVolume,
     ReleaseManager,
     Reload,
     RemoveDomain,
+    SnapshotVolume,
+    TeardownImage,
     TeardownVolume,
+    TemplateVolume,
 )
 from .service import DomainService
 
@@ -55,6 +62,7 @@ class Context(Protocol):
     """What handlers may use of the daemon."""
 
     release_holdoff: float
+    max_chain: int
 
     def service(self, name: str | None) -> DomainService:
         """The attached domain's service (DaemonNotRunning outside the daemon)."""
@@ -94,6 +102,23 @@ def delete_volume(ctx: Context, req: DeleteVolume) -> Deleted:
     return volume_mod.delete_volume(service.domain, req, service.exclusive)
 
 
+def snapshot_volume(ctx: Context, req: SnapshotVolume) -> VolumeInfo:
+    service = ctx.service(req.domain)
+    return images.snapshot_volume(service.domain, req, service.layout.allocate_volume_lease,
+                                  service.exclusive, ctx.max_chain)
+
+
+def template_volume(ctx: Context, req: TemplateVolume) -> VolumeInfo:
+    service = ctx.service(req.domain)
+    return images.template_volume(service.domain, req, service.exclusive)
+
+
+def clone_volume(ctx: Context, req: CloneVolume) -> VolumeInfo:
+    service = ctx.service(req.domain)
+    return images.clone_volume(service.domain, req, service.layout.allocate_volume_lease,
+                               service.exclusive)
+
+
 def prepare_volume(ctx: Context, req: PrepareVolume) -> Prepared:
     return Prepared(ctx.service(req.domain).prepared.prepare(req.volume, req.pid, req.shared))
 
@@ -109,6 +134,23 @@ def list_volumes(ctx: Context, req: ListVolumes) -> list[VolumeInfo]:
 
 def get_volume(ctx: Context, req: GetVolume) -> VolumeInfo:
     return volume_mod.get_volume(ctx.domain(req.domain), req.volume)
+
+
+# Images
+
+
+def get_image(ctx: Context, req: GetImage) -> ImageInfo:
+    return images.image_info(ctx.domain(req.domain), req.image)
+
+
+def prepare_image(ctx: Context, req: PrepareImage) -> Prepared:
+    return Prepared(ctx.service(req.domain).prepared.prepare_image(req.image, req.pid,
+                                                                   req.shared))
+
+
+def teardown_image(ctx: Context, req: TeardownImage) -> Done:
+    ctx.service(req.domain).prepared.teardown_image(req.image)
+    return Done()
 
 
 # Domains
@@ -195,7 +237,8 @@ def list_hosts(ctx: Context, req: ListHosts) -> list[HostInfo]:
 def get_status(ctx: Context, req: GetStatus) -> list[ServiceStatus]:
     return [ServiceStatus(domain=s.domain.name, host_id=s.domain.host_id, joined=s.joined,
                           manager=s.manager.serving, generation=s.manager.generation,
-                          prepared=s.prepared.snapshot()) for s in ctx.services()]
+                          prepared=s.prepared.snapshot(), images=s.prepared.images())
+            for s in ctx.services()]
 
 
 def reload(ctx: Context, req: Reload) -> list[str]:

@@ -65,6 +65,8 @@ STATUS: dict[type[errors.Error], int] = {
     errors.LockspaceError: 503,
     errors.Busy: 409,
     errors.VolumeInUse: 409,
+    errors.HasChildren: 409,
+    errors.ReadOnlyVolume: 409,
     errors.DaemonNotRunning: 503,
     errors.StorageIOError: 503,
     errors.Timeout: 504,

@@ -40,6 +40,16 @@ class VolumeState(StrEnum):
     UNKNOWN = "unknown"
 
 
+class VolumeRole(StrEnum):
+    # The top of its chain: the one volume of an image that is written.
+    LEAF = "leaf"
+    # Below a snapshot in its chain: read-only, read through its children.
+    INTERNAL = "internal"
+    # A shared read-only base for linked clones in other images; never written.
+    TEMPLATE = "template"
+    UNKNOWN = "unknown"
+
+
 @dataclass(frozen=True)
 class VolumeInfo:
     uuid: str
@@ -57,6 +67,23 @@ class VolumeInfo:
     # The LV's segments where they were read (a create's answer: 1); 0 in `volume
     # list` and `volume info`, which read only names, sizes and tags.
     segments: int = 1
+    role: VolumeRole = VolumeRole.LEAF
+
+    @property
+    def writable(self) -> bool:
+        """Only a leaf is ever written (prepared exclusive, extended, resized)."""
+        return self.role == VolumeRole.LEAF
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """An image: its chain of volumes from the base (first) to the leaf (last). The
+    base may be a template of another image (a linked clone)."""
+
+    image: str
+    domain: str
+    leaf: str
+    chain: list[VolumeInfo]
 
 
 @dataclass(frozen=True)
@@ -112,6 +139,7 @@ class ServiceStatus:
     manager: bool
     generation: int | None
     prepared: dict[str, bool] = field(default_factory=dict)  # volume -> shared
+    images: dict[str, bool] = field(default_factory=dict)  # prepared image -> shared
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ def _not_prepared_here(ctx: handlers.Context, req: rq.DeleteVolume) -> None:
 
 _D = "/v1/domains/{domain}"
 _V = _D + "/volumes/{volume}"
+_I = _D + "/images/{image}"
 
 TABLE: tuple[Operation, ...] = (
     Operation(rq.CreateVolume, handlers.create_volume, manager_only=True, forward=True,
@@ -67,6 +68,14 @@ TABLE: tuple[Operation, ...] = (
     Operation(rq.DeleteVolume, handlers.delete_volume, manager_only=True, forward=True,
               idempotent=True, check_here=_not_prepared_here, http=("DELETE", _V),
               cli=("volume", "delete")),
+    Operation(rq.SnapshotVolume, handlers.snapshot_volume, manager_only=True, forward=True,
+              idempotent=True, http=("POST", f"{_V}/snapshot"), cli=("volume", "snapshot"),
+              http_status=201),
+    Operation(rq.TemplateVolume, handlers.template_volume, manager_only=True, forward=True,
+              idempotent=True, http=("POST", f"{_V}/template"), cli=("volume", "template")),
+    Operation(rq.CloneVolume, handlers.clone_volume, manager_only=True, forward=True,
+              idempotent=True, http=("POST", f"{_V}/clone"), cli=("volume", "clone"),
+              http_status=201),
     Operation(rq.ListVolumes, handlers.list_volumes, local=True,
               http=("GET", f"{_D}/volumes"), cli=("volume", "list")),
     Operation(rq.GetVolume, handlers.get_volume, local=True, http=("GET", _V),
@@ -75,6 +84,12 @@ TABLE: tuple[Operation, ...] = (
               cli=("volume", "prepare")),
     Operation(rq.TeardownVolume, handlers.teardown_volume, http=("POST", f"{_V}/teardown"),
               cli=("volume", "teardown")),
+    Operation(rq.GetImage, handlers.get_image, local=True, http=("GET", _I),
+              cli=("image", "info")),
+    Operation(rq.PrepareImage, handlers.prepare_image, http=("POST", f"{_I}/prepare"),
+              cli=("image", "prepare")),
+    Operation(rq.TeardownImage, handlers.teardown_image, http=("POST", f"{_I}/teardown"),
+              cli=("image", "teardown")),
     Operation(rq.GetDomain, handlers.get_domain, local=True, http=("GET", _D),
               cli=("domain", "info")),
     # LUN paths are the manager host's: not forwarded (another host's path may differ)

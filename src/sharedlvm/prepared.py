@@ -10,6 +10,13 @@ activates the volume (read-only for a shared lease). The lease is PID's: it dies
 with PID, survives the daemon, and on lockspace loss sanlock kills PID's process
 group. ``volume teardown`` releases it on PID's behalf and deactivates.
 
+``image prepare IMAGE --pid PID`` does the same for a whole chain (images.py): the
+leaf exclusive (shared with ``--shared``), every volume below it shared and
+read-only, each activated and linked into the image's directory, where qemu resolves
+the backing files. A read-only volume (a template under several linked clones) may
+be prepared for several consumers of this host at once, each holding its own shared
+lease; it is deactivated when the last of them is torn down.
+
 What is prepared is recorded in the host's run dir, so a restarted daemon knows it
 again (and forgets what belonged to processes that died meanwhile, deactivating
 their volumes). This is where the live-migration handoff and the monitor of thin
@@ -24,13 +31,14 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import errors
+from . import errors, images
 from . import volume as volume_mod
 from .domain import Domain
 from .lease_layout import LeaseLayout
+from .model import VolumeInfo
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,14 @@ class Preparation:
     volume: str
     pid: int
     shared: bool
+
+
+@dataclass(frozen=True)
+class ImagePreparation:
+    image: str
+    pid: int
+    shared: bool
+    volumes: list[str] = field(default_factory=list)  # base first
 
 
 def pid_alive(pid: int) -> bool:
@@ -57,34 +73,50 @@ class PreparedVolumes:
         self.layout = layout
         self.state_file = state_file
         self.require_joined = require_joined
-        self._lock = threading.Lock()
-        self._held: dict[str, Preparation] = self._load()
+        self._lock = threading.RLock()
+        # volume -> its preparations here, one per consumer (several only if shared)
+        self._held: dict[str, list[Preparation]] = {}
+        self._images: dict[str, ImagePreparation] = {}
+        self._load()
 
     # State on disk (the run dir: it dies with a reboot, as the leases do)
 
-    def _load(self) -> dict[str, Preparation]:
+    def _load(self) -> None:
         try:
             data = json.loads(self.state_file.read_text())
-            found = {p["volume"]: Preparation(str(p["volume"]), int(p["pid"]),
-                                              bool(p["shared"])) for p in data}
+            if isinstance(data, list):  # before images: the list of preparations
+                data = {"volumes": data, "images": []}
+            preps = [Preparation(str(p["volume"]), int(p["pid"]), bool(p["shared"]))
+                     for p in data["volumes"]]
+            imgs = [ImagePreparation(str(i["image"]), int(i["pid"]), bool(i["shared"]),
+                                     [str(v) for v in i["volumes"]]) for i in data["images"]]
         except FileNotFoundError:
-            return {}
+            return
         except (ValueError, KeyError, TypeError) as exc:
             log.error("ignoring %s: %s", self.state_file, exc)
-            return {}
-        for vol, prep in list(found.items()):
-            if not pid_alive(prep.pid):  # its lease died with it: drop the mapping too
-                log.info("volume %s was prepared for process %d, which is gone", vol,
-                         prep.pid)
-                with contextlib.suppress(errors.Error):
-                    self.domain.deactivate_volume(vol)
-                del found[vol]
-        return found
+            return
+        for prep in preps:
+            if pid_alive(prep.pid):
+                self._held.setdefault(prep.volume, []).append(prep)
+            else:
+                log.info("volume %s was prepared for process %d, which is gone",
+                         prep.volume, prep.pid)
+        for img in imgs:
+            if pid_alive(img.pid):
+                self._images[img.image] = img
+            else:  # its leases died with it: drop its links too
+                images.unlink_chain(self.domain, img.image, img.volumes)
+        # What no live consumer holds any more: its mapping goes too.
+        for vol in {p.volume for p in preps} - set(self._held):
+            with contextlib.suppress(errors.Error):
+                self.domain.deactivate_volume(vol)
 
     def _save(self) -> None:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps([asdict(p) for p in self._held.values()]))
+        tmp.write_text(json.dumps({
+            "volumes": [asdict(p) for preps in self._held.values() for p in preps],
+            "images": [asdict(i) for i in self._images.values()]}))
         os.replace(tmp, self.state_file)
 
     # What the daemon reports
@@ -96,54 +128,137 @@ class PreparedVolumes:
         return len(self._held)
 
     def snapshot(self) -> dict[str, bool]:
+        """volume -> shared, for every volume prepared here."""
         with self._lock:
-            return {vol: p.shared for vol, p in self._held.items()}
+            return {vol: all(p.shared for p in preps) for vol, preps in self._held.items()}
+
+    def images(self) -> dict[str, bool]:
+        """image -> shared, for every image prepared here."""
+        with self._lock:
+            return {i.image: i.shared for i in self._images.values()}
 
     # Prepare and teardown
 
     def prepare(self, volume: str, pid: int, shared: bool) -> str:
         """Acquire the lease for ``pid``, activate, return the device path. Again for
-        the same process and mode: the same path; anything else is refused."""
+        the same process and mode: the same path. A volume prepared here for another
+        process is refused, unless both are shared (several readers of a template)."""
         self.require_joined()
         if not pid_alive(pid):
             raise errors.InvalidArgument(f"no process {pid} on this host")
         with self._lock:
-            held = self._held.get(volume)
-            if held is not None and pid_alive(held.pid):
-                if (held.pid, held.shared) != (pid, shared):
-                    mode = "shared" if held.shared else "exclusive"
-                    raise errors.Busy(f"volume {volume} is already prepared here for "
-                                      f"process {held.pid} ({mode})")
+            return self._prepare(volume_mod.get_volume(self.domain, volume), pid, shared)
+
+    def _prepare(self, info: VolumeInfo, pid: int, shared: bool) -> str:
+        volume = info.uuid
+        if not shared:
+            images.require_writable(info, "prepare for writing", "use --shared")
+        live = [p for p in self._held.get(volume, []) if pid_alive(p.pid)]
+        for held in live:
+            if held.pid == pid and held.shared == shared:
                 return volume_mod.volume_path(self.domain, volume, read_only=shared)
-            info = volume_mod.get_volume(self.domain, volume)
-            try:
-                self.layout.acquire_volume(info, shared=shared, pid=pid)
-            except errors.LeaseError as exc:
-                if "no such process registered" in str(exc):
-                    raise errors.InvalidArgument(
-                        f"process {pid} is not registered with this host's sanlock: start "
-                        "the consumer with 'sharedlvm run -- COMMAND'") from exc
-                raise
-            try:
-                path = volume_mod.volume_path(self.domain, volume, read_only=shared)
-            except BaseException:
-                self.layout.release_volume(info, pid=pid)
-                raise
-            self._held[volume] = Preparation(volume, pid, shared)
-            self._save()
-            return path
+            if held.pid == pid or not (held.shared and shared):
+                mode = "shared" if held.shared else "exclusive"
+                raise errors.Busy(f"volume {volume} is already prepared here for "
+                                  f"process {held.pid} ({mode})")
+        try:
+            self.layout.acquire_volume(info, shared=shared, pid=pid)
+        except errors.LeaseError as exc:
+            if "no such process registered" in str(exc):
+                raise errors.InvalidArgument(
+                    f"process {pid} is not registered with this host's sanlock: start "
+                    "the consumer with 'sharedlvm run -- COMMAND'") from exc
+            raise
+        try:
+            path = volume_mod.volume_path(self.domain, volume, read_only=shared)
+        except BaseException:
+            self.layout.release_volume(info, pid=pid)
+            raise
+        self._held[volume] = [*live, Preparation(volume, pid, shared)]
+        self._save()
+        return path
 
     def teardown(self, volume: str) -> None:
-        """Release the lease on the consumer's behalf (if it still runs) and
+        """Release the lease on the consumers' behalf (those still running) and
         deactivate the volume on this host."""
         with self._lock:
-            prep = self._held.get(volume)
-            if prep is None:
+            preps = self._held.get(volume)
+            if not preps:
                 raise errors.NotFound(f"volume {volume} is not prepared on this host")
-            info = volume_mod.get_volume(self.domain, volume)
-            if pid_alive(prep.pid):
-                with contextlib.suppress(errors.LeaseError):  # it may have released it
-                    self.layout.release_volume(info, pid=prep.pid)
-            self.domain.deactivate_volume(volume)
-            del self._held[volume]
+            users = [i.image for i in self._images.values() if volume in i.volumes]
+            if users:
+                raise errors.Busy(f"volume {volume} is prepared here as part of image(s) "
+                                  f"{', '.join(users)}: tear the image down")
+            for prep in list(preps):
+                self._release(volume, prep)
+
+    def _release(self, volume: str, prep: Preparation) -> None:
+        """Give up one consumer's preparation of ``volume``; deactivate it once none
+        is left here."""
+        try:
+            info: VolumeInfo | None = volume_mod.get_volume(self.domain, volume)
+        except errors.VolumeNotFound:
+            info = None
+        if info is not None and pid_alive(prep.pid):
+            with contextlib.suppress(errors.LeaseError):  # it may have released it
+                self.layout.release_volume(info, pid=prep.pid)
+        left = [p for p in self._held.get(volume, []) if p != prep and pid_alive(p.pid)]
+        if left:
+            self._held[volume] = left
+        else:
+            self._held.pop(volume, None)
+            if info is not None:
+                self.domain.deactivate_volume(volume)
+        self._save()
+
+    # Images
+
+    def prepare_image(self, image: str, pid: int, shared: bool) -> str:
+        """Prepare every volume of ``image``'s chain for ``pid`` (the leaf exclusive
+        unless ``shared``, the rest shared), link them into the image directory and
+        return the leaf's path there. All or nothing: a volume that cannot be
+        prepared undoes the ones before it."""
+        self.require_joined()
+        if not pid_alive(pid):
+            raise errors.InvalidArgument(f"no process {pid} on this host")
+        with self._lock:
+            held = self._images.get(image)
+            if held is not None and pid_alive(held.pid) and \
+                    (held.pid, held.shared) != (pid, shared):
+                mode = "shared" if held.shared else "exclusive"
+                raise errors.Busy(f"image {image} is already prepared here for "
+                                  f"process {held.pid} ({mode})")
+            info = images.image_info(self.domain, image)
+            if not shared:
+                images.require_writable(info.chain[-1], "prepare for writing", "use --shared")
+            done: list[Preparation] = []
+            devices: dict[str, str] = {}
+            try:
+                for vol in info.chain:
+                    ro = shared or vol.uuid != info.leaf
+                    mine = any(p.pid == pid and p.shared == ro
+                               for p in self._held.get(vol.uuid, []))
+                    devices[vol.uuid] = self._prepare(vol, pid, ro)
+                    if not mine:
+                        done.append(Preparation(vol.uuid, pid, ro))
+                directory = images.link_chain(self.domain, image, devices)
+            except BaseException:
+                for prep in reversed(done):
+                    with contextlib.suppress(errors.Error):
+                        self._release(prep.volume, prep)
+                raise
+            self._images[image] = ImagePreparation(image, pid, shared, list(devices))
+            self._save()
+            return str(directory / info.leaf)
+
+    def teardown_image(self, image: str) -> None:
+        with self._lock:
+            img = self._images.get(image)
+            if img is None:
+                raise errors.NotFound(f"image {image} is not prepared on this host")
+            images.unlink_chain(self.domain, image, img.volumes)
+            for vol in reversed(img.volumes):
+                for prep in [p for p in self._held.get(vol, []) if p.pid == img.pid]:
+                    self._release(vol, prep)
+            del self._images[image]
             self._save()

@@ -25,7 +25,9 @@ def create(runner: Runner, path: str, fmt: str, size: int,
     if fmt == "qcow2":
         argv += ["-o", "compat=1.1"]
     if backing:
-        argv += ["-b", backing, "-F", backing_format or "raw"]
+        # -u: the backing file is not opened (its name is a bare volume UUID that
+        # resolves only in an image directory); the size is given.
+        argv += ["-u", "-b", backing, "-F", backing_format or "raw"]
     argv += [path, str(size)]
     _run(runner, argv)
 

@@ -29,6 +29,7 @@ from .model import (
     DomainRemoved,
     Done,
     HostInfo,
+    ImageInfo,
     ManagerStatus,
     Prepared,
     Released,
@@ -93,6 +94,21 @@ def _tag_map(value: Any) -> Any:
 # operation never fails after its commit for want of room to record it.
 MAX_TAGS_SIZE = 2048
 
+def _check_tags(user_tags: dict[str, str]) -> None:
+    for key, value in user_tags.items():
+        tags_mod.make_user_tag(key, value)  # raises on a bad key or a too long tag
+    size = len(json.dumps(user_tags))
+    if size > MAX_TAGS_SIZE:
+        raise InvalidArgument(f"tags are too large: {size} bytes of JSON "
+                              f"(at most {MAX_TAGS_SIZE})")
+
+
+def _user_tags(help: str) -> Any:
+    """A field of user tags: ``--tag KEY=VALUE`` (repeatable), a JSON object on the wire."""
+    return arg(help, flag="--tag", default_factory=dict, cli_parse=_tag_pairs, repeat=True,
+               decode=_tag_map, metavar="KEY=VALUE", schema=_TAGS_SCHEMA)
+
+
 _DOMAIN_HELP = "domain name (default: the only domain attached on this host)"
 _SIZE_SCHEMA = {"oneOf": [{"type": "integer", "minimum": 1},
                           {"type": "string", "example": "10G"}]}
@@ -129,9 +145,7 @@ class CreateVolume(Request):
     alloc: Allocation | None = arg("allocation (default: thin for qcow2, else preallocated)",
                                    None)
     image: str | None = arg("image UUID (default: a new image)", None)
-    tags: dict[str, str] = arg("user tag key=value (repeatable)", flag="--tag",
-                               default_factory=dict, cli_parse=_tag_pairs, repeat=True,
-                               decode=_tag_map, metavar="KEY=VALUE", schema=_TAGS_SCHEMA)
+    tags: dict[str, str] = _user_tags("user tag key=value (repeatable)")
     request_id: str | None = arg("makes the request idempotent", None)
     domain: str | None = arg(_DOMAIN_HELP, None)
 
@@ -147,12 +161,7 @@ class CreateVolume(Request):
         object.__setattr__(self, "alloc", alloc)
         if self.image is not None:
             check_uuid(self.image, "image")
-        for key, value in self.tags.items():
-            tags_mod.make_user_tag(key, value)  # raises on a bad key or a too long tag
-        size = len(json.dumps(self.tags))
-        if size > MAX_TAGS_SIZE:
-            raise InvalidArgument(f"tags are too large: {size} bytes of JSON "
-                                  f"(at most {MAX_TAGS_SIZE})")
+        _check_tags(self.tags)
         _check_common(self)
 
 
@@ -202,6 +211,68 @@ class DeleteVolume(Request):
 
 
 @dataclass(frozen=True)
+class SnapshotVolume(Request):
+    """a new empty qcow2 leaf over a leaf volume, which becomes read-only
+
+    Asked on any host, run by the manager."""
+
+    op: ClassVar[str] = "volume.snapshot"
+    Result: ClassVar[Any] = VolumeInfo
+
+    volume: str = arg("the leaf to snapshot", positional=True)
+    tags: dict[str, str] = _user_tags("user tag of the new leaf, key=value (repeatable)")
+    request_id: str | None = arg("makes the request idempotent", None)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_uuid(self.volume)
+        _check_tags(self.tags)
+        _check_common(self)
+
+
+@dataclass(frozen=True)
+class TemplateVolume(Request):
+    """make a leaf a template: read-only, the shared base of linked clones
+
+    Asked on any host, run by the manager."""
+
+    op: ClassVar[str] = "volume.template"
+    Result: ClassVar[Any] = VolumeInfo
+
+    volume: str = arg("volume UUID (a leaf)", positional=True)
+    request_id: str | None = arg("makes the request idempotent", None)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_uuid(self.volume)
+        _check_common(self)
+
+
+@dataclass(frozen=True)
+class CloneVolume(Request):
+    """a new image from a volume: with --linked, a qcow2 overlay over a template
+
+    Asked on any host, run by the manager."""
+
+    op: ClassVar[str] = "volume.clone"
+    Result: ClassVar[Any] = VolumeInfo
+
+    volume: str = arg("the volume to clone (a template, for --linked)", positional=True)
+    linked: bool = arg("a linked clone: an overlay over the template, no copy", False)
+    image: str | None = arg("the new image's UUID (default: a new one)", None)
+    tags: dict[str, str] = _user_tags("user tag of the new volume, key=value (repeatable)")
+    request_id: str | None = arg("makes the request idempotent", None)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_uuid(self.volume)
+        if self.image is not None:
+            check_uuid(self.image, "image")
+        _check_tags(self.tags)
+        _check_common(self)
+
+
+@dataclass(frozen=True)
 class PrepareVolume(Request):
     """acquire the volume's lease for a consumer process, activate, print the device"""
 
@@ -244,9 +315,7 @@ class ListVolumes(Request):
     Result: ClassVar[Any] = list[VolumeInfo]
 
     image: str | None = arg("only volumes of this image", None)
-    tags: dict[str, str] = arg("only volumes with tag key=value (repeatable)", flag="--tag",
-                               default_factory=dict, cli_parse=_tag_pairs, repeat=True,
-                               decode=_tag_map, metavar="KEY=VALUE", schema=_TAGS_SCHEMA)
+    tags: dict[str, str] = _user_tags("only volumes with tag key=value (repeatable)")
     domain: str | None = arg(_DOMAIN_HELP, None)
 
     def __post_init__(self) -> None:
@@ -268,6 +337,62 @@ class GetVolume(Request):
 
     def __post_init__(self) -> None:
         check_uuid(self.volume)
+
+
+# Images
+
+
+@dataclass(frozen=True)
+class GetImage(Request):
+    """show an image's chain, base first: each volume's role, format, size, state"""
+
+    op: ClassVar[str] = "image.info"
+    Result: ClassVar[Any] = ImageInfo
+
+    image: str = arg("image UUID", positional=True)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_uuid(self.image, "image")
+
+
+@dataclass(frozen=True)
+class PrepareImage(Request):
+    """acquire an image's leases for a process; print the leaf's path
+
+    The read-only volumes' leases shared, the leaf's exclusive unless --shared; the
+    chain is activated and linked into the image directory, where the backing files
+    resolve."""
+
+    op: ClassVar[str] = "image.prepare"
+    Result: ClassVar[Any] = Prepared
+
+    image: str = arg("image UUID", positional=True)
+    pid: int = arg("the consumer process that will hold the leases: registered with "
+                   "sanlock, e.g. started with 'sharedlvm run -- COMMAND'", metavar="PID",
+                   cli_parse=int)
+    shared: bool = arg("the leaf's lease shared too, read-only (readers, migration "
+                       "handoff)", False, negative="--exclusive")
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_uuid(self.image, "image")
+        if not 1 < self.pid < 2**22:
+            raise InvalidArgument(f"invalid pid {self.pid}")
+
+
+@dataclass(frozen=True)
+class TeardownImage(Request):
+    """release a prepared image's leases, deactivate what nothing else here uses"""
+
+    op: ClassVar[str] = "image.teardown"
+    Result: ClassVar[Any] = Done
+
+    image: str = arg("image UUID", positional=True)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_uuid(self.image, "image")
 
 
 # Domains, the manager role, hosts, the daemon

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import codec, errors
+from . import codec, errors, images
 from . import volume as volume_mod
 from .backup import Backups
 from .domain import Domain
@@ -50,7 +50,9 @@ class DomainService:
         self.layout = LeaseLayout(domain)
         self.sanlock_fd = sanlock_fd
         self.manager = Manager(domain, self.layout.manager_lease(sanlock_fd()),
-                               lambda: volume_mod.recover(domain, self.exclusive))
+                               lambda: volume_mod.recover(
+                                   domain, self.exclusive,
+                                   images.recovery(domain, self.exclusive)))
         self.settings = settings
         self.joined = False
         self.holdoff_until = 0.0

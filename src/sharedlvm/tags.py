@@ -15,7 +15,7 @@ import string
 from typing import TYPE_CHECKING, TypeVar
 
 from .errors import InvalidArgument
-from .model import Allocation, VolumeFormat, VolumeInfo, VolumeState
+from .model import Allocation, VolumeFormat, VolumeInfo, VolumeRole, VolumeState
 
 if TYPE_CHECKING:
     from .lvm import LogicalVolume
@@ -108,7 +108,8 @@ def volume_tags(*, image: str, parent: str | None, fmt: VolumeFormat, alloc: All
                 generation: int, lease: int, state: VolumeState,
                 capacity: int | None = None, user: dict[str, str] | None = None) -> list[str]:
     """Every tag of a volume, for the one lvcreate that publishes it. ``capacity``
-    only for qcow2: a raw volume's capacity is its LV size (one source of truth)."""
+    only for qcow2: a raw volume's capacity is its LV size (one source of truth). A
+    new volume is a leaf: no role tag (every tag is parsed by every LVM command)."""
     out = [make_tag("image", image), make_tag("parent", parent or "none"),
            make_tag("format", fmt.value), make_tag("alloc", alloc.value),
            make_tag("gen", str(generation)), make_tag("lease", str(lease)), state_tag(state)]
@@ -120,6 +121,15 @@ def volume_tags(*, image: str, parent: str | None, fmt: VolumeFormat, alloc: All
 
 def state_tag(state: VolumeState) -> str:
     return make_tag("state", state.value)
+
+
+def role_tag(role: VolumeRole) -> str | None:
+    """The tag of a role; None for a leaf, which carries none."""
+    return None if role == VolumeRole.LEAF else make_tag("role", role.value)
+
+
+def parent_tag(parent: str) -> str:
+    return make_tag("parent", parent)
 
 
 def capacity_tag(capacity: int) -> str:
@@ -136,7 +146,7 @@ def lease_slot(lv_tags: tuple[str, ...] | list[str]) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-E = TypeVar("E", VolumeFormat, Allocation, VolumeState)
+E = TypeVar("E", VolumeFormat, Allocation, VolumeState, VolumeRole)
 
 
 def _known(cls: type[E], value: str | None) -> E:
@@ -164,4 +174,4 @@ def volume_from_lv(lv: LogicalVolume) -> VolumeInfo:
         capacity=_number(meta.get("capacity"), lv.size), size=lv.size,
         state=_known(VolumeState, meta.get("state")),
         generation=_number(meta.get("gen"), 0), tags=user, lease=lease_slot(lv.tags),
-        segments=lv.segments)
+        segments=lv.segments, role=_known(VolumeRole, meta.get("role", "leaf")))

@@ -29,7 +29,15 @@ from .activation import set_read_only
 from .domain import Domain
 from .failpoints import failpoint
 from .lvm import LogicalVolume
-from .model import Allocation, Deleted, VolumeFormat, VolumeInfo, VolumeState, check_uuid
+from .model import (
+    Allocation,
+    Deleted,
+    VolumeFormat,
+    VolumeInfo,
+    VolumeRole,
+    VolumeState,
+    check_uuid,
+)
 from .requests import CreateVolume, DeleteVolume, ExtendVolume, Request
 from .shards import Shard
 from .units import GiB, MiB, round_up
@@ -361,6 +369,8 @@ def _extend(domain: Domain, vol: str, capacity: int, info: VolumeInfo | None,
             exclusive: ExclusiveLease) -> VolumeInfo:
     if info is None:
         info = get_volume(domain, vol)
+    if not info.writable and capacity != info.capacity:
+        raise errors.ReadOnlyVolume(vol, info.role.value, "grow")
     shard = domain.volume_shard(vol)
     if info.format == VolumeFormat.RAW:
         _lvextend(domain, shard, vol, capacity, info.size)
@@ -396,25 +406,41 @@ def delete_volume(domain: Domain, request: DeleteVolume,
 
     def run(a: dict[str, Any], resumed: bool) -> Any:
         return codec.to_wire(_delete(domain, a["volume"], bool(a["wipe"]), resumed,
-                                     exclusive))
+                                     exclusive, a.get("parent")))
 
-    with domain.request_lock(request.request_id), \
+    with domain.request_lock(request.request_id), domain.chain_lock(request.volume), \
             domain.manager_lock(domain.volume_shard(request.volume)):
+        try:  # recorded: a recovery after the removal still knows the parent
+            parent = get_volume(domain, request.volume).parent
+        except errors.VolumeNotFound:
+            parent = None
         result = _once(domain, request, "delete",
-                       {"volume": request.volume, "wipe": request.wipe}, run)
+                       {"volume": request.volume, "wipe": request.wipe, "parent": parent},
+                       run)
     return codec.from_wire(Deleted, result)  # type: ignore[no-any-return]
 
 
+def children(domain: Domain, volume_id: str) -> list[str]:
+    """The volumes whose parent is ``volume_id``, in every shard (on the manager, from
+    its view; the tag is matched as text, no volume is decoded)."""
+    wanted = tags.parent_tag(volume_id)
+    return sorted(lv.name for lv in domain.volume_lvs() if wanted in lv.tags)
+
+
 def _delete(domain: Domain, vol: str, wipe: bool, resumed: bool,
-            exclusive: ExclusiveLease) -> Deleted:
+            exclusive: ExclusiveLease, parent: str | None = None) -> Deleted:
     try:
         info = get_volume(domain, vol)
     except errors.VolumeNotFound:
         if resumed:  # removed before the manager that started it died
             domain.clear_volume_shard(vol)
+            _leaf_again(domain, parent)
             return Deleted(vol)
         raise
     shard = domain.volume_shard(vol)
+    on_top = children(domain, vol)
+    if on_top:  # their backing file: never removed under them
+        raise errors.HasChildren(vol, on_top, "delete")
     with exclusive(info):
         failpoint("delete-holding-lease")
         shard.activator.deactivate(shard.vg_name, vol)
@@ -433,7 +459,23 @@ def _delete(domain: Domain, vol: str, wipe: bool, resumed: bool,
             finish_removal(domain, vol)
     domain.placement.used(shard, -1, -info.size)
     domain.clear_volume_shard(vol)
+    _leaf_again(domain, info.parent)
     return Deleted(vol)
+
+
+def _leaf_again(domain: Domain, parent: str | None) -> None:
+    """After the leaf over ``parent`` was deleted: a parent of the same chain with
+    nothing left on top of it is the leaf again, writable (a template stays one)."""
+    if parent is None:
+        return
+    try:
+        info = get_volume(domain, parent)
+    except errors.VolumeNotFound:
+        return
+    if info.role != VolumeRole.INTERNAL or children(domain, parent):
+        return
+    shard = domain.volume_shard(parent)
+    shard.lvm.change_tags(shard.vg_name, parent, delete=[tags.make_tag("role", "internal")])
 
 
 def finish_removal(domain: Domain, vol: str) -> None:
@@ -486,7 +528,12 @@ def volume_path(domain: Domain, volume_id: str, read_only: bool = False) -> str:
 
 # Recovery by a new manager
 
-def recover(domain: Domain, exclusive: ExclusiveLease) -> list[str]:
+# Rolls a pending request of another module forward (its wire answer) or back (None).
+Recovery = Callable[[journal.RequestRecord], Any]
+
+
+def recover(domain: Domain, exclusive: ExclusiveLease,
+            more: dict[str, Recovery] | None = None) -> list[str]:
     """Finish what a previous manager left, under each volume's lease: volumes left
     ``creating`` are removed (their content was never completed), ``removing`` ones
     wiped and removed; then every pending request in the journal is rolled forward,
@@ -513,10 +560,11 @@ def recover(domain: Domain, exclusive: ExclusiveLease) -> list[str]:
             raise
         except errors.Error as exc:
             problems.append(f"volume {info.uuid} ({info.state}): {exc}")
-    return problems + _recover_requests(domain, exclusive)
+    return problems + _recover_requests(domain, exclusive, more)
 
 
-def _recover_requests(domain: Domain, exclusive: ExclusiveLease) -> list[str]:
+def _recover_requests(domain: Domain, exclusive: ExclusiveLease,
+                      more: dict[str, Recovery] | None) -> list[str]:
     problems: list[str] = []
     with domain.journal() as dev:
         requests = domain.request_log(dev)
@@ -541,7 +589,11 @@ def _recover_requests(domain: Domain, exclusive: ExclusiveLease) -> list[str]:
                 elif rec.op == "delete":
                     answer.result = codec.to_wire(_delete(
                         domain, str(rec.args["volume"]), bool(rec.args["wipe"]), True,
-                        exclusive))
+                        exclusive, rec.args.get("parent")))
+                elif rec.op in (more or {}):
+                    answer.result = (more or {})[rec.op](rec)
+                    if answer.result is None:  # rolled back
+                        answer.state = journal.ABORTED
                 else:
                     raise errors.Unsupported(f"unknown request kind {rec.op!r}")
             except errors.Fenced:

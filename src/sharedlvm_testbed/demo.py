@@ -145,6 +145,23 @@ def run_story(hosts: list[Path], luns: list[str]) -> None:
     sharedlvm(h1, "volume", "extend", raw, "--size", "+1G")
     sharedlvm(h1, "volume", "delete", ordered, "--wipe")
 
+    say("Images: the volume becomes a template; host2 and host3 each make a linked clone "
+        "(a qcow2 overlay over it) and write their own overlay through the chain")
+    sharedlvm(h2, "volume", "template", raw)
+    clones = [json.loads(sharedlvm(h, "volume", "clone", raw, "--linked", "--json"))
+              for h in (h2, h3)]
+    for host, clone in zip((h2, h3), clones, strict=True):
+        sharedlvm(host, "run", "--image", clone["image"], "--", "qemu-io", "-f", "qcow2",
+                  "-c", f"write -P 0x{host.name[-1]}{host.name[-1]} 2M 1M", "{0}")
+    print("    the template's data is read through each chain (qemu resolves the backing")
+    print("    file, a bare volume UUID, in the host's image directory):")
+    sharedlvm(h3, "run", "--image", f"{clones[0]['image']}:ro", "--", "qemu-img", "info",
+              "--backing-chain", "{0}")
+    sharedlvm(h1, "volume", "snapshot", clones[0]["uuid"])
+    sharedlvm(h1, "image", "info", clones[0]["image"])
+    print("    a template with clones on top is not deleted:")
+    sharedlvm(h1, "volume", "delete", raw, expect_fail=True)
+
     say("Clean handover: host1 gives the manager role up; another host takes it at once")
     start = time.monotonic()
     sharedlvm(h1, "manager", "release")

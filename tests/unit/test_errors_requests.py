@@ -94,6 +94,9 @@ def test_every_request_round_trips() -> None:
         rq.ExtendDomain(["/dev/sdb", "/dev/sdc"]),
         rq.GetManager(), rq.ReleaseManager(), rq.ListHosts(), rq.GetStatus(), rq.Reload(),
         rq.GetMetrics(),
+        rq.SnapshotVolume(VOL, tags={"k": "v"}, request_id="r-3"), rq.TemplateVolume(VOL),
+        rq.CloneVolume(VOL, linked=True, image=VOL), rq.GetImage(VOL),
+        rq.PrepareImage(VOL, pid=99, shared=True), rq.TeardownImage(VOL),
     ]
     assert {type(s) for s in samples} == {op.request for op in operations.TABLE}
     for sample in samples:

@@ -1,0 +1,352 @@
+"""Images: chains of volumes, snapshots, templates and linked clones (docs/design.md
+"Images").
+
+An image is a chain: a base volume (raw or qcow2) and qcow2 overlays, each one LV
+whose ``sl.parent`` tag names the volume below it and whose qcow2 header names that
+same volume as its backing file, by bare UUID. vdsm moved to bare UUIDs because
+relative paths grew on every merge; a bare name is resolved by qemu next to the
+overlay's own path, so every host opens a chain through its image directory
+(:func:`image_dir`): ``$SHAREDLVM_ROOT/run/sharedlvm/<domain>/<image>/<volume>``, a
+link to the volume's device on that host (device-mapper or loop alike).
+
+Only the leaf of a chain is written. A snapshot makes a new empty leaf over the
+current one, which becomes ``internal`` (tag ``sl.role``); a template is a leaf
+marked ``template``, the read-only base of linked clones in other images. Read-only
+volumes are prepared with shared leases only, never extended or resized, and a
+volume with anything on top of it is never deleted (errors.HasChildren names them).
+
+Every operation here is one request of the manager, exactly-once by request id
+(volume._once) and built like a qcow2 create: the new LV is made ``creating``, its
+header written under its lease, and only then does it become ``ready``. A manager
+that dies in between leaves a pending request and a ``creating`` LV: the next
+manager removes the LV and puts back what the request changed (:func:`recover`),
+so an interrupted snapshot leaves the chain as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import codec, errors, journal, qemu_img, tags
+from .domain import Domain
+from .failpoints import failpoint
+from .lvm import LogicalVolume
+from .model import Allocation, ImageInfo, VolumeFormat, VolumeInfo, VolumeRole, VolumeState
+from .requests import CloneVolume, SnapshotVolume, TemplateVolume
+from .volume import (
+    ExclusiveLease,
+    LeaseAllocator,
+    _lv_size,
+    _lvcreate,
+    _once,
+    _recorded,
+    activated,
+    children,
+    get_volume,
+    list_volumes,
+)
+
+log = logging.getLogger(__name__)
+
+# The deepest chain sharedlvm makes (DaemonConfig.max_chain): every read of a
+# deep chain's unallocated clusters walks it, and qemu opens every file of it.
+MAX_CHAIN = 32
+
+
+# Chains
+
+
+def chain(domain: Domain, leaf: str) -> list[VolumeInfo]:
+    """The volumes under ``leaf`` and ``leaf`` itself, base first."""
+    found: list[VolumeInfo] = []
+    seen: set[str] = set()
+    current: str | None = leaf
+    while current is not None:
+        if current in seen or len(found) > 4 * MAX_CHAIN:
+            raise errors.CorruptRecord(f"the chain of volume {leaf} loops at {current}")
+        seen.add(current)
+        info = get_volume(domain, current)
+        found.append(info)
+        current = info.parent
+    return found[::-1]
+
+
+def image_info(domain: Domain, image: str) -> ImageInfo:
+    """An image's chain, from its volumes' tags: the leaf is the one volume of the
+    image that no other volume of the image is on top of."""
+    volumes = list_volumes(domain, image=image)
+    if not volumes:
+        raise errors.NotFound(f"image {image} not found in domain {domain.name}")
+    parents = {v.parent for v in volumes}
+    tops = [v for v in volumes if v.uuid not in parents]
+    if len(tops) != 1:
+        raise errors.CorruptRecord(
+            f"image {image} has {len(tops)} volumes on top "
+            f"({', '.join(v.uuid for v in tops) or 'none'}): expected one leaf")
+    return ImageInfo(image=image, domain=domain.name, leaf=tops[0].uuid,
+                     chain=chain(domain, tops[0].uuid))
+
+
+def require_writable(info: VolumeInfo, doing: str, hint: str = "") -> None:
+    if not info.writable:
+        raise errors.ReadOnlyVolume(info.uuid, info.role.value, doing, hint)
+
+
+# The image directory
+
+
+def image_dir(domain: Domain, image: str) -> Path:
+    return domain.paths.run_dir / domain.name / image
+
+
+def link_chain(domain: Domain, image: str, devices: dict[str, str]) -> Path:
+    """Make ``image``'s directory on this host hold a link per volume of its chain
+    (``devices``: volume -> device path); returns the directory. Links are replaced
+    atomically, so a chain being opened never sees a missing one."""
+    directory = image_dir(domain, image)
+    directory.mkdir(parents=True, exist_ok=True)
+    for volume, device in devices.items():
+        link = directory / volume
+        tmp = directory / f".{volume}.{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        tmp.symlink_to(device)
+        tmp.replace(link)
+    return directory
+
+
+def unlink_chain(domain: Domain, image: str, volumes: list[str]) -> None:
+    directory = image_dir(domain, image)
+    for volume in volumes:
+        with contextlib.suppress(FileNotFoundError):
+            (directory / volume).unlink()
+    with contextlib.suppress(OSError):
+        directory.rmdir()  # only once empty: another consumer's links stay
+
+
+# Snapshot, template, linked clone (the manager)
+
+
+@dataclass(frozen=True)
+class _OverlayIntent:
+    """A new qcow2 overlay, as recorded in the journal: a snapshot's new leaf (same
+    image) or a linked clone's first volume (a new image over a template)."""
+
+    volume: str
+    image: str
+    parent: str
+    parent_format: VolumeFormat
+    capacity: int
+    shard: int
+    # A snapshot turns its parent internal (and an abort turns it back to a leaf).
+    snapshot: bool
+    tags: dict[str, str]
+
+
+def snapshot_volume(domain: Domain, request: SnapshotVolume, allocate_lease: LeaseAllocator,
+                    exclusive: ExclusiveLease, max_chain: int = MAX_CHAIN) -> VolumeInfo:
+    """A new empty qcow2 leaf over ``request.volume``, which becomes read-only."""
+
+    def check(parent: VolumeInfo) -> None:
+        if parent.role == VolumeRole.TEMPLATE:
+            raise errors.ReadOnlyVolume(parent.uuid, parent.role.value, "snapshot",
+                                        "clone it with --linked")
+        on_top = children(domain, parent.uuid)
+        if on_top:
+            raise errors.HasChildren(parent.uuid, on_top, "snapshot")
+        require_writable(parent, "snapshot")
+        depth = len(chain(domain, parent.uuid))
+        if depth >= max_chain:
+            raise errors.InvalidArgument(
+                f"the chain of volume {parent.uuid} has {depth} volumes, the most "
+                f"allowed (max_chain {max_chain}): merge a snapshot first")
+
+    return _overlay(domain, request.volume, request.request_id, request, "snapshot", check,
+                    allocate_lease, exclusive, snapshot=True, user_tags=request.tags)
+
+
+def clone_volume(domain: Domain, request: CloneVolume, allocate_lease: LeaseAllocator,
+                 exclusive: ExclusiveLease) -> VolumeInfo:
+    """A new image whose first volume is a qcow2 overlay over the template
+    ``request.volume`` (a linked clone)."""
+    if not request.linked:
+        raise errors.Unsupported("full clones are not built yet: use --linked over a "
+                                 "template")
+
+    def check(parent: VolumeInfo) -> None:
+        if parent.role != VolumeRole.TEMPLATE:
+            raise errors.InvalidArgument(
+                f"volume {parent.uuid} is not a template: make it one first "
+                f"('sharedlvm volume template {parent.uuid}')")
+        if request.image is not None and list_volumes(domain, image=request.image):
+            raise errors.AlreadyExists(f"image {request.image} already exists: a clone "
+                                       "makes a new image")
+
+    return _overlay(domain, request.volume, request.request_id, request, "clone", check,
+                    allocate_lease, exclusive, snapshot=False, user_tags=request.tags,
+                    image=request.image)
+
+
+def _overlay(domain: Domain, parent_id: str, request_id: str | None, request: Any, op: str,
+             check: Any, allocate_lease: LeaseAllocator, exclusive: ExclusiveLease, *,
+             snapshot: bool, user_tags: dict[str, str], image: str | None = None
+             ) -> VolumeInfo:
+    domain.require_manager()
+    with domain.request_lock(request_id), domain.chain_lock(parent_id):
+        rec = _recorded(domain, request_id)
+        if rec is not None and rec.state == journal.PENDING:
+            intent = rec.args  # roll forward where it started
+        elif rec is not None and rec.state != journal.ABORTED:
+            intent = {}  # done or failed: _once answers it as the first time
+        else:
+            parent = get_volume(domain, parent_id)
+            if parent.state != VolumeState.READY:
+                raise errors.Busy(f"volume {parent_id} is {parent.state}, not ready")
+            check(parent)
+            size = _lv_size(parent.capacity, VolumeFormat.QCOW2, Allocation.THIN)
+            shard = domain.placement.choose(size)
+            intent = codec.to_wire(_OverlayIntent(
+                volume=str(uuid.uuid4()),
+                image=parent.image if snapshot else (image or str(uuid.uuid4())),
+                parent=parent.uuid, parent_format=parent.format, capacity=parent.capacity,
+                shard=shard.index, snapshot=snapshot, tags=dict(user_tags)))
+
+        def run(data: dict[str, Any], resumed: bool) -> Any:
+            a = codec.from_wire(_OverlayIntent, data, f"{op} intent")
+            return codec.to_wire(_make_overlay(domain, a, resumed, allocate_lease,
+                                               exclusive))
+
+        shard_index = int(intent.get("shard", 0)) if intent else 0
+        try:
+            with domain.manager_lock(domain.shard(shard_index)):
+                result = _once(domain, request, op, intent, run)
+        except errors.Error:
+            domain.placement.forget(domain.shard(shard_index))
+            raise
+    return codec.from_wire(VolumeInfo, result)  # type: ignore[no-any-return]
+
+
+def _make_overlay(domain: Domain, a: _OverlayIntent, resumed: bool,
+                  allocate_lease: LeaseAllocator, exclusive: ExclusiveLease) -> VolumeInfo:
+    shard = domain.shard(a.shard)
+    parent = get_volume(domain, a.parent)
+    existing = shard.lvm.volume_lv(shard.vg_name, a.volume) if resumed else None
+    if existing is not None and tags.volume_from_lv(existing).state == VolumeState.READY:
+        return get_volume(domain, a.volume)  # published: never formatted again
+    # A snapshot holds its parent's lease throughout: nobody writes the parent while
+    # it becomes read-only (a running VM's leaf is refused here; issue: live snapshot).
+    hold_parent = exclusive(parent) if a.snapshot else contextlib.nullcontext()
+    with hold_parent:
+        if existing is None:
+            if a.snapshot:  # checked again under the lease: nothing changed meanwhile
+                on_top = [c for c in children(domain, a.parent) if c != a.volume]
+                if on_top:
+                    raise errors.HasChildren(a.parent, on_top, "snapshot")
+                require_writable(get_volume(domain, a.parent), "snapshot")
+            lease = allocate_lease(a.volume)
+            domain.set_volume_shard(a.volume, shard)
+            lv_size = _lv_size(a.capacity, VolumeFormat.QCOW2, Allocation.THIN)
+            _lvcreate(domain, shard, a.volume, lv_size, tags.volume_tags(
+                image=a.image, parent=a.parent, fmt=VolumeFormat.QCOW2,
+                alloc=Allocation.THIN, generation=domain.record.manager_generation,
+                lease=lease, state=VolumeState.CREATING, capacity=a.capacity,
+                user=a.tags))
+        info = get_volume(domain, a.volume)
+        failpoint("overlay-created")
+        with exclusive(info), activated(domain, a.volume) as path:
+            domain.require_manager_now()
+            # The backing file is the parent's bare UUID, never opened here (-u):
+            # each host resolves it in its image directory.
+            qemu_img.create(domain.runner, path, "qcow2", a.capacity, backing=a.parent,
+                            backing_format=a.parent_format.value)
+        failpoint("overlay-formatted")
+        if a.snapshot and parent.role != VolumeRole.INTERNAL:
+            _set_role(domain, parent, VolumeRole.INTERNAL)
+        failpoint("overlay-parent-internal")
+        _set_state(domain, a.volume, VolumeState.CREATING, VolumeState.READY)
+    return get_volume(domain, a.volume)
+
+
+def _set_role(domain: Domain, info: VolumeInfo, role: VolumeRole) -> None:
+    shard = domain.volume_shard(info.uuid)
+    old, new = tags.role_tag(info.role), tags.role_tag(role)
+    shard.lvm.change_tags(shard.vg_name, info.uuid, add=[new] if new else [],
+                          delete=[old] if old else [])
+
+
+def _set_state(domain: Domain, volume_id: str, old: VolumeState, new: VolumeState) -> None:
+    shard = domain.volume_shard(volume_id)
+    shard.lvm.change_tags(shard.vg_name, volume_id, add=[tags.state_tag(new)],
+                          delete=[tags.state_tag(old)])
+
+
+def template_volume(domain: Domain, request: TemplateVolume,
+                    exclusive: ExclusiveLease) -> VolumeInfo:
+    """Mark a leaf as a template: read-only from now on, shared by linked clones."""
+    domain.require_manager()
+    vol = request.volume
+    with domain.request_lock(request.request_id), domain.chain_lock(vol), \
+            domain.manager_lock(domain.volume_shard(vol)):
+
+        def run(a: dict[str, Any], resumed: bool) -> Any:
+            return finish_template(domain, a["volume"], exclusive)
+
+        result = _once(domain, request, "template", {"volume": vol}, run)
+    return codec.from_wire(VolumeInfo, result)  # type: ignore[no-any-return]
+
+
+def finish_template(domain: Domain, vol: str, exclusive: ExclusiveLease) -> Any:
+    """Mark ``vol`` a template (its wire answer); also a recovery's roll forward."""
+    info = get_volume(domain, vol)
+    if info.role == VolumeRole.TEMPLATE:
+        return codec.to_wire(info)
+    if info.state != VolumeState.READY:
+        raise errors.Busy(f"volume {vol} is {info.state}, not ready")
+    require_writable(info, "make a template of")
+    on_top = children(domain, vol)
+    if on_top:
+        raise errors.HasChildren(vol, on_top, "make a template of")
+    # No writer may hold it while it becomes read-only.
+    with exclusive(info):
+        _set_role(domain, info, VolumeRole.TEMPLATE)
+    return codec.to_wire(get_volume(domain, vol))
+
+
+# Recovery by a new manager
+
+
+def recover_request(domain: Domain, rec: journal.RequestRecord) -> Any:
+    """The answer of a pending snapshot or clone left by a dead manager: its volume
+    if it was published, else the request is rolled back (volume.recover has removed
+    the ``creating`` LV; a snapshot's parent is made a leaf again if nothing else is
+    on top of it). Returns the wire result, or None when rolled back."""
+    a = codec.from_wire(_OverlayIntent, rec.args, f"{rec.op} intent")
+    shard = domain.shard(a.shard)
+    lv: LogicalVolume | None = shard.lvm.volume_lv(shard.vg_name, a.volume)
+    info = tags.volume_from_lv(lv) if lv is not None else None
+    if info is not None and info.state == VolumeState.READY:
+        return codec.to_wire(info)
+    if a.snapshot:
+        try:
+            parent = get_volume(domain, a.parent)
+        except errors.VolumeNotFound:
+            return None
+        if parent.role == VolumeRole.INTERNAL and not children(domain, a.parent):
+            log.warning("recovery: volume %s is a leaf again (snapshot %s rolled back)",
+                        a.parent, a.volume)
+            _set_role(domain, parent, VolumeRole.LEAF)
+    return None
+
+
+def recovery(domain: Domain, exclusive: ExclusiveLease) -> dict[str, Any]:
+    """What volume.recover does with a pending request of this module."""
+    return {"snapshot": lambda rec: recover_request(domain, rec),
+            "clone": lambda rec: recover_request(domain, rec),
+            "template": lambda rec: finish_template(domain, str(rec.args["volume"]),
+                                                    exclusive)}
