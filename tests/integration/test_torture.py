@@ -22,7 +22,7 @@ from torturelib import Config, run_torture
 pytestmark = pytest.mark.integration
 
 SEED = 20261123
-MINUTES = 1.5  # of operations and faults; with set-up and the final checks about 2.5 min
+MINUTES = 1.0  # of operations and faults; with set-up and the final checks about 2 min
 
 
 def test_torture_short_seeded_run(tmp_path: Path) -> None:
