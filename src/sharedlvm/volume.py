@@ -73,7 +73,7 @@ def list_volumes(domain: Domain, image: str | None = None,
             continue
         if any(info.tags.get(k) != v for k, v in (user_tags or {}).items()):
             continue
-        found.append(info)
+        found.append(replace(info, domain=domain.name))  # not its shard's VG name
     return sorted(found, key=lambda v: (v.image, v.uuid))
 
 
@@ -85,7 +85,7 @@ def get_volume(domain: Domain, volume_id: str) -> VolumeInfo:
     if info is None:
         domain.forget_volume(volume_id)
         raise errors.VolumeNotFound(volume_id, domain.name)
-    return info
+    return replace(info, domain=domain.name)  # not its shard's VG name
 
 
 def _exists(domain: Domain, shard: Shard, volume_id: str) -> LogicalVolume | None:

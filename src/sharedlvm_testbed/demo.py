@@ -145,8 +145,12 @@ def run_story(hosts: list[Path], luns: list[str]) -> None:
     sharedlvm(h1, "volume", "extend", raw, "--size", "+1G")
     sharedlvm(h1, "volume", "delete", ordered, "--wipe")
 
-    say("Images: the volume becomes a template; host2 and host3 each make a linked clone "
-        "(a qcow2 overlay over it) and write their own overlay through the chain")
+    say("Images: a new volume gets a base image and becomes a template; host2 and host3 "
+        "each make a linked clone (a qcow2 overlay over it) and write their own overlay "
+        "through the chain")
+    raw = json.loads(sharedlvm(h1, "volume", "create", "--size", "1G", "--json"))["uuid"]
+    sharedlvm(h1, "run", "--volume", raw, "--", "qemu-io", "-f", "raw", "-c",
+              "write -P 0x42 0 2M", "{0}")
     sharedlvm(h2, "volume", "template", raw)
     clones = [json.loads(sharedlvm(h, "volume", "clone", raw, "--linked", "--json"))
               for h in (h2, h3)]

@@ -324,6 +324,9 @@ def test_shards_on_partitions_of_one_lun(tmp_path: Path) -> None:
         made = [c.hosts[i % 2].cli_json("volume", "create", "--size", "128M")["uuid"]
                 for i in range(3)]
         assert sorted(where(c).values()) == ["dom1", "dom1+1", "dom1+2"]
+        # A volume of any shard says the domain's name, not its shard's VG name.
+        assert {c.hosts[1].cli_json("volume", "info", v)["domain"] for v in made} == {"dom1"}
+        assert {v["domain"] for v in c.first.cli_json("volume", "list")} == {"dom1"}
         for vol in made:
             c.hosts[1].with_volume(vol, WRITE, f"p {vol}")
             assert c.first.with_volume(vol, READ, read_only=True).strip() == f"p {vol}"
