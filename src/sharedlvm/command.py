@@ -64,10 +64,7 @@ class Runner:
         env: Mapping[str, str] | None = None,
     ) -> Result:
         argv = [str(a) for a in argv]
-        full_env = dict(os.environ)
-        full_env.update(self.env)
-        if env:
-            full_env.update(env)
+        full_env = self._full_env(env)
         log.debug("run %s", argv)
         start = time.monotonic()
         try:
@@ -96,6 +93,12 @@ class Runner:
         return Result(argv, proc.returncode, proc.stdout, proc.stderr, elapsed)
 
 
+    def _full_env(self, env: Mapping[str, str] | None) -> dict[str, str]:
+        full = dict(os.environ)
+        full.update(self.env)
+        full.update(env or {})
+        return full
+
     def spawn(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
               stderr: IO[bytes] | int | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
         """Start a long-running child with pipes to its stdin and stdout (binary),
@@ -103,10 +106,7 @@ class Runner:
         process when ``die_with_parent``; the thread that calls this must be the one
         that waits for the child, since the parent-death signal follows that thread."""
         argv = [str(a) for a in argv]
-        full_env = dict(os.environ)
-        full_env.update(self.env)
-        if env:
-            full_env.update(env)
+        full_env = self._full_env(env)
         log.debug("spawn %s", argv)
         try:
             return subprocess.Popen(

@@ -46,6 +46,7 @@ from .volume import (
     _lvcreate,
     _once,
     _recorded,
+    _volume,
     activated,
     children,
     get_volume,
@@ -329,7 +330,7 @@ def recover_request(domain: Domain, rec: journal.RequestRecord) -> Any:
     a = codec.from_wire(_OverlayIntent, rec.args, f"{rec.op} intent")
     shard = domain.shard(a.shard)
     lv: LogicalVolume | None = shard.lvm.volume_lv(shard.vg_name, a.volume)
-    info = tags.volume_from_lv(lv) if lv is not None else None
+    info = _volume(domain, lv) if lv is not None else None
     if info is not None and info.state == VolumeState.READY:
         return codec.to_wire(info)
     if a.snapshot:

@@ -105,7 +105,6 @@ class LvmShell:
         self._buf = b""
         self._last_used = time.monotonic()
         self._closed = False
-        self.started = 0  # shells started (tests, metrics)
 
     # Configuration
 
@@ -161,7 +160,6 @@ class LvmShell:
         self._stderr = stderr
         self._err_offset = 0
         self._buf = b""
-        self.started += 1
         log.debug("lvm shell started: pid %d", proc.pid)
         return proc
 

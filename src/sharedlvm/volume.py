@@ -60,20 +60,24 @@ VOLUME_SELECT = "(" + "||".join(
 LeaseAllocator = Callable[[str], int]
 
 
-def _volume(lv: LogicalVolume) -> VolumeInfo | None:
-    return tags.volume_from_lv(lv) if tags.is_volume(lv) else None
+def _volume(domain: Domain, lv: LogicalVolume) -> VolumeInfo | None:
+    """The volume an LV is (None for a special or foreign LV), named with the domain's
+    name, not the VG's: a volume of shard K lives in VG ``<name>+K``."""
+    if not tags.is_volume(lv):
+        return None
+    return replace(tags.volume_from_lv(lv), domain=domain.name)
 
 
 def list_volumes(domain: Domain, image: str | None = None,
                  user_tags: dict[str, str] | None = None) -> list[VolumeInfo]:
     found = []
     for lv in domain.volume_lvs():
-        info = _volume(lv)
+        info = _volume(domain, lv)
         if info is None or (image and info.image != image):
             continue
         if any(info.tags.get(k) != v for k, v in (user_tags or {}).items()):
             continue
-        found.append(replace(info, domain=domain.name))  # not its shard's VG name
+        found.append(info)
     return sorted(found, key=lambda v: (v.image, v.uuid))
 
 
@@ -81,11 +85,11 @@ def get_volume(domain: Domain, volume_id: str) -> VolumeInfo:
     check_uuid(volume_id)
     shard = domain.volume_shard(volume_id)
     lv = shard.lvm.volume_lv(shard.vg_name, volume_id)  # the manager: from its view
-    info = _volume(lv) if lv is not None else None
+    info = _volume(domain, lv) if lv is not None else None
     if info is None:
         domain.forget_volume(volume_id)
         raise errors.VolumeNotFound(volume_id, domain.name)
-    return replace(info, domain=domain.name)  # not its shard's VG name
+    return info
 
 
 def _exists(domain: Domain, shard: Shard, volume_id: str) -> LogicalVolume | None:
@@ -548,7 +552,7 @@ def recover(domain: Domain, exclusive: ExclusiveLease,
     takeover or when its request is repeated. Fenced stops everything."""
     problems: list[str] = []
     for lv in domain.volume_lvs():
-        info = _volume(lv)
+        info = _volume(domain, lv)
         if info is None or info.state == VolumeState.READY:
             continue
         try:
@@ -580,7 +584,7 @@ def _recover_requests(domain: Domain, exclusive: ExclusiveLease,
                 if rec.op == "create":
                     vol = str(rec.args["volume"])
                     found = _exists(domain, domain.shard(int(rec.args.get("shard", 0))), vol)
-                    info = _volume(found) if found else None
+                    info = _volume(domain, found) if found else None
                     if info is None or info.state != VolumeState.READY:
                         answer.state = journal.ABORTED  # never published: nothing to keep
                     else:
