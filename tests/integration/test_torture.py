@@ -23,11 +23,14 @@ pytestmark = pytest.mark.integration
 
 SEED = 20261123
 MINUTES = 1.0  # of operations and faults; with set-up and the final checks about 2 min
+# Faults closer than the long runs' 5-12 s: each fault's settle and check take seconds
+# of the minute too, and at 5-12 s a minute sometimes held only 3 faults.
+FAULT_GAP = (2.0, 5.0)
 
 
 def test_torture_short_seeded_run(tmp_path: Path) -> None:
     start = time.monotonic()
-    result = run_torture(Config(seed=SEED, minutes=MINUTES, crashes=False,
+    result = run_torture(Config(seed=SEED, minutes=MINUTES, crashes=False, fault_gap=FAULT_GAP,
                                 workdir=tmp_path / "torture", verbose=False))
     print(result.table)
     assert not result.harness_errors, result.harness_errors[0]
