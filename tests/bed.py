@@ -114,6 +114,16 @@ class Host:
     def daemon(self) -> DaemonProcess:
         return DaemonProcess(self.paths)
 
+    def restart_daemon(self, timeout: float = 60) -> None:
+        """Stop and start this host's daemon (it reads daemon.toml again); returns once
+        it has joined the domain's lockspace."""
+        self.daemon.stop()
+        self.daemon.start()
+        deadline = time.monotonic() + timeout
+        while not self.status().get("joined"):
+            assert time.monotonic() < deadline, f"host{self.index}: daemon did not join"
+            time.sleep(0.2)
+
     def freeze(self) -> None:
         """SIGSTOP the host's sanlock and daemon: a hung host."""
         for pid in (self.sanlock.pid, self.daemon.pid):

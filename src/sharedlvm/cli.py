@@ -18,7 +18,9 @@ import enum
 import json
 import logging
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from . import domain as domain_mod
 from . import requests as rq
 from .client import Client
 from .command import Runner
+from .copies import CopySettings
 from .leases import host_dead_seconds
 from .model import DomainInfo, HostInfo, ImageInfo, ManagerStatus, VolumeInfo, check_uuid
 from .operations import Operation
@@ -145,6 +148,7 @@ class _Local:
 
     release_holdoff = 0.0
     max_chain = 0  # snapshots run in the daemon
+    copy_settings = CopySettings()  # and so do copies
 
     def __init__(self, paths: HostPaths) -> None:
         self.paths = paths
@@ -163,6 +167,9 @@ class _Local:
     def services(self) -> list[Any]:
         return []
 
+    def ask(self, request: rq.Request) -> Any:
+        raise self._no_daemon()
+
     def reload(self) -> list[str]:
         raise self._no_daemon()
 
@@ -179,12 +186,49 @@ LOCAL_TIMEOUT = 30.0
 
 
 def run_operation(op: Operation, request: rq.Request) -> Any:
+    if request.long_running and sys.stderr.isatty():
+        return _with_progress(request)
     if not op.local:
         return Client().call(request)
     try:
         return Client(timeout=LOCAL_TIMEOUT).call(request)
     except (errors.DaemonNotRunning, errors.Timeout):
         return op.handler(_Local(HostPaths.from_env()), request)
+
+
+def _with_progress(request: rq.Request) -> Any:
+    """A copy's request, its progress on the terminal (stderr) meanwhile: percent and
+    throughput, from the daemon's status once a second."""
+    if getattr(request, "request_id", "x") is None:  # how its copy is found in status
+        request = request.with_request_id(f"cli-{uuid.uuid4()}")
+    job = getattr(request, "request_id", None)
+    target = getattr(request, "file", None) if request.op == "volume.download" else None
+    done = threading.Event()
+
+    def show() -> None:
+        shown = False
+        while not done.wait(1.0):
+            try:
+                status = Client(timeout=5).call(rq.GetStatus())
+            except errors.Error:
+                continue
+            for copy in (c for s in status for c in s.copies):
+                if copy.job == job or (target is not None and copy.target == target):
+                    rate = units.format_size(int(copy.bytes_per_second))
+                    sys.stderr.write(f"\r{copy.kind} {copy.percent:6.2f}%  {rate}/s  "
+                                     f"{copy.seconds:.0f} s ")
+                    sys.stderr.flush()
+                    shown = True
+        if shown:
+            sys.stderr.write("\n")
+
+    thread = threading.Thread(target=show, daemon=True)
+    thread.start()
+    try:
+        return Client().call(request)
+    finally:
+        done.set()
+        thread.join(timeout=2)
 
 
 def _show(request: rq.Request, as_json: bool, result: Any) -> None:
@@ -268,6 +312,10 @@ _PRINTERS: dict[str, Callable[[Any, Any], None]] = {
     "volume.snapshot": lambda a, r: _show_volumes([r]),
     "volume.template": lambda a, r: _show_volumes([r]),
     "volume.clone": lambda a, r: _show_volumes([r]),
+    "volume.upload": lambda a, r: _show_volumes([r]),
+    "volume.download": lambda a, r: print(
+        f"volume {r.volume} written to {r.file} ({r.format.value}, "
+        f"{units.format_size(r.size)}, {r.seconds:.1f} s)"),
     "image.info": lambda a, r: _show_image(r),
     "image.prepare": lambda a, r: print(r.path),
     "domain.info": lambda a, r: _show_domain(r),

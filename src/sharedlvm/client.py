@@ -29,6 +29,7 @@ from .model import (
     Allocation,
     Deleted,
     DomainInfo,
+    Downloaded,
     HostInfo,
     ImageInfo,
     ManagerStatus,
@@ -48,7 +49,9 @@ class Client:
 
     def call(self, request: rq.Request) -> Any:
         """Send any request; the result as the request's result type."""
-        data = rpc.call(self.paths.run_dir, request.op, codec.to_wire(request), self.timeout)
+        # A copy answers when it is done, however long that takes.
+        timeout = None if request.long_running else self.timeout
+        data = rpc.call(self.paths.run_dir, request.op, codec.to_wire(request), timeout)
         return codec.from_wire(request.Result, data, "result")
 
     # Volumes
@@ -111,12 +114,42 @@ class Client:
         result: VolumeInfo = self.call(rq.TemplateVolume(volume, request_id, domain))
         return result
 
-    def clone_volume(self, volume: str, *, linked: bool = True, image: str | None = None,
+    def clone_volume(self, volume: str, *, linked: bool = True,
+                     format: VolumeFormat | str | None = None,
+                     alloc: Allocation | str | None = None, image: str | None = None,
                      tags: Mapping[str, str] | None = None, request_id: str | None = None,
                      domain: str | None = None) -> VolumeInfo:
-        """A new image over the template ``volume`` (linked): its first volume."""
-        result: VolumeInfo = self.call(rq.CloneVolume(volume, linked, image,
-                                                      dict(tags or {}), request_id, domain))
+        """A new image from ``volume``: linked, an overlay over the template ``volume``
+        (the manager makes it); else a full copy of its content, flattened, made by
+        this host's daemon (``format``, ``alloc``). The call returns when the copy is
+        done; ``status()`` shows its progress meanwhile."""
+        result: VolumeInfo = self.call(rq.CloneVolume(
+            volume, linked=linked, format=VolumeFormat(format) if format else None,
+            alloc=Allocation(alloc) if alloc else None, image=image, tags=dict(tags or {}),
+            request_id=request_id, domain=domain))
+        return result
+
+    def upload_volume(self, file: str | Path, *, file_format: VolumeFormat | str | None = None,
+                      format: VolumeFormat | str | None = None,
+                      alloc: Allocation | str | None = None, image: str | None = None,
+                      tags: Mapping[str, str] | None = None, request_id: str | None = None,
+                      domain: str | None = None) -> VolumeInfo:
+        """A new volume with the content of a raw or qcow2 file of this host."""
+        result: VolumeInfo = self.call(rq.UploadVolume(
+            file=str(Path(file).absolute()),
+            file_format=VolumeFormat(file_format) if file_format else None,
+            format=VolumeFormat(format) if format else None,
+            alloc=Allocation(alloc) if alloc else None, image=image, tags=dict(tags or {}),
+            request_id=request_id, domain=domain))
+        return result
+
+    def download_volume(self, volume: str, file: str | Path, *,
+                        format: VolumeFormat | str | None = None,
+                        domain: str | None = None) -> Downloaded:
+        """A new file of this host with the content of ``volume`` (its chain flattened)."""
+        result: Downloaded = self.call(rq.DownloadVolume(
+            volume, str(Path(file).absolute()), VolumeFormat(format) if format else None,
+            domain))
         return result
 
     def image_info(self, image: str, *, domain: str | None = None) -> ImageInfo:

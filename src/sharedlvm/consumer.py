@@ -144,12 +144,12 @@ def _supervise(pid: int, domain: Domain | None, infos: list[VolumeInfo],
     if domain is not None:
         if image is not None:
             images.unlink_chain(domain, image, [i.uuid for i in infos])
-        _deactivate_unused(domain, infos)
+        deactivate_unused(domain, infos)
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell
 
 
-def _deactivate_unused(domain: Domain, infos: list[VolumeInfo]) -> None:
+def deactivate_unused(domain: Domain, infos: list[VolumeInfo]) -> None:
     """Deactivate the volumes no process on this host holds (sanlock frees a dead
     consumer's leases within moments; a volume another local process still holds
     stays)."""

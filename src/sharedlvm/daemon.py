@@ -33,6 +33,7 @@ from . import codec, errors, leases, operations, rpc
 from . import domain as domain_mod
 from . import metrics as metrics_mod
 from .command import Runner
+from .copies import CopySettings
 from .hangwatch import HangWatch
 from .mailbox import MAILBOX_VERSION, Message, PollSettings
 from .metrics import Metrics
@@ -71,6 +72,10 @@ class DaemonConfig:
     # The deepest chain a snapshot may make (images.py): a read of a cluster that no
     # overlay has walks the whole chain, and qemu opens every volume of it.
     max_chain: int = 32
+    # Each copy (full clone, upload, download) at most this many bytes/s, 0 for no
+    # limit: copies run on the asking hosts, and many at once can fill the SAN's links
+    # that running VMs need.
+    copy_rate: int = 0
     # A daemon that makes no progress this long (SIGSTOP, a deadlock) is killed by its
     # watcher process (hangwatch.py), so that sanlock frees its leases and another
     # host becomes manager: a hung manager would otherwise keep the role forever.
@@ -293,6 +298,13 @@ class Daemon:
     def max_chain(self) -> int:
         return self.config.max_chain
 
+    @property
+    def copy_settings(self) -> CopySettings:
+        return CopySettings(rate=self.config.copy_rate)
+
+    def ask(self, request: Request) -> Any:
+        return self.dispatch(request)
+
     def reload(self) -> list[str]:
         """Start services for domains attached since the last look; drop detached ones."""
         names = domain_mod.attached_domains(self.paths)
@@ -360,7 +372,7 @@ class Daemon:
         try:
             if op.check_here is not None:
                 op.check_here(self, request)
-            if op.manager_only:
+            if op.manager_only and not (op.runs_here and op.runs_here(request)):
                 service = self.service(request.domain_name())
                 if not service.manager.active and op.forward and op.idempotent:
                     # forwarded only with a request id: exactly-once across failovers
@@ -396,7 +408,8 @@ class Daemon:
                 raise errors.Timeout(f"request {payload.get('request_id')} expired: "
                                      f"asked {age:.0f} s ago")
             request = operations.decode(payload.get("op"), payload.get("fields"))
-            if not operations.get(request.op).forward:
+            mail_op = operations.get(request.op)
+            if not mail_op.forward or (mail_op.runs_here and mail_op.runs_here(request)):
                 raise errors.InvalidArgument(f"{request.op} cannot be asked of the manager "
                                              "through the mailbox")
             # The asking host named the domain by its own config (or not at all).

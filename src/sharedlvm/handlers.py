@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
+from . import copies, errors, images
 from . import domain as domain_mod
-from . import errors, images
 from . import volume as volume_mod
+from .copies import CopySettings
 from .domain import Domain
 from .model import (
     Deleted,
     DomainInfo,
     DomainRemoved,
     Done,
+    Downloaded,
     HostInfo,
     ImageInfo,
     ManagerStatus,
@@ -35,6 +37,7 @@ from .requests import (
     CloneVolume,
     CreateVolume,
     DeleteVolume,
+    DownloadVolume,
     ExtendDomain,
     ExtendVolume,
     GetDomain,
@@ -47,13 +50,17 @@ from .requests import (
     ListVolumes,
     PrepareImage,
     PrepareVolume,
+    PublishVolume,
     ReleaseManager,
     Reload,
     RemoveDomain,
+    Request,
+    ReserveVolume,
     SnapshotVolume,
     TeardownImage,
     TeardownVolume,
     TemplateVolume,
+    UploadVolume,
 )
 from .service import DomainService
 
@@ -63,6 +70,12 @@ class Context(Protocol):
 
     release_holdoff: float
     max_chain: int
+    copy_settings: CopySettings
+
+    def ask(self, request: Request) -> Any:
+        """Run a request as the daemon would run it from a client (on the manager here,
+        or forwarded to it)."""
+        ...
 
     def service(self, name: str | None) -> DomainService:
         """The attached domain's service (DaemonNotRunning outside the daemon)."""
@@ -115,8 +128,34 @@ def template_volume(ctx: Context, req: TemplateVolume) -> VolumeInfo:
 
 def clone_volume(ctx: Context, req: CloneVolume) -> VolumeInfo:
     service = ctx.service(req.domain)
+    if not req.linked:  # copied here (operations: runs_here)
+        service.require_joined()
+        return copies.full_clone(service.domain, ctx.ask, service.copies, ctx.copy_settings,
+                                 req)
     return images.clone_volume(service.domain, req, service.layout.allocate_volume_lease,
                                service.exclusive)
+
+
+def upload_volume(ctx: Context, req: UploadVolume) -> VolumeInfo:
+    service = ctx.service(req.domain)
+    service.require_joined()
+    return copies.upload(service.domain, ctx.ask, service.copies, ctx.copy_settings, req)
+
+
+def download_volume(ctx: Context, req: DownloadVolume) -> Downloaded:
+    service = ctx.service(req.domain)
+    service.require_joined()
+    return copies.download(service.domain, service.copies, ctx.copy_settings, req)
+
+
+def reserve_volume(ctx: Context, req: ReserveVolume) -> VolumeInfo:
+    service = ctx.service(req.domain)
+    return copies.reserve_volume(service.domain, req, service.layout.allocate_volume_lease)
+
+
+def publish_volume(ctx: Context, req: PublishVolume) -> VolumeInfo:
+    service = ctx.service(req.domain)
+    return copies.publish_volume(service.domain, req, service.layout.holders)
 
 
 def prepare_volume(ctx: Context, req: PrepareVolume) -> Prepared:
@@ -237,7 +276,8 @@ def list_hosts(ctx: Context, req: ListHosts) -> list[HostInfo]:
 def get_status(ctx: Context, req: GetStatus) -> list[ServiceStatus]:
     return [ServiceStatus(domain=s.domain.name, host_id=s.domain.host_id, joined=s.joined,
                           manager=s.manager.serving, generation=s.manager.generation,
-                          prepared=s.prepared.snapshot(), images=s.prepared.images())
+                          prepared=s.prepared.snapshot(), images=s.prepared.images(),
+                          copies=s.copies.snapshot())
             for s in ctx.services()]
 
 

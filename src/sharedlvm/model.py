@@ -87,6 +87,30 @@ class ImageInfo:
 
 
 @dataclass(frozen=True)
+class CopyProgress:
+    """A copy running on this host (a full clone, an upload or a download)."""
+
+    job: str  # its request id
+    kind: str  # clone, upload, download
+    source: str  # a volume UUID or a file
+    target: str  # a volume UUID (once reserved) or a file
+    capacity: int  # bytes of the disk being copied
+    percent: float
+    bytes_per_second: float
+    seconds: float
+    pid: int | None = None  # the copier: the process that holds the copy's leases
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    volume: str
+    file: str
+    format: VolumeFormat
+    size: int  # bytes of the file written
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Deleted:
     uuid: str
     deleted: bool = True
@@ -140,6 +164,7 @@ class ServiceStatus:
     generation: int | None
     prepared: dict[str, bool] = field(default_factory=dict)  # volume -> shared
     images: dict[str, bool] = field(default_factory=dict)  # prepared image -> shared
+    copies: list[CopyProgress] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,9 @@ class Operation:
     idempotent: bool = False
     local: bool = False
     check_here: Callable[[Any, Any], None] | None = None
+    # A request this returns True for runs on the asking host, not on the manager
+    # (a full clone: copied where it was asked).
+    runs_here: Callable[[Any], bool] | None = None
     http: tuple[str, str] | None = None  # (method, path)
     cli: tuple[str, ...] = ()
     http_status: int = 200
@@ -74,8 +77,17 @@ TABLE: tuple[Operation, ...] = (
     Operation(rq.TemplateVolume, handlers.template_volume, manager_only=True, forward=True,
               idempotent=True, http=("POST", f"{_V}/template"), cli=("volume", "template")),
     Operation(rq.CloneVolume, handlers.clone_volume, manager_only=True, forward=True,
-              idempotent=True, http=("POST", f"{_V}/clone"), cli=("volume", "clone"),
-              http_status=201),
+              idempotent=True, runs_here=lambda req: not req.linked,
+              http=("POST", f"{_V}/clone"), cli=("volume", "clone"), http_status=201),
+    Operation(rq.UploadVolume, handlers.upload_volume, http=("POST", f"{_D}/uploads"),
+              cli=("volume", "upload"), http_status=201),
+    Operation(rq.DownloadVolume, handlers.download_volume, http=("POST", f"{_V}/download"),
+              cli=("volume", "download")),
+    # The manager's steps of a copy (copies.py), asked by the copying host's daemon.
+    Operation(rq.ReserveVolume, handlers.reserve_volume, manager_only=True, forward=True,
+              idempotent=True),
+    Operation(rq.PublishVolume, handlers.publish_volume, manager_only=True, forward=True,
+              idempotent=True),
     Operation(rq.ListVolumes, handlers.list_volumes, local=True,
               http=("GET", f"{_D}/volumes"), cli=("volume", "list")),
     Operation(rq.GetVolume, handlers.get_volume, local=True, http=("GET", _V),

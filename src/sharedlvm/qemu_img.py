@@ -44,6 +44,41 @@ def info(runner: Runner, path: str, fmt: str | None = None) -> dict[str, Any]:
     return data
 
 
+def measure(runner: Runner, path: str, fmt: str, target_format: str) -> dict[str, int]:
+    """What a copy of ``path`` into ``target_format`` needs: ``required`` (its data
+    and metadata) and ``fully-allocated`` bytes."""
+    data = json.loads(_run(runner, ["qemu-img", "measure", "--output", "json", "-f", fmt,
+                                    "-O", target_format, path]))
+    return {"required": int(data["required"]),
+            "fully-allocated": int(data["fully-allocated"])}
+
+
+def convert_argv(source: str, source_format: str, target: str, target_format: str, *,
+                 existing: bool, target_is_zero: bool, out_of_order: bool, rate: int = 0,
+                 target_cache: str = "none") -> list[str]:
+    """The argv of a copy with progress on stdout (``-p``). Sources and device targets
+    bypass the page cache (``-T none``/``-t none``): a copy of a large disk must not
+    evict the host's cache, nor leave dirty pages a later reader on another host would
+    not see. ``existing``: the target is a device or a formatted image (``-n``);
+    ``target_is_zero``: it reads as zeroes already, so zero ranges are not written
+    (only for a header qemu-img wrote just now, never for an LV of unknown content);
+    ``out_of_order``: writes may land in any order (``-W``, raw targets only: a qcow2
+    target would be fragmented); ``rate``: bytes/s, 0 for no limit."""
+    argv = ["qemu-img", "convert", "-p", "-T", "none", "-t", target_cache,
+            "-f", source_format, "-O", target_format]
+    if existing:
+        argv.append("-n")
+    elif target_format == "qcow2":
+        argv += ["-o", "compat=1.1"]
+    if target_is_zero:
+        argv.append("--target-is-zero")
+    if out_of_order:
+        argv.append("-W")
+    if rate > 0:
+        argv += ["-r", str(rate)]
+    return [*argv, source, target]
+
+
 def _run(runner: Runner, argv: list[str]) -> str:
     try:
         return runner.run(argv).out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,6 +29,7 @@ from .model import (
     DomainInfo,
     DomainRemoved,
     Done,
+    Downloaded,
     HostInfo,
     ImageInfo,
     ManagerStatus,
@@ -121,6 +123,9 @@ class Request:
 
     op: ClassVar[str]
     Result: ClassVar[Any]
+    # A copy's request is answered when the copy ends: a client waits without a limit
+    # (the daemon's copy has its own stall timeout).
+    long_running: ClassVar[bool] = False
 
     def domain_name(self) -> str | None:
         return getattr(self, "domain", None)
@@ -152,17 +157,8 @@ class CreateVolume(Request):
     def __post_init__(self) -> None:
         if not 0 < self.size <= units.MAX_SIZE:
             raise InvalidArgument(f"invalid size {self.size}: must be 1..{units.MAX_SIZE}")
-        if self.format == VolumeFormat.UNKNOWN or self.alloc == Allocation.UNKNOWN:
-            raise InvalidArgument("invalid format or allocation 'unknown'")
-        alloc = self.alloc or (Allocation.THIN if self.format == VolumeFormat.QCOW2
-                               else Allocation.PREALLOCATED)
-        if self.format == VolumeFormat.RAW and alloc == Allocation.THIN:
-            raise InvalidArgument("raw volumes are always preallocated; thin needs qcow2")
-        object.__setattr__(self, "alloc", alloc)
-        if self.image is not None:
-            check_uuid(self.image, "image")
-        _check_tags(self.tags)
-        _check_common(self)
+        _resolve_alloc(self)
+        _check_new_volume(self)
 
 
 @dataclass(frozen=True)
@@ -250,15 +246,22 @@ class TemplateVolume(Request):
 
 @dataclass(frozen=True)
 class CloneVolume(Request):
-    """a new image from a volume: with --linked, a qcow2 overlay over a template
+    """a new image from a volume: a full copy, or --linked over a template
 
-    Asked on any host, run by the manager."""
+    With --linked, a qcow2 overlay over the template, made by the manager. A full
+    clone is copied on the asking host, under the source's shared leases and the new
+    volume's exclusive lease."""
 
     op: ClassVar[str] = "volume.clone"
     Result: ClassVar[Any] = VolumeInfo
+    long_running: ClassVar[bool] = True
 
-    volume: str = arg("the volume to clone (a template, for --linked)", positional=True)
+    volume: str = arg("the volume to clone (a template, for --linked); a volume of a "
+                      "chain is copied with what is under it, flattened", positional=True)
     linked: bool = arg("a linked clone: an overlay over the template, no copy", False)
+    format: VolumeFormat | None = arg("a full clone's format (default: the source's)", None)
+    alloc: Allocation | None = arg("a full clone's allocation (default: thin for qcow2, "
+                                   "else preallocated)", None)
     image: str | None = arg("the new image's UUID (default: a new one)", None)
     tags: dict[str, str] = _user_tags("user tag of the new volume, key=value (repeatable)")
     request_id: str | None = arg("makes the request idempotent", None)
@@ -268,7 +271,137 @@ class CloneVolume(Request):
         check_uuid(self.volume)
         if self.image is not None:
             check_uuid(self.image, "image")
+        if self.linked and (self.format is not None or self.alloc is not None):
+            raise InvalidArgument("a linked clone is a thin qcow2 overlay: --format and "
+                                  "--alloc are for full clones")
+        _check_format(self.format, self.alloc)
         _check_tags(self.tags)
+        _check_common(self)
+
+
+def _resolve_alloc(request: Any) -> None:
+    """A new volume's allocation: checked against its format, or its default."""
+    _check_format(request.format, request.alloc)
+    alloc = request.alloc or (Allocation.THIN if request.format == VolumeFormat.QCOW2
+                              else Allocation.PREALLOCATED)
+    _check_format(request.format, alloc)
+    object.__setattr__(request, "alloc", alloc)
+
+
+def _check_new_volume(request: Any) -> None:
+    """What every request making a new volume carries: image, tags, request id."""
+    if request.image is not None:
+        check_uuid(request.image, "image")
+    _check_tags(request.tags)
+    _check_common(request)
+
+
+def _check_format(fmt: VolumeFormat | None, alloc: Allocation | None) -> None:
+    if fmt == VolumeFormat.UNKNOWN or alloc == Allocation.UNKNOWN:
+        raise InvalidArgument("invalid format or allocation 'unknown'")
+    if fmt == VolumeFormat.RAW and alloc == Allocation.THIN:
+        raise InvalidArgument("raw volumes are always preallocated; thin needs qcow2")
+
+
+def _absolute(text: str) -> str:
+    """A file named on the command line, as the daemon (another cwd) must see it."""
+    return os.path.abspath(text)
+
+
+def _check_file(path: str) -> None:
+    if not path or not os.path.isabs(path) or "\0" in path or len(path) > 4096:
+        raise InvalidArgument(f"invalid file {path!r}: an absolute path on the daemon's host")
+
+
+@dataclass(frozen=True)
+class UploadVolume(Request):
+    """a new volume from a raw or qcow2 file on this host (import a cloud image)"""
+
+    op: ClassVar[str] = "volume.upload"
+    Result: ClassVar[Any] = VolumeInfo
+    long_running: ClassVar[bool] = True
+
+    file: str = arg("the file to copy in (on this host)", positional=True, cli_parse=_absolute)
+    file_format: VolumeFormat | None = arg(
+        "the file's format (default: probed; give raw for a raw file whose content could "
+        "look like an image header)", None)
+    format: VolumeFormat | None = arg("the volume's format (default: the file's)", None)
+    alloc: Allocation | None = arg("allocation (default: thin for qcow2, else preallocated)",
+                                   None)
+    image: str | None = arg("image UUID (default: a new image)", None)
+    tags: dict[str, str] = _user_tags("user tag key=value (repeatable)")
+    request_id: str | None = arg("makes the request idempotent", None)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        _check_file(self.file)
+        _check_format(self.format, self.alloc)
+        if self.file_format == VolumeFormat.UNKNOWN:
+            raise InvalidArgument("invalid file format 'unknown'")
+        _check_new_volume(self)
+
+
+@dataclass(frozen=True)
+class DownloadVolume(Request):
+    """copy a volume (its chain flattened) into a new file on this host"""
+
+    op: ClassVar[str] = "volume.download"
+    Result: ClassVar[Any] = Downloaded
+    long_running: ClassVar[bool] = True
+
+    volume: str = arg("volume UUID", positional=True)
+    file: str = arg("the file to write (on this host; must not exist)", positional=True,
+                    cli_parse=_absolute)
+    format: VolumeFormat | None = arg("the file's format (default: the volume's)", None)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_uuid(self.volume)
+        _check_file(self.file)
+        _check_format(self.format, None)
+
+
+@dataclass(frozen=True)
+class ReserveVolume(Request):
+    """a volume left creating for the asking host to fill (internal: copies)"""
+
+    op: ClassVar[str] = "volume.reserve"
+    Result: ClassVar[Any] = VolumeInfo
+
+    size: int = arg("capacity, bytes")
+    format: VolumeFormat = arg("volume format", VolumeFormat.RAW)
+    alloc: Allocation | None = arg("allocation", None)
+    lv_size: int = arg("the LV's size, bytes (measured for the content)", 0)
+    image: str | None = arg("image UUID (default: a new image)", None)
+    tags: dict[str, str] = _user_tags("user tag key=value (repeatable)")
+    request_id: str | None = arg("makes the request idempotent", None)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.size <= units.MAX_SIZE:
+            raise InvalidArgument(f"invalid size {self.size}: must be 1..{units.MAX_SIZE}")
+        if not 0 <= self.lv_size <= 2 * units.MAX_SIZE:
+            raise InvalidArgument(f"invalid LV size {self.lv_size}")
+        _resolve_alloc(self)
+        _check_new_volume(self)
+
+
+@dataclass(frozen=True)
+class PublishVolume(Request):
+    """make a filled volume ready, while the asking host holds its lease (internal)"""
+
+    op: ClassVar[str] = "volume.publish"
+    Result: ClassVar[Any] = VolumeInfo
+
+    volume: str = arg("volume UUID", positional=True)
+    host_id: int = arg("the host whose copier holds the volume's lease", 0)
+    request_id: str | None = arg("makes the request idempotent", None)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_uuid(self.volume)
+        if not 0 < self.host_id <= 2000:
+            raise InvalidArgument(f"invalid host id {self.host_id}")
         _check_common(self)
 
 

@@ -33,7 +33,7 @@ def socket_path(run_dir: Path) -> Path:
 
 
 def call(run_dir: Path, op: str, fields: dict[str, Any] | None = None,
-         timeout: float = CLIENT_TIMEOUT) -> Any:
+         timeout: float | None = CLIENT_TIMEOUT) -> Any:
     """Send one request to the daemon of this host and return its result (JSON)."""
     path = socket_path(run_dir)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import codec, errors, images
+from . import codec, copies, errors, images
 from . import volume as volume_mod
 from .backup import Backups
 from .domain import Domain
@@ -52,7 +52,8 @@ class DomainService:
         self.manager = Manager(domain, self.layout.manager_lease(sanlock_fd()),
                                lambda: volume_mod.recover(
                                    domain, self.exclusive,
-                                   images.recovery(domain, self.exclusive)))
+                                   {**images.recovery(domain, self.exclusive),
+                                    **copies.recovery(domain)}))
         self.settings = settings
         self.joined = False
         self.holdoff_until = 0.0
@@ -62,6 +63,7 @@ class DomainService:
             domain, self.layout, domain.paths.run_dir / f"prepared-{domain.name}.json",
             self.require_joined)
         self.mailbox = Mailbox(domain)
+        self.copies = copies.Copies()  # copies running on this host (copies.py)
         self.backups = Backups(domain, settings.backup_interval)
         self.mailbox_client = MailboxClient(self.mailbox)
         self.mailbox_server = MailboxServer(self.mailbox, settings.mailbox, self._live,

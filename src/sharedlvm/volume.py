@@ -523,12 +523,15 @@ def zero_device(path: str, size: int, chunk: int = 8 * 1024 * 1024,
         os.close(fd)
 
 
-def volume_path(domain: Domain, volume_id: str, read_only: bool = False) -> str:
+def volume_path(domain: Domain, volume_id: str, read_only: bool = False,
+                creating: bool = False) -> str:
     """Activate the volume on this host and return its device path, read-only for a
     shared lease's holder. Only for a caller that holds the volume's lease (or acquires
-    it for the consumer it prepares the volume for): no activation without a lease."""
+    it for the consumer it prepares the volume for): no activation without a lease.
+    ``creating``: the volume is a copy's target, still ``creating``."""
     info = get_volume(domain, volume_id)
-    if info.state != VolumeState.READY:
+    if info.state != VolumeState.READY and not (
+            creating and info.state == VolumeState.CREATING):
         raise errors.Busy(f"volume {volume_id} is {info.state}, not ready")
     shard = domain.volume_shard(volume_id)
     path = shard.activator.activate(shard.vg_name, volume_id)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -36,20 +35,12 @@ def api(cluster: Cluster) -> Iterator[tuple[str, Cluster]]:
     os.chmod(token, 0o600)
     config = h2.paths.config_dir / "daemon.toml"
     config.write_text(f'[daemon]\nhttp_listen = "127.0.0.1:{port}"\n')
-    h2.daemon.stop()
-    h2.daemon.start()
-    deadline = time.monotonic() + 30
-    while not h2.status().get("joined"):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    h2.restart_daemon()
     try:
         yield f"http://127.0.0.1:{port}", cluster
     finally:
         config.unlink()
-        h2.daemon.stop()
-        h2.daemon.start()
-        while not h2.status().get("joined"):
-            time.sleep(0.2)
+        h2.restart_daemon()
 
 
 def call(base: str, method: str, path: str, body: Any = None, token: str = TOKEN,

@@ -97,6 +97,12 @@ def test_every_request_round_trips() -> None:
         rq.SnapshotVolume(VOL, tags={"k": "v"}, request_id="r-3"), rq.TemplateVolume(VOL),
         rq.CloneVolume(VOL, linked=True, image=VOL), rq.GetImage(VOL),
         rq.PrepareImage(VOL, pid=99, shared=True), rq.TeardownImage(VOL),
+        rq.CloneVolume(VOL, format=VolumeFormat.RAW, request_id="r-4"),
+        rq.UploadVolume("/tmp/cirros.img", file_format=VolumeFormat.QCOW2, tags={"a": "b"}),
+        rq.DownloadVolume(VOL, "/tmp/out.qcow2", format=VolumeFormat.QCOW2),
+        rq.ReserveVolume(size=2**30, format=VolumeFormat.QCOW2, lv_size=2**28,
+                         request_id="r-5:reserve"),
+        rq.PublishVolume(VOL, host_id=7, request_id="r-5:publish"),
     ]
     assert {type(s) for s in samples} == {op.request for op in operations.TABLE}
     for sample in samples:
