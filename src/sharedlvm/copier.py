@@ -49,7 +49,7 @@ from .command import Runner
 from .consumer import KILL, deactivate_unused
 from .domain import Domain
 from .lease_layout import LeaseLayout
-from .model import VolumeFormat, VolumeInfo
+from .model import VolumeFormat, VolumeInfo, VolumeState
 from .paths import HostPaths
 
 _PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
@@ -137,6 +137,8 @@ class Copier:
     def _open_target(self, volume: str, fmt: str) -> str:
         assert self.domain is not None
         info = volume_mod.get_volume(self.domain, volume)
+        if info.state != VolumeState.CREATING:  # a published volume is never copied over
+            raise errors.Busy(f"volume {volume} is {info.state}: not a copy's target")
         LeaseLayout(self.domain).acquire_volume(info, shared=False, fd=self.fd)
         self.held.append(info)
         path = volume_mod.volume_path(self.domain, volume, creating=True)

@@ -350,13 +350,21 @@ def _copy_in(domain: Domain, ask: Ask, copies: Copies, settings: CopySettings, *
             domain=domain_name))
         reserved.append(info)
         job.target = info.uuid
+        # A repeated request is answered as first recorded (creating): its volume as
+        # it is now says whether it was published since.
+        now = get_volume(domain, info.uuid)
+        if now.state == VolumeState.READY:
+            raise _AlreadyDone(now)  # never copied over again
         return {"target": info.uuid}
 
     spec = {"id": _job_dir(request_id), "root": str(domain.paths.root),
             "domain": domain.name, "source": source, "target_format": fmt.value,
             "rate": settings.rate}
     try:
-        copier = _run_copy(domain, copies, job, spec, target)
+        try:
+            copier = _run_copy(domain, copies, job, spec, target)
+        except _AlreadyDone as done:
+            return done.info
         try:
             published: VolumeInfo = ask(PublishVolume(
                 reserved[0].uuid, domain.host_id,
@@ -377,6 +385,14 @@ def _copy_in(domain: Domain, ask: Ask, copies: Copies, settings: CopySettings, *
         if reserved and exc.final:
             _abandon(ask, reserved[0], request_id, domain_name)
         raise
+
+
+class _AlreadyDone(Exception):
+    """The target of a repeated copy request is published already."""
+
+    def __init__(self, info: VolumeInfo) -> None:
+        super().__init__(info.uuid)
+        self.info = info
 
 
 def _abandon(ask: Ask, target: VolumeInfo, request_id: str, domain_name: str | None) -> None:

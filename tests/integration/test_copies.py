@@ -97,9 +97,11 @@ def test_upload_clone_download_round_trip(cluster: Cluster, tmp_path: Path) -> N
     got = h3.cli_json("volume", "download", top["uuid"], str(out), "--format", "raw")
     assert (got["file"], got["format"]) == (str(out), "raw")
     compare(h1, clone["uuid"], "raw", out, "raw")
-    subprocess.run(["qemu-io", "-f", "raw", "-r", "-c", "read -P 0x5a 0 8M", "-c",
-                    "read -P 0x77 100M 2M", "-c", "read -P 0xc3 1800M 4M", "-c",
-                    "read -P 0 8M 92M", str(out)], check=True, capture_output=True)
+    read = subprocess.run(["qemu-io", "-f", "raw", "-r", "-c", "read -P 0x5a 0 8M", "-c",
+                           "read -P 0x77 100M 2M", "-c", "read -P 0xc3 1800M 4M", "-c",
+                           "read -P 0 8M 92M", str(out)], check=True, capture_output=True,
+                          text=True).stdout
+    assert "Pattern verification failed" not in read and read.count("read ") == 4
     # The clone is independent: writable, no children on the source.
     h2.cli("run", "--volume", clone["uuid"], "--", "true")
     h1.cli("volume", "delete", top["uuid"])
@@ -215,6 +217,14 @@ def test_killed_copier_leaves_the_target_for_the_retry(slow_copies: Cluster,
     again = h2.client.upload_volume(src, request_id="up-1")
     assert again.uuid == target and state_of(cluster, target) == "ready"
     compare(h1, target, "raw", src, "raw")
+    # Asked once more after it was done (and written to since): the same volume,
+    # never copied over again.
+    h1.cli("run", "--volume", target, "--", "qemu-io", "-f", "raw", "-c",
+           "write -P 0xee 0 1M", "{0}")
+    assert h2.client.upload_volume(src, request_id="up-1").uuid == target
+    out = h1.cli("run", "--volume", f"{target}:ro", "--", "qemu-io", "-f", "raw", "-r",
+                 "-c", "read -P 0xee 0 1M", "{0}").stdout
+    assert "Pattern verification failed" not in out and "read 1048576/1048576" in out
 
     # A target nobody retries is removed by the next manager; the retry then says so.
     thread, outcome = _upload_in_thread(h2, src, "up-2")
