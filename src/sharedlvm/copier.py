@@ -33,10 +33,12 @@ remove each other's links.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -82,7 +84,9 @@ class Copier:
         self.domain = (Domain.open(self.paths, self.runner, job["domain"])
                        if job.get("domain") else None)
         self.fd = -1
-        self.held: list[VolumeInfo] = []
+        self.held: list[VolumeInfo] = []  # leases of the copier itself
+        self.sources: list[VolumeInfo] = []
+        self.target: VolumeInfo | None = None
         self.directory: Path | None = None
 
     def run(self) -> None:
@@ -98,23 +102,34 @@ class Copier:
         answer = _read()
         if answer is None:
             raise errors.Error("the copy was cancelled before it started")
-        if "target" in answer:
-            target = self._open_target(str(answer["target"]), target_format)
-            raw_device = target_format == VolumeFormat.RAW.value
-            argv = qemu_img.convert_argv(
-                source, source_format, target, target_format, existing=True,
-                target_is_zero=not raw_device, out_of_order=raw_device,
-                rate=int(self.job.get("rate", 0)))
-        else:
-            target = str(answer["file"])
-            argv = qemu_img.convert_argv(source, source_format, target, target_format,
-                                         existing=False, target_is_zero=False,
-                                         out_of_order=False, rate=int(self.job.get("rate", 0)),
-                                         target_cache="writeback")
-        self._convert(argv)
+        writer = _Writer()
+        rate = int(self.job.get("rate", 0))
+        try:
+            self._lease_source_to(writer.pid)
+            if "target" in answer:
+                target = self._open_target(str(answer["target"]), writer.pid)
+                raw_device = target_format == VolumeFormat.RAW.value
+                # A raw LV is written whole (-n; its old content is unknown, so zero
+                # ranges are written too); a qcow2 target is formatted by the same
+                # qemu-img, which knows a new header reads as zeroes.
+                argv = qemu_img.convert_argv(
+                    source, source_format, target, target_format, existing=raw_device,
+                    target_is_zero=False, out_of_order=raw_device, rate=rate)
+            else:
+                target = str(answer["file"])
+                argv = qemu_img.convert_argv(source, source_format, target, target_format,
+                                             existing=False, target_is_zero=False,
+                                             out_of_order=False, rate=rate,
+                                             target_cache="writeback")
+            writer.run(argv)
+        finally:
+            writer.close()
+        if self.target is not None:
+            # The writer has exited, and with it its lease: the copier holds the target
+            # until the manager has published it.
+            self._hold_target(self.target)
         _say("copied")
-        # The lease is kept until the daemon says the volume is published (EOF).
-        while _read() is not None:
+        while _read() is not None:  # until the daemon says it is published (EOF)
             pass
 
     def _open_source(self) -> tuple[str, str]:
@@ -127,6 +142,7 @@ class Copier:
         for info in sorted(volumes, key=lambda v: v.uuid):  # one order for every taker
             layout.acquire_volume(info, shared=True, fd=self.fd)
             self.held.append(info)
+        self.sources = volumes
         self.directory = copy_dir(self.domain, self.job["id"])
         self.directory.mkdir(parents=True, exist_ok=True)
         for info in volumes:
@@ -134,44 +150,40 @@ class Copier:
             (self.directory / info.uuid).symlink_to(device)
         return str(self.directory / volumes[-1].uuid), volumes[-1].format.value
 
-    def _open_target(self, volume: str, fmt: str) -> str:
+    def _lease_source_to(self, pid: int) -> None:
+        """The writer reads the source under shared leases of its own."""
+        if self.domain is None:
+            return
+        layout = LeaseLayout(self.domain)
+        for info in sorted(self.sources, key=lambda v: v.uuid):
+            layout.acquire_volume(info, shared=True, pid=pid)
+
+    def _open_target(self, volume: str, pid: int) -> str:
+        """The target's exclusive lease for the writer ``pid``, then its device."""
         assert self.domain is not None
         info = volume_mod.get_volume(self.domain, volume)
-        if info.state != VolumeState.CREATING:  # a published volume is never copied over
-            raise errors.Busy(f"volume {volume} is {info.state}: not a copy's target")
-        LeaseLayout(self.domain).acquire_volume(info, shared=False, fd=self.fd)
-        self.held.append(info)
-        path = volume_mod.volume_path(self.domain, volume, creating=True)
-        if fmt == VolumeFormat.QCOW2.value:
-            # A new qcow2 header on the device: it reads as zeroes, so qemu-img skips
-            # every zero range of the source (--target-is-zero).
-            qemu_img.create(self.runner, path, "qcow2", info.capacity)
-        return path
+        LeaseLayout(self.domain).acquire_volume(info, shared=False, pid=pid)
+        self.target = info
+        # Read again under the lease: a published volume is never copied over.
+        state = volume_mod.get_volume(self.domain, volume).state
+        if state != VolumeState.CREATING:
+            raise errors.Busy(f"volume {volume} is {state}: not a copy's target")
+        return volume_mod.volume_path(self.domain, volume, creating=True)
 
-    def _convert(self, argv: list[str]) -> None:
-        with tempfile.TemporaryFile() as err:
-            proc = self.runner.spawn(argv, stderr=err)
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.close()
-            last = -1.0
-            buf = b""
-            while True:
-                chunk = os.read(proc.stdout.fileno(), 4096)
-                if not chunk:
-                    break
-                buf += chunk
-                *done, buf = re.split(rb"[\r\n]", buf)
-                for piece in done:
-                    m = _PERCENT.search(piece)
-                    if m and float(m.group(1)) != last:
-                        last = float(m.group(1))
-                        _say("progress", percent=last)
-            rc = proc.wait()
-            if rc != 0:
-                err.seek(0)
-                lines = err.read()[-2000:].decode(errors="replace").strip().splitlines()
-                raise errors.ImageError(f"qemu-img convert failed (exit {rc}): "
-                                        f"{lines[-1] if lines else 'no message'}")
+    def _hold_target(self, info: VolumeInfo) -> None:
+        """sanlock frees a dead process's leases within moments."""
+        assert self.domain is not None
+        layout = LeaseLayout(self.domain)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                layout.acquire_volume(info, shared=False, fd=self.fd)
+                break
+            except errors.LeaseHeld:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.held.append(info)
 
     def close(self) -> None:
         """Give the leases back (qemu-img has exited), then deactivate what no other
@@ -182,13 +194,108 @@ class Copier:
         for info in self.held:
             with contextlib.suppress(errors.Error):
                 layout.release_volume(info, fd=self.fd)
-        deactivate_unused(self.domain, self.held)
+        deactivate_unused(self.domain, self.sources + ([self.target] if self.target else []))
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
+class _Writer:
+    """The process that writes: forked, registered with sanlock itself (with the same
+    killpath), given its leases on its behalf, then exec'd as ``qemu-img convert``,
+    which keeps the sanlock connection. The leases belong to the writing process, so
+    sanlock cannot count a copy as gone while its qemu-img still lives (a write stuck
+    in the kernel ends in the watchdog's reset, never in a lease given back)."""
+
+    def __init__(self) -> None:
+        ready_r, ready_w = os.pipe()
+        self._go_r, self._go_w = os.pipe()
+        self._out_r, out_w = os.pipe()
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        self.pid = os.fork()
+        if self.pid == 0:  # the copier has no threads: fork is safe
+            try:
+                os.close(ready_r)
+                os.close(self._go_w)
+                os.close(self._out_r)
+                _die_with_parent()
+                fd = leases.register()
+                leases.killpath(fd, [KILL, "-KILL", "--", f"-{os.getpgid(0)}"])
+                os.write(ready_w, b"r")
+                data = b""
+                while chunk := os.read(self._go_r, 65536):
+                    data += chunk
+                if not data:
+                    os._exit(1)
+                argv = json.loads(data)
+                os.dup2(out_w, 1)
+                os.dup2(self._err.fileno(), 2)
+                os.set_inheritable(fd, True)
+                os.execvp(argv[0], argv)
+            finally:
+                os._exit(127)
+        os.close(ready_w)
+        os.close(self._go_r)
+        os.close(out_w)
+        ok = os.read(ready_r, 1) == b"r"
+        os.close(ready_r)
+        if not ok:
+            self.close()
+            raise errors.LeaseError("the copy's writer could not register with sanlock")
+
+    def run(self, argv: list[str]) -> None:
+        os.write(self._go_w, json.dumps(argv).encode())
+        os.close(self._go_w)
+        self._go_w = -1
+        last = -1.0
+        buf = b""
+        while chunk := os.read(self._out_r, 4096):
+            buf += chunk
+            *done, buf = re.split(rb"[\r\n]", buf)
+            for piece in done:
+                m = _PERCENT.search(piece)
+                if m and float(m.group(1)) != last:
+                    last = float(m.group(1))
+                    _say("progress", percent=last)
+        status = self._wait()
+        if status != 0:
+            self._err.seek(0)
+            lines = self._err.read()[-2000:].decode(errors="replace").strip().splitlines()
+            raise errors.ImageError(f"qemu-img convert failed (status {status}): "
+                                    f"{lines[-1] if lines else 'no message'}")
+
+    def _wait(self) -> int:
+        if self.pid <= 0:
+            return 0
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = -1
+        return os.waitstatus_to_exitcode(status)
+
+    def close(self) -> None:
+        """Never returns while the writer lives: it is killed and waited for."""
+        if self._go_w >= 0:
+            os.close(self._go_w)  # EOF: a writer not started yet exits
+            self._go_w = -1
+        if self.pid > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self._wait()
+        with contextlib.suppress(OSError):
+            os.close(self._out_r)
+        self._err.close()
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: SIGKILL when the copier dies (not inherited across fork)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() == 1:
+        os._exit(1)
+
+
 def main() -> NoReturn:
     copier: Copier | None = None
+    error: errors.Error | None = None
     code = 0
     try:
         job = _read()
@@ -197,16 +304,15 @@ def main() -> NoReturn:
         copier = Copier(job["job"])
         copier.run()
     except errors.Error as exc:
-        _say("error", error=exc.to_wire())
-        code = 1
+        error = exc
     except Exception as exc:  # a bug: said, not hidden
-        _say("error", error=errors.Error(f"copier: {exc!r}").to_wire())
+        error = errors.Error(f"copier: {exc!r}")
+    if copier is not None:  # leases back and devices down before the daemon hears
+        copier.close()
+    if error is not None:
+        _say("error", error=error.to_wire())
         code = 1
-    finally:
-        if copier is not None:
-            copier.close()
     sys.stdout.flush()
-    time.sleep(0)
     os._exit(code)
 
 

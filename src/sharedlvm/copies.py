@@ -28,7 +28,9 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -285,32 +287,37 @@ class _Copier:
             raise errors.from_wire(data.get("error"))
         return data  # type: ignore[no-any-return]
 
-    def finish(self) -> None:
-        """EOF: the copier gives its leases back and exits."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
+    def finish(self, timeout: float = 120) -> None:
+        """EOF: the copier gives its leases back, deactivates and exits; killed if it
+        has not within ``timeout`` (its writer, registered with sanlock on its own,
+        keeps the target's lease until it is gone itself)."""
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
         try:
-            self.proc.wait(timeout=120)
-        except Exception:
-            self.kill()
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            self.proc.wait()
+        with contextlib.suppress(OSError):
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, 9)
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-        self.proc.wait()
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            with contextlib.suppress(OSError):
-                if pipe is not None:
-                    pipe.close()
+        """After a failure: asked to stop (it is past the copy or has failed itself,
+        and cleans up), killed if it does not."""
+        self.finish(timeout=30)
 
 
 def _run_copy(domain: Domain, copies: Copies, job: _Job, spec: dict[str, Any],
-              target: Callable[[dict[str, Any]], dict[str, Any]]) -> _Copier:
+              target: Callable[[dict[str, Any]], dict[str, Any] | None]) -> _Copier | None:
     """Run one copier until its data is copied: ``target(measured)`` answers where the
-    copy goes. Returns the copier, still holding its leases until ``finish``; on any
-    failure the copier is killed and the failure raised."""
+    copy goes (None: nowhere, it was done before). Returns the copier, still holding
+    its leases until ``finish``; on any failure the copier is stopped and the failure
+    raised."""
     copies.add(job)
     copier: _Copier | None = None
     try:
@@ -319,7 +326,11 @@ def _run_copy(domain: Domain, copies: Copies, job: _Job, spec: dict[str, Any],
         measured = copier.event()
         if measured.get("event") != "measured":
             raise errors.Error(f"copier: unexpected {measured.get('event')!r}")
-        copier.send(target(measured))
+        where = target(measured)
+        if where is None:
+            copier.finish()
+            return None
+        copier.send(where)
         while True:
             ev = copier.event()
             if ev.get("event") == "progress":
@@ -342,7 +353,7 @@ def _copy_in(domain: Domain, ask: Ask, copies: Copies, settings: CopySettings, *
     job = _Job(job=request_id, kind=kind, source=source_name, target="", capacity=capacity)
     reserved: list[VolumeInfo] = []
 
-    def target(measured: dict[str, Any]) -> dict[str, Any]:
+    def target(measured: dict[str, Any]) -> dict[str, Any] | None:
         lv = target_lv_size(fmt, alloc, capacity, int(measured["required"]))
         info: VolumeInfo = ask(ReserveVolume(
             size=capacity, format=fmt, alloc=alloc, lv_size=lv, image=image,
@@ -354,21 +365,23 @@ def _copy_in(domain: Domain, ask: Ask, copies: Copies, settings: CopySettings, *
         # it is now says whether it was published since.
         now = get_volume(domain, info.uuid)
         if now.state == VolumeState.READY:
-            raise _AlreadyDone(now)  # never copied over again
+            reserved[0] = now
+            return None  # never copied over again
         return {"target": info.uuid}
 
     spec = {"id": _job_dir(request_id), "root": str(domain.paths.root),
             "domain": domain.name, "source": source, "target_format": fmt.value,
             "rate": settings.rate}
     try:
-        try:
-            copier = _run_copy(domain, copies, job, spec, target)
-        except _AlreadyDone as done:
-            return done.info
+        copier = _run_copy(domain, copies, job, spec, target)
+        if copier is None:
+            return reserved[0]
         try:
             published: VolumeInfo = ask(PublishVolume(
                 reserved[0].uuid, domain.host_id,
-                request_id=derived_id(request_id, "publish"), domain=domain_name))
+                # per host: a retry asked on another host is another publish
+                request_id=derived_id(request_id, f"publish-{domain.host_id}"),
+                domain=domain_name))
         finally:
             copier.finish()
         log.info("%s %s: volume %s published (%s, %.1f s)", kind, request_id,
@@ -383,20 +396,17 @@ def _copy_in(domain: Domain, ask: Ask, copies: Copies, settings: CopySettings, *
         raise
     except errors.Error as exc:
         if reserved and exc.final:
-            _abandon(ask, reserved[0], request_id, domain_name)
+            _abandon(ask, reserved[0], request_id, domain_name, domain)
         raise
 
 
-class _AlreadyDone(Exception):
-    """The target of a repeated copy request is published already."""
-
-    def __init__(self, info: VolumeInfo) -> None:
-        super().__init__(info.uuid)
-        self.info = info
-
-
-def _abandon(ask: Ask, target: VolumeInfo, request_id: str, domain_name: str | None) -> None:
+def _abandon(ask: Ask, target: VolumeInfo, request_id: str, domain_name: str | None,
+             domain: Domain) -> None:
+    """Remove a copy's target that will never be published (only while ``creating``:
+    a published volume is never removed for a copy's failure)."""
     try:
+        if get_volume(domain, target.uuid).state != VolumeState.CREATING:
+            return
         ask(DeleteVolume(target.uuid, request_id=derived_id(request_id, "abandon"),
                          domain=domain_name))
     except errors.Error as exc:
@@ -450,8 +460,8 @@ def upload(domain: Domain, ask: Ask, copies: Copies, settings: CopySettings,
         raise errors.NotFound(f"file {path} not found") from None
     except OSError as exc:
         raise errors.InvalidArgument(f"cannot read {path}: {exc.strerror}") from None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise errors.InvalidArgument(f"{path} is not a file or a block device")
+    if not stat.S_ISREG(st.st_mode):  # never a device: another volume, a LUN
+        raise errors.InvalidArgument(f"{path} is not a regular file")
     given = request.file_format.value if request.file_format else None
     try:
         info = qemu_img.info(domain.runner, path, given)
@@ -467,6 +477,11 @@ def upload(domain: Domain, ask: Ask, copies: Copies, settings: CopySettings,
         raise errors.InvalidArgument(
             f"{path} has a backing file ({info['backing-filename']}): upload takes a "
             "whole image (flatten it first: qemu-img convert)")
+    specific = (info.get("format-specific") or {}).get("data") or {}
+    if specific.get("data-file") or specific.get("encrypt"):
+        raise errors.InvalidArgument(
+            f"{path} has an external data file or encryption: upload takes a plain image "
+            "(convert it first: qemu-img convert)")
     capacity = int(info.get("virtual-size", 0))
     if capacity <= 0:
         raise errors.InvalidArgument(f"{path} is empty")
@@ -504,7 +519,9 @@ def download(domain: Domain, copies: Copies, settings: CopySettings,
             "source": {"volumes": [v.uuid for v in chain]}, "target_format": fmt.value,
             "rate": settings.rate}
     try:
-        _run_copy(domain, copies, job, spec, lambda measured: {"file": request.file}).finish()
+        copier = _run_copy(domain, copies, job, spec, lambda measured: {"file": request.file})
+        assert copier is not None
+        copier.finish()
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(request.file)

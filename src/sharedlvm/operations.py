@@ -79,10 +79,10 @@ TABLE: tuple[Operation, ...] = (
     Operation(rq.CloneVolume, handlers.clone_volume, manager_only=True, forward=True,
               idempotent=True, runs_here=lambda req: not req.linked,
               http=("POST", f"{_V}/clone"), cli=("volume", "clone"), http_status=201),
-    Operation(rq.UploadVolume, handlers.upload_volume, http=("POST", f"{_D}/uploads"),
-              cli=("volume", "upload"), http_status=201),
-    Operation(rq.DownloadVolume, handlers.download_volume, http=("POST", f"{_V}/download"),
-              cli=("volume", "download")),
+    # Files of the daemon's host, read or written as root: on the local socket only,
+    # never over the network.
+    Operation(rq.UploadVolume, handlers.upload_volume, cli=("volume", "upload")),
+    Operation(rq.DownloadVolume, handlers.download_volume, cli=("volume", "download")),
     # The manager's steps of a copy (copies.py), asked by the copying host's daemon.
     Operation(rq.ReserveVolume, handlers.reserve_volume, manager_only=True, forward=True,
               idempotent=True),

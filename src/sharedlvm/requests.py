@@ -123,8 +123,7 @@ class Request:
 
     op: ClassVar[str]
     Result: ClassVar[Any]
-    # A copy's request is answered when the copy ends: a client waits without a limit
-    # (the daemon's copy has its own stall timeout).
+    # A copy's request is answered when the copy ends: a client waits without a limit.
     long_running: ClassVar[bool] = False
 
     def domain_name(self) -> str | None:

@@ -202,6 +202,16 @@ def test_killed_copier_leaves_the_target_for_the_retry(slow_copies: Cluster,
     assert copy["capacity"] == 24 * MiB and copy["bytes_per_second"] > 0
     target = copy["target"]
     assert state_of(cluster, target) == "creating"
+    # The leases belong to the process that writes: qemu-img, the copier's child,
+    # holds the target exclusive (an upload's source is a file: no lease).
+    pid = copy["pid"]
+    writers = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(writers) == 1
+    assert Path(f"/proc/{writers[0]}/comm").read_text().strip() == "qemu-img"
+    from sharedlvm import leases
+    leases.use_run_dir(h2.paths.sanlock_run_dir)
+    held = leases.inquire(pid=int(writers[0]))
+    assert [(x.resource, x.shared) for x in held] == [(target, False)]
     os.killpg(copy["pid"], signal.SIGKILL)  # the copier and its qemu-img
     thread.join(timeout=60)
     assert "error" in outcome and not outcome["error"].final, outcome
