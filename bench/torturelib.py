@@ -111,11 +111,11 @@ sys.exit(devcount.main([device, "--host-id", host, "--state", state, "--interval
 
 OP_WEIGHTS = [("create-raw", 14), ("create-qcow2", 5), ("create-bigtags", 1), ("extend", 8),
               ("delete", 8), ("prepare", 4), ("teardown", 4), ("consume", 7),
-              ("release-manager", 1), ("list", 3), ("snapshot", 3)]
+              ("release-manager", 1), ("list", 3), ("snapshot", 3), ("clone", 2)]
 FAULT_WEIGHTS = [("kill-manager-daemon", 3), ("kill-daemon", 2), ("stop-manager-daemon", 2),
                  ("stop-daemon", 1), ("host-crash", 2), ("kill-lvm-child", 3),
                  ("kill-qemu-img-child", 1), ("failpoint", 2), ("torn-outbox", 2),
-                 ("torn-journal", 2)]
+                 ("torn-journal", 2), ("kill-copier", 1)]
 # Not a definite answer: the request may or may not have run. Asked again, same id.
 UNCERTAIN = {"Timeout", "LostConnection", "Fenced"}
 # Refused on the asking host before anything was sent: definite the first time, but
@@ -134,7 +134,7 @@ CLEAN_REFUSALS = LOCAL | {"VolumeInUse", "VolumeHeld", "Busy", "VolumeNotFound",
 ERRORS_SAY_FINAL = hasattr(errors.Error, "final")
 NONFINAL_TRIES = 8
 REPLAYABLE = ("create-raw", "create-qcow2", "create-bigtags", "create-journal", "extend",
-              "delete", "delete-wipe", "snapshot")
+              "delete", "delete-wipe", "snapshot", "clone")
 
 
 @dataclass
@@ -739,7 +739,7 @@ class Torture:
          "delete": self.op_delete, "prepare": self.op_prepare,
          "teardown": self.op_teardown, "consume": self.op_consume,
          "release-manager": self.op_release, "list": self.op_list,
-         "snapshot": self.op_snapshot,
+         "snapshot": self.op_snapshot, "clone": self.op_clone,
          }[kind](host, kind, p, rid)
 
     def pick_volume(self, x: float, pred: Callable[[Vol], bool], busy: bool,
@@ -818,6 +818,28 @@ class Torture:
         finally:
             with self.lock:
                 vol.busy = False
+
+    def op_clone(self, host: Host, kind: str, p: list[float], rid: str) -> None:
+        """A full clone (copies.py), copied on the asking host under the source's
+        shared leases: raced by deletes and consumers of the source, faults on the
+        copier and its qemu-img, failovers between its reserve and its publish."""
+        vol = self.pick_volume(p[0], lambda v: v.capacity <= 512 * MiB, busy=False)
+        if vol is None:
+            self.op_list(host, "list", p, rid)
+            return
+        rid += "-k"
+        tags = {"rid": rid, "torture": str(self.cfg.seed)}
+        fmt = "qcow2" if p[1] < 0.3 else None
+        req = self.new_req(rid, "clone", host.index,
+                           lambda c: c.clone_volume(vol.uuid, linked=False, format=fmt,
+                                                    tags=tags, request_id=rid), vol.uuid)
+        self.ask(req)
+        with self.lock:
+            if req.status == "acked":
+                info = req.result
+                self.volumes[info.uuid] = Vol(info.uuid, rid, info.format.value,
+                                              info.capacity, info.size)
+                req.volume = info.uuid
 
     def op_extend(self, host: Host, kind: str, p: list[float], rid: str) -> None:
         vol = self.pick_volume(p[0], lambda v: v.capacity < (1536 * MiB if v.fmt == "raw"
@@ -1364,6 +1386,8 @@ class Torture:
                 self.stop_daemon(target, role, p)
             else:
                 self.host_crash(target, role, p)
+        elif kind == "kill-copier":
+            self.kill_copier(p)
         elif kind in ("kill-lvm-child", "kill-qemu-img-child"):
             self.kill_child("lvm" if kind == "kill-lvm-child" else "qemu-img", kind, p)
         elif kind == "failpoint":
@@ -1462,6 +1486,29 @@ class Torture:
                 return
             time.sleep(0.002)
         self.count_fault(kind, "no child seen in 12 s")
+
+    def kill_copier(self, p: list[float]) -> None:
+        """SIGKILL the first copy process seen in 12 s on any host: the copier (its
+        writer dies with it) or the writer, its qemu-img."""
+        deadline = time.monotonic() + 12
+        while time.monotonic() < deadline:
+            for h in self.hosts:
+                pid = self.dpid(h)
+                for child in children(pid) if pid else []:
+                    if "sharedlvm.copier" not in argv_of(child):
+                        continue
+                    target = child
+                    if p[3] < 0.5:
+                        target = next(iter(children(child)), child)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(target, signal.SIGKILL)
+                    what = "writer" if target != child else "copier"
+                    self.count_fault("kill-copier", what)
+                    self.say(f"SIGKILL the copy's {what} {target} on host{h.index}",
+                             echo=True)
+                    return
+            time.sleep(0.01)
+        self.count_fault("kill-copier", "no copy seen in 12 s")
 
     def fire_failpoint(self, p: list[float]) -> None:
         """Arm the failpoint the manager's daemon runs with (each daemon gets one name,

@@ -379,8 +379,7 @@ def _copy_in(domain: Domain, ask: Ask, copies: Copies, settings: CopySettings, *
         try:
             published: VolumeInfo = ask(PublishVolume(
                 reserved[0].uuid, domain.host_id,
-                # per host: a retry asked on another host is another publish
-                request_id=derived_id(request_id, f"publish-{domain.host_id}"),
+                request_id=derived_id(request_id, "publish"),
                 domain=domain_name))
         finally:
             copier.finish()
@@ -397,6 +396,10 @@ def _copy_in(domain: Domain, ask: Ask, copies: Copies, settings: CopySettings, *
     except errors.Error as exc:
         if reserved and exc.final:
             _abandon(ask, reserved[0], request_id, domain_name, domain)
+        elif reserved and exc.changes_nothing:
+            # True of this try (a lease another try's copier holds), not of the
+            # request: its target exists, and another try may still publish it.
+            raise errors.Busy(f"copy {request_id}: {exc}") from exc
         raise
 
 
@@ -419,6 +422,17 @@ def _job_dir(request_id: str) -> str:
     return hashlib.sha256(request_id.encode()).hexdigest()[:24]
 
 
+def _answered(domain: Domain, request_id: str | None) -> VolumeInfo | None:
+    """A copy asked again after it was published: its first answer, from the journal
+    (any host reads it), whatever happened to the source or the volume since."""
+    if request_id is None:
+        return None
+    rec = _recorded(domain, derived_id(request_id, "publish"))
+    if rec is not None and rec.state == journal.DONE and rec.result is not None:
+        return codec.from_wire(VolumeInfo, rec.result)  # type: ignore[no-any-return]
+    return None
+
+
 def _source_chain(domain: Domain, volume: str) -> tuple[VolumeInfo, list[VolumeInfo]]:
     source = get_volume(domain, volume)
     if source.state != VolumeState.READY:
@@ -437,6 +451,9 @@ def full_clone(domain: Domain, ask: Ask, copies: Copies, settings: CopySettings,
                request: CloneVolume) -> VolumeInfo:
     """A new independent image with the content of ``request.volume`` (its chain
     flattened), copied on this host."""
+    done = _answered(domain, request.request_id)
+    if done is not None:
+        return done
     source, chain = _source_chain(domain, request.volume)
     fmt = request.format or source.format
     alloc = _default_alloc(fmt, request.alloc)
@@ -453,6 +470,9 @@ UPLOAD_FORMATS = (VolumeFormat.RAW.value, VolumeFormat.QCOW2.value)
 def upload(domain: Domain, ask: Ask, copies: Copies, settings: CopySettings,
            request: UploadVolume) -> VolumeInfo:
     """A new volume with the content of a raw or qcow2 file of this host."""
+    done = _answered(domain, request.request_id)
+    if done is not None:
+        return done
     path = request.file
     try:
         st = os.stat(path)

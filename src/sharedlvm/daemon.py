@@ -38,7 +38,7 @@ from .hangwatch import HangWatch
 from .mailbox import MAILBOX_VERSION, Message, PollSettings
 from .metrics import Metrics
 from .paths import HostPaths
-from .requests import Request
+from .requests import PublishVolume, Request
 from .service import DomainService, ServiceSettings
 
 if TYPE_CHECKING:
@@ -414,6 +414,8 @@ class Daemon:
                                              "through the mailbox")
             # The asking host named the domain by its own config (or not at all).
             request = dataclasses.replace(request, domain=service.domain.name)  # type: ignore[call-arg]
+            if isinstance(request, PublishVolume):  # the host that asks is the one that holds
+                request = dataclasses.replace(request, host_id=msg.host_id)
             log.info("mailbox: host %d asks %s (request %s)", msg.host_id, request.op,
                      payload.get("request_id"))
             start = time.monotonic()

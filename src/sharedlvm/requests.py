@@ -125,6 +125,8 @@ class Request:
     Result: ClassVar[Any]
     # A copy's request is answered when the copy ends: a client waits without a limit.
     long_running: ClassVar[bool] = False
+    # Fields that are not part of what a request id stands for (volume.request_digest).
+    digest_omits: ClassVar[tuple[str, ...]] = ()
 
     def domain_name(self) -> str | None:
         return getattr(self, "domain", None)
@@ -391,6 +393,9 @@ class PublishVolume(Request):
 
     op: ClassVar[str] = "volume.publish"
     Result: ClassVar[Any] = VolumeInfo
+    # Whichever host asks again (a copy retried on another host) publishes the same
+    # target once; the manager sets it from the mailbox message.
+    digest_omits: ClassVar[tuple[str, ...]] = ("host_id",)
 
     volume: str = arg("volume UUID", positional=True)
     host_id: int = arg("the host whose copier holds the volume's lease", 0)

@@ -120,8 +120,8 @@ def request_digest(request: Request) -> str:
     """What a request id stands for: the request's arguments (not the domain's name,
     which each host spells from its own config)."""
     wire = codec.to_wire(request)
-    wire.pop("request_id", None)
-    wire.pop("domain", None)
+    for name in ("request_id", "domain", *request.digest_omits):
+        wire.pop(name, None)
     text = json.dumps({"op": request.op, "fields": wire}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -83,7 +83,8 @@ def test_upload_clone_download_round_trip(cluster: Cluster, tmp_path: Path) -> N
     top = h2.cli_json("volume", "snapshot", vol["uuid"])
     h2.cli("run", "--image", vol["image"], "--", "qemu-io", "-f", "qcow2", "-c",
            "write -P 0x77 100M 2M", "{0}")
-    clone = h1.cli_json("volume", "clone", top["uuid"], "--format", "raw")
+    clone = h1.cli_json("volume", "clone", top["uuid"], "--format", "raw", "--request-id",
+                        "clone-1")
     assert clone["image"] not in (vol["image"], top["image"])
     assert (clone["parent"], clone["format"], clone["role"], clone["state"]) == (
         None, "raw", "leaf", "ready")
@@ -105,6 +106,10 @@ def test_upload_clone_download_round_trip(cluster: Cluster, tmp_path: Path) -> N
     # The clone is independent: writable, no children on the source.
     h2.cli("run", "--volume", clone["uuid"], "--", "true")
     h1.cli("volume", "delete", top["uuid"])
+    # Asked again after its source is gone: the first answer, from the journal.
+    again = h3.cli_json("volume", "clone", top["uuid"], "--format", "raw", "--request-id",
+                        "clone-1")
+    assert again["uuid"] == clone["uuid"]
 
     # Refused, one line each, nothing changed on the disk.
     before = cluster.disk_state()
