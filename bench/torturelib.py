@@ -111,7 +111,8 @@ sys.exit(devcount.main([device, "--host-id", host, "--state", state, "--interval
 
 OP_WEIGHTS = [("create-raw", 14), ("create-qcow2", 5), ("create-bigtags", 1), ("extend", 8),
               ("delete", 8), ("prepare", 4), ("teardown", 4), ("consume", 7),
-              ("release-manager", 1), ("list", 3), ("snapshot", 3), ("clone", 2)]
+              ("release-manager", 1), ("list", 3), ("snapshot", 3), ("clone", 2),
+              ("merge", 2)]
 FAULT_WEIGHTS = [("kill-manager-daemon", 3), ("kill-daemon", 2), ("stop-manager-daemon", 2),
                  ("stop-daemon", 1), ("host-crash", 2), ("kill-lvm-child", 3),
                  ("kill-qemu-img-child", 1), ("failpoint", 2), ("torn-outbox", 2),
@@ -134,7 +135,7 @@ CLEAN_REFUSALS = LOCAL | {"VolumeInUse", "VolumeHeld", "Busy", "VolumeNotFound",
 ERRORS_SAY_FINAL = hasattr(errors.Error, "final")
 NONFINAL_TRIES = 8
 REPLAYABLE = ("create-raw", "create-qcow2", "create-bigtags", "create-journal", "extend",
-              "delete", "delete-wipe", "snapshot", "clone")
+              "delete", "delete-wipe", "snapshot", "clone", "merge")
 
 
 @dataclass
@@ -739,7 +740,7 @@ class Torture:
          "delete": self.op_delete, "prepare": self.op_prepare,
          "teardown": self.op_teardown, "consume": self.op_consume,
          "release-manager": self.op_release, "list": self.op_list,
-         "snapshot": self.op_snapshot, "clone": self.op_clone,
+         "snapshot": self.op_snapshot, "clone": self.op_clone, "merge": self.op_merge,
          }[kind](host, kind, p, rid)
 
     def pick_volume(self, x: float, pred: Callable[[Vol], bool], busy: bool,
@@ -840,6 +841,39 @@ class Torture:
                 self.volumes[info.uuid] = Vol(info.uuid, rid, info.format.value,
                                               info.capacity, info.size)
                 req.volume = info.uuid
+
+    def op_merge(self, host: Host, kind: str, p: list[float], rid: str) -> None:
+        """A snapshot merged into the volume below it (images.py), raced by consumers
+        of its image; crashed at its failpoints by the fault side."""
+        vol = self.pick_volume(p[0], lambda v: v.parent is not None, busy=True)
+        if vol is None:
+            self.op_list(host, "list", p, rid)
+            return
+        rid += "-m"
+        with self.lock:
+            parent = self.volumes.get(vol.parent or "")
+        try:
+            req = self.new_req(rid, "merge", host.index,
+                               lambda c: c.merge_volume(vol.uuid, request_id=rid), vol.uuid)
+            self.ask(req)
+            with self.lock:
+                if req.status == "acked":
+                    vol.state, vol.t_deleted = "deleted", time.monotonic()
+                    for other in self.volumes.values():
+                        if other.parent == vol.uuid:
+                            other.parent = vol.parent
+                    if parent is not None:
+                        parent.size = req.result.size  # grown for the snapshot's data
+                        parent.leaf = parent.leaf or vol.leaf
+                elif req.open or req.status == "abandoned":
+                    vol.state, vol.why_maybe = "maybe", "merge left open"
+                    if parent is not None:
+                        parent.size_known = False
+                elif req.status == "failed":
+                    vol.failures.append(f"{req.rid} ({req.error}, t={self.t(req.t_done)})")
+        finally:
+            with self.lock:
+                vol.busy = False
 
     def op_extend(self, host: Host, kind: str, p: list[float], rid: str) -> None:
         vol = self.pick_volume(p[0], lambda v: v.capacity < (1536 * MiB if v.fmt == "raw"

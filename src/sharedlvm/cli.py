@@ -311,6 +311,7 @@ _PRINTERS: dict[str, Callable[[Any, Any], None]] = {
     "volume.prepare": lambda a, r: print(r.path),
     "volume.snapshot": lambda a, r: _show_volumes([r]),
     "volume.template": lambda a, r: _show_volumes([r]),
+    "volume.merge": lambda a, r: _show_volumes([r]),
     "volume.clone": lambda a, r: _show_volumes([r]),
     "volume.upload": lambda a, r: _show_volumes([r]),
     "volume.download": lambda a, r: print(

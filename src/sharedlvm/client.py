@@ -108,6 +108,13 @@ class Client:
                                                          request_id, domain))
         return result
 
+    def merge_volume(self, volume: str, *, request_id: str | None = None,
+                     domain: str | None = None) -> VolumeInfo:
+        """Remove the snapshot ``volume`` from its chain (not in use): its data goes
+        into the volume below it, which is returned."""
+        result: VolumeInfo = self.call(rq.MergeVolume(volume, request_id, domain))
+        return result
+
     def template_volume(self, volume: str, *, request_id: str | None = None,
                         domain: str | None = None) -> VolumeInfo:
         """Make a leaf a template: read-only, the base of linked clones."""

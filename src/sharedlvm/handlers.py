@@ -48,6 +48,7 @@ from .requests import (
     GetVolume,
     ListHosts,
     ListVolumes,
+    MergeVolume,
     PrepareImage,
     PrepareVolume,
     PublishVolume,
@@ -119,6 +120,11 @@ def snapshot_volume(ctx: Context, req: SnapshotVolume) -> VolumeInfo:
     service = ctx.service(req.domain)
     return images.snapshot_volume(service.domain, req, service.layout.allocate_volume_lease,
                                   service.exclusive, ctx.max_chain)
+
+
+def merge_volume(ctx: Context, req: MergeVolume) -> VolumeInfo:
+    service = ctx.service(req.domain)
+    return images.merge_volume(service.domain, req, service.exclusive)
 
 
 def template_volume(ctx: Context, req: TemplateVolume) -> VolumeInfo:

@@ -29,21 +29,26 @@ import contextlib
 import logging
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from . import codec, errors, journal, qemu_img, tags
+from .activation import set_read_only
 from .domain import Domain
 from .failpoints import failpoint
 from .lvm import LogicalVolume
 from .model import Allocation, ImageInfo, VolumeFormat, VolumeInfo, VolumeRole, VolumeState
-from .requests import CloneVolume, SnapshotVolume, TemplateVolume
+from .requests import CloneVolume, MergeVolume, SnapshotVolume, TemplateVolume
+from .units import round_up
 from .volume import (
+    VOLUME_SELECT,
     ExclusiveLease,
     LeaseAllocator,
+    _leaf_again,
     _lv_size,
     _lvcreate,
+    _lvextend,
     _once,
     _recorded,
     _volume,
@@ -319,6 +324,155 @@ def finish_template(domain: Domain, vol: str, exclusive: ExclusiveLease) -> Any:
     return codec.to_wire(get_volume(domain, vol))
 
 
+# Merge (a chain not in use)
+
+
+@dataclass(frozen=True)
+class _MergeIntent:
+    """A merge, as recorded in the journal before its first step."""
+
+    volume: str  # the snapshot merged and then removed
+    parent: str  # the volume below it, which receives its data
+    child: str | None  # the volume on top of it, rebased onto the parent (None: a leaf)
+    image: str
+    above: list[str]  # the image's volumes above the parent: held exclusively throughout
+
+
+def merge_volume(domain: Domain, request: MergeVolume, exclusive: ExclusiveLease
+                 ) -> VolumeInfo:
+    """Remove the snapshot ``request.volume`` from its chain: its data committed into
+    the volume below it, the volume on top of it (if any) rebased onto that one, then
+    its LV removed. Always recorded (a request id is made when none is given): each
+    step can be run again, and the LV goes last, so a manager that dies anywhere is
+    followed by one that finishes it, and the chain reads the same data at every
+    point."""
+    domain.require_manager()
+    if request.request_id is None:
+        request = replace(request, request_id=f"merge-{uuid.uuid4()}")
+    with domain.request_lock(request.request_id), domain.chain_lock(request.volume):
+        rec = _recorded(domain, request.request_id)
+        if rec is not None and rec.state == journal.PENDING:
+            intent = rec.args
+        elif rec is not None and rec.state != journal.ABORTED:
+            intent = {}
+        else:
+            intent = codec.to_wire(_plan_merge(domain, request.volume))
+
+        def run(data: dict[str, Any], resumed: bool) -> Any:
+            a = codec.from_wire(_MergeIntent, data, "merge intent")
+            return codec.to_wire(_merge(domain, a, resumed, exclusive))
+
+        result = _once(domain, request, "merge", intent, run)
+    return codec.from_wire(VolumeInfo, result)  # type: ignore[no-any-return]
+
+
+def _plan_merge(domain: Domain, vol: str) -> _MergeIntent:
+    info = get_volume(domain, vol)
+    if info.state != VolumeState.READY:
+        raise errors.Busy(f"volume {vol} is {info.state}, not ready")
+    if info.role == VolumeRole.TEMPLATE:
+        raise errors.ReadOnlyVolume(vol, info.role.value, "merge",
+                                    "a template is the base of linked clones")
+    if info.parent is None:
+        raise errors.InvalidArgument(f"volume {vol} is the base of its chain: nothing below "
+                                     "it to merge into")
+    parent = get_volume(domain, info.parent)
+    if parent.role == VolumeRole.TEMPLATE:
+        raise errors.ReadOnlyVolume(
+            parent.uuid, parent.role.value, f"merge volume {vol} into",
+            "linked clones of it would change; make a full clone instead")
+    if parent.state != VolumeState.READY:
+        raise errors.Busy(f"volume {parent.uuid} is {parent.state}, not ready")
+    if info.capacity > parent.capacity:
+        raise errors.Unsupported(
+            f"volume {vol} is larger than the volume below it ({info.capacity} > "
+            f"{parent.capacity} bytes: grown after the snapshot): not merged")
+    others = [c for c in children(domain, parent.uuid) if c != vol]
+    if others:
+        raise errors.HasChildren(parent.uuid, others, f"merge volume {vol} into")
+    on_top = children(domain, vol)
+    if len(on_top) > 1:
+        raise errors.HasChildren(vol, on_top, "merge")
+    leaf = image_info(domain, info.image).chain
+    uuids = [v.uuid for v in leaf]
+    if parent.uuid not in uuids:
+        raise errors.CorruptRecord(f"volume {parent.uuid} is not in the chain of image "
+                                   f"{info.image}")
+    return _MergeIntent(volume=vol, parent=parent.uuid, child=on_top[0] if on_top else None,
+                        image=info.image, above=uuids[uuids.index(parent.uuid) + 1:])
+
+
+def _merge(domain: Domain, a: _MergeIntent, resumed: bool,
+           exclusive: ExclusiveLease) -> VolumeInfo:
+    try:
+        top = get_volume(domain, a.volume)
+    except errors.VolumeNotFound:
+        if resumed:  # removed: only the parent's role may be left to do
+            with domain.manager_lock(domain.volume_shard(a.parent)):
+                _leaf_again(domain, a.parent)
+            return get_volume(domain, a.parent)
+        raise
+    parent = get_volume(domain, a.parent)
+    held = [parent] + [get_volume(domain, v) for v in a.above if v != a.volume] + [top]
+    with contextlib.ExitStack() as stack:
+        # Nobody may use the chain: every volume from the parent up is held here.
+        for info in sorted(held, key=lambda v: v.uuid):
+            stack.enter_context(exclusive(info))
+        domain.require_manager_now()
+        p_path = stack.enter_context(activated(domain, a.parent))
+        t_path = stack.enter_context(activated(domain, a.volume))
+        set_read_only(domain.runner, p_path, False)
+        _grow_for_merge(domain, parent, top, p_path, t_path)
+        base = qemu_img.alone(p_path, parent.format.value)
+        qemu_img.commit(domain.runner, qemu_img.alone(t_path, "qcow2", base))
+        failpoint("merge-committed")
+        if a.child is not None:
+            c_path = stack.enter_context(activated(domain, a.child))
+            set_read_only(domain.runner, c_path, False)
+            domain.require_manager_now()
+            qemu_img.rebase_unsafe(domain.runner, c_path, a.parent, parent.format.value)
+            failpoint("merge-rebased")
+            child = get_volume(domain, a.child)
+            if child.parent != a.parent:
+                shard = domain.volume_shard(a.child)
+                with domain.manager_lock(shard):
+                    shard.lvm.change_tags(shard.vg_name, a.child,
+                                          add=[tags.parent_tag(a.parent)],
+                                          delete=[tags.parent_tag(a.volume)])
+        failpoint("merge-relinked")
+        shard = domain.volume_shard(a.volume)
+        shard.activator.deactivate(shard.vg_name, a.volume)
+        with domain.manager_lock(shard):
+            domain.require_manager_now()
+            shard.lvm.lvremove_selected(shard.vg_name,
+                                        f"lv_name={a.volume}&&{VOLUME_SELECT}")
+        domain.placement.used(shard, -1, -top.size)
+        domain.clear_volume_shard(a.volume)
+        # A merged leaf: the parent is the leaf again, writable. Only now, with nothing
+        # on top of it: never a writable volume under another.
+        with domain.manager_lock(domain.volume_shard(a.parent)):
+            _leaf_again(domain, a.parent)
+    log.info("merged volume %s into %s", a.volume, a.parent)
+    return get_volume(domain, a.parent)
+
+
+def _grow_for_merge(domain: Domain, parent: VolumeInfo, top: VolumeInfo, p_path: str,
+                    t_path: str) -> None:
+    """A qcow2 parent's LV grown to hold the snapshot's data: at most what both use
+    on their devices now, never more than the parent fully allocated."""
+    if parent.format != VolumeFormat.QCOW2:
+        return  # a raw volume holds every byte of its capacity already
+    need = (qemu_img.end_offset(domain.runner, qemu_img.alone(p_path, "qcow2"))
+            + qemu_img.end_offset(domain.runner, qemu_img.alone(t_path, "qcow2")))
+    full = parent.capacity + qemu_img.metadata_overhead(parent.capacity)
+    target = round_up(min(need, full), domain.record.extent_size)
+    if target > parent.size:
+        shard = domain.volume_shard(parent.uuid)
+        with domain.manager_lock(shard):
+            _lvextend(domain, shard, parent.uuid, target, parent.size)
+        shard.activator.refresh(shard.vg_name, parent.uuid)
+
+
 # Recovery by a new manager
 
 
@@ -347,7 +501,10 @@ def recover_request(domain: Domain, rec: journal.RequestRecord) -> Any:
 
 def recovery(domain: Domain, exclusive: ExclusiveLease) -> dict[str, Any]:
     """What volume.recover does with a pending request of this module."""
-    return {"snapshot": lambda rec: recover_request(domain, rec),
+    return {"merge": lambda rec: codec.to_wire(_merge(
+                domain, codec.from_wire(_MergeIntent, rec.args, "merge intent"), True,
+                exclusive)),
+            "snapshot": lambda rec: recover_request(domain, rec),
             "clone": lambda rec: recover_request(domain, rec),
             "template": lambda rec: finish_template(domain, str(rec.args["volume"]),
                                                     exclusive)}

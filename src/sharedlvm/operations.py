@@ -74,6 +74,8 @@ TABLE: tuple[Operation, ...] = (
     Operation(rq.SnapshotVolume, handlers.snapshot_volume, manager_only=True, forward=True,
               idempotent=True, http=("POST", f"{_V}/snapshot"), cli=("volume", "snapshot"),
               http_status=201),
+    Operation(rq.MergeVolume, handlers.merge_volume, manager_only=True, forward=True,
+              idempotent=True, http=("POST", f"{_V}/merge"), cli=("volume", "merge")),
     Operation(rq.TemplateVolume, handlers.template_volume, manager_only=True, forward=True,
               idempotent=True, http=("POST", f"{_V}/template"), cli=("volume", "template")),
     Operation(rq.CloneVolume, handlers.clone_volume, manager_only=True, forward=True,

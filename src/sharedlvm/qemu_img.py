@@ -44,6 +44,50 @@ def info(runner: Runner, path: str, fmt: str | None = None) -> dict[str, Any]:
     return data
 
 
+# A merge's commit copies a snapshot's data into its parent: as long as the data.
+LONG_TIMEOUT = 24 * 3600.0
+
+
+def alone(path: str, fmt: str, backing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An image on a block device opened by itself: with ``backing`` (another node of
+    this kind) as its only backing file, or none at all. A merge reads and writes two
+    volumes of a chain, never the volumes below them, whose leases it does not hold."""
+    node: dict[str, Any] = {"driver": fmt, "file": {"driver": "host_device",
+                                                    "filename": path}}
+    if fmt == "qcow2":
+        node["backing"] = backing
+    return node
+
+
+def json_name(node: dict[str, Any]) -> str:
+    return "json:" + json.dumps(node, separators=(",", ":"))
+
+
+def commit(runner: Runner, top: dict[str, Any]) -> None:
+    """Write the overlay ``top``'s data into its backing file (``-d``: the overlay is
+    left as it was, so a commit cut short and run again reads the same data either way:
+    every cluster it wrote into the base is still covered by the overlay's own)."""
+    _run(runner, ["qemu-img", "commit", "-q", "-t", "none", "-d", json_name(top)],
+         timeout=LONG_TIMEOUT)
+
+
+def rebase_unsafe(runner: Runner, path: str, backing: str, backing_format: str) -> None:
+    """Name another backing file in ``path``'s header without reading any data (the
+    new backing reads the same as the old one did through it)."""
+    _run(runner, ["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-b", backing, "-F",
+                  backing_format, path])
+
+
+def end_offset(runner: Runner, node: dict[str, Any]) -> int:
+    """Bytes a qcow2 image uses on its device (``qemu-img check``'s end offset)."""
+    out = runner.run(["qemu-img", "check", "--output", "json", json_name(node)],
+                     check=False).out
+    try:
+        return int(json.loads(out)["image-end-offset"])
+    except (ValueError, KeyError, TypeError):
+        raise ImageError("qemu-img check gave no end offset") from None
+
+
 def measure(runner: Runner, path: str, fmt: str, target_format: str) -> dict[str, int]:
     """What a copy of ``path`` into ``target_format`` needs: ``required`` (its data
     and metadata) and ``fully-allocated`` bytes."""
@@ -79,8 +123,10 @@ def convert_argv(source: str, source_format: str, target: str, target_format: st
     return [*argv, source, target]
 
 
-def _run(runner: Runner, argv: list[str]) -> str:
+def _run(runner: Runner, argv: list[str], timeout: float | None = None) -> str:
     try:
-        return runner.run(argv).out
+        if timeout is None:
+            return runner.run(argv).out
+        return runner.run(argv, timeout=timeout).out
     except CommandError as exc:
         raise ImageError(f"qemu-img {argv[1]} failed: {exc.last_line()}") from exc

@@ -246,6 +246,28 @@ class TemplateVolume(Request):
 
 
 @dataclass(frozen=True)
+class MergeVolume(Request):
+    """remove a snapshot from its chain: its data committed into the volume below
+
+    The chain must not be in use (a stopped VM). Asked on any host, run by the
+    manager; every step is recorded, and a manager that dies is followed by one that
+    finishes it."""
+
+    op: ClassVar[str] = "volume.merge"
+    Result: ClassVar[Any] = VolumeInfo
+    long_running: ClassVar[bool] = True
+
+    volume: str = arg("the snapshot to merge into the volume below it (a leaf or an "
+                      "internal volume)", positional=True)
+    request_id: str | None = arg("makes the request idempotent", None)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_uuid(self.volume)
+        _check_common(self)
+
+
+@dataclass(frozen=True)
 class CloneVolume(Request):
     """a new image from a volume: a full copy, or --linked over a template
 

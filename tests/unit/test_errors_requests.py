@@ -103,6 +103,7 @@ def test_every_request_round_trips() -> None:
         rq.ReserveVolume(size=2**30, format=VolumeFormat.QCOW2, lv_size=2**28,
                          request_id="r-5:reserve"),
         rq.PublishVolume(VOL, host_id=7, request_id="r-5:publish"),
+        rq.MergeVolume(VOL, request_id="r-6"),
     ]
     assert {type(s) for s in samples} == {op.request for op in operations.TABLE}
     for sample in samples:
