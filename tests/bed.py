@@ -114,6 +114,15 @@ class Host:
     def daemon(self) -> DaemonProcess:
         return DaemonProcess(self.paths)
 
+    def refused(self, *args: str) -> str:
+        """``sharedlvm ARGS`` as this host, which must fail the way bad input does:
+        exit 1 and one line on stderr (returned)."""
+        proc = self.cli(*args, check=False)
+        assert proc.returncode == 1, proc
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("sharedlvm: "), \
+            proc.stderr
+        return str(proc.stderr)
+
     def restart_daemon(self, timeout: float = 60) -> None:
         """Stop and start this host's daemon (it reads daemon.toml again); returns once
         it has joined the domain's lockspace."""
@@ -318,6 +327,14 @@ def lun_args(cluster: Cluster) -> list[str]:
     for lun in cluster.luns[:cluster.domain_luns]:
         args += ["--lun", lun]
     return args
+
+
+def crash_cluster(directory: Path, point: str, hosts: int = 2) -> tuple[Cluster, Path]:
+    """A cluster whose daemons exit at failpoint ``point`` (the first to reach it;
+    the returned file exists once it fired)."""
+    once = directory / "fired"
+    return make_cluster(directory / "bed", hosts=hosts,
+                        daemon_env={"SHAREDLVM_FAILPOINT": f"{point}:{once}"}), once
 
 
 def destroy_cluster(cluster: Cluster) -> None:

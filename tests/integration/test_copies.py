@@ -41,14 +41,6 @@ def state_of(c: Cluster, volume: str) -> str | None:
     return next(t.split("=", 1)[1] for t in lv.tags if t.startswith("sl.state="))
 
 
-def refused(host: Any, *args: str) -> str:
-    proc = host.cli(*args, check=False)
-    assert proc.returncode == 1, proc
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("sharedlvm: "), \
-        proc.stderr
-    return str(proc.stderr)
-
-
 def qemu_img(*args: str) -> str:
     return subprocess.run(["qemu-img", *args], check=True, capture_output=True,
                           text=True).stdout
@@ -113,17 +105,17 @@ def test_upload_clone_download_round_trip(cluster: Cluster, tmp_path: Path) -> N
 
     # Refused, one line each, nothing changed on the disk.
     before = cluster.disk_state()
-    assert "not found" in refused(h2, "volume", "upload", str(tmp_path / "missing.img"))
+    assert "not found" in h2.refused("volume", "upload", str(tmp_path / "missing.img"))
     child = tmp_path / "child.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-b", str(src), "-F", "qcow2", str(child))
-    assert "backing file" in refused(h2, "volume", "upload", str(child))
+    assert "backing file" in h2.refused("volume", "upload", str(child))
     vmdk = tmp_path / "disk.vmdk"
     qemu_img("create", "-q", "-f", "vmdk", str(vmdk), "16M")
-    assert "vmdk" in refused(h2, "volume", "upload", str(vmdk))
-    assert "exists" in refused(h3, "volume", "download", vol["uuid"], str(src))
-    assert "preallocated" in refused(h1, "volume", "clone", vol["uuid"], "--format", "raw",
+    assert "vmdk" in h2.refused("volume", "upload", str(vmdk))
+    assert "exists" in h3.refused("volume", "download", vol["uuid"], str(src))
+    assert "preallocated" in h1.refused("volume", "clone", vol["uuid"], "--format", "raw",
                                      "--alloc", "thin")
-    assert "preallocated" in refused(h2, "volume", "upload", str(src), "--format", "raw",
+    assert "preallocated" in h2.refused("volume", "upload", str(src), "--format", "raw",
                                      "--alloc", "thin")
     # A source a consumer writes (its leaf held exclusively on host 1) is not copied.
     consumer = h1.popen("run", "--volume", clone["uuid"], "--", "sleep", "60")
@@ -133,8 +125,8 @@ def test_upload_clone_download_round_trip(cluster: Cluster, tmp_path: Path) -> N
                 1 not in _holders(h1, clone["uuid"]):
             assert time.monotonic() < deadline, "the consumer did not start"
             time.sleep(0.2)
-        assert "held" in refused(h2, "volume", "clone", clone["uuid"])
-        assert "held" in refused(h3, "volume", "download", clone["uuid"],
+        assert "held" in h2.refused("volume", "clone", clone["uuid"])
+        assert "held" in h3.refused("volume", "download", clone["uuid"],
                                  str(tmp_path / "x.raw"))
         assert not (tmp_path / "x.raw").exists()
     finally:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from bed import Cluster, destroy_cluster, make_cluster
+from bed import Cluster, crash_cluster, destroy_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -41,14 +41,6 @@ def lv_tags(c: Cluster, volume: str) -> dict[str, str]:
             if lv.name == volume:
                 return dict(t[3:].split("=", 1) for t in lv.tags if t.startswith("sl."))
     raise AssertionError(f"no LV {volume}")
-
-
-def refused(host: object, *args: str) -> str:
-    proc = host.cli(*args, check=False)  # type: ignore[attr-defined]
-    assert proc.returncode == 1, proc
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("sharedlvm: "), \
-        proc.stderr
-    return str(proc.stderr)
 
 
 def test_snapshot_chain_written_on_one_host_reads_the_same_on_another(
@@ -87,10 +79,10 @@ def test_snapshot_chain_written_on_one_host_reads_the_same_on_another(
 
     # Refused, one line, nothing changed on the disk.
     before = cluster.disk_state()
-    assert "are on top of it" in refused(h1, "volume", "snapshot", base["uuid"])
-    assert top["uuid"] in refused(h1, "volume", "delete", base["uuid"])
-    assert "read-only" in refused(h2, "run", "--volume", base["uuid"], "--", "true")
-    assert "read-only" in refused(h1, "volume", "extend", base["uuid"], "--size", "+1G")
+    assert "are on top of it" in h1.refused("volume", "snapshot", base["uuid"])
+    assert top["uuid"] in h1.refused("volume", "delete", base["uuid"])
+    assert "read-only" in h2.refused("run", "--volume", base["uuid"], "--", "true")
+    assert "read-only" in h1.refused("volume", "extend", base["uuid"], "--size", "+1G")
     assert cluster.disk_state() == before
 
     # Deleting the leaf makes the volume below it the leaf again, writable.
@@ -145,11 +137,11 @@ def test_template_shared_by_linked_clones_on_two_hosts(cluster: Cluster) -> None
     assert h1.with_volume(tpl["uuid"], SUM, read_only=True) == before_sum
 
     before = cluster.disk_state()
-    err = refused(h2, "volume", "delete", tpl["uuid"])
+    err = h2.refused("volume", "delete", tpl["uuid"])
     assert a["uuid"] in err and b["uuid"] in err and c["uuid"] in err
-    assert "read-only" in refused(h1, "run", "--volume", tpl["uuid"], "--", "true")
-    assert "template" in refused(h1, "volume", "snapshot", tpl["uuid"])
-    assert "not a template" in refused(h1, "volume", "clone", a["uuid"], "--linked")
+    assert "read-only" in h1.refused("run", "--volume", tpl["uuid"], "--", "true")
+    assert "template" in h1.refused("volume", "snapshot", tpl["uuid"])
+    assert "not a template" in h1.refused("volume", "clone", a["uuid"], "--linked")
     assert cluster.disk_state() == before
     # The clones go; then the template can.
     h1.cli("volume", "delete", a["uuid"])
@@ -187,8 +179,8 @@ def test_image_prepare_for_a_consumer_and_a_real_qemu(cluster: Cluster) -> None:
         assert proc.returncode == 0, proc.stderr
         assert base["uuid"] in proc.stdout and "Backing file" in proc.stdout, proc.stdout
         # The other host cannot take the leaf meanwhile.
-        assert "held by host 2" in refused(cluster.hosts[2], "run", "--image",
-                                           base["image"], "--", "true")
+        assert "held by host 2" in cluster.hosts[2].refused("run", "--image",
+                                                                  base["image"], "--", "true")
         h2.cli("image", "teardown", base["image"])
         assert not directory.exists()
         assert h2.status()["prepared"] == {}
@@ -201,9 +193,7 @@ def test_image_prepare_for_a_consumer_and_a_real_qemu(cluster: Cluster) -> None:
 @pytest.mark.parametrize("point", ["overlay-formatted", "overlay-parent-internal"])
 def test_a_snapshot_interrupted_by_a_manager_crash_is_rolled_back(
         tmp_path: Path, point: str) -> None:
-    once = tmp_path / "fired"
-    c = make_cluster(tmp_path / "bed", hosts=2,
-                     daemon_env={"SHAREDLVM_FAILPOINT": f"{point}:{once}"})
+    c, once = crash_cluster(tmp_path, point)
     try:
         h1, h2 = c.hosts
         base = h2.cli_json("volume", "create", "--size", "1G", "--format", "qcow2")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bed import Cluster, destroy_cluster, make_cluster
+from bed import Cluster, crash_cluster, destroy_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -45,14 +45,6 @@ def lv_tags(c: Cluster, volume: str) -> dict[str, str] | None:
     return None
 
 
-def refused(host: Any, *args: str) -> str:
-    proc = host.cli(*args, check=False)
-    assert proc.returncode == 1, proc
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("sharedlvm: "), \
-        proc.stderr
-    return str(proc.stderr)
-
-
 def make_chain(host: Any) -> tuple[str, list[str]]:
     """base (qcow2) <- s1 <- s2, each written with its own data; (image, volumes)."""
     base = host.cli_json("volume", "create", "--size", "1G", "--format", "qcow2")
@@ -77,13 +69,13 @@ def test_merge_a_middle_snapshot_then_the_leaf(cluster: Cluster) -> None:
 
     # Refused, one line, nothing changed on the disk.
     before = cluster.disk_state()
-    assert "base of its chain" in refused(h2, "volume", "merge", base)
+    assert "base of its chain" in h2.refused("volume", "merge", base)
     consumer = h1.popen("run", "--image", image, "--", sys.executable, "-c",
                         "import time; print('ready', flush=True); time.sleep(60)")
     try:
         assert consumer.stdout is not None and consumer.stdout.readline() == "ready\n"
         # The consumer holds the leaf: the chain is in use.
-        assert "in use" in refused(h2, "volume", "merge", s1)
+        assert "in use" in h2.refused("volume", "merge", s1)
     finally:
         consumer.terminate()
         consumer.wait(timeout=30)
@@ -113,8 +105,8 @@ def test_merge_into_a_template_is_refused(cluster: Cluster) -> None:
     h1.cli("volume", "template", tpl["uuid"])
     clone = h2.cli_json("volume", "clone", tpl["uuid"], "--linked")
     before = cluster.disk_state()
-    assert "linked clones" in refused(h2, "volume", "merge", clone["uuid"])
-    assert "linked clones" in refused(h2, "volume", "merge", tpl["uuid"])
+    assert "linked clones" in h2.refused("volume", "merge", clone["uuid"])
+    assert "linked clones" in h2.refused("volume", "merge", tpl["uuid"])
     assert cluster.disk_state() == before
 
 
@@ -124,9 +116,7 @@ def test_merge_into_a_template_is_refused(cluster: Cluster) -> None:
 @pytest.mark.parametrize("point", ["merge-rebased"])
 def test_a_merge_cut_by_a_manager_crash_is_finished_by_the_next(
         tmp_path: Path, point: str) -> None:
-    once = tmp_path / "fired"
-    c = make_cluster(tmp_path / "bed", hosts=2,
-                     daemon_env={"SHAREDLVM_FAILPOINT": f"{point}:{once}"})
+    c, once = crash_cluster(tmp_path, point)
     try:
         h1, h2 = c.hosts
         image, (base, s1, s2) = make_chain(h2)
