@@ -48,7 +48,7 @@ EXIT_CODES: dict[type[errors.Error], int] = {
 GROUP_HELP = {
     "domain": "format, attach, inspect, remove domains",
     "volume": "create, list, extend, delete, prepare, snapshot, clone volumes",
-    "image": "chains of volumes: inspect, prepare for a consumer",
+    "image": "chains of volumes: inspect, prepare for a consumer, delete",
     "manager": "the manager role",
     "host": "hosts of a domain",
 }
@@ -319,6 +319,8 @@ _PRINTERS: dict[str, Callable[[Any, Any], None]] = {
         f"{units.format_size(r.size)}, {r.seconds:.1f} s)"),
     "image.info": lambda a, r: _show_image(r),
     "image.prepare": lambda a, r: print(r.path),
+    "image.delete": lambda a, r: print(f"image {r.image} deleted: {len(r.volumes)} "
+                                       "volume(s)" + (" (wiped)" if a.wipe else "")),
     "domain.info": lambda a, r: _show_domain(r),
     "domain.remove": lambda a, r: print(f"domain {r.removed} removed"),
     "manager.status": _show_manager,

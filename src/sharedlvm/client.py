@@ -31,6 +31,7 @@ from .model import (
     DomainInfo,
     Downloaded,
     HostInfo,
+    ImageDeleted,
     ImageInfo,
     ManagerStatus,
     ServiceStatus,
@@ -168,6 +169,12 @@ class Client:
         """Acquire the chain's leases for process ``pid`` and activate it: the leaf's
         path in the image directory (open it there: its backing files resolve)."""
         return str(self.call(rq.PrepareImage(image, pid, shared, domain)).path)
+
+    def delete_image(self, image: str, *, wipe: bool = False, request_id: str | None = None,
+                     domain: str | None = None) -> ImageDeleted:
+        """Delete every volume of ``image``, the leaf first."""
+        result: ImageDeleted = self.call(rq.DeleteImage(image, wipe, request_id, domain))
+        return result
 
     def teardown_image(self, image: str, *, domain: str | None = None) -> None:
         self.call(rq.TeardownImage(image, domain))

@@ -26,6 +26,7 @@ from .model import (
     Done,
     Downloaded,
     HostInfo,
+    ImageDeleted,
     ImageInfo,
     ManagerStatus,
     Prepared,
@@ -36,6 +37,7 @@ from .model import (
 from .requests import (
     CloneVolume,
     CreateVolume,
+    DeleteImage,
     DeleteVolume,
     DownloadVolume,
     ExtendDomain,
@@ -191,6 +193,11 @@ def get_image(ctx: Context, req: GetImage) -> ImageInfo:
 def prepare_image(ctx: Context, req: PrepareImage) -> Prepared:
     return Prepared(ctx.service(req.domain).prepared.prepare_image(req.image, req.pid,
                                                                    req.shared))
+
+
+def delete_image(ctx: Context, req: DeleteImage) -> ImageDeleted:
+    service = ctx.service(req.domain)
+    return images.delete_image(service.domain, req, service.exclusive)
 
 
 def teardown_image(ctx: Context, req: TeardownImage) -> Done:

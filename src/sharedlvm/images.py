@@ -38,13 +38,22 @@ from .activation import set_read_only
 from .domain import Domain
 from .failpoints import failpoint
 from .lvm import LogicalVolume
-from .model import Allocation, ImageInfo, VolumeFormat, VolumeInfo, VolumeRole, VolumeState
-from .requests import CloneVolume, MergeVolume, SnapshotVolume, TemplateVolume
+from .model import (
+    Allocation,
+    ImageDeleted,
+    ImageInfo,
+    VolumeFormat,
+    VolumeInfo,
+    VolumeRole,
+    VolumeState,
+)
+from .requests import CloneVolume, DeleteImage, MergeVolume, SnapshotVolume, TemplateVolume
 from .units import round_up
 from .volume import (
     VOLUME_SELECT,
     ExclusiveLease,
     LeaseAllocator,
+    _delete,
     _leaf_again,
     _lv_size,
     _lvcreate,
@@ -473,6 +482,62 @@ def _grow_for_merge(domain: Domain, parent: VolumeInfo, top: VolumeInfo, p_path:
         shard.activator.refresh(shard.vg_name, parent.uuid)
 
 
+# Image delete
+
+
+def delete_image(domain: Domain, request: DeleteImage, exclusive: ExclusiveLease
+                 ) -> ImageDeleted:
+    """Delete every volume of an image's chain that belongs to it, the leaf first
+    (a template of another image at its base stays). Recorded like a merge: a
+    manager that dies midway is followed by one that deletes the rest."""
+    domain.require_manager()
+    if request.request_id is None:
+        request = replace(request, request_id=f"image-delete-{uuid.uuid4()}")
+    with domain.request_lock(request.request_id):
+        rec = _recorded(domain, request.request_id)
+        if rec is not None and rec.state == journal.PENDING:
+            intent = rec.args
+        elif rec is not None and rec.state != journal.ABORTED:
+            intent = {}
+        else:
+            info = image_info(domain, request.image)
+            own = [v for v in info.chain if v.image == request.image][::-1]
+            names = {v.uuid for v in own}
+            for v in own:
+                outside = [c for c in children(domain, v.uuid) if c not in names]
+                if outside:
+                    raise errors.HasChildren(v.uuid, outside, f"delete image {request.image}")
+            intent = {"image": request.image, "volumes": [v.uuid for v in own],
+                      "wipe": request.wipe}
+
+        def run(a: dict[str, Any], resumed: bool) -> Any:
+            return codec.to_wire(_delete_image(domain, a, resumed, exclusive))
+
+        result = _once(domain, request, "image-delete", intent, run)
+    return codec.from_wire(ImageDeleted, result)  # type: ignore[no-any-return]
+
+
+def _delete_image(domain: Domain, a: dict[str, Any], resumed: bool,
+                  exclusive: ExclusiveLease) -> ImageDeleted:
+    volumes = [str(v) for v in a["volumes"]]
+    for n, vol in enumerate(volumes):
+        try:
+            parent = get_volume(domain, vol).parent
+        except errors.VolumeNotFound:
+            if resumed or n:
+                continue  # deleted before
+            raise
+        try:
+            with domain.chain_lock(vol), domain.manager_lock(domain.volume_shard(vol)):
+                _delete(domain, vol, bool(a["wipe"]), True, exclusive, parent)
+        except errors.Error as exc:
+            if n and exc.changes_nothing:  # true of this volume, not of the request
+                raise errors.Busy(f"image {a['image']}: {n} of {len(volumes)} volumes "
+                                  f"deleted, then: {exc}") from exc
+            raise
+    return ImageDeleted(image=str(a["image"]), volumes=volumes)
+
+
 # Recovery by a new manager
 
 
@@ -501,7 +566,9 @@ def recover_request(domain: Domain, rec: journal.RequestRecord) -> Any:
 
 def recovery(domain: Domain, exclusive: ExclusiveLease) -> dict[str, Any]:
     """What volume.recover does with a pending request of this module."""
-    return {"merge": lambda rec: codec.to_wire(_merge(
+    return {"image-delete": lambda rec: codec.to_wire(_delete_image(
+                domain, rec.args, True, exclusive)),
+            "merge": lambda rec: codec.to_wire(_merge(
                 domain, codec.from_wire(_MergeIntent, rec.args, "merge intent"), True,
                 exclusive)),
             "snapshot": lambda rec: recover_request(domain, rec),

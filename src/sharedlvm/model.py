@@ -111,6 +111,12 @@ class Downloaded:
 
 
 @dataclass(frozen=True)
+class ImageDeleted:
+    image: str
+    volumes: list[str]  # removed, the leaf first
+
+
+@dataclass(frozen=True)
 class Deleted:
     uuid: str
     deleted: bool = True

@@ -58,6 +58,11 @@ def _not_prepared_here(ctx: handlers.Context, req: rq.DeleteVolume) -> None:
         raise errors.Busy(f"volume {req.volume} is prepared on this host; tear it down first")
 
 
+def _image_not_prepared_here(ctx: handlers.Context, req: rq.DeleteImage) -> None:
+    if req.image in ctx.service(req.domain).prepared.images():
+        raise errors.Busy(f"image {req.image} is prepared on this host; tear it down first")
+
+
 _D = "/v1/domains/{domain}"
 _V = _D + "/volumes/{volume}"
 _I = _D + "/images/{image}"
@@ -102,6 +107,9 @@ TABLE: tuple[Operation, ...] = (
               cli=("image", "info")),
     Operation(rq.PrepareImage, handlers.prepare_image, http=("POST", f"{_I}/prepare"),
               cli=("image", "prepare")),
+    Operation(rq.DeleteImage, handlers.delete_image, manager_only=True, forward=True,
+              idempotent=True, check_here=_image_not_prepared_here, http=("DELETE", _I),
+              cli=("image", "delete")),
     Operation(rq.TeardownImage, handlers.teardown_image, http=("POST", f"{_I}/teardown"),
               cli=("image", "teardown")),
     Operation(rq.GetDomain, handlers.get_domain, local=True, http=("GET", _D),

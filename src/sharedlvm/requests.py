@@ -31,6 +31,7 @@ from .model import (
     Done,
     Downloaded,
     HostInfo,
+    ImageDeleted,
     ImageInfo,
     ManagerStatus,
     Prepared,
@@ -552,6 +553,27 @@ class TeardownImage(Request):
 
     def __post_init__(self) -> None:
         check_uuid(self.image, "image")
+
+
+@dataclass(frozen=True)
+class DeleteImage(Request):
+    """delete an image: every volume of its chain, the leaf first
+
+    A template of another image under it stays; refused while any of its volumes is
+    in use or is the template of a linked clone. Asked on any host, run by the
+    manager."""
+
+    op: ClassVar[str] = "image.delete"
+    Result: ClassVar[Any] = ImageDeleted
+
+    image: str = arg("image UUID", positional=True)
+    wipe: bool = arg("zero each volume's data before removing it", False)
+    request_id: str | None = arg("makes the request idempotent", None)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_uuid(self.image, "image")
+        _check_common(self)
 
 
 # Domains, the manager role, hosts, the daemon

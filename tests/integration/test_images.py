@@ -188,6 +188,38 @@ def test_image_prepare_for_a_consumer_and_a_real_qemu(cluster: Cluster) -> None:
     qemu_io(cluster.hosts[2], base["image"], "write -P 0x5 0 64k")
 
 
+def test_image_delete_removes_its_chain_leaf_first(cluster: Cluster) -> None:
+    h1, h2, h3 = cluster.hosts
+    tpl = h1.cli_json("volume", "create", "--size", "256M")
+    h1.cli("volume", "template", tpl["uuid"])
+    clone = h2.cli_json("volume", "clone", tpl["uuid"], "--linked")
+    snap = h2.cli_json("volume", "snapshot", clone["uuid"])
+
+    before = cluster.disk_state()
+    # The template's image: a linked clone of another image is on top of it.
+    assert clone["uuid"] in h3.refused("image", "delete", tpl["image"])
+    consumer = h1.popen("run", "--image", clone["image"], "--", sys.executable, "-c",
+                        "import time; print('ready', flush=True); time.sleep(60)")
+    try:
+        assert consumer.stdout is not None and consumer.stdout.readline() == "ready\n"
+        assert "in use" in h3.refused("image", "delete", clone["image"])
+    finally:
+        consumer.terminate()
+        consumer.wait(timeout=30)
+    assert cluster.disk_state()["lvs"] == before["lvs"]
+
+    got = h3.cli_json("image", "delete", clone["image"], "--request-id", "del-img-1")
+    assert got == {"image": clone["image"], "volumes": [snap["uuid"], clone["uuid"]]}
+    names = {lv.name for vg in cluster.raw_lvm().vgs() for lv in cluster.raw_lvm().lvs(vg.name)}
+    assert snap["uuid"] not in names and clone["uuid"] not in names
+    assert lv_tags(cluster, tpl["uuid"])["role"] == "template"  # another image's: kept
+    assert "not found" in h1.refused("image", "info", clone["image"])
+    # Asked again: the same answer.
+    assert h2.cli_json("image", "delete", clone["image"], "--request-id", "del-img-1") == got
+    h3.cli("image", "delete", tpl["image"])
+    assert "not found" in h1.refused("volume", "info", tpl["uuid"])
+
+
 # (overlay-created, the LV made but no header yet, recovers like overlay-formatted: the
 # creating LV removed; run it by hand with -k when that path changes)
 @pytest.mark.parametrize("point", ["overlay-formatted", "overlay-parent-internal"])

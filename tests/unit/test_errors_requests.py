@@ -104,6 +104,7 @@ def test_every_request_round_trips() -> None:
                          request_id="r-5:reserve"),
         rq.PublishVolume(VOL, host_id=7, request_id="r-5:publish"),
         rq.MergeVolume(VOL, request_id="r-6"),
+        rq.DeleteImage(VOL, wipe=True, request_id="r-7"),
     ]
     assert {type(s) for s in samples} == {op.request for op in operations.TABLE}
     for sample in samples:
