@@ -112,7 +112,7 @@ sys.exit(devcount.main([device, "--host-id", host, "--state", state, "--interval
 OP_WEIGHTS = [("create-raw", 14), ("create-qcow2", 5), ("create-bigtags", 1), ("extend", 8),
               ("delete", 8), ("prepare", 4), ("teardown", 4), ("consume", 7),
               ("release-manager", 1), ("list", 3), ("snapshot", 3), ("clone", 2),
-              ("merge", 2)]
+              ("merge", 2), ("upload", 1), ("image-delete", 1)]
 FAULT_WEIGHTS = [("kill-manager-daemon", 3), ("kill-daemon", 2), ("stop-manager-daemon", 2),
                  ("stop-daemon", 1), ("host-crash", 2), ("kill-lvm-child", 3),
                  ("kill-qemu-img-child", 1), ("failpoint", 2), ("torn-outbox", 2),
@@ -135,7 +135,8 @@ CLEAN_REFUSALS = LOCAL | {"VolumeInUse", "VolumeHeld", "Busy", "VolumeNotFound",
 ERRORS_SAY_FINAL = hasattr(errors.Error, "final")
 NONFINAL_TRIES = 8
 REPLAYABLE = ("create-raw", "create-qcow2", "create-bigtags", "create-journal", "extend",
-              "delete", "delete-wipe", "snapshot", "clone", "merge")
+              "delete", "delete-wipe", "snapshot", "clone", "merge", "upload",
+              "image-delete")
 
 
 @dataclass
@@ -202,6 +203,7 @@ class Vol:
     failures: list[str] = field(default_factory=list)  # failed deletes and extends
     parent: str | None = None  # a snapshot's: the volume below it
     leaf: bool = True  # as far as the harness knows: nothing on top of it
+    image: str = ""
 
     def history(self) -> str:
         return f"; earlier failed requests on it: {', '.join(self.failures)}" if (
@@ -494,6 +496,7 @@ class Torture:
         self.check_rng = random.Random(f"{cfg.seed}:checks")
         self.cluster: Cluster | None = None
         self.workdir = Path()
+        self.upload_file = Path()
         self.log: EventLog | None = None
 
     # Small helpers
@@ -562,6 +565,11 @@ class Torture:
         self.workdir = cfg.workdir or Path(tempfile.mkdtemp(prefix="sharedlvm-torture-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "consumers").mkdir(exist_ok=True)
+        self.upload_file = self.workdir / "upload.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(self.upload_file),
+                        "256M"], check=True)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 8M",
+                        str(self.upload_file)], check=True, capture_output=True)
         self.fpdir = self.workdir / "failpoints"
         self.fpdir.mkdir(exist_ok=True)
         self.log = EventLog(self.workdir / "torture.log", cfg.verbose)
@@ -741,6 +749,7 @@ class Torture:
          "teardown": self.op_teardown, "consume": self.op_consume,
          "release-manager": self.op_release, "list": self.op_list,
          "snapshot": self.op_snapshot, "clone": self.op_clone, "merge": self.op_merge,
+         "upload": self.op_upload, "image-delete": self.op_image_delete,
          }[kind](host, kind, p, rid)
 
     def pick_volume(self, x: float, pred: Callable[[Vol], bool], busy: bool,
@@ -788,7 +797,8 @@ class Torture:
         if req.status == "acked":
             info = req.result
             with self.lock:
-                self.volumes[info.uuid] = Vol(info.uuid, rid, fmt, info.capacity, info.size)
+                self.volumes[info.uuid] = Vol(info.uuid, rid, fmt, info.capacity, info.size,
+                                              image=info.image)
                 req.volume = info.uuid
         return req
 
@@ -811,7 +821,8 @@ class Torture:
                 if req.status == "acked":
                     info = req.result
                     self.volumes[info.uuid] = Vol(info.uuid, rid, "qcow2", info.capacity,
-                                                  info.size, parent=vol.uuid)
+                                                  info.size, parent=vol.uuid,
+                                                  image=info.image)
                     vol.leaf = False
                     req.volume = info.uuid
                 elif req.status == "failed":
@@ -839,8 +850,63 @@ class Torture:
             if req.status == "acked":
                 info = req.result
                 self.volumes[info.uuid] = Vol(info.uuid, rid, info.format.value,
-                                              info.capacity, info.size)
+                                              info.capacity, info.size, image=info.image)
                 req.volume = info.uuid
+
+    def op_upload(self, host: Host, kind: str, p: list[float], rid: str) -> None:
+        """A qcow2 file of the harness imported (copies.py), copied on the asking host."""
+        if self.live_count() >= self.cfg.max_volumes:
+            self.op_list(host, "list", p, rid)
+            return
+        rid += "-u"
+        tags = {"rid": rid, "torture": str(self.cfg.seed)}
+        req = self.new_req(rid, "upload", host.index,
+                           lambda c: c.upload_volume(self.upload_file, tags=tags,
+                                                     request_id=rid))
+        self.ask(req)
+        with self.lock:
+            if req.status == "acked":
+                info = req.result
+                self.volumes[info.uuid] = Vol(info.uuid, rid, info.format.value,
+                                              info.capacity, info.size, image=info.image)
+                req.volume = info.uuid
+
+    def op_image_delete(self, host: Host, kind: str, p: list[float], rid: str) -> None:
+        """Every volume of an image, the leaf first (images.py), while its volumes are
+        left alone by the other workers."""
+        with self.lock:
+            cands = sorted({v.image for v in self.volumes.values()
+                            if v.image and v.state == "present"})
+            members: list[Vol] = []
+            if cands:
+                image = cands[int(p[0] * len(cands))]
+                members = [v for v in self.volumes.values() if v.image == image
+                           and v.state in ("present", "maybe")]
+            if not members or any(v.busy for v in members):
+                members = []
+            for v in members:
+                v.busy = True
+        if not members:
+            self.op_list(host, "list", p, rid)
+            return
+        rid += "-i"
+        try:
+            req = self.new_req(rid, "image-delete", host.index,
+                               lambda c: c.delete_image(image, request_id=rid))
+            self.ask(req)
+            with self.lock:
+                if req.status == "acked":
+                    gone = set(req.result.volumes)
+                    for v in members:
+                        if v.uuid in gone:
+                            v.state, v.t_deleted = "deleted", time.monotonic()
+                elif req.open or req.status == "abandoned":
+                    for v in members:
+                        v.state, v.why_maybe = "maybe", "image delete left open"
+        finally:
+            with self.lock:
+                for v in members:
+                    v.busy = False
 
     def op_merge(self, host: Host, kind: str, p: list[float], rid: str) -> None:
         """A snapshot merged into the volume below it (images.py), raced by consumers
@@ -1778,7 +1844,8 @@ class Torture:
                     self.volumes[name] = Vol(name, rid, meta.get("format", "raw"),
                                              int(meta.get("capacity", lv.size)), lv.size,
                                              state="present" if state == "ready" else "maybe",
-                                             why_maybe=f"adopted {state}")
+                                             why_maybe=f"adopted {state}",
+                                             image=meta.get("image", ""))
                     self.notes["volumes adopted from failed or unanswered creates"] += 1
             for vol in sorted(self.volumes.values(), key=lambda v: v.rid):
                 if vol.busy and not strict:

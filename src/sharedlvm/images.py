@@ -422,7 +422,12 @@ def _merge(domain: Domain, a: _MergeIntent, resumed: bool,
             return get_volume(domain, a.parent)
         raise
     parent = get_volume(domain, a.parent)
-    held = [parent] + [get_volume(domain, v) for v in a.above if v != a.volume] + [top]
+    # What is above may have changed while a cut merge waited for the next manager
+    # (its leaf deleted): what is gone is neither held nor rebased.
+    above = [v for v in a.above if v != a.volume and _exists_now(domain, v)]
+    held = [parent] + [get_volume(domain, v) for v in above] + [top]
+    if a.child is not None and a.child not in above:
+        a = replace(a, child=None)
     with contextlib.ExitStack() as stack:
         # Nobody may use the chain: every volume from the parent up is held here.
         for info in sorted(held, key=lambda v: v.uuid):
@@ -463,6 +468,14 @@ def _merge(domain: Domain, a: _MergeIntent, resumed: bool,
             _leaf_again(domain, a.parent)
     log.info("merged volume %s into %s", a.volume, a.parent)
     return get_volume(domain, a.parent)
+
+
+def _exists_now(domain: Domain, volume: str) -> bool:
+    try:
+        get_volume(domain, volume)
+    except errors.VolumeNotFound:
+        return False
+    return True
 
 
 def _grow_for_merge(domain: Domain, parent: VolumeInfo, top: VolumeInfo, p_path: str,
