@@ -842,14 +842,18 @@ class Torture:
         rid += "-k"
         tags = {"rid": rid, "torture": str(self.cfg.seed)}
         fmt = "qcow2" if p[1] < 0.3 else None
-        req = self.new_req(rid, "clone", host.index,
-                           lambda c: c.clone_volume(vol.uuid, linked=False, format=fmt,
-                                                    tags=tags, request_id=rid), vol.uuid)
+        self.ask_new_volume(self.new_req(
+            rid, "clone", host.index,
+            lambda c: c.clone_volume(vol.uuid, linked=False, format=fmt, tags=tags,
+                                     request_id=rid), vol.uuid))
+
+    def ask_new_volume(self, req: Req) -> None:
+        """Ask ``req``, whose answer is a new volume of a new image; follow it."""
         self.ask(req)
         with self.lock:
             if req.status == "acked":
                 info = req.result
-                self.volumes[info.uuid] = Vol(info.uuid, rid, info.format.value,
+                self.volumes[info.uuid] = Vol(info.uuid, req.rid, info.format.value,
                                               info.capacity, info.size, image=info.image)
                 req.volume = info.uuid
 
@@ -860,16 +864,9 @@ class Torture:
             return
         rid += "-u"
         tags = {"rid": rid, "torture": str(self.cfg.seed)}
-        req = self.new_req(rid, "upload", host.index,
-                           lambda c: c.upload_volume(self.upload_file, tags=tags,
-                                                     request_id=rid))
-        self.ask(req)
-        with self.lock:
-            if req.status == "acked":
-                info = req.result
-                self.volumes[info.uuid] = Vol(info.uuid, rid, info.format.value,
-                                              info.capacity, info.size, image=info.image)
-                req.volume = info.uuid
+        self.ask_new_volume(self.new_req(
+            rid, "upload", host.index,
+            lambda c: c.upload_volume(self.upload_file, tags=tags, request_id=rid)))
 
     def op_image_delete(self, host: Host, kind: str, p: list[float], rid: str) -> None:
         """Every volume of an image, the leaf first (images.py), while its volumes are
