@@ -70,3 +70,17 @@ def test_convert_flags() -> None:
                                  target_is_zero=False, out_of_order=False,
                                  target_cache="writeback")
     assert file[file.index("-t") + 1] == "writeback"
+
+
+def test_metadata_room_covers_what_qemu_img_measures() -> None:
+    """A preallocated qcow2 LV (capacity + metadata_overhead) holds a fully written
+    image: compared with the real qemu-img at sizes up to 64 TiB."""
+    import json
+    import subprocess
+
+    for capacity in (MiB, 1 * GiB, 100 * GiB, 1024 * GiB, 8 * 1024 * GiB, 64 * 1024 * GiB):
+        out = subprocess.run(["qemu-img", "measure", "--output", "json", "--size",
+                              str(capacity), "-O", "qcow2", "-o", "compat=1.1"],
+                             check=True, capture_output=True, text=True).stdout
+        full = json.loads(out)["fully-allocated"]
+        assert capacity + qemu_img.metadata_overhead(capacity) >= full, capacity
