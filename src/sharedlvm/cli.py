@@ -254,11 +254,17 @@ def _show_volumes(found: list[VolumeInfo]) -> None:
 def _show_image(info: ImageInfo) -> None:
     print(f"image {info.image} in domain {info.domain}: {len(info.chain)} volume(s), "
           f"leaf {info.leaf}")
+    def held(v: VolumeInfo) -> str:
+        if v.uuid not in info.holders:
+            return "?"  # asked without the daemon
+        return ",".join(f"host {h}" for h in info.holders[v.uuid]) or "-"
+
     rows = [[str(i), v.uuid, v.role.value, v.format.value, units.format_size(v.capacity),
-             units.format_size(v.size), v.state.value,
+             units.format_size(v.size), v.state.value, held(v),
              "" if v.image == info.image else f"image {v.image}"]
             for i, v in enumerate(info.chain)]
-    _table(rows, ["#", "VOLUME", "ROLE", "FORMAT", "CAPACITY", "LV SIZE", "STATE", "FROM"])
+    _table(rows, ["#", "VOLUME", "ROLE", "FORMAT", "CAPACITY", "LV SIZE", "STATE", "HELD BY",
+                  "FROM"])
 
 
 def _show_domain(info: DomainInfo) -> None:

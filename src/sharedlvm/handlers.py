@@ -187,7 +187,13 @@ def get_volume(ctx: Context, req: GetVolume) -> VolumeInfo:
 
 
 def get_image(ctx: Context, req: GetImage) -> ImageInfo:
-    return images.image_info(ctx.domain(req.domain), req.image)
+    info = images.image_info(ctx.domain(req.domain), req.image)
+    try:
+        layout = ctx.service(req.domain).layout
+        holders = {v.uuid: layout.holders(v) for v in info.chain if v.lease is not None}
+    except errors.Error:  # no daemon here (the CLI's own process), or sanlock unreachable
+        return info
+    return replace(info, holders=holders)
 
 
 def prepare_image(ctx: Context, req: PrepareImage) -> Prepared:

@@ -84,6 +84,9 @@ class ImageInfo:
     domain: str
     leaf: str
     chain: list[VolumeInfo]
+    # Who holds each volume's lease, from the leases on disk (host ids); empty when
+    # asked without a daemon on this host (sanlock is asked through it).
+    holders: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -161,10 +161,16 @@ def run_story(hosts: list[Path], luns: list[str]) -> None:
     print("    file, a bare volume UUID, in the host's image directory):")
     sharedlvm(h3, "run", "--image", f"{clones[0]['image']}:ro", "--", "qemu-img", "info",
               "--backing-chain", "{0}")
-    sharedlvm(h1, "volume", "snapshot", clones[0]["uuid"])
+    snap = json.loads(sharedlvm(h1, "volume", "snapshot", clones[0]["uuid"], "--json"))
     sharedlvm(h1, "image", "info", clones[0]["image"])
     print("    a template with clones on top is not deleted:")
     sharedlvm(h1, "volume", "delete", raw, expect_fail=True)
+    print("    host3 copies that chain into a new independent raw volume (the copy runs on")
+    print("    host3, by qemu-img holding the chain's shared leases and the new volume's):")
+    sharedlvm(h3, "volume", "clone", snap["uuid"], "--format", "raw")
+    print("    the snapshot is merged back into the volume below it (its chain unused):")
+    sharedlvm(h2, "volume", "merge", snap["uuid"])
+    sharedlvm(h2, "image", "info", clones[0]["image"])
 
     say("Clean handover: host1 gives the manager role up; another host takes it at once")
     start = time.monotonic()

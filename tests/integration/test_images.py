@@ -203,6 +203,10 @@ def test_image_delete_removes_its_chain_leaf_first(cluster: Cluster) -> None:
     try:
         assert consumer.stdout is not None and consumer.stdout.readline() == "ready\n"
         assert "in use" in h3.refused("image", "delete", clone["image"])
+        # image info says who holds each volume of the chain: host 1's consumer.
+        held = h2.cli_json("image", "info", clone["image"])["holders"]
+        assert held == {tpl["uuid"]: [1], clone["uuid"]: [1], snap["uuid"]: [1]}
+        assert "host 1" in h2.cli("image", "info", clone["image"]).stdout
     finally:
         consumer.terminate()
         consumer.wait(timeout=30)
