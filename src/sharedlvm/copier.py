@@ -93,6 +93,7 @@ class Copier:
         os.setpgid(0, 0)
         leases.use_run_dir(self.paths.sanlock_run_dir)
         self.fd = leases.register()
+        os.set_inheritable(self.fd, False)  # never the writer's: its own connection
         leases.killpath(self.fd, [KILL, "-KILL", "--", f"-{os.getpid()}"])
         source, source_format = self._open_source()
         target_format = self.job["target_format"]

@@ -7,9 +7,11 @@ killed copier and removed by the next manager, nothing changed by a refused copy
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -135,22 +137,32 @@ def test_upload_clone_download_round_trip(cluster: Cluster, tmp_path: Path) -> N
     assert cluster.disk_state() == before
 
 
-def _holders(host: Any, volume: str) -> list[int]:
-    from sharedlvm import leases
-    from sharedlvm.lease_layout import LeaseLayout
-    from sharedlvm.volume import get_volume
+def _inquire(host: Any, pid: int) -> Any:
+    """The leases process ``pid`` of ``host`` holds, asked of that host's sanlock (in a
+    process of its own: libsanlock keeps the first run dir a process used)."""
+    code = ("import json, sys; from pathlib import Path; from sharedlvm import leases; "
+            "leases.use_run_dir(Path(sys.argv[1])); "
+            "print(json.dumps([[h.resource, h.shared] for h in "
+            "leases.inquire(pid=int(sys.argv[2]))]))")
+    out = subprocess.run([sys.executable, "-c", code, str(host.paths.sanlock_run_dir),
+                          str(pid)], check=True, capture_output=True, text=True,
+                         env=host.env).stdout
+    return json.loads(out)
 
-    leases.use_run_dir(host.paths.sanlock_run_dir)
-    d = host.domain()
-    return LeaseLayout(d).holders(get_volume(d, volume))
+
+def _holders(host: Any, volume: str) -> list[int]:
+    """Who holds ``volume``'s lease, as ``image info`` says (from the leases on disk)."""
+    image = host.cli_json("volume", "info", volume)["image"]
+    return list(host.cli_json("image", "info", image)["holders"].get(volume, []))
 
 
 @pytest.fixture
 def slow_copies(cluster: Cluster) -> Any:
-    """Host 2's daemon restarted with copies limited to 4 MiB/s."""
+    """Host 2's daemon restarted with copies limited to 2 MiB/s (a copy of 24 MiB
+    takes 12 s: long enough to look at it under any load)."""
     h2 = cluster.hosts[1]
     config = h2.paths.config_dir / "daemon.toml"
-    config.write_text(f"[daemon]\ncopy_rate = {4 * MiB}\n")
+    config.write_text(f"[daemon]\ncopy_rate = {2 * MiB}\n")
     h2.restart_daemon()
     try:
         yield cluster
@@ -205,10 +217,8 @@ def test_killed_copier_leaves_the_target_for_the_retry(slow_copies: Cluster,
     writers = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     assert len(writers) == 1
     assert Path(f"/proc/{writers[0]}/comm").read_text().strip() == "qemu-img"
-    from sharedlvm import leases
-    leases.use_run_dir(h2.paths.sanlock_run_dir)
-    held = leases.inquire(pid=int(writers[0]))
-    assert [(x.resource, x.shared) for x in held] == [(target, False)]
+    held = _inquire(h2, int(writers[0]))
+    assert held == [[target, False]]
     os.killpg(copy["pid"], signal.SIGKILL)  # the copier and its qemu-img
     thread.join(timeout=60)
     assert "error" in outcome and not outcome["error"].final, outcome
