@@ -1,16 +1,25 @@
-"""Images and copies (issue 10) against bare qemu-img and LVM, measured in the same run.
+"""Images and copies (issue 10) against dd, bare qemu-img and bare lvcreate, measured
+in the same run.
 
-A 2-host loop bed (a sparse-file LUN) and a source image of 2 GiB with 512 MiB of
-random data (a qcow2 file). Each row is sharedlvm's operation, asked on host 2 (not
-the manager: through the storage mailbox), and its baseline: the same qemu-img
-command on plain loop devices over sparse files in the same filesystem (no LVM, no
-leases, no manager), or bare lvcreate. Rounds are interleaved; medians are printed,
-with sharedlvm / baseline as a ratio.
+A 2-host loop bed (a sparse-file LUN). Every sharedlvm operation is asked on host 2,
+which is not manager (requests go through the storage mailbox; copies run on host 2).
 
-    .venv/bin/python bench/images.py [--rounds 3] [--data-mib 512]
+- Full clone of a 4 GiB raw volume 10% and 100% full (random data), into a raw
+  volume, against ``dd bs=1M oflag=direct`` of the whole device and a bare
+  ``qemu-img convert -n -W -T none -t none`` between the same source device and a bare
+  loop device (targets: >= 5x dd on the 10%-full disk, >= 0.9x bare qemu-img).
+- Snapshot and linked-clone latency against a bare ``lvcreate`` (-an -Zn, tags) in a
+  VG of its own on a loop device (target <= 1.5x).
+- Merge of a snapshot holding 1 GiB of data, against a bare ``qemu-img commit`` of
+  the same shape between loop devices.
 
-Run on an idle machine (make test or another bench at the same time changes the
-figures); takes about 3 minutes.
+Baselines on the source device run inside a ``sharedlvm run`` consumer and are timed
+there: they pay no lease or activation. Medians; ratio = baseline / sharedlvm for
+speeds (higher is better), sharedlvm / baseline for latencies (lower is better).
+
+    .venv/bin/python bench/images.py [--rounds 3] [--latency-rounds 10]
+
+Run on an idle machine; takes about 6 minutes and 20 GB of free space in /tmp.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,12 +43,12 @@ from bed import destroy_cluster, make_cluster
 
 MiB = 1024**2
 GiB = 1024**3
-CONVERT = ["qemu-img", "convert", "-T", "none", "-t", "none"]
+SIZE = 4 * GiB
+TAGS = ["sl.image=0b8a7c1e-1111-4111-8111-111111111111", "sl.parent=none",
+        "sl.format=qcow2", "sl.alloc=thin", "sl.gen=3", "sl.lease=12", "sl.state=ready"]
 
 
 class Stopwatch:
-    """``with watch: ...`` then ``watch.seconds``."""
-
     seconds = 0.0
 
     def __enter__(self) -> Stopwatch:
@@ -56,7 +65,7 @@ def run(*argv: str) -> str:
 
 @contextmanager
 def loop_device(directory: Path, name: str, size: int) -> Iterator[str]:
-    """A bare target: a loop device on a sparse file, like the bed's LUN."""
+    """A bare device: a loop device on a sparse file, like the bed's LUN."""
     path = directory / name
     with open(path, "wb") as f:
         f.truncate(size)
@@ -68,113 +77,150 @@ def loop_device(directory: Path, name: str, size: int) -> Iterator[str]:
         path.unlink()
 
 
-def make_source(directory: Path, data_mib: int) -> Path:
-    raw = directory / "source.raw"
-    with open(raw, "wb") as f:
-        f.truncate(2 * GiB)
-        for i in range(data_mib // 4):  # 4 MiB of data every 16 MiB
-            f.seek(i * 16 * MiB)
-            f.write(os.urandom(4 * MiB))
-    src = directory / "source.qcow2"
-    run("qemu-img", "convert", "-O", "qcow2", str(raw), str(src))
-    raw.unlink()
-    return src
+FILL = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY)
+percent = int(sys.argv[2])
+chunk = 4 << 20
+size = os.lseek(fd, 0, os.SEEK_END)
+step = chunk * 100 // percent
+for offset in range(0, size, step):
+    os.pwrite(fd, os.urandom(chunk), offset)
+os.fsync(fd)
+"""
+
+TIMED = """
+import subprocess, sys, time
+argv = [a.replace("{SRC}", sys.argv[1]) for a in sys.argv[2:]]
+start = time.monotonic()
+subprocess.run(argv, check=True, capture_output=True)
+print(time.monotonic() - start)
+"""
 
 
-def timed_in_consumer(host: Any, volume: str, argv: list[str], target: str) -> float:
-    """A bare qemu-img on ``volume`` (read-only, as sharedlvm's consumer), timed inside
-    the consumer: the baseline pays no lease or activation."""
-    code = ("import subprocess, sys, time; t = time.monotonic(); "
-            f"subprocess.run({argv!r} + ['-f', 'qcow2', sys.argv[1], sys.argv[2]], "
-            "check=True); print(time.monotonic() - t)")
-    out = host.cli("run", "--volume", f"{volume}:ro", "--", sys.executable, "-c", code,
-                   "{0}", target).stdout
+def timed_on(host: Any, volume: str, argv: list[str]) -> float:
+    """``argv`` ({SRC}: the volume's device, read-only) inside a consumer, timed there."""
+    out = host.cli("run", "--volume", f"{volume}:ro", "--", sys.executable, "-c", TIMED,
+                   "{0}", *argv).stdout
     return float(out.strip().splitlines()[-1])
 
 
-def one_round(c: Any, work: Path, src: Path, k: int,
-              add: Callable[[str, float, float, str], None]) -> None:
+def full_clones(c: Any, work: Path, rounds: int, rows: list[list[str]]) -> None:
     h2 = c.hosts[1]
-    ours, base = Stopwatch(), Stopwatch()
-    # Upload (import a cloud image) vs qemu-img convert into a bare device.
-    with loop_device(work, "t1", 3 * GiB) as dev, base:
-        run(*CONVERT, "-O", "qcow2", str(src), dev)
-    with ours:
-        vol = h2.client.upload_volume(src)
-    add("upload (qcow2 file -> thin qcow2)", ours.seconds, base.seconds,
-        "qemu-img convert file -> loop device")
+    for percent in (10, 100):
+        src = h2.client.create_volume(SIZE)
+        h2.cli("run", "--volume", src.uuid, "--", sys.executable, "-c", FILL, "{0}",
+               str(percent))
+        ours, dd, bare = [], [], []
+        for _ in range(rounds):
+            with loop_device(work, "dd", SIZE) as dev:
+                dd.append(timed_on(h2, src.uuid, ["dd", "if={SRC}", f"of={dev}", "bs=1M",
+                                                  "oflag=direct", "iflag=direct"]))
+            with loop_device(work, "convert", SIZE) as dev:
+                bare.append(timed_on(h2, src.uuid, [
+                    "qemu-img", "convert", "-T", "none", "-t", "none", "-n", "-W", "-f",
+                    "raw", "-O", "raw", "{SRC}", dev]))
+            with Stopwatch() as watch:
+                clone = h2.client.clone_volume(src.uuid, linked=False)
+            ours.append(watch.seconds)
+            h2.client.delete_volume(clone.uuid)
+        h2.client.delete_volume(src.uuid)
+        a, d, b = (statistics.median(x) for x in (ours, dd, bare))
+        rows.append([f"full clone, 4 GiB raw {percent}% full", f"{a:.2f} s",
+                     f"dd {d:.2f} s", f"{d / a:.2f}x dd",
+                     "target >= 5x" if percent == 10 else ""])
+        rows.append([f"full clone, 4 GiB raw {percent}% full", f"{a:.2f} s",
+                     f"qemu-img convert {b:.2f} s", f"{b / a:.2f}x bare",
+                     "target >= 0.9x"])
 
-    # Full clone, raw: flattened onto a new LV vs convert device -> bare device.
-    with loop_device(work, "t2", 3 * GiB) as dev:
-        secs = timed_in_consumer(h2, vol.uuid, [*CONVERT, "-n", "-W", "-O", "raw"], dev)
-    with ours:
-        clone = h2.client.clone_volume(vol.uuid, linked=False, format="raw")
-    add("full clone (qcow2 -> raw LV)", ours.seconds, secs,
-        "qemu-img convert device -> loop device")
 
-    # Download vs convert device -> file.
-    out_file, base_file = work / f"down{k}.qcow2", work / f"base{k}.qcow2"
-    secs = timed_in_consumer(h2, vol.uuid, [*CONVERT[:4], "-O", "qcow2"], str(base_file))
-    with ours:
-        h2.client.download_volume(vol.uuid, out_file)
-    add("download (-> qcow2 file)", ours.seconds, secs, "qemu-img convert device -> file")
-    out_file.unlink()
-    base_file.unlink()
-
-    # Template + linked clone vs bare lvcreate of a 1 GiB LV + qemu-img create -b.
-    h2.client.template_volume(clone.uuid)
-    with ours:
-        linked = h2.client.clone_volume(clone.uuid, linked=True)
-    vg = f"bench{k}"
-    with loop_device(work, "t3", 4 * GiB) as dev:
+def latencies(c: Any, work: Path, rounds: int, rows: list[list[str]]) -> None:
+    h2 = c.hosts[1]
+    base = h2.client.create_volume(SIZE, format="qcow2")
+    snap, linked, bare = [], [], []
+    tpl = h2.client.create_volume(1 * GiB)
+    h2.client.template_volume(tpl.uuid)
+    with loop_device(work, "lvs", 64 * GiB) as dev:
         run("pvcreate", "-q", dev)
-        run("vgcreate", "-q", vg, dev)
+        run("vgcreate", "-q", "benchvg", dev)
         try:
-            with base:
-                run("lvcreate", "-q", "-y", "-an", "-Zn", "-L", "1G", "-n", "lc", vg)
-                run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "base", "-F",
-                    "raw", str(work / "lc.qcow2"), "2G")
+            for i in range(rounds):
+                with Stopwatch() as watch:
+                    top = h2.client.snapshot_volume(base.uuid)
+                snap.append(watch.seconds)
+                h2.client.delete_volume(top.uuid)
+                with Stopwatch() as watch:
+                    clone = h2.client.clone_volume(tpl.uuid, linked=True)
+                linked.append(watch.seconds)
+                h2.client.delete_volume(clone.uuid)
+                with Stopwatch() as watch:
+                    run("lvcreate", "-q", "-y", "-an", "-Zn", "-L", "1G", "-n", f"lv{i}",
+                        *[x for t in TAGS for x in ("--addtag", t)], "benchvg")
+                bare.append(watch.seconds)
         finally:
-            subprocess.run(["vgremove", "-q", "-f", vg], check=False)
+            subprocess.run(["vgremove", "-q", "-f", "benchvg"], check=False)
             subprocess.run(["pvremove", "-q", dev], check=False)
-    (work / "lc.qcow2").unlink(missing_ok=True)
-    add("linked clone (template)", ours.seconds, base.seconds,
-        "lvcreate + qemu-img create -b")
+    h2.client.delete_volume(base.uuid)
+    h2.client.delete_volume(tpl.uuid)
+    b = statistics.median(bare)
+    for name, values in (("snapshot", snap), ("linked clone", linked)):
+        a = statistics.median(values)
+        rows.append([f"{name} latency (p50 of {rounds})", f"{a * 1000:.0f} ms",
+                     f"lvcreate {b * 1000:.0f} ms", f"{a / b:.2f}x lvcreate",
+                     "target <= 1.5x"])
 
-    # Leave nothing for the next round (image delete, the leaf first).
-    for image in (linked.image, clone.image, vol.image):
-        h2.client.delete_image(image)
+
+def merges(c: Any, work: Path, rounds: int, rows: list[list[str]]) -> None:
+    h2 = c.hosts[1]
+    ours, bare = [], []
+    write = ["-c", f"write -P 0x5c 0 {GiB}"]
+    for _ in range(rounds):
+        # Preallocated: the loop bed maps single-segment LVs only, and a thin parent
+        # grown for the merge would get a second segment.
+        base = h2.client.create_volume(SIZE, format="qcow2", alloc="preallocated")
+        top = h2.client.snapshot_volume(base.uuid)
+        h2.cli("run", "--image", base.image, "--", "qemu-io", "-f", "qcow2", *write, "{0}")
+        with Stopwatch() as watch:
+            h2.client.merge_volume(top.uuid)
+        ours.append(watch.seconds)
+        h2.client.delete_volume(base.uuid)
+        # The same shape, bare: a qcow2 base and a 1 GiB overlay on loop devices.
+        with loop_device(work, "base", SIZE + 64 * MiB) as b_dev, \
+                loop_device(work, "top", 2 * GiB) as t_dev:
+            run("qemu-img", "create", "-q", "-f", "qcow2", b_dev, str(SIZE))
+            run("qemu-img", "create", "-q", "-f", "qcow2", "-b", b_dev, "-F", "qcow2", t_dev,
+                str(SIZE))
+            run("qemu-io", "-f", "qcow2", *write, t_dev)
+            with Stopwatch() as watch:
+                run("qemu-img", "commit", "-q", "-t", "none", "-d", "-f", "qcow2", t_dev)
+            bare.append(watch.seconds)
+    a, b = statistics.median(ours), statistics.median(bare)
+    rows.append(["merge, 1 GiB in the snapshot", f"{a:.2f} s", f"qemu-img commit {b:.2f} s",
+                 f"{a / b:.2f}x commit", ""])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--data-mib", type=int, default=512)
+    parser.add_argument("--latency-rounds", type=int, default=10)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-images-"))
-    rows: dict[str, tuple[list[float], list[float], str]] = {}
-
-    def add(name: str, ours: float, base: float, baseline: str) -> None:
-        a, b, _ = rows.setdefault(name, ([], [], baseline))
-        a.append(ours)
-        b.append(base)
-
+    rows: list[list[str]] = []
     c = make_cluster(work / "bed", hosts=2, size=40 * GiB)
     try:
-        src = make_source(work, args.data_mib)
-        for k in range(args.rounds):
-            one_round(c, work, src, k, add)
+        full_clones(c, work, args.rounds, rows)
+        latencies(c, work, args.latency_rounds, rows)
+        merges(c, work, max(1, args.rounds - 1), rows)
     finally:
         destroy_cluster(c)
         shutil.rmtree(work, ignore_errors=True)
-
-    print(f"\nsharedlvm images and copies: {args.rounds} rounds, a 2 GiB source with "
-          f"{args.data_mib} MiB of data; asked on a host that is not manager; medians\n")
-    print("| operation | sharedlvm s | baseline s | ratio | baseline |")
+    print(f"\nsharedlvm images (bench/images.py): asked on a host that is not manager; "
+          f"medians of {args.rounds} rounds (latencies: {args.latency_rounds}); "
+          f"{os.cpu_count()} cores, loop devices on sparse files\n")
+    print("| operation | sharedlvm | baseline | ratio | target |")
     print("|---|---:|---:|---:|---|")
-    for name, (ours_l, base_l, baseline) in rows.items():
-        a, b = statistics.median(ours_l), statistics.median(base_l)
-        print(f"| {name} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {baseline} |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
     return 0
 
 
