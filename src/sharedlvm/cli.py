@@ -313,7 +313,8 @@ _PRINTERS: dict[str, Callable[[Any, Any], None]] = {
     "volume.info": lambda a, r: _show_volumes([r]),
     "volume.list": lambda a, r: _show_volumes(r),
     "volume.delete": lambda a, r: print(f"volume {r.uuid} deleted"
-                                        + (" (wiped)" if a.wipe else "")),
+                                        + (" (wiped)" if a.wipe else "")
+                                        + (" (discarded)" if a.discard else "")),
     "volume.prepare": lambda a, r: print(r.path),
     "volume.snapshot": lambda a, r: _show_volumes([r]),
     "volume.template": lambda a, r: _show_volumes([r]),

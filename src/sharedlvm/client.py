@@ -76,9 +76,10 @@ class Client:
                                                        request_id, domain))
         return result
 
-    def delete_volume(self, volume: str, *, wipe: bool = False, request_id: str | None = None,
-                      domain: str | None = None) -> Deleted:
-        result: Deleted = self.call(rq.DeleteVolume(volume, wipe, request_id, domain))
+    def delete_volume(self, volume: str, *, wipe: bool = False, discard: bool = False,
+                      request_id: str | None = None, domain: str | None = None) -> Deleted:
+        result: Deleted = self.call(rq.DeleteVolume(volume, wipe=wipe, discard=discard,
+                                                    request_id=request_id, domain=domain))
         return result
 
     def list_volumes(self, *, image: str | None = None, tags: Mapping[str, str] | None = None,
@@ -170,10 +171,13 @@ class Client:
         path in the image directory (open it there: its backing files resolve)."""
         return str(self.call(rq.PrepareImage(image, pid, shared, domain)).path)
 
-    def delete_image(self, image: str, *, wipe: bool = False, request_id: str | None = None,
-                     domain: str | None = None) -> ImageDeleted:
+    def delete_image(self, image: str, *, wipe: bool = False, discard: bool = False,
+                     request_id: str | None = None, domain: str | None = None
+                     ) -> ImageDeleted:
         """Delete every volume of ``image``, the leaf first."""
-        result: ImageDeleted = self.call(rq.DeleteImage(image, wipe, request_id, domain))
+        result: ImageDeleted = self.call(rq.DeleteImage(image, wipe=wipe, discard=discard,
+                                                        request_id=request_id,
+                                                        domain=domain))
         return result
 
     def teardown_image(self, image: str, *, domain: str | None = None) -> None:

@@ -521,7 +521,7 @@ def delete_image(domain: Domain, request: DeleteImage, exclusive: ExclusiveLease
                 if outside:
                     raise errors.HasChildren(v.uuid, outside, f"delete image {request.image}")
             intent = {"image": request.image, "volumes": [v.uuid for v in own],
-                      "wipe": request.wipe}
+                      "wipe": request.wipe, "discard": request.discard}
 
         def run(a: dict[str, Any], resumed: bool) -> Any:
             return codec.to_wire(_delete_image(domain, a, resumed, exclusive))
@@ -542,7 +542,8 @@ def _delete_image(domain: Domain, a: dict[str, Any], resumed: bool,
             raise
         try:
             with domain.chain_lock(vol), domain.manager_lock(domain.volume_shard(vol)):
-                _delete(domain, vol, bool(a["wipe"]), True, exclusive, parent)
+                _delete(domain, vol, bool(a["wipe"]), True, exclusive, parent,
+                        discard=bool(a.get("discard")))
         except errors.Error as exc:
             if n and exc.changes_nothing:  # true of this volume, not of the request
                 raise errors.Busy(f"image {a['image']}: {n} of {len(volumes)} volumes "

@@ -200,12 +200,20 @@ class DeleteVolume(Request):
 
     volume: str = arg("volume UUID", positional=True)
     wipe: bool = arg("zero the data before removing", False)
+    discard: bool = arg("discard the extents (blkdiscard) before they are freed, where "
+                        "the LUN supports it", False)
     request_id: str | None = arg("makes the request idempotent", None)
     domain: str | None = arg(_DOMAIN_HELP, None)
 
     def __post_init__(self) -> None:
         check_uuid(self.volume)
+        _check_erase(self)
         _check_common(self)
+
+
+def _check_erase(request: Any) -> None:
+    if request.wipe and request.discard:
+        raise InvalidArgument("give one of --wipe and --discard")
 
 
 @dataclass(frozen=True)
@@ -568,11 +576,14 @@ class DeleteImage(Request):
 
     image: str = arg("image UUID", positional=True)
     wipe: bool = arg("zero each volume's data before removing it", False)
+    discard: bool = arg("discard each volume's extents (blkdiscard) before they are "
+                        "freed, where the LUN supports it", False)
     request_id: str | None = arg("makes the request idempotent", None)
     domain: str | None = arg(_DOMAIN_HELP, None)
 
     def __post_init__(self) -> None:
         check_uuid(self.image, "image")
+        _check_erase(self)
         _check_common(self)
 
 

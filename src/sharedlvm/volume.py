@@ -22,6 +22,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from . import codec, errors, journal, qemu_img, tags
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 # vdsm starts thin block volumes at 1 GiB for the same reason: room for a guest's
 # first writes without a round trip to the manager.
 THIN_INITIAL_SIZE = 1 * GiB
+# blkdiscard of a large volume on a slow array: as long as a wipe may take.
+DISCARD_TIMEOUT = 3600.0
 
 # LVM selection matching sharedlvm volumes: every volume carries one sl.state tag.
 # (LVM allows no regex on tag lists, and "{a,b}" did not match either tag on 2.03.16;
@@ -410,7 +413,8 @@ def delete_volume(domain: Domain, request: DeleteVolume,
 
     def run(a: dict[str, Any], resumed: bool) -> Any:
         return codec.to_wire(_delete(domain, a["volume"], bool(a["wipe"]), resumed,
-                                     exclusive, a.get("parent")))
+                                     exclusive, a.get("parent"),
+                                     discard=bool(a.get("discard"))))
 
     with domain.request_lock(request.request_id), domain.chain_lock(request.volume), \
             domain.manager_lock(domain.volume_shard(request.volume)):
@@ -419,7 +423,8 @@ def delete_volume(domain: Domain, request: DeleteVolume,
         except errors.VolumeNotFound:
             parent = None
         result = _once(domain, request, "delete",
-                       {"volume": request.volume, "wipe": request.wipe, "parent": parent},
+                       {"volume": request.volume, "wipe": request.wipe, "parent": parent,
+                        "discard": request.discard},
                        run)
     return codec.from_wire(Deleted, result)  # type: ignore[no-any-return]
 
@@ -438,7 +443,8 @@ def children(domain: Domain, volume_id: str) -> list[str]:
 
 
 def _delete(domain: Domain, vol: str, wipe: bool, resumed: bool,
-            exclusive: ExclusiveLease, parent: str | None = None) -> Deleted:
+            exclusive: ExclusiveLease, parent: str | None = None, *,
+            discard: bool = False) -> Deleted:
     try:
         info = get_volume(domain, vol)
     except errors.VolumeNotFound:
@@ -454,6 +460,9 @@ def _delete(domain: Domain, vol: str, wipe: bool, resumed: bool,
     with exclusive(info):
         failpoint("delete-holding-lease")
         shard.activator.deactivate(shard.vg_name, vol)
+        if discard:
+            # Reach the data first: a LUN without discard refuses before any change.
+            _discard(domain, shard, vol)
         if not wipe:
             # One command: the selection matches only a sharedlvm volume of that name,
             # never a special LV or a foreign LV (rule: never touch what is not ours).
@@ -471,6 +480,26 @@ def _delete(domain: Domain, vol: str, wipe: bool, resumed: bool,
     domain.clear_volume_shard(vol)
     _leaf_again(domain, info.parent)
     return Deleted(vol)
+
+
+def _discard(domain: Domain, shard: Shard, vol: str) -> None:
+    """blkdiscard of the volume's extents (the LUN frees them, on thin storage, and reads
+    them as zeroes where it says so), refused when its device does not take discards."""
+    path = shard.activator.activate(shard.vg_name, vol)
+    try:
+        rdev = os.stat(path).st_rdev
+        sysfs = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/queue")
+        try:
+            supported = int((sysfs / "discard_max_bytes").read_text()) > 0
+        except (OSError, ValueError):
+            supported = False
+        if not supported:
+            raise errors.InvalidArgument(f"the LUN of volume {vol} does not take discards: "
+                                         "delete it without --discard (or with --wipe)")
+        domain.require_manager_now()
+        domain.runner.run(["blkdiscard", path], timeout=DISCARD_TIMEOUT)
+    finally:
+        shard.activator.deactivate(shard.vg_name, vol)
 
 
 def _leaf_again(domain: Domain, parent: str | None) -> None:
@@ -602,7 +631,8 @@ def _recover_requests(domain: Domain, exclusive: ExclusiveLease,
                 elif rec.op == "delete":
                     answer.result = codec.to_wire(_delete(
                         domain, str(rec.args["volume"]), bool(rec.args["wipe"]), True,
-                        exclusive, rec.args.get("parent")))
+                        exclusive, rec.args.get("parent"),
+                        discard=bool(rec.args.get("discard"))))
                 elif rec.op in (more or {}):
                     answer.result = (more or {})[rec.op](rec)
                     if answer.result is None:  # rolled back

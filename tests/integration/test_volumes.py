@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 
 import pytest
@@ -126,6 +127,29 @@ def test_delete_wipe_zeroes_the_extents(cluster: Cluster) -> None:
         assert f.read(4096) == b"\0" * 4096
 
 
+def test_delete_discard_frees_the_extents(cluster: Cluster) -> None:
+    """--discard: blkdiscard of the volume before its extents are freed. On the loop
+    bed the LUN is a sparse file: discarded extents are holes again (fewer blocks
+    allocated, reading zeroes)."""
+    w = cluster.first
+    vol = w.cli_json("volume", "create", "--size", "1G")["uuid"]
+    lvm = cluster.raw_lvm()
+    extent = int(lvm.lv(cluster.name, vol).devices.split("(")[1].rstrip(")"))
+    offset = lvm.pvs([cluster.luns[0]])[0].pe_start + extent * lvm.vg(cluster.name).extent_size
+    w.with_volume(vol, "import os, sys\n"
+                  "with open(sys.argv[1], 'r+b') as f:\n"
+                  "    f.write(b'secret' + os.urandom(32 << 20)); f.flush()\n"
+                  "    os.fsync(f.fileno())\n")
+    lun_file = cluster.bed.luns[0].file
+    before = os.stat(lun_file).st_blocks * 512
+    w.cli("volume", "delete", vol, "--discard")
+    assert vol not in {lv.name for lv in lvm.lvs(cluster.name)}
+    assert before - os.stat(lun_file).st_blocks * 512 >= 32 * 1024**2
+    with open(cluster.luns[0], "rb") as f:
+        f.seek(offset)
+        assert f.read(8192) == b"\0" * 8192
+
+
 @pytest.mark.parametrize("size, message", [
     ("0", "must be larger than 0"),
     ("-1G", "invalid size"),
@@ -156,6 +180,8 @@ def test_create_bad_size_changes_nothing(cluster: Cluster, size: str, message: s
     (["volume", "create", "--size", "1G", "--format", "vmdk"], "invalid choice"),
     (["volume", "create", "--size", "1G", "--alloc", "thin"], "thin needs qcow2"),
     (["volume", "create", "--size", "1G", "--request-id", "a b"], "invalid request id"),
+    (["volume", "delete", "00000000-0000-0000-0000-000000000000", "--wipe", "--discard"],
+     "give one of --wipe and --discard"),
 ])
 def test_bad_input_changes_nothing(cluster: Cluster, args: list[str], message: str) -> None:
     before = cluster.disk_state()
