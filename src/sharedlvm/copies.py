@@ -502,6 +502,11 @@ def upload(domain: Domain, ask: Ask, copies: Copies, settings: CopySettings,
         raise errors.InvalidArgument(
             f"{path} has an external data file or encryption: upload takes a plain image "
             "(convert it first: qemu-img convert)")
+    if file_format == VolumeFormat.QCOW2.value:
+        bad = qemu_img.corruption(domain.runner, path)
+        if bad is not None:
+            raise errors.InvalidArgument(f"{path} is a damaged qcow2 image ({bad}): "
+                                         "repair it first (qemu-img check -r)")
     capacity = int(info.get("virtual-size", 0))
     if capacity <= 0:
         raise errors.InvalidArgument(f"{path} is empty")

@@ -83,6 +83,20 @@ def rebase_unsafe(runner: Runner, path: str, backing: str, backing_format: str) 
                   backing_format, path])
 
 
+def corruption(runner: Runner, path: str) -> str | None:
+    """What ``qemu-img check`` finds wrong with a qcow2 image (leaked clusters are
+    harmless and not counted), or None."""
+    result = runner.run(["qemu-img", "check", "--output", "json", "-f", "qcow2", path],
+                        check=False, timeout=LONG_TIMEOUT)
+    try:
+        data = json.loads(result.out)
+        bad = int(data.get("corruptions", 0)) + int(data.get("check-errors", 0))
+    except (ValueError, TypeError, AttributeError):
+        return result.err.strip().splitlines()[-1] if result.err.strip() else \
+            f"qemu-img check failed (exit {result.rc})"
+    return f"qemu-img check found {bad} errors" if bad else None
+
+
 def end_offset(runner: Runner, node: dict[str, Any]) -> int:
     """Bytes a qcow2 image uses on its device (``qemu-img check``'s end offset)."""
     out = runner.run(["qemu-img", "check", "--output", "json", json_name(node)],

@@ -114,6 +114,12 @@ def test_upload_clone_download_round_trip(cluster: Cluster, tmp_path: Path) -> N
     vmdk = tmp_path / "disk.vmdk"
     qemu_img("create", "-q", "-f", "vmdk", str(vmdk), "16M")
     assert "vmdk" in h2.refused("volume", "upload", str(vmdk))
+    broken = tmp_path / "broken.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(broken), "64M")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write 0 8M", str(broken)], check=True,
+                   capture_output=True)
+    os.truncate(broken, 1024**2)  # its data clusters cut off: qemu-img check errors
+    assert "damaged qcow2" in h2.refused("volume", "upload", str(broken))
     assert "exists" in h3.refused("volume", "download", vol["uuid"], str(src))
     assert "preallocated" in h1.refused("volume", "clone", vol["uuid"], "--format", "raw",
                                      "--alloc", "thin")
@@ -135,6 +141,26 @@ def test_upload_clone_download_round_trip(cluster: Cluster, tmp_path: Path) -> N
         consumer.send_signal(signal.SIGTERM)
         consumer.wait(timeout=30)
     assert cluster.disk_state() == before
+
+
+def test_full_clone_of_a_10_percent_full_disk_writes_its_data_only(cluster: Cluster) -> None:
+    """Sparse-aware: a 1 GiB disk with 104 MiB of data is cloned by writing about that
+    much (sectors written to the LUN, from the kernel's own counters), not 1 GiB."""
+    h1, h2, _ = cluster.hosts
+    src = h1.cli_json("volume", "create", "--size", "1G", "--format", "qcow2")
+    writes = [f"write -P 0x{i % 250 + 1:02x} {i * 40}M 4M" for i in range(26)]
+    h1.cli("run", "--volume", src["uuid"], "--", "qemu-io", "-f", "qcow2",
+           *[x for w in writes for x in ("-c", w)], "{0}")
+    stat = Path(f"/sys/block/{Path(cluster.luns[0]).name}/stat")
+
+    def written() -> int:
+        return int(stat.read_text().split()[6]) * 512
+
+    before = written()
+    clone = h2.cli_json("volume", "clone", src["uuid"], "--format", "qcow2")
+    data = 26 * 4 * MiB
+    assert data <= written() - before <= data * 1.1 + 16 * MiB, written() - before
+    assert clone["format"] == "qcow2" and clone["state"] == "ready"
 
 
 def _inquire(host: Any, pid: int) -> Any:
