@@ -57,19 +57,19 @@ def compare(host: Any, volume: str, fmt: str, other: Path, other_fmt: str) -> No
 def test_upload_clone_download_round_trip(cluster: Cluster, tmp_path: Path) -> None:
     h1, h2, h3 = cluster.hosts
     src = tmp_path / "cloud.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", str(src), "2G")
+    qemu_img("create", "-q", "-f", "qcow2", str(src), "1536M")
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 8M", "-c",
-                    "write -P 0xc3 1800M 4M", str(src)], check=True, capture_output=True)
+                    "write -P 0xc3 1400M 4M", str(src)], check=True, capture_output=True)
 
     # Import on a host that is not manager: reserved and published by the manager,
     # copied here.
     vol = h2.cli_json("volume", "upload", str(src))
     assert (vol["format"], vol["alloc"], vol["state"], vol["capacity"]) == (
-        "qcow2", "thin", "ready", 2048 * MiB)
+        "qcow2", "thin", "ready", 1536 * MiB)
     assert state_of(cluster, vol["uuid"]) == "ready"
     # Thin: the LV holds what qemu-img measured (12 MiB of data) and room for first
     # writes (1 GiB, as a new thin volume), never the whole capacity's worth.
-    assert vol["size"] < 1536 * MiB
+    assert vol["size"] < 1536 * MiB - 128 * MiB
     compare(h3, vol["uuid"], "qcow2", src, "qcow2")
 
     # A snapshot on top, more data in it; then a full clone of the chain as raw,
@@ -82,7 +82,7 @@ def test_upload_clone_download_round_trip(cluster: Cluster, tmp_path: Path) -> N
     assert clone["image"] not in (vol["image"], top["image"])
     assert (clone["parent"], clone["format"], clone["role"], clone["state"]) == (
         None, "raw", "leaf", "ready")
-    assert clone["capacity"] == 2048 * MiB
+    assert clone["capacity"] == 1536 * MiB
     copies_dir = h1.paths.run_dir / cluster.name / "copies"
     assert not copies_dir.exists() or not list(copies_dir.iterdir())  # links removed
 
@@ -93,7 +93,7 @@ def test_upload_clone_download_round_trip(cluster: Cluster, tmp_path: Path) -> N
     assert (got["file"], got["format"]) == (str(out), "raw")
     compare(h1, clone["uuid"], "raw", out, "raw")
     read = subprocess.run(["qemu-io", "-f", "raw", "-r", "-c", "read -P 0x5a 0 8M", "-c",
-                           "read -P 0x77 100M 2M", "-c", "read -P 0xc3 1800M 4M", "-c",
+                           "read -P 0x77 100M 2M", "-c", "read -P 0xc3 1400M 4M", "-c",
                            "read -P 0 8M 92M", str(out)], check=True, capture_output=True,
                           text=True).stdout
     assert "Pattern verification failed" not in read and read.count("read ") == 4
@@ -184,8 +184,8 @@ def _holders(host: Any, volume: str) -> list[int]:
 
 @pytest.fixture
 def slow_copies(cluster: Cluster) -> Any:
-    """Host 2's daemon restarted with copies limited to 2 MiB/s (a copy of 24 MiB
-    takes 12 s: long enough to look at it under any load)."""
+    """Host 2's daemon restarted with copies limited to 2 MiB/s (a copy of 16 MiB
+    takes 8 s: long enough to look at it under any load)."""
     h2 = cluster.hosts[1]
     config = h2.paths.config_dir / "daemon.toml"
     config.write_text(f"[daemon]\ncopy_rate = {2 * MiB}\n")
@@ -228,13 +228,14 @@ def test_killed_copier_leaves_the_target_for_the_retry(slow_copies: Cluster,
     h1, h2, _ = cluster.hosts
     src = tmp_path / "data.raw"
     with open(src, "wb") as f:
-        f.write(os.urandom(24 * MiB))
+        f.write(os.urandom(16 * MiB))
 
     thread, outcome = _upload_in_thread(h2, src, "up-1")
     copy = _running_copy(h2, "up-1")
-    # Progress over the API: a percent, a rate, the copier's pid.
-    assert 0 < copy["percent"] < 100 and copy["kind"] == "upload" and copy["pid"]
-    assert copy["capacity"] == 24 * MiB and copy["bytes_per_second"] > 0
+    # Progress over the API: a percent, a rate, the copier's pid. (qemu-img's percent
+    # runs ahead of writes it holds back for its rate limit: up to 100 here.)
+    assert 0 < copy["percent"] <= 100 and copy["kind"] == "upload" and copy["pid"]
+    assert copy["capacity"] == 16 * MiB and copy["bytes_per_second"] > 0
     target = copy["target"]
     assert state_of(cluster, target) == "creating"
     # The leases belong to the process that writes: qemu-img, the copier's child,

@@ -275,38 +275,33 @@ def test_leases_lv_grows_past_its_slots(tmp_path: Path) -> None:
         destroy_cluster(c)
 
 
-@pytest.mark.slow
-def test_crash_failover(fresh_cluster: Cluster) -> None:
-    c = fresh_cluster
-    gen = _record(c).manager_generation
-    start = time.monotonic()
-    c.first.crash()  # SIGKILL its sanlock and daemon: the manager lease is not released
-    new = _wait(lambda: next((h for h in c.hosts[1:] if h.status()["manager"]), None),
-                timeout=HOST_DEAD + 60, step=0.2)
-    took = time.monotonic() - start
-    print(f"failover after crash: {took:.1f} s (sanlock host-dead time {HOST_DEAD} s)")
-    # Never before sanlock says the old holder is dead: that is the safety.
-    assert took >= HOST_DEAD - 2 * 2 * IO_TIMEOUT
-    assert took <= HOST_DEAD * 1.05 + 10
-    assert _record(c).manager_generation == gen + 1
-    new.cli("volume", "create", "--size", "1G")
-
 
 @pytest.mark.slow
 def test_stale_manager_makes_no_writes(fresh_cluster: Cluster) -> None:
-    """Host 1 hangs (its sanlock and daemon SIGSTOPped) until its lease expires and
-    another host becomes manager and writes. When host 1 wakes up it must not write."""
+    """Host 1 hangs (its sanlock and daemon SIGSTOPped: the manager lease is not
+    released, as after a crash) until its lease expires and another host becomes
+    manager, never before sanlock's host-dead time, and writes. When host 1 wakes up
+    it must not write. (A crash, SIGKILL, leaves the lease the same way; the VM bed's
+    power-loss test cuts a whole guest.)"""
     c = fresh_cluster
     h1 = c.first
+    gen = _record(c).manager_generation
     frozen = [p for p in (h1.sanlock.pid, h1.daemon.pid) if p]
+    start = time.monotonic()
     h1.freeze()
     try:
         new = _wait(lambda: next((h for h in c.hosts[1:] if h.status()["manager"]), None),
-                    timeout=HOST_DEAD + 60, step=0.5)
+                    timeout=HOST_DEAD + 60, step=0.2)
+        took = time.monotonic() - start
+        print(f"failover after a hang: {took:.1f} s (sanlock host-dead time {HOST_DEAD} s)")
+        # Never before sanlock says the old holder is dead: that is the safety.
+        assert took >= HOST_DEAD - 2 * 2 * IO_TIMEOUT
+        assert took <= HOST_DEAD * 1.05 + 10
         new.cli("volume", "create", "--size", "1G")
         seqno = c.raw_lvm().vg(c.name).seqno
         record = _record(c)
         assert record.manager_host_id == new.host_id
+        assert record.manager_generation == gen + 1
     finally:
         h1.thaw(frozen)
     # Host 1 wakes up believing it is manager; a request reaches its daemon at once.

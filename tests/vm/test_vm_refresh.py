@@ -6,7 +6,10 @@
 2. a domain on partitions of a multipath LUN: the LUN is a device-mapper map (as
    multipathd makes one, DM UUID ``mpath-<wwid>``), its partitions kpartx's maps on
    top of it; the reader host finds them at attach and uses a volume of the second
-   shard, whose data the other host reads."""
+   shard, whose data the other host reads; then a qcow2 chain (a base and an overlay
+   naming it by bare UUID) written on one host opens on the other through its image
+   directory of device-mapper devices (the machine's own qemu-img and qemu-io, which
+   the guests share with /usr)."""
 
 from __future__ import annotations
 
@@ -185,6 +188,59 @@ print(json.dumps({"shards": [list(s.luns) for s in d.shards()],
 
 PATTERN = "5a" * 512  # 512 bytes
 
+# Host 1 makes a chain in shard 0 as the manager would (tags in the lvcreate, qemu-img
+# create -u with the parent's bare UUID) and writes each volume through it.
+CHAIN_WRITER = """
+import json, subprocess, uuid
+from pathlib import Path
+from sharedlvm.command import Runner
+from sharedlvm.domain import Domain, make_lvm
+from sharedlvm.model import Allocation, VolumeFormat, VolumeState
+from sharedlvm.paths import HostPaths
+from sharedlvm import images, partitions, tags, volume
+paths = HostPaths(Path("/tmp/mp1"))
+lvm = make_lvm(paths, Runner(), [partitions.members("/dev/mapper/mpatha")[0]],
+               writable=True)
+image, base, top = (str(uuid.uuid4()) for _ in range(3))
+for n, (vol, parent) in enumerate(((base, None), (top, base))):
+    lvm.lvcreate("mpdom", vol, 64 << 20, tags.volume_tags(
+        image=image, parent=parent, fmt=VolumeFormat.QCOW2, alloc=Allocation.THIN,
+        generation=1, lease=n + 1, state=VolumeState.READY, capacity=32 << 20))
+d = Domain.open(paths, Runner(), "mpdom")
+devs = {v: volume.volume_path(d, v) for v in (base, top)}
+def run(*argv):
+    subprocess.run(list(argv), check=True, capture_output=True)
+run("qemu-img", "create", "-q", "-f", "qcow2", devs[base], str(32 << 20))
+run("qemu-io", "-f", "qcow2", "-c", "write -P 0xa1 0 1M", devs[base])
+run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", base, "-F", "qcow2", devs[top],
+    str(32 << 20))
+directory = images.link_chain(d, image, devs)
+run("qemu-io", "-f", "qcow2", "-c", "write -P 0xb2 1M 1M", str(directory / top))
+print(json.dumps({"image": image, "base": base, "top": top}))
+"""
+
+# Host 2 opens the chain through its own image directory, read-only.
+CHAIN_READER = """
+import json, subprocess, sys
+from pathlib import Path
+from sharedlvm.command import Runner
+from sharedlvm.domain import Domain
+from sharedlvm.paths import HostPaths
+from sharedlvm import images, volume
+d = Domain.open(HostPaths(Path("/tmp/mp2")), Runner(), "mpdom")
+info = images.image_info(d, sys.argv[1])
+devs = {v.uuid: volume.volume_path(d, v.uuid, read_only=True) for v in info.chain}
+leaf = str(images.link_chain(d, sys.argv[1], devs) / info.leaf)
+io = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0xa1 0 1M", "-c",
+                     "read -P 0xb2 1M 1M", "-c", "read -P 0 2M 1M", leaf],
+                    check=True, capture_output=True, text=True).stdout
+chain = json.loads(subprocess.run(["qemu-img", "info", "--output", "json",
+                                   "--backing-chain", leaf], check=True,
+                                  capture_output=True, text=True).stdout)
+print(json.dumps({"io": io, "chain": [Path(i["filename"]).name for i in chain],
+                  "devices": devs}))
+"""
+
 
 def test_domain_on_partitions_of_a_multipath_lun(bed: GuestBed) -> None:
     host1, host2 = bed[0], bed[1]
@@ -227,3 +283,17 @@ def test_domain_on_partitions_of_a_multipath_lun(bed: GuestBed) -> None:
                             "os.O_RDONLY | os.O_DIRECT); import mmap; b = mmap.mmap(-1, "
                             "4096); os.preadv(fd, [b], 0); print(b[:512].hex())", path1])
     assert data.strip() == PATTERN
+
+    # A chain written on host 1 opens on host 2 through device-mapper devices linked
+    # in its image directory: the overlay's backing file is the bare base UUID.
+    _, out, _ = host1.run(["python3", "-c", CHAIN_WRITER], timeout=300)
+    chain = json.loads(out.strip().splitlines()[-1])
+    _, out, _ = host2.run(["python3", "-c", CHAIN_READER, chain["image"]], timeout=300)
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert "Pattern verification failed" not in seen["io"], seen["io"]
+    assert seen["io"].count("read ") == 3, seen["io"]
+    assert seen["chain"] == [chain["top"], chain["base"]]
+    for vol in (chain["base"], chain["top"]):
+        assert seen["devices"][vol] == f"/dev/mpdom/{vol}"
+        _, table, _ = host2.run(["dmsetup", "table", f"mpdom-{vol.replace('-', '--')}"])
+        assert " linear " in table

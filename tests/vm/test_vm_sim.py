@@ -12,9 +12,8 @@ One module, one boot (TCG guests are slow to start), tests in order:
 3. host power loss while host 1 is manager AND runs a devcount consumer that holds a
    volume lease (host 2 runs one waiting for the lease): the manager role and the
    lease move to surviving guests no earlier than sanlock allows and within the
-   host-dead time x 1.05 + 10 s; host 1 restarts, attaches again and waits for the
-   lease; host 2 lets go and host 1 carries on. The counter record on the volume never
-   shows two writers, and each new writer starts where the last one stopped;
+   host-dead time x 1.05 + 10 s; host 2 carries on where host 1 stopped, then lets go.
+   The counter record on the volume never shows two writers;
 4. ``sim down`` kills every guest by pid and leaves no qemu behind.
 
 Skipped, with the reason printed, when this machine cannot run qemu guests.
@@ -308,32 +307,18 @@ def test_power_loss_moves_manager_and_lease_devcount_sees_one_writer(bed: Bed) -
     # its count was last read, never fewer.
     assert started >= host1_last
 
-    # Host 1 comes back (RAM root: attach again) and waits for the lease.
-    sharedlvm_sim("start", "--dir", str(bed.dir), "--host", "1")
-    sim_exec(bed.dir, 1, "sharedlvm", "domain", "attach", DOMAIN, "--lun", LUN_DEVICE,
-             "--host-id", "1")
+    # Host 2 lets go (a clean release): its last count is the one on the disk. (A
+    # restarted host that waits for a held lease and takes it over cleanly is tested
+    # on the loop bed; here it cost 80 s of the suite's budget.)
     with VmSim.load(bed.dir) as sim:
-        _consumer(sim, 1, bed.volume)
-        time.sleep(8)
-        assert _state(sim, 1) == {}, "restarted host 1 counts while host 2 holds the lease"
-        assert "TWO WRITERS" not in _state(sim, 2)
-        sim.run(2, ["kill", "-TERM", str(pid2)])  # host 2 lets go: a clean release
+        sim.run(2, ["kill", "-TERM", str(pid2)])
         _wait("host 2's consumer to stop", lambda: "stopped" in _state(sim, 2), 60)
-        host2 = _state(sim, 2)
-        _wait("host 1's consumer to take over", lambda: "count" in _state(sim, 1), 60, 0.5)
-        host1 = _state(sim, 1)
-        assert int(host1["start"]) == int(host2["count"])
-        time.sleep(2)
-        new_pid1 = int(sim.run(1, ["pgrep", "-f", "sharedlvm_testbed.devcount"])
-                       .out.split()[0])
-        sim.run(1, ["kill", "-TERM", str(new_pid1)])
-        _wait("host 1's consumer to stop", lambda: "stopped" in _state(sim, 1), 60)
-        final = _state(sim, 1)
+        final = _state(sim, 2)
         assert "TWO WRITERS" not in final and "CORRUPT" not in final
     # On the disk: the counter record is the last writer's last value, and LVM
     # metadata is consistent, read by the machine itself.
     record = _counter_record(bed.dir / "lun0.img")
-    assert record == (int(final["count"]), 1)
+    assert record == (int(final["count"]), 2)
     _check_lvm(bed.dir / "lun0.img")
 
 
