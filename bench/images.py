@@ -91,7 +91,7 @@ os.fsync(fd)
 
 TIMED = """
 import subprocess, sys, time
-argv = [a.replace("{SRC}", sys.argv[1]) for a in sys.argv[2:]]
+argv = [a.replace("@SRC@", sys.argv[1]) for a in sys.argv[2:]]
 start = time.monotonic()
 subprocess.run(argv, check=True, capture_output=True)
 print(time.monotonic() - start)
@@ -99,7 +99,7 @@ print(time.monotonic() - start)
 
 
 def timed_on(host: Any, volume: str, argv: list[str]) -> float:
-    """``argv`` ({SRC}: the volume's device, read-only) inside a consumer, timed there."""
+    """``argv`` (@SRC@: the volume's device, read-only) inside a consumer, timed there."""
     out = host.cli("run", "--volume", f"{volume}:ro", "--", sys.executable, "-c", TIMED,
                    "{0}", *argv).stdout
     return float(out.strip().splitlines()[-1])
@@ -114,12 +114,12 @@ def full_clones(c: Any, work: Path, rounds: int, rows: list[list[str]]) -> None:
         ours, dd, bare = [], [], []
         for _ in range(rounds):
             with loop_device(work, "dd", SIZE) as dev:
-                dd.append(timed_on(h2, src.uuid, ["dd", "if={SRC}", f"of={dev}", "bs=1M",
+                dd.append(timed_on(h2, src.uuid, ["dd", "if=@SRC@", f"of={dev}", "bs=1M",
                                                   "oflag=direct", "iflag=direct"]))
             with loop_device(work, "convert", SIZE) as dev:
                 bare.append(timed_on(h2, src.uuid, [
                     "qemu-img", "convert", "-T", "none", "-t", "none", "-n", "-W", "-f",
-                    "raw", "-O", "raw", "{SRC}", dev]))
+                    "raw", "-O", "raw", "@SRC@", dev]))
             with Stopwatch() as watch:
                 clone = h2.client.clone_volume(src.uuid, linked=False)
             ours.append(watch.seconds)

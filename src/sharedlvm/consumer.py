@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import time
@@ -42,6 +43,8 @@ WAIT_POLL = 0.5
 # sanlock runs this instead of killing only the registered pid: the whole group.
 KILL = "/bin/kill"
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# {0}, {1}, ...: the devices of the volumes, in the order given (the leaf for an image).
+_PLACEHOLDER = re.compile(r"\{(\d+)\}")
 
 
 def parse_volume_arg(text: str) -> tuple[str, bool]:
@@ -79,6 +82,13 @@ def run_with_leases(paths: HostPaths, domain: Domain | None,
         for vol, ro in zip(infos, modes, strict=True):
             if not ro:
                 images.require_writable(vol, "write", "use UUID:ro")
+    placeholders = 1 if chain_of is not None else len(infos)
+    for arg in argv:
+        for m in _PLACEHOLDER.finditer(arg):
+            if int(m.group(1)) >= placeholders:
+                raise errors.InvalidArgument(
+                    f"{m.group(0)} in {arg!r}: this run has {placeholders} device(s), "
+                    f"{{0}}..{{{max(placeholders - 1, 0)}}}")
     leases.use_run_dir(paths.sanlock_run_dir)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -113,7 +123,8 @@ def _consumer(domain: Domain | None, infos: list[VolumeInfo], shared: list[bool]
                 devices = [str(directory / infos[-1].uuid)]
         env = dict(os.environ, SHAREDLVM_DEVICES=" ".join(devices),
                    SHAREDLVM_DEVICE=devices[0] if devices else "")
-        final = [arg.format(*devices) if "{" in arg else arg for arg in argv]
+        # Only {N} is replaced: any other brace (a shell's ${x}, JSON) stays as given.
+        final = [_PLACEHOLDER.sub(lambda m: devices[int(m.group(1))], arg) for arg in argv]
         os.set_inheritable(fd, True)  # the sanlock connection, and the leases, survive exec
         os.execvpe(final[0], final, env)
     except errors.Error as exc:

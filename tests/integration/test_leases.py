@@ -377,11 +377,16 @@ def test_run_bad_input(cluster: Cluster) -> None:
                           (["--volume", "00000000-0000-0000-0000-000000000000", "--",
                             "true"], "not found"),
                           (["--wait", "-1", "--volume", "00000000-0000-0000-0000-000000000000",
-                            "--", "true"], "invalid wait -1")):
+                            "--", "true"], "invalid wait -1"),
+                          (["--", "echo", "{0}"], "this run has 0 device(s)")):
         proc = cluster.hosts[1].cli("run", *args, check=False)
-        assert proc.returncode == 1 and message in proc.stderr
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
     assert cluster.disk_state() == before
+    # Only {N} is a device: other braces reach the command as given (they crashed the
+    # consumer with a Python traceback before).
+    out = cluster.hosts[1].cli("run", "--", "echo", "${x}", "{a}", "{}").stdout
+    assert out.strip() == "${x} {a} {}"
 
 
 def test_cli_without_daemon(empty_bed: Cluster) -> None:
