@@ -8,8 +8,9 @@ which is not manager (requests go through the storage mailbox; copies run on hos
   volume, against ``dd bs=1M oflag=direct`` of the whole device and a bare
   ``qemu-img convert -n -W -T none -t none`` between the same source device and a bare
   loop device (targets: >= 5x dd on the 10%-full disk, >= 0.9x bare qemu-img).
-- Snapshot and linked-clone latency against a bare ``lvcreate`` (-an -Zn, tags) in a
-  VG of its own on a loop device (target <= 1.5x).
+- Snapshot and linked-clone latency against one bare ``lvcreate`` with a volume's
+  tags, by an LVM process with sharedlvm's settings (this kernel has no
+  device-mapper: LVM needs them to run at all) on a scratch loop LUN (target <= 1.5x).
 - Merge of a snapshot holding 1 GiB of data, against a bare ``qemu-img commit`` of
   the same shape between loop devices.
 
@@ -25,6 +26,7 @@ Run on an idle machine; takes about 6 minutes and 20 GB of free space in /tmp.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import statistics
@@ -39,7 +41,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bed import destroy_cluster, make_cluster
+from bed import destroy_cluster, make_cluster, scratch_lun
+
+from sharedlvm.domain import LVM_CONF
+from sharedlvm.lvm import Lvm
 
 MiB = 1024**2
 GiB = 1024**3
@@ -137,29 +142,31 @@ def full_clones(c: Any, work: Path, rounds: int, rows: list[list[str]]) -> None:
 def latencies(c: Any, work: Path, rounds: int, rows: list[list[str]]) -> None:
     h2 = c.hosts[1]
     base = h2.client.create_volume(SIZE, format="qcow2")
-    snap, linked, bare = [], [], []
+    snap: list[float] = []
+    linked: list[float] = []
+    bare: list[float] = []
     tpl = h2.client.create_volume(1 * GiB)
     h2.client.template_volume(tpl.uuid)
-    with loop_device(work, "lvs", 64 * GiB) as dev:
-        run("pvcreate", "-q", dev)
-        run("vgcreate", "-q", "benchvg", dev)
-        try:
-            for i in range(rounds):
-                with Stopwatch() as watch:
-                    top = h2.client.snapshot_volume(base.uuid)
-                snap.append(watch.seconds)
-                h2.client.delete_volume(top.uuid)
-                with Stopwatch() as watch:
-                    clone = h2.client.clone_volume(tpl.uuid, linked=True)
-                linked.append(watch.seconds)
-                h2.client.delete_volume(clone.uuid)
-                with Stopwatch() as watch:
-                    run("lvcreate", "-q", "-y", "-an", "-Zn", "-L", "1G", "-n", f"lv{i}",
-                        *[x for t in TAGS for x in ("--addtag", t)], "benchvg")
-                bare.append(watch.seconds)
-        finally:
-            subprocess.run(["vgremove", "-q", "-f", "benchvg"], check=False)
-            subprocess.run(["pvremove", "-q", dev], check=False)
+    # The baseline: one lvcreate with the volume's tags, by an LVM process with the
+    # settings sharedlvm uses (its private lvm.conf; this kernel has no device-mapper,
+    # so a bare lvcreate without them cannot run here), on a scratch LUN.
+    with scratch_lun(work, 64 * GiB) as (dev, reader, _):
+        (reader.config.system_dir / "lvm.conf").write_text(LVM_CONF)
+        lvm = Lvm(reader.runner, dataclasses.replace(reader.config, writable=True))
+        lvm.pvcreate([dev])
+        lvm.vgcreate("benchvg", [dev], [])
+        for i in range(rounds):
+            with Stopwatch() as watch:
+                top = h2.client.snapshot_volume(base.uuid)
+            snap.append(watch.seconds)
+            h2.client.delete_volume(top.uuid)
+            with Stopwatch() as watch:
+                clone = h2.client.clone_volume(tpl.uuid, linked=True)
+            linked.append(watch.seconds)
+            h2.client.delete_volume(clone.uuid)
+            with Stopwatch() as watch:
+                lvm.lvcreate("benchvg", f"lv{i}", 1 * GiB, TAGS)
+            bare.append(watch.seconds)
     h2.client.delete_volume(base.uuid)
     h2.client.delete_volume(tpl.uuid)
     b = statistics.median(bare)
