@@ -129,6 +129,8 @@ class Copier:
             # The writer has exited, and with it its lease: the copier holds the target
             # until the manager has published it.
             self._hold_target(self.target)
+            if target_format == VolumeFormat.RAW.value:
+                _zero_tail(target, int(self.job["capacity"]))
         _say("copied")
         while _read() is not None:  # until the daemon says it is published (EOF)
             pass
@@ -198,6 +200,23 @@ class Copier:
         deactivate_unused(self.domain, self.sources + ([self.target] if self.target else []))
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _zero_tail(path: str, start: int) -> None:
+    """Zeroes from ``start`` (the copied disk's size) to the end of a raw target: its LV
+    is whole extents, and what lies past the copy is a deleted volume's old data,
+    which the new volume's user must never read. Written by the copier, which holds
+    the target's lease again."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        zeros = bytes(1 << 20)
+        offset = start
+        while offset < end:
+            offset += os.pwrite(fd, zeros[:min(len(zeros), end - offset)], offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _Writer:

@@ -371,7 +371,7 @@ def _copy_in(domain: Domain, ask: Ask, copies: Copies, settings: CopySettings, *
 
     spec = {"id": _job_dir(request_id), "root": str(domain.paths.root),
             "domain": domain.name, "source": source, "target_format": fmt.value,
-            "rate": settings.rate}
+            "rate": settings.rate, "capacity": capacity}
     try:
         copier = _run_copy(domain, copies, job, spec, target)
         if copier is None:

@@ -230,6 +230,14 @@ def test_killed_copier_leaves_the_target_for_the_retry(slow_copies: Cluster,
     with open(src, "wb") as f:
         f.write(os.urandom(16 * MiB))
 
+    # Old data where the new volume's LV will be (LVM gives the lowest free extents):
+    # the raw target is whole extents, larger than the 16 MiB copied, and its tail
+    # must read zeroes, never a deleted volume's data (compare below checks it).
+    junk = h1.cli_json("volume", "create", "--size", "512M")["uuid"]
+    h1.with_volume(junk, "import os, sys\nwith open(sys.argv[1], 'r+b') as f:\n"
+                   "    f.write(b'\\xee' * (512 << 20)); f.flush(); os.fsync(f.fileno())\n")
+    h1.cli("volume", "delete", junk)
+
     thread, outcome = _upload_in_thread(h2, src, "up-1")
     copy = _running_copy(h2, "up-1")
     # Progress over the API: a percent, a rate, the copier's pid. (qemu-img's percent
