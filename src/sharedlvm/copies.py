@@ -62,6 +62,7 @@ from .units import MiB, round_up
 from .volume import (
     THIN_INITIAL_SIZE,
     LeaseAllocator,
+    _intent,
     _lvcreate,
     _once,
     _recorded,
@@ -119,14 +120,10 @@ def reserve_volume(domain: Domain, request: ReserveVolume, allocate_lease: Lease
                    ) -> VolumeInfo:
     """A volume made ``creating`` for the asking host to fill."""
     domain.require_manager()
-    assert request.alloc is not None
+    alloc = request.alloc
+    assert alloc is not None
     with domain.request_lock(request.request_id):
-        rec = _recorded(domain, request.request_id)
-        if rec is not None and rec.state == journal.PENDING:
-            intent = rec.args
-        elif rec is not None and rec.state != journal.ABORTED:
-            intent = {}  # answered: _once answers it again
-        else:
+        def plan() -> Any:
             if request.image is not None and list_volumes(domain, image=request.image):
                 raise errors.AlreadyExists(f"image {request.image} already exists: a copy "
                                            "makes a new image")
@@ -136,10 +133,12 @@ def reserve_volume(domain: Domain, request: ReserveVolume, allocate_lease: Lease
             if request.format == VolumeFormat.RAW:
                 lv_size = request.size
             shard = domain.placement.choose(lv_size)
-            intent = codec.to_wire(_ReserveIntent(
+            return codec.to_wire(_ReserveIntent(
                 volume=str(uuid.uuid4()), image=request.image or str(uuid.uuid4()),
-                size=request.size, format=request.format, alloc=request.alloc,
+                size=request.size, format=request.format, alloc=alloc,
                 lv_size=lv_size, tags=dict(request.tags), shard=shard.index))
+
+        intent = _intent(domain, request.request_id, plan)
 
         def run(data: dict[str, Any], resumed: bool) -> Any:
             a = codec.from_wire(_ReserveIntent, data, "reserve intent")

@@ -54,12 +54,12 @@ from .volume import (
     ExclusiveLease,
     LeaseAllocator,
     _delete,
+    _intent,
     _leaf_again,
     _lv_size,
     _lvcreate,
     _lvextend,
     _once,
-    _recorded,
     _volume,
     activated,
     children,
@@ -214,23 +214,20 @@ def _overlay(domain: Domain, parent_id: str, request_id: str | None, request: An
              ) -> VolumeInfo:
     domain.require_manager()
     with domain.request_lock(request_id), domain.chain_lock(parent_id):
-        rec = _recorded(domain, request_id)
-        if rec is not None and rec.state == journal.PENDING:
-            intent = rec.args  # roll forward where it started
-        elif rec is not None and rec.state != journal.ABORTED:
-            intent = {}  # done or failed: _once answers it as the first time
-        else:
+        def plan() -> Any:
             parent = get_volume(domain, parent_id)
             if parent.state != VolumeState.READY:
                 raise errors.Busy(f"volume {parent_id} is {parent.state}, not ready")
             check(parent)
             size = _lv_size(parent.capacity, VolumeFormat.QCOW2, Allocation.THIN)
             shard = domain.placement.choose(size)
-            intent = codec.to_wire(_OverlayIntent(
+            return codec.to_wire(_OverlayIntent(
                 volume=str(uuid.uuid4()),
                 image=parent.image if snapshot else (image or str(uuid.uuid4())),
                 parent=parent.uuid, parent_format=parent.format, capacity=parent.capacity,
                 shard=shard.index, snapshot=snapshot, tags=dict(user_tags)))
+
+        intent = _intent(domain, request_id, plan)
 
         def run(data: dict[str, Any], resumed: bool) -> Any:
             a = codec.from_wire(_OverlayIntent, data, f"{op} intent")
@@ -359,13 +356,10 @@ def merge_volume(domain: Domain, request: MergeVolume, exclusive: ExclusiveLease
     if request.request_id is None:
         request = replace(request, request_id=f"merge-{uuid.uuid4()}")
     with domain.request_lock(request.request_id), domain.chain_lock(request.volume):
-        rec = _recorded(domain, request.request_id)
-        if rec is not None and rec.state == journal.PENDING:
-            intent = rec.args
-        elif rec is not None and rec.state != journal.ABORTED:
-            intent = {}
-        else:
-            intent = codec.to_wire(_plan_merge(domain, request.volume))
+        def plan() -> Any:
+            return codec.to_wire(_plan_merge(domain, request.volume))
+
+        intent = _intent(domain, request.request_id, plan)
 
         def run(data: dict[str, Any], resumed: bool) -> Any:
             a = codec.from_wire(_MergeIntent, data, "merge intent")
@@ -507,12 +501,7 @@ def delete_image(domain: Domain, request: DeleteImage, exclusive: ExclusiveLease
     if request.request_id is None:
         request = replace(request, request_id=f"image-delete-{uuid.uuid4()}")
     with domain.request_lock(request.request_id):
-        rec = _recorded(domain, request.request_id)
-        if rec is not None and rec.state == journal.PENDING:
-            intent = rec.args
-        elif rec is not None and rec.state != journal.ABORTED:
-            intent = {}
-        else:
+        def plan() -> Any:
             info = image_info(domain, request.image)
             own = [v for v in info.chain if v.image == request.image][::-1]
             names = {v.uuid for v in own}
@@ -520,8 +509,10 @@ def delete_image(domain: Domain, request: DeleteImage, exclusive: ExclusiveLease
                 outside = [c for c in children(domain, v.uuid) if c not in names]
                 if outside:
                     raise errors.HasChildren(v.uuid, outside, f"delete image {request.image}")
-            intent = {"image": request.image, "volumes": [v.uuid for v in own],
+            return {"image": request.image, "volumes": [v.uuid for v in own],
                       "wipe": request.wipe, "discard": request.discard}
+
+        intent = _intent(domain, request.request_id, plan)
 
         def run(a: dict[str, Any], resumed: bool) -> Any:
             return codec.to_wire(_delete_image(domain, a, resumed, exclusive))

@@ -205,6 +205,19 @@ def _recorded(domain: Domain, request_id: str | None) -> journal.RequestRecord |
         return domain.request_log(dev).find(request_id)
 
 
+def _intent(domain: Domain, request_id: str | None,
+            plan: Callable[[], Any]) -> Any:
+    """The intent to run a request with: a pending record's (rolled forward where it
+    started), none for one answered already (``_once`` answers it as the first time),
+    else ``plan()``: the checks and choices made only for a request not yet run."""
+    rec = _recorded(domain, request_id)
+    if rec is not None and rec.state == journal.PENDING:
+        return rec.args
+    if rec is not None and rec.state != journal.ABORTED:
+        return {}
+    return plan()
+
+
 def create_volume(domain: Domain, request: CreateVolume, allocate_lease: LeaseAllocator,
                   exclusive: ExclusiveLease) -> VolumeInfo:
     domain.require_manager()
