@@ -50,6 +50,7 @@ from .model import (
 from .requests import CloneVolume, DeleteImage, MergeVolume, SnapshotVolume, TemplateVolume
 from .units import round_up
 from .volume import (
+    THIN_INITIAL_SIZE,
     VOLUME_SELECT,
     ExclusiveLease,
     LeaseAllocator,
@@ -448,6 +449,7 @@ def _merge(domain: Domain, a: _MergeIntent, resumed: bool,
                                           add=[tags.parent_tag(a.parent)],
                                           delete=[tags.parent_tag(a.volume)])
         failpoint("merge-relinked")
+        _fit_after_merge(domain, parent, p_path, leaf=a.child is None)
         shard = domain.volume_shard(a.volume)
         shard.activator.deactivate(shard.vg_name, a.volume)
         with domain.manager_lock(shard):
@@ -487,6 +489,35 @@ def _grow_for_merge(domain: Domain, parent: VolumeInfo, top: VolumeInfo, p_path:
         with domain.manager_lock(shard):
             _lvextend(domain, shard, parent.uuid, target, parent.size)
         shard.activator.refresh(shard.vg_name, parent.uuid)
+
+
+def _fit_after_merge(domain: Domain, parent: VolumeInfo, p_path: str, leaf: bool) -> None:
+    """A thin qcow2 parent's LV fitted to what it holds after the merge (vdsm reduces a
+    merged internal volume to its optimal size the same way): its data alone when a
+    volume stays on top of it (read-only from now on: reduced), its data and a new
+    thin volume's room when it is the leaf again (writable: reduced or grown to it).
+    Never below ``qemu-img check``'s end offset, past which the image has nothing. Run
+    while every volume of the chain from the parent up is held here, before the
+    merged LV goes: a manager that dies after it runs the whole merge again."""
+    if parent.format != VolumeFormat.QCOW2 or parent.alloc != Allocation.THIN:
+        return  # raw and preallocated volumes hold their whole capacity by design
+    used = qemu_img.end_offset(domain.runner, qemu_img.alone(p_path, "qcow2"))
+    full = parent.capacity + qemu_img.metadata_overhead(parent.capacity)
+    room = min(parent.capacity, THIN_INITIAL_SIZE) if leaf else 0
+    target = round_up(max(used, min(used + room, full)), domain.record.extent_size)
+    now = get_volume(domain, parent.uuid).size
+    if target == now:
+        return
+    shard = domain.volume_shard(parent.uuid)
+    with domain.manager_lock(shard):
+        domain.require_manager_now()
+        if target < now:
+            shard.lvm.lvreduce(shard.vg_name, parent.uuid, target)
+            domain.placement.used(shard, 0, target - now)
+        else:
+            _lvextend(domain, shard, parent.uuid, target, now)
+    shard.activator.refresh(shard.vg_name, parent.uuid)
+    log.info("merge: volume %s resized from %d to %d bytes", parent.uuid, now, target)
 
 
 # Image delete

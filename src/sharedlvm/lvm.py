@@ -424,16 +424,26 @@ class Lvm:
 
     def lvextend(self, vg_name: str, lv_name: str, size: int) -> None:
         """Extend to ``size`` bytes; a no-op when the LV already has that size."""
-        def extended(view: dict[str, LogicalVolume], extent: int, out: str) -> None:
+        self._resize("lvextend", vg_name, lv_name, size, max)
+
+    def lvreduce(self, vg_name: str, lv_name: str, size: int) -> None:
+        """Reduce to ``size`` bytes (rounded up to the extent); a no-op when the LV has
+        that size. The caller has checked that nothing it keeps lies past ``size``:
+        LVM frees those extents at once."""
+        self._resize("lvreduce", vg_name, lv_name, size, min, "--yes")
+
+    def _resize(self, command: str, vg_name: str, lv_name: str, size: int,
+                pick: Callable[[int, int], int], *flags: str) -> None:
+        def resized(view: dict[str, LogicalVolume], extent: int, out: str) -> None:
             # One assignment: a reader (no lock) never finds the LV missing.
             lv = view.get(lv_name)
             if lv is not None:
-                view[lv_name] = replace(lv, size=max(lv.size, _round_up(size, extent)),
+                view[lv_name] = replace(lv, size=pick(lv.size, _round_up(size, extent)),
                                         segments=0)
 
         try:
-            self.write("lvextend", "--size", f"{size}b", f"{vg_name}/{lv_name}",
-                       vg_name=vg_name, change=extended)
+            self.write(command, *flags, "--size", f"{size}b", f"{vg_name}/{lv_name}",
+                       vg_name=vg_name, change=resized)
         except errors.LvmError as exc:
             if "matches existing size" in str(exc):
                 return
