@@ -259,7 +259,8 @@ class Daemon:
 
         api = HttpApi(self.dispatch, self.render_metrics, c.http_listen,
                       read_token(token_file), under_config(c.http_cert),
-                      under_config(c.http_key), insecure=c.http_insecure)
+                      under_config(c.http_key), insecure=c.http_insecure,
+                      spool=self.paths.state_dir / "spool")
         api.start()
         return api
 

@@ -16,6 +16,14 @@ table (operations.py) and the request and result types: path parameters (``domai
 own; each request runs the daemon's dispatch in a worker thread, so the socket, the
 mailbox and HTTP share every check. Errors become statuses here and only here
 (:data:`STATUS`).
+
+Uploads and downloads carry the image itself, so they are the two routes not built
+from the table: ``POST .../volumes/upload`` takes the file as the request body
+(``application/octet-stream``, with a Content-Length; the upload's other fields in the
+query) and ``GET .../volumes/{volume}/content`` answers with the volume's content as
+a file. Either passes through a private spool directory of this host (checked for
+space first; the file removed when the request ends, whatever happens) and then runs
+the same operation as ``volume upload`` and ``volume download``.
 """
 
 from __future__ import annotations
@@ -25,10 +33,13 @@ import dataclasses
 import hmac
 import ipaddress
 import logging
+import os
 import re
+import shutil
 import ssl
 import stat
 import threading
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -71,6 +82,12 @@ STATUS: dict[type[errors.Error], int] = {
     errors.StorageIOError: 503,
     errors.Timeout: 504,
 }
+
+
+UPLOAD_PATH = "/v1/domains/{domain}/volumes/upload"
+DOWNLOAD_PATH = "/v1/domains/{domain}/volumes/{volume}/content"
+# Left free on the spool's file system after an upload's body (logs, the daemon).
+SPOOL_RESERVE = 1024**3
 
 
 def status_for(exc: errors.Error) -> int:
@@ -147,9 +164,11 @@ def _from_query(op: Operation, query: Any) -> dict[str, Any]:
 class HttpApi:
     def __init__(self, dispatch: Callable[[Request], Any], render_metrics: Callable[[], str],
                  listen: str, token: str, cert: Path | None = None,
-                 key: Path | None = None, insecure: bool = False) -> None:
+                 key: Path | None = None, insecure: bool = False,
+                 spool: Path | None = None) -> None:
         self.host, self.port = self.check_listen(listen, bool(cert and key), insecure)
         self.dispatch = dispatch
+        self.spool = spool
         self.render_metrics = render_metrics
         self.token = token.encode()
         self.ssl: ssl.SSLContext | None = None
@@ -182,6 +201,9 @@ class HttpApi:
         app = web.Application(middlewares=[self._auth], client_max_size=1024 * 1024)
         app.add_routes([web.get("/openapi.json", self.openapi),
                         web.get("/metrics", self.metrics)])
+        if self.spool is not None:
+            app.add_routes([web.post(UPLOAD_PATH, self.upload),
+                            web.get(DOWNLOAD_PATH, self.download)])
         for op in operations.TABLE:
             if op.http is not None:
                 app.router.add_route(op.http[0], op.http[1], self._handler(op))
@@ -233,6 +255,75 @@ class HttpApi:
             return web.json_response(codec.to_wire(result), status=op.http_status)
         return handler
 
+    # Copies in and out: the image in the body
+
+    def _copy_request(self, name: str, request: web.Request, path: Path) -> Request:
+        fields = _from_query(operations.get(name), request.query)
+        if "file" in fields:
+            raise errors.InvalidArgument("the file is the HTTP body here, not a query "
+                                         "parameter")
+        fields.update(request.match_info)
+        fields["file"] = str(path)
+        return operations.decode(name, fields)
+
+    async def upload(self, request: web.Request) -> web.StreamResponse:
+        """The body spooled into a private file (its size checked against this host's
+        free space first), then ``volume upload`` of that file; the file is removed
+        when the request ends, whatever happens."""
+        assert self.spool is not None
+        path = self.spool / f"upload-{uuid.uuid4()}"
+        req = self._copy_request("volume.upload", request, path)  # bad input: before the body
+        length = request.content_length
+        if not length or length < 0:
+            raise errors.InvalidArgument("an upload needs the image as the request body, "
+                                         "with a Content-Length")
+        free = shutil.disk_usage(self.spool).free - SPOOL_RESERVE
+        if length > free:
+            raise errors.InvalidArgument(
+                f"the upload ({length} bytes) does not fit in {self.spool} on this host "
+                f"({max(free, 0)} bytes free): upload from a file on the host instead")
+        loop = asyncio.get_running_loop()
+        try:
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                got = 0
+                async for chunk in request.content.iter_chunked(1 << 20):
+                    got += len(chunk)
+                    if got > length:
+                        raise errors.InvalidArgument("the body is longer than its "
+                                                     "Content-Length")
+                    await loop.run_in_executor(None, f.write, chunk)
+            if got != length:
+                raise errors.InvalidArgument(f"the body ended after {got} of {length} bytes")
+            result = await loop.run_in_executor(None, self.dispatch, req)
+        finally:
+            path.unlink(missing_ok=True)
+        return web.json_response(codec.to_wire(result), status=201)
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        """``volume download`` into a private file, which is then unlinked and sent
+        from its open descriptor: nothing is left behind if the client goes away."""
+        assert self.spool is not None
+        path = self.spool / f"download-{uuid.uuid4()}"
+        req = self._copy_request("volume.download", request, path)
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(None, self.dispatch, req)
+            f = open(path, "rb")  # noqa: SIM115 - closed below
+        finally:
+            path.unlink(missing_ok=True)
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            response = web.StreamResponse(headers={
+                "Content-Type": "application/octet-stream", "Content-Length": str(size),
+                "X-Sharedlvm-Format": result.format.value,
+                "Content-Disposition":
+                    f'attachment; filename="{result.volume}.{result.format.value}"'})
+            await response.prepare(request)
+            while chunk := await loop.run_in_executor(None, f.read, 1 << 20):
+                await response.write(chunk)
+            await response.write_eof()
+        return response
+
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         # Rendered here, not in the worker threads: those may all be waiting on a
         # stuck manager, which is when metrics matter most. Rendering reads no disk.
@@ -245,6 +336,10 @@ class HttpApi:
     # Life cycle
 
     def start(self) -> None:
+        if self.spool is not None:
+            # What a daemon that died mid-copy left: nobody's request any more.
+            shutil.rmtree(self.spool, ignore_errors=True)
+            self.spool.mkdir(mode=0o700, parents=True)
         threading.Thread(target=self._serve, name="http", daemon=True).start()
         if not self.ready.wait(10):
             raise errors.Error(f"HTTP API did not start on {self.host}:{self.port}")
@@ -314,6 +409,22 @@ def _operation_doc(op: Operation) -> dict[str, Any]:
     return doc
 
 
+def _copy_doc(name: str, path: str, status: int, body: str | None) -> dict[str, Any]:
+    """An upload or download route: the operation's fields in the query, but ``file``,
+    which is the body (upload) or the answer (download)."""
+    op = dataclasses.replace(operations.get(name), http=("GET", path), http_status=status)
+    doc = _operation_doc(op)
+    doc["parameters"] = [p for p in doc["parameters"] if p["name"] != "file"]
+    binary = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+    if body is not None:
+        doc["requestBody"] = {"required": True, "description": body, "content": binary}
+    else:
+        doc["responses"][str(status)] = {
+            "description": "the volume's content (its chain flattened), its format in "
+                           "the X-Sharedlvm-Format header", "content": binary}
+    return doc
+
+
 def openapi() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {
         "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus text metrics",
@@ -323,6 +434,10 @@ def openapi() -> dict[str, Any]:
     for op in operations.TABLE:
         if op.http is not None:
             paths.setdefault(op.http[1], {})[op.http[0].lower()] = _operation_doc(op)
+    paths[UPLOAD_PATH] = {"post": _copy_doc(
+        "volume.upload", UPLOAD_PATH, 201,
+        "the image (raw or qcow2) as the body, with a Content-Length")}
+    paths[DOWNLOAD_PATH] = {"get": _copy_doc("volume.download", DOWNLOAD_PATH, 200, None)}
     return {
         "openapi": "3.0.3",
         "info": {"title": "sharedlvm host daemon", "version": "1"},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -63,7 +64,14 @@ def call(base: str, method: str, path: str, body: Any = None, token: str = TOKEN
         return status, text
 
 
-def test_http_api(api: tuple[str, Cluster]) -> None:
+def fetch(base: str, path: str) -> tuple[int, bytes, dict[str, str]]:
+    request = urllib.request.Request(base + path,
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        return resp.status, resp.read(), dict(resp.headers)
+
+
+def test_http_api(api: tuple[str, Cluster], tmp_path: Path) -> None:
     base, cluster = api
     d = f"/v1/domains/{cluster.name}"
     before = cluster.disk_state()
@@ -109,11 +117,40 @@ def test_http_api(api: tuple[str, Cluster]) -> None:
     assert status == 200 and [h["host_id"] for h in hosts] == [1, 2, 3]
     status, body = call(base, "DELETE", f"{d}/volumes/{vol['uuid']}?wipe=0")
     assert status == 200 and body == {"uuid": vol["uuid"], "deleted": True}
+
+    # An image as the body: uploaded, then downloaded back, the same image
+    # (qemu-img compare); bad uploads refused with nothing changed and nothing left
+    # in the host's spool directory.
+    image = tmp_path / "cloud.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x7e 1M 2M", str(image)],
+                   check=True, capture_output=True)
+    spool = cluster.hosts[1].paths.state_dir / "spool"
+    before = cluster.disk_state()
+    up = f"{d}/volumes/upload"
+    for path, raw, why in ((f"{up}?file_format=qcow2", b"not an image" * 100, "not an image"),
+                           (f"{up}?file=/etc/passwd", image.read_bytes(), "HTTP body"),
+                           (f"{up}?colour=red", image.read_bytes(), "unknown query"),
+                           (up, b"", "Content-Length")):
+        status, body = call(base, "POST", path, raw=raw)
+        assert status == 400 and why in body["error"], (path, body)
+    assert cluster.disk_state() == before and list(spool.iterdir()) == []
+    status, vol = call(base, "POST", f"{up}?format=qcow2&request_id=http-up",
+                       raw=image.read_bytes())
+    assert status == 201 and vol["format"] == "qcow2" and vol["capacity"] == 64 * 1024**2
+    status, data, headers = fetch(base, f"{d}/volumes/{vol['uuid']}/content")
+    assert status == 200 and headers["X-Sharedlvm-Format"] == "qcow2"
+    (tmp_path / "back.qcow2").write_bytes(data)
+    subprocess.run(["qemu-img", "compare", str(image), str(tmp_path / "back.qcow2")],
+                   check=True, capture_output=True)
+    assert list(spool.iterdir()) == []
+
     status, metrics = call(base, "GET", "/metrics")
     assert status == 200 and "sharedlvm_requests_total" in metrics
     status, spec = call(base, "GET", "/openapi.json")
     assert status == 200 and spec["openapi"].startswith("3.")
     assert "/v1/domains/{domain}/volumes" in spec["paths"]
+    assert "requestBody" in spec["paths"]["/v1/domains/{domain}/volumes/upload"]["post"]
 
 
 def test_http_token_file_must_be_root_only(cluster: Cluster, tmp_path: Path) -> None:
