@@ -343,6 +343,9 @@ class _MergeIntent:
     child: str | None  # the volume on top of it, rebased onto the parent (None: a leaf)
     image: str
     above: list[str]  # the image's volumes above the parent: held exclusively throughout
+    # The parent's LV size before the merge: it is fitted afterwards, never below this
+    # (0 in a journal written before it was recorded: not fitted).
+    parent_size: int = 0
 
 
 def merge_volume(domain: Domain, request: MergeVolume, exclusive: ExclusiveLease
@@ -403,7 +406,8 @@ def _plan_merge(domain: Domain, vol: str) -> _MergeIntent:
         raise errors.CorruptRecord(f"volume {parent.uuid} is not in the chain of image "
                                    f"{info.image}")
     return _MergeIntent(volume=vol, parent=parent.uuid, child=on_top[0] if on_top else None,
-                        image=info.image, above=uuids[uuids.index(parent.uuid) + 1:])
+                        image=info.image, above=uuids[uuids.index(parent.uuid) + 1:],
+                        parent_size=parent.size)
 
 
 def _merge(domain: Domain, a: _MergeIntent, resumed: bool,
@@ -449,7 +453,6 @@ def _merge(domain: Domain, a: _MergeIntent, resumed: bool,
                                           add=[tags.parent_tag(a.parent)],
                                           delete=[tags.parent_tag(a.volume)])
         failpoint("merge-relinked")
-        _fit_after_merge(domain, parent, p_path, leaf=a.child is None)
         shard = domain.volume_shard(a.volume)
         shard.activator.deactivate(shard.vg_name, a.volume)
         with domain.manager_lock(shard):
@@ -458,6 +461,11 @@ def _merge(domain: Domain, a: _MergeIntent, resumed: bool,
                                         f"lv_name={a.volume}&&{VOLUME_SELECT}")
         domain.placement.used(shard, -1, -top.size)
         domain.clear_volume_shard(a.volume)
+        # Still holding the parent's lease: fitted once the merged LV's extents are
+        # free (a leaf's room may need them). A manager that dies before this leaves
+        # the parent as the merge grew it, which is safe, only larger.
+        if a.parent_size:
+            _fit_after_merge(domain, parent, p_path, a.parent_size, leaf=a.child is None)
         # A merged leaf: the parent is the leaf again, writable. Only now, with nothing
         # on top of it: never a writable volume under another.
         with domain.manager_lock(domain.volume_shard(a.parent)):
@@ -491,31 +499,48 @@ def _grow_for_merge(domain: Domain, parent: VolumeInfo, top: VolumeInfo, p_path:
         shard.activator.refresh(shard.vg_name, parent.uuid)
 
 
-def _fit_after_merge(domain: Domain, parent: VolumeInfo, p_path: str, leaf: bool) -> None:
+def fitted_size(used: int, capacity: int, extent: int, before: int, leaf: bool) -> int:
+    """The LV size of a thin qcow2 volume after a merge into it: what its image uses
+    (``used``, qemu-img check's end offset), with a new thin volume's room when it is
+    the leaf again, never more than fully allocated, never below its size before the
+    merge (``before``): the merge gives back what it grew, and no host's older
+    mapping of the LV can be larger than the LV."""
+    full = capacity + qemu_img.metadata_overhead(capacity)
+    room = min(capacity, THIN_INITIAL_SIZE) if leaf else 0
+    return max(before, round_up(max(used, min(used + room, full)), extent))
+
+
+def _fit_after_merge(domain: Domain, parent: VolumeInfo, p_path: str, before: int,
+                     leaf: bool) -> None:
     """A thin qcow2 parent's LV fitted to what it holds after the merge (vdsm reduces a
-    merged internal volume to its optimal size the same way): its data alone when a
-    volume stays on top of it (read-only from now on: reduced), its data and a new
-    thin volume's room when it is the leaf again (writable: reduced or grown to it).
-    Never below ``qemu-img check``'s end offset, past which the image has nothing. Run
-    while every volume of the chain from the parent up is held here, before the
-    merged LV goes: a manager that dies after it runs the whole merge again."""
+    merged volume to its optimal size the same way): the growth for the merge given
+    back, or, for the leaf again, room for new writes. Only from a clean ``qemu-img
+    check`` (read past the page cache); an image check finds anything wrong with is
+    left as it is."""
     if parent.format != VolumeFormat.QCOW2 or parent.alloc != Allocation.THIN:
         return  # raw and preallocated volumes hold their whole capacity by design
-    used = qemu_img.end_offset(domain.runner, qemu_img.alone(p_path, "qcow2"))
-    full = parent.capacity + qemu_img.metadata_overhead(parent.capacity)
-    room = min(parent.capacity, THIN_INITIAL_SIZE) if leaf else 0
-    target = round_up(max(used, min(used + room, full)), domain.record.extent_size)
-    now = get_volume(domain, parent.uuid).size
-    if target == now:
+    used = qemu_img.clean_end_offset(domain.runner, qemu_img.alone(p_path, "qcow2"))
+    if used is None:
+        log.warning("merge: volume %s not fitted (qemu-img check is not clean)",
+                    parent.uuid)
         return
+    target = fitted_size(used, parent.capacity, domain.record.extent_size, before, leaf)
     shard = domain.volume_shard(parent.uuid)
     with domain.manager_lock(shard):
         domain.require_manager_now()
+        now = get_volume(domain, parent.uuid).size
+        if target == now:
+            return
         if target < now:
             shard.lvm.lvreduce(shard.vg_name, parent.uuid, target)
             domain.placement.used(shard, 0, target - now)
         else:
-            _lvextend(domain, shard, parent.uuid, target, now)
+            try:
+                _lvextend(domain, shard, parent.uuid, target, now)
+            except errors.NoSpace as exc:  # the merge is done; the room can wait
+                log.warning("merge: volume %s left without a thin volume's room: %s",
+                            parent.uuid, exc)
+                return
     shard.activator.refresh(shard.vg_name, parent.uuid)
     log.info("merge: volume %s resized from %d to %d bytes", parent.uuid, now, target)
 

@@ -57,3 +57,25 @@ def test_refusals_are_one_line_with_fields(exc: errors.Error) -> None:
     assert "\n" not in text and PARENT in text
     assert exc.to_wire()["fields"]["volume"] == PARENT
     assert errors.from_wire(exc.to_wire()).__class__ is exc.__class__
+
+
+def test_a_merged_parent_is_fitted_never_below_what_it_was_or_what_it_uses() -> None:
+    from sharedlvm.images import fitted_size
+    from sharedlvm.qemu_img import metadata_overhead
+
+    mib, gib, extent = 1 << 20, 1 << 30, 128 << 20
+    cap = 20 * gib
+    # The merge grew the parent from 1 GiB to 3 GiB for both images' data; half of it
+    # overlapped: given back down to the extents of what it uses.
+    assert fitted_size(int(1.5 * gib), cap, extent, gib, leaf=False) == 1536 * mib
+    # ... never below its size before the merge (a thin volume's first room).
+    assert fitted_size(100 * mib, cap, extent, gib, leaf=False) == gib
+    # The leaf again: what it uses and a new thin volume's room, rounded to the extent.
+    assert fitted_size(int(1.5 * gib) + 1, cap, extent, gib, leaf=True) == \
+        2560 * mib + extent
+    # Never more than fully allocated, never below the end offset.
+    small = 512 * mib
+    full = small + metadata_overhead(small)
+    assert fitted_size(400 * mib, small, extent, 128 * mib, leaf=True) == \
+        -(-full // extent) * extent
+    assert fitted_size(full + mib, small, extent, 128 * mib, leaf=False) >= full + mib
