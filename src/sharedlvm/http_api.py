@@ -29,6 +29,7 @@ the same operation as ``volume upload`` and ``volume download``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import ipaddress
@@ -40,7 +41,8 @@ import ssl
 import stat
 import threading
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,8 @@ from aiohttp import web
 
 from . import codec, errors, operations
 from .operations import Operation
-from .requests import Request
+from .qemu_img import metadata_overhead
+from .requests import DownloadVolume, GetVolume, Request
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,18 @@ UPLOAD_PATH = "/v1/domains/{domain}/volumes/upload"
 DOWNLOAD_PATH = "/v1/domains/{domain}/volumes/{volume}/content"
 # Left free on the spool's file system after an upload's body (logs, the daemon).
 SPOOL_RESERVE = 1024**3
+TRANSFERS = 4  # uploads and downloads at once over HTTP on one host
+STALL_TIMEOUT = 300  # seconds without a byte of a body, sent or received
+
+
+def _reserve(fd: int, length: int) -> None:
+    """The whole of an upload's spool file allocated before its body is read:
+    concurrent uploads cannot overcommit the file system between them."""
+    try:
+        os.posix_fallocate(fd, 0, length)
+    except OSError as exc:
+        raise errors.InvalidArgument(f"the upload ({length} bytes) does not fit on this "
+                                     f"host: {exc.strerror}") from None
 
 
 def status_for(exc: errors.Error) -> int:
@@ -169,6 +184,8 @@ class HttpApi:
         self.host, self.port = self.check_listen(listen, bool(cert and key), insecure)
         self.dispatch = dispatch
         self.spool = spool
+        self._copy_pool = ThreadPoolExecutor(TRANSFERS + 1, thread_name_prefix="transfer")
+        self._transfers = asyncio.Semaphore(TRANSFERS)
         self.render_metrics = render_metrics
         self.token = token.encode()
         self.ssl: ssl.SSLContext | None = None
@@ -203,7 +220,7 @@ class HttpApi:
                         web.get("/metrics", self.metrics)])
         if self.spool is not None:
             app.add_routes([web.post(UPLOAD_PATH, self.upload),
-                            web.get(DOWNLOAD_PATH, self.download)])
+                            web.get(DOWNLOAD_PATH, self.download, allow_head=False)])
         for op in operations.TABLE:
             if op.http is not None:
                 app.router.add_route(op.http[0], op.http[1], self._handler(op))
@@ -259,58 +276,91 @@ class HttpApi:
 
     def _copy_request(self, name: str, request: web.Request, path: Path) -> Request:
         fields = _from_query(operations.get(name), request.query)
-        if "file" in fields:
-            raise errors.InvalidArgument("the file is the HTTP body here, not a query "
-                                         "parameter")
+        clash = sorted(set(fields) & ({"file"} | set(request.match_info)))
+        if clash:
+            raise errors.InvalidArgument(
+                f"{', '.join(clash)} is given by the path or the HTTP body here, not the "
+                "query")
         fields.update(request.match_info)
         fields["file"] = str(path)
         return operations.decode(name, fields)
 
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of the TRANSFERS uploads and downloads this host runs at once over HTTP;
+        more are refused, not queued."""
+        if self._transfers.locked():
+            raise errors.Busy(f"{TRANSFERS} uploads and downloads are running on this "
+                              "host: try again later")
+        async with self._transfers:
+            yield
+
+    async def _in_pool(self, call: Callable[[], Any]) -> Any:
+        """``call`` in the transfers' own threads, never the API's: a copy takes minutes
+        and must not hold a thread every other request needs."""
+        return await asyncio.get_running_loop().run_in_executor(self._copy_pool, call)
+
     async def upload(self, request: web.Request) -> web.StreamResponse:
-        """The body spooled into a private file (its size checked against this host's
-        free space first), then ``volume upload`` of that file; the file is removed
-        when the request ends, whatever happens."""
+        """The body spooled into a private file whose whole size is reserved first
+        (fallocate: concurrent uploads cannot overcommit the file system), then
+        ``volume upload`` of that file; the file is removed when the request ends,
+        whatever happens."""
         assert self.spool is not None
         path = self.spool / f"upload-{uuid.uuid4()}"
         req = self._copy_request("volume.upload", request, path)  # bad input: before the body
+        if "file_format" not in request.query:
+            raise errors.InvalidArgument("an HTTP upload names its body's format "
+                                         "(file_format=raw or qcow2): it is never probed")
         length = request.content_length
         if not length or length < 0:
             raise errors.InvalidArgument("an upload needs the image as the request body, "
                                          "with a Content-Length")
-        free = shutil.disk_usage(self.spool).free - SPOOL_RESERVE
-        if length > free:
-            raise errors.InvalidArgument(
-                f"the upload ({length} bytes) does not fit in {self.spool} on this host "
-                f"({max(free, 0)} bytes free): upload from a file on the host instead")
-        loop = asyncio.get_running_loop()
-        try:
-            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-                got = 0
-                async for chunk in request.content.iter_chunked(1 << 20):
-                    got += len(chunk)
-                    if got > length:
-                        raise errors.InvalidArgument("the body is longer than its "
-                                                     "Content-Length")
-                    await loop.run_in_executor(None, f.write, chunk)
-            if got != length:
-                raise errors.InvalidArgument(f"the body ended after {got} of {length} bytes")
-            result = await loop.run_in_executor(None, self.dispatch, req)
-        finally:
-            path.unlink(missing_ok=True)
+        self._check_room(length, "the upload")
+        async with self._slot():
+            try:
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                          "wb") as f:
+                    await self._in_pool(lambda: _reserve(f.fileno(), length))
+                    got = 0
+                    while got < length:
+                        try:
+                            chunk = await asyncio.wait_for(request.content.read(1 << 20),
+                                                           STALL_TIMEOUT)
+                        except TimeoutError:
+                            raise errors.Timeout(f"the upload's body stalled for "
+                                                 f"{STALL_TIMEOUT} s") from None
+                        if not chunk:
+                            break
+                        got += len(chunk)
+                        await self._in_pool(lambda c=chunk: f.write(c))  # type: ignore[misc]
+                if got != length:
+                    raise errors.InvalidArgument(f"the body ended after {got} of {length} "
+                                                 "bytes")
+                result = await self._in_pool(lambda: self.dispatch(req))
+            finally:
+                path.unlink(missing_ok=True)
         return web.json_response(codec.to_wire(result), status=201)
 
     async def download(self, request: web.Request) -> web.StreamResponse:
-        """``volume download`` into a private file, which is then unlinked and sent
-        from its open descriptor: nothing is left behind if the client goes away."""
+        """``volume download`` into a private file (refused first unless the volume's
+        whole capacity fits on this host), which is then unlinked and sent from its
+        open descriptor: nothing is left behind if the client goes away, and a client
+        that stops reading for STALL_TIMEOUT is dropped."""
         assert self.spool is not None
         path = self.spool / f"download-{uuid.uuid4()}"
         req = self._copy_request("volume.download", request, path)
+        assert isinstance(req, DownloadVolume)
+        async with self._slot():
+            info = await self._in_pool(lambda: self.dispatch(
+                GetVolume(req.volume, domain=req.domain)))
+            self._check_room(info.capacity + metadata_overhead(info.capacity),
+                             "the download")
+            try:
+                result = await self._in_pool(lambda: self.dispatch(req))
+                f = open(path, "rb")  # noqa: SIM115 - closed below
+            finally:
+                path.unlink(missing_ok=True)
         loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(None, self.dispatch, req)
-            f = open(path, "rb")  # noqa: SIM115 - closed below
-        finally:
-            path.unlink(missing_ok=True)
         with f:
             size = os.fstat(f.fileno()).st_size
             response = web.StreamResponse(headers={
@@ -319,10 +369,24 @@ class HttpApi:
                 "Content-Disposition":
                     f'attachment; filename="{result.volume}.{result.format.value}"'})
             await response.prepare(request)
-            while chunk := await loop.run_in_executor(None, f.read, 1 << 20):
-                await response.write(chunk)
-            await response.write_eof()
+            try:
+                while chunk := await loop.run_in_executor(self._copy_pool, f.read, 1 << 20):
+                    await asyncio.wait_for(response.write(chunk), STALL_TIMEOUT)
+                await response.write_eof()
+            except TimeoutError:
+                log.warning("download of %s: the client stopped reading for %d s",
+                            result.volume, STALL_TIMEOUT)
+                raise
         return response
+
+    def _check_room(self, size: int, what: str) -> None:
+        """Refused unless ``size`` bytes fit in the spool, SPOOL_RESERVE left over."""
+        assert self.spool is not None
+        free = shutil.disk_usage(self.spool).free - SPOOL_RESERVE
+        if size > free:
+            raise errors.InvalidArgument(
+                f"{what} ({size} bytes) does not fit on this host ({max(free, 0)} bytes "
+                "free for it): use the command line with a file instead")
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         # Rendered here, not in the worker threads: those may all be waiting on a
@@ -337,9 +401,11 @@ class HttpApi:
 
     def start(self) -> None:
         if self.spool is not None:
+            self.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
             # What a daemon that died mid-copy left: nobody's request any more.
-            shutil.rmtree(self.spool, ignore_errors=True)
-            self.spool.mkdir(mode=0o700, parents=True)
+            for entry in self.spool.iterdir():
+                if entry.is_file() and not entry.is_symlink():
+                    entry.unlink()
         threading.Thread(target=self._serve, name="http", daemon=True).start()
         if not self.ready.wait(10):
             raise errors.Error(f"HTTP API did not start on {self.host}:{self.port}")

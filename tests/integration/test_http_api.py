@@ -131,11 +131,12 @@ def test_http_api(api: tuple[str, Cluster], tmp_path: Path) -> None:
     for path, raw, why in ((f"{up}?file_format=qcow2", b"not an image" * 100, "not an image"),
                            (f"{up}?file=/etc/passwd", image.read_bytes(), "HTTP body"),
                            (f"{up}?colour=red", image.read_bytes(), "unknown query"),
-                           (up, b"", "Content-Length")):
+                           (up, image.read_bytes(), "never probed"),
+                           (f"{up}?file_format=raw", b"", "Content-Length")):
         status, body = call(base, "POST", path, raw=raw)
         assert status == 400 and why in body["error"], (path, body)
     assert cluster.disk_state() == before and list(spool.iterdir()) == []
-    status, vol = call(base, "POST", f"{up}?format=qcow2&request_id=http-up",
+    status, vol = call(base, "POST", f"{up}?file_format=qcow2&request_id=http-up",
                        raw=image.read_bytes())
     assert status == 201 and vol["format"] == "qcow2" and vol["capacity"] == 64 * 1024**2
     status, data, headers = fetch(base, f"{d}/volumes/{vol['uuid']}/content")
