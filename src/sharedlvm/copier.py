@@ -83,6 +83,7 @@ class Copier:
         self.runner = Runner()
         self.domain = (Domain.open(self.paths, self.runner, job["domain"])
                        if job.get("domain") else None)
+        self.layout = LeaseLayout(self.domain) if self.domain is not None else None
         self.fd = -1
         self.held: list[VolumeInfo] = []  # leases of the copier itself
         self.sources: list[VolumeInfo] = []
@@ -141,9 +142,9 @@ class Copier:
         assert self.domain is not None
         volumes = [volume_mod.get_volume(self.domain, v)
                    for v in self.job["source"]["volumes"]]
-        layout = LeaseLayout(self.domain)
+        assert self.layout is not None
         for info in sorted(volumes, key=lambda v: v.uuid):  # one order for every taker
-            layout.acquire_volume(info, shared=True, fd=self.fd)
+            self.layout.acquire_volume(info, shared=True, fd=self.fd)
             self.held.append(info)
         self.sources = volumes
         self.directory = copy_dir(self.domain, self.job["id"])
@@ -155,48 +156,46 @@ class Copier:
 
     def _lease_source_to(self, pid: int) -> None:
         """The writer reads the source under shared leases of its own."""
-        if self.domain is None:
+        if self.layout is None:
             return
-        layout = LeaseLayout(self.domain)
         for info in sorted(self.sources, key=lambda v: v.uuid):
-            layout.acquire_volume(info, shared=True, pid=pid)
+            self.layout.acquire_volume(info, shared=True, pid=pid)
 
     def _open_target(self, volume: str, pid: int) -> str:
         """The target's exclusive lease for the writer ``pid``, then its device."""
-        assert self.domain is not None
+        assert self.domain is not None and self.layout is not None
         info = volume_mod.get_volume(self.domain, volume)
-        LeaseLayout(self.domain).acquire_volume(info, shared=False, pid=pid)
+        self.layout.acquire_volume(info, shared=False, pid=pid)
         self.target = info
         # Read again under the lease: a published volume is never copied over.
-        state = volume_mod.get_volume(self.domain, volume).state
-        if state != VolumeState.CREATING:
-            raise errors.Busy(f"volume {volume} is {state}: not a copy's target")
-        return volume_mod.volume_path(self.domain, volume, creating=True)
+        now = volume_mod.get_volume(self.domain, volume)
+        if now.state != VolumeState.CREATING:
+            raise errors.Busy(f"volume {volume} is {now.state}: not a copy's target")
+        return volume_mod.volume_path(self.domain, volume, creating=True, info=now)
 
     def _hold_target(self, info: VolumeInfo) -> None:
-        """sanlock frees a dead process's leases within moments."""
-        assert self.domain is not None
-        layout = LeaseLayout(self.domain)
+        """sanlock frees a dead process's leases as soon as it sees the process's
+        connection close (a few milliseconds): asked again every 10 ms."""
+        assert self.layout is not None
         deadline = time.monotonic() + 10
         while True:
             try:
-                layout.acquire_volume(info, shared=False, fd=self.fd)
+                self.layout.acquire_volume(info, shared=False, fd=self.fd)
                 break
             except errors.LeaseHeld:
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.1)
+                time.sleep(0.01)
         self.held.append(info)
 
     def close(self) -> None:
         """Give the leases back (qemu-img has exited), then deactivate what no other
         process of this host holds, and remove the links."""
-        if self.domain is None:
+        if self.domain is None or self.layout is None:
             return
-        layout = LeaseLayout(self.domain)
         for info in self.held:
             with contextlib.suppress(errors.Error):
-                layout.release_volume(info, fd=self.fd)
+                self.layout.release_volume(info, fd=self.fd)
         deactivate_unused(self.domain, self.sources + ([self.target] if self.target else []))
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)

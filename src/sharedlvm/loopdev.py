@@ -47,6 +47,12 @@ class LoopActivator:
         self.lvm = lvm
         self.runner = runner
         self.dir = activations_dir
+        # A PV's data start and sector size and a VG's extent size are set when they
+        # are made and never change (the domain caches pe_start the same way,
+        # domain.py _pe_starts): read once, not at every activation.
+        self._pe_starts: dict[str, int] = {}
+        self._extents: dict[str, int] = {}
+        self._sectors: dict[str, str] = {}
 
     def _record_path(self, vg_name: str, lv_name: str) -> Path:
         return self.dir / vg_name / lv_name
@@ -68,9 +74,11 @@ class LoopActivator:
         if not m:
             raise errors.Unsupported(f"{lv.vg_name}/{lv.name}: unexpected devices {lv.devices!r}")
         pv = m.group("pv")
-        pe_start = {p.name: p.pe_start for p in self.lvm.pvs([pv])}[pv]
-        extent_size = self.lvm.vg(lv.vg_name).extent_size
-        return pv, pe_start + int(m.group("extent")) * extent_size
+        if pv not in self._pe_starts:
+            self._pe_starts[pv] = {p.name: p.pe_start for p in self.lvm.pvs([pv])}[pv]
+        if lv.vg_name not in self._extents:
+            self._extents[lv.vg_name] = self.lvm.vg(lv.vg_name).extent_size
+        return pv, self._pe_starts[pv] + int(m.group("extent")) * self._extents[lv.vg_name]
 
     def activate(self, vg_name: str, lv_name: str) -> str:
         lv = self.lvm.lv(vg_name, lv_name)  # fresh view (rule 4)
@@ -81,7 +89,9 @@ class LoopActivator:
                 _set_size_limit(str(record["device"]), lv.size)
                 self._write_record(vg_name, lv_name, str(record["device"]), pv, offset, lv.size)
             return str(record["device"])
-        sector = self.runner.run(["blockdev", "--getss", pv]).out.strip()
+        if pv not in self._sectors:
+            self._sectors[pv] = self.runner.run(["blockdev", "--getss", pv]).out.strip()
+        sector = self._sectors[pv]
         device = self.runner.run([
             "losetup", "--find", "--show", "--offset", str(offset), "--sizelimit",
             str(lv.size), "--sector-size", sector, "--direct-io=on", pv]).out.strip()

@@ -566,12 +566,14 @@ def zero_device(path: str, size: int, chunk: int = 8 * 1024 * 1024,
 
 
 def volume_path(domain: Domain, volume_id: str, read_only: bool = False,
-                creating: bool = False) -> str:
+                creating: bool = False, info: VolumeInfo | None = None) -> str:
     """Activate the volume on this host and return its device path, read-only for a
     shared lease's holder. Only for a caller that holds the volume's lease (or acquires
     it for the consumer it prepares the volume for): no activation without a lease.
-    ``creating``: the volume is a copy's target, still ``creating``."""
-    info = get_volume(domain, volume_id)
+    ``creating``: the volume is a copy's target, still ``creating``. ``info``: the
+    volume as the caller read it after acquiring its lease (else read here)."""
+    if info is None or info.uuid != volume_id:
+        info = get_volume(domain, volume_id)
     if info.state != VolumeState.READY and not (
             creating and info.state == VolumeState.CREATING):
         raise errors.Busy(f"volume {volume_id} is {info.state}, not ready")
