@@ -223,7 +223,7 @@ def _overlay(domain: Domain, parent_id: str, request_id: str | None, request: An
             size = _lv_size(parent.capacity, VolumeFormat.QCOW2, Allocation.THIN)
             shard = domain.placement.choose(size)
             return codec.to_wire(_OverlayIntent(
-                volume=str(uuid.uuid4()),
+                volume=allocate_lease.new_volume_id(),
                 image=parent.image if snapshot else (image or str(uuid.uuid4())),
                 parent=parent.uuid, parent_format=parent.format, capacity=parent.capacity,
                 shard=shard.index, snapshot=snapshot, tags=dict(user_tags)))
@@ -262,7 +262,7 @@ def _make_overlay(domain: Domain, a: _OverlayIntent, resumed: bool,
                 if on_top:
                     raise errors.HasChildren(a.parent, on_top, "snapshot")
                 require_writable(get_volume(domain, a.parent), "snapshot")
-            lease = allocate_lease(a.volume)
+            lease = allocate_lease.allocate_volume_lease(a.volume)
             domain.set_volume_shard(a.volume, shard)
             lv_size = _lv_size(a.capacity, VolumeFormat.QCOW2, Allocation.THIN)
             _lvcreate(domain, shard, a.volume, lv_size, tags.volume_tags(

@@ -95,3 +95,41 @@ def test_unreadable_metadata_area_asks_lvm(monkeypatch: pytest.MonkeyPatch) -> N
     m, _ = _manager(monkeypatch, mda=[None], lvm=[10])
     m.before_write(_Shard())  # type: ignore[arg-type]
     assert m.active
+
+
+def test_a_passed_fencing_check_stands_for_checks_within_check_reuse_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[float] = []
+    clock = [100.0]
+
+    class Lease(_Lease):
+        version = 7
+
+        def held_version(self) -> int:
+            asked.append(clock[0])
+            return self.version
+
+    lease = Lease()
+    m = manager.Manager(_Domain(), lease)  # type: ignore[arg-type]
+    m.token, m.generation = 7, 3
+    monkeypatch.setattr(manager, "_boottime", lambda: clock[0])
+    m.check()
+    clock[0] += manager.CHECK_REUSE / 2
+    m.check()  # stands on the first
+    assert len(asked) == 1
+    clock[0] += 2 * manager.CHECK_REUSE  # a host that slept or was suspended: asked again
+    m.check()
+    assert len(asked) == 2
+    # A lost lease is seen by the first check after the window, and then every check
+    # fails: a fence clears the last check.
+    lease.version = 8
+    clock[0] += 2 * manager.CHECK_REUSE
+    with pytest.raises(errors.Fenced):
+        m.check()
+    with pytest.raises(errors.Fenced):
+        m.check()
+    # A new term (another token) never stands on the old term's check.
+    m.token, m.generation = 8, 3
+    m._checked = (7, clock[0])
+    m.check()
+    assert len(asked) == 4
