@@ -134,8 +134,7 @@ def reserve_volume(domain: Domain, request: ReserveVolume, allocate_lease: Lease
                 lv_size = request.size
             shard = domain.placement.choose(lv_size)
             return codec.to_wire(_ReserveIntent(
-                volume=allocate_lease.new_volume_id(),
-                image=request.image or str(uuid.uuid4()),
+                volume=str(uuid.uuid4()), image=request.image or str(uuid.uuid4()),
                 size=request.size, format=request.format, alloc=alloc,
                 lv_size=lv_size, tags=dict(request.tags), shard=shard.index))
 
@@ -145,7 +144,7 @@ def reserve_volume(domain: Domain, request: ReserveVolume, allocate_lease: Lease
             a = codec.from_wire(_ReserveIntent, data, "reserve intent")
             shard = domain.shard(a.shard)
             if not (resumed and shard.lvm.volume_lv(shard.vg_name, a.volume)):
-                lease = allocate_lease.allocate_volume_lease(a.volume)
+                lease = allocate_lease(a.volume)
                 domain.set_volume_shard(a.volume, shard)
                 _lvcreate(domain, shard, a.volume, a.lv_size, tags.volume_tags(
                     image=a.image, parent=None, fmt=a.format, alloc=a.alloc,

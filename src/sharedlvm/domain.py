@@ -193,8 +193,6 @@ class Domain:
         self._shards: list[Shard] = [self._open_shard(0, self.vg_name, zero or config.luns)]
         self._shards_loaded = False
         self._where: dict[str, int] = {}  # volume -> shard, as found (volumes never move)
-        # Called with the UUID of each volume whose LV the manager removed.
-        self.on_volume_removed: list[Callable[[str], None]] = []
         self.placement = Placement(
             self, lambda need, seen: grow_into_free_space(self, need, seen))
         # Held while shards are added (domain extend, growth into free space): each
@@ -336,11 +334,8 @@ class Domain:
         self._where[volume_id] = shard.index
 
     def clear_volume_shard(self, volume_id: str) -> None:
-        """Drop ``volume_id`` from the index (manager, after its lvremove), and tell
-        whoever keeps state per volume (the lease slot map: on_volume_removed)."""
+        """Drop ``volume_id`` from the index (manager, after its lvremove)."""
         self._where.pop(volume_id, None)
-        for hook in self.on_volume_removed:
-            hook(volume_id)
         if self.record.format_version < 2:
             return
         with self.journal() as dev, self._journal_lock:
@@ -466,8 +461,10 @@ class Domain:
         """The fencing check, before a write that does not go through LVM (the
         journal, a lease, qemu-img, zeroing): raises Fenced if the role is lost."""
         self.require_manager()
-        if self._guard is not None:
-            self._guard()
+        guard = self._guard  # read once: become_reader() may clear it meanwhile
+        if guard is None:
+            raise errors.NotManager(self.host_id, self.name, None)
+        guard()
 
     @property
     def lockspace(self) -> str:

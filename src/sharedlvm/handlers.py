@@ -104,7 +104,7 @@ class Context(Protocol):
 
 def create_volume(ctx: Context, req: CreateVolume) -> VolumeInfo:
     service = ctx.service(req.domain)
-    return volume_mod.create_volume(service.domain, req, service.layout,
+    return volume_mod.create_volume(service.domain, req, service.layout.allocate_volume_lease,
                                     service.exclusive)
 
 
@@ -120,7 +120,7 @@ def delete_volume(ctx: Context, req: DeleteVolume) -> Deleted:
 
 def snapshot_volume(ctx: Context, req: SnapshotVolume) -> VolumeInfo:
     service = ctx.service(req.domain)
-    return images.snapshot_volume(service.domain, req, service.layout,
+    return images.snapshot_volume(service.domain, req, service.layout.allocate_volume_lease,
                                   service.exclusive, ctx.max_chain)
 
 
@@ -140,7 +140,7 @@ def clone_volume(ctx: Context, req: CloneVolume) -> VolumeInfo:
         service.require_joined()
         return copies.full_clone(service.domain, ctx.ask, service.copies, ctx.copy_settings,
                                  req)
-    return images.clone_volume(service.domain, req, service.layout,
+    return images.clone_volume(service.domain, req, service.layout.allocate_volume_lease,
                                service.exclusive)
 
 
@@ -158,7 +158,7 @@ def download_volume(ctx: Context, req: DownloadVolume) -> Downloaded:
 
 def reserve_volume(ctx: Context, req: ReserveVolume) -> VolumeInfo:
     service = ctx.service(req.domain)
-    return copies.reserve_volume(service.domain, req, service.layout)
+    return copies.reserve_volume(service.domain, req, service.layout.allocate_volume_lease)
 
 
 def publish_volume(ctx: Context, req: PublishVolume) -> VolumeInfo:

@@ -223,7 +223,7 @@ def _overlay(domain: Domain, parent_id: str, request_id: str | None, request: An
             size = _lv_size(parent.capacity, VolumeFormat.QCOW2, Allocation.THIN)
             shard = domain.placement.choose(size)
             return codec.to_wire(_OverlayIntent(
-                volume=allocate_lease.new_volume_id(),
+                volume=str(uuid.uuid4()),
                 image=parent.image if snapshot else (image or str(uuid.uuid4())),
                 parent=parent.uuid, parent_format=parent.format, capacity=parent.capacity,
                 shard=shard.index, snapshot=snapshot, tags=dict(user_tags)))
@@ -262,7 +262,7 @@ def _make_overlay(domain: Domain, a: _OverlayIntent, resumed: bool,
                 if on_top:
                     raise errors.HasChildren(a.parent, on_top, "snapshot")
                 require_writable(get_volume(domain, a.parent), "snapshot")
-            lease = allocate_lease.allocate_volume_lease(a.volume)
+            lease = allocate_lease(a.volume)
             domain.set_volume_shard(a.volume, shard)
             lv_size = _lv_size(a.capacity, VolumeFormat.QCOW2, Allocation.THIN)
             _lvcreate(domain, shard, a.volume, lv_size, tags.volume_tags(
@@ -461,15 +461,21 @@ def _merge(domain: Domain, a: _MergeIntent, resumed: bool,
                                         f"lv_name={a.volume}&&{VOLUME_SELECT}")
         domain.placement.used(shard, -1, -top.size)
         domain.clear_volume_shard(a.volume)
-        # Still holding the parent's lease: fitted once the merged LV's extents are
-        # free (a leaf's room may need them). A manager that dies before this leaves
-        # the parent as the merge grew it, which is safe, only larger.
-        if a.parent_size:
-            _fit_after_merge(domain, parent, p_path, a.parent_size, leaf=a.child is None)
         # A merged leaf: the parent is the leaf again, writable. Only now, with nothing
         # on top of it: never a writable volume under another.
         with domain.manager_lock(domain.volume_shard(a.parent)):
             _leaf_again(domain, a.parent)
+        # The merge is done. Still holding the parent's lease, what the merge grew is
+        # given back, best effort: a manager that dies before, or a fit that fails,
+        # leaves the parent as the merge grew it, which is safe, only larger.
+        if a.parent_size:
+            try:
+                _fit_after_merge(domain, parent, p_path, a.parent_size,
+                                 leaf=a.child is None)
+            except errors.Fenced:
+                raise
+            except errors.Error as exc:
+                log.warning("merge: volume %s not fitted: %s", a.parent, exc)
     log.info("merged volume %s into %s", a.volume, a.parent)
     return get_volume(domain, a.parent)
 
@@ -512,11 +518,11 @@ def fitted_size(used: int, capacity: int, extent: int, before: int, leaf: bool) 
 
 def _fit_after_merge(domain: Domain, parent: VolumeInfo, p_path: str, before: int,
                      leaf: bool) -> None:
-    """A thin qcow2 parent's LV fitted to what it holds after the merge (vdsm reduces a
+    """A thin qcow2 parent's LV reduced to what it holds after the merge (vdsm reduces a
     merged volume to its optimal size the same way): the growth for the merge given
-    back, or, for the leaf again, room for new writes. Only from a clean ``qemu-img
-    check`` (read past the page cache); an image check finds anything wrong with is
-    left as it is."""
+    back, down to fitted_size; never grown here (a thin volume's growth is the running
+    VM's business). Only from a clean ``qemu-img check`` (read past the page cache);
+    an image check finds anything wrong with is left as it is."""
     if parent.format != VolumeFormat.QCOW2 or parent.alloc != Allocation.THIN:
         return  # raw and preallocated volumes hold their whole capacity by design
     used = qemu_img.clean_end_offset(domain.runner, qemu_img.alone(p_path, "qcow2"))
@@ -529,20 +535,12 @@ def _fit_after_merge(domain: Domain, parent: VolumeInfo, p_path: str, before: in
     with domain.manager_lock(shard):
         domain.require_manager_now()
         now = get_volume(domain, parent.uuid).size
-        if target == now:
+        if target >= now:
             return
-        if target < now:
-            shard.lvm.lvreduce(shard.vg_name, parent.uuid, target)
-            domain.placement.used(shard, 0, target - now)
-        else:
-            try:
-                _lvextend(domain, shard, parent.uuid, target, now)
-            except errors.NoSpace as exc:  # the merge is done; the room can wait
-                log.warning("merge: volume %s left without a thin volume's room: %s",
-                            parent.uuid, exc)
-                return
+        shard.lvm.lvreduce(shard.vg_name, parent.uuid, target)
+        domain.placement.used(shard, 0, target - now)
     shard.activator.refresh(shard.vg_name, parent.uuid)
-    log.info("merge: volume %s resized from %d to %d bytes", parent.uuid, now, target)
+    log.info("merge: volume %s reduced from %d to %d bytes", parent.uuid, now, target)
 
 
 # Image delete

@@ -9,13 +9,6 @@ sectors and 8 MiB on 4 KiB sectors. The manager allocates slots, initializes the
 before the volume is published (so a volume never exists without a usable lease), and
 grows the ``leases`` LV by LEASES_GROWTH when the slots run out: the number of volumes
 has no fixed cap.
-
-The manager keeps a small **pool** of leases written ahead (LEASE_POOL): a thread of
-its own picks a UUID and a free slot and writes the lease, so a create takes a UUID
-whose lease is ready (:meth:`LeaseLayout.new_volume_id`) and writes none itself
-(6% of a create at 1,000 volumes, measured with py-spy). A pooled lease no volume
-ever named is an unused slot: its LV does not exist, so the next term's slot map
-(built from the LVs' tags) counts it free and writes over it.
 """
 
 from __future__ import annotations
@@ -23,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import uuid
 from collections.abc import Iterator
 
 from . import errors, leases, tags
@@ -35,27 +27,15 @@ log = logging.getLogger(__name__)
 MANAGER_RESOURCE = "manager"
 MANAGER_SLOT = 0
 LEASES_GROWTH = 1024 * 1024 * 1024  # vdsm grows its leases area in the same 1 GiB steps
-LEASE_POOL = 8  # leases the manager writes ahead for the next creates
 
 
 class LeaseLayout:
     def __init__(self, domain: Domain) -> None:
         self.domain = domain
         self._sector_size: int | None = None
-        # This manager term's slot map: each volume's slot (from the LVs' tags at the
-        # term's start, then kept by this process), the slots in use (those, the
-        # manager's, the pool's), and the slot count of the leases LV.
-        self._slots: dict[str, int] = {}
         self._used: set[int] | None = None
-        self._count: int | None = None
+        self._count: int | None = None  # slots in the leases LV, for this manager term
         self._lock = threading.Lock()
-        # Written ahead: (UUID, slot) ready to be taken, and taken by a request that
-        # has not allocated it yet (UUID -> slot).
-        self._pool: list[tuple[str, int]] = []
-        self._taken: dict[str, int] = {}
-        self._term = 0  # reset_slots() starts another: a filler of an old one stops
-        self._wanted = threading.Event()
-        self._filler: threading.Thread | None = None
 
     # Geometry
 
@@ -124,125 +104,49 @@ class LeaseLayout:
     # Volume leases
 
     def reset_slots(self) -> None:
-        """Forget the slot map and the pool (a new manager term); the next allocation
-        builds the map from the LVs."""
+        """Forget the cached slot map; the next allocation rebuilds it from the LVs."""
         with self._lock:
-            self._slots = {}
             self._used = None
             self._count = None
-            self._pool = []
-            self._taken = {}
-            self._term += 1
 
-    def volume_removed(self, volume_uuid: str) -> None:
-        """``volume_uuid``'s LV is gone (Domain.clear_volume_shard): its slot is free.
-        Only this way: a slot handed out is never counted free again because its LV
-        does not exist yet (a create between its lease and its lvcreate)."""
-        with self._lock:
-            slot = self._slots.pop(volume_uuid, None)
-            if slot is not None and self._used is not None:
-                self._used.discard(slot)
-
-    def new_volume_id(self) -> str:
-        """The UUID for a new volume (manager only): one whose lease the pool has
-        written already when it has one, else a new one (allocate_volume_lease then
-        writes its lease). Asks the pool's thread to write more."""
-        with self._lock:
-            if self._pool:
-                volume, slot = self._pool.pop(0)
-                self._taken[volume] = slot
-            else:
-                volume = str(uuid.uuid4())
-            self._start_filler()
-        self._wanted.set()
-        return volume
+    def _scan_used(self) -> set[int]:
+        used = {MANAGER_SLOT}
+        for lv in self.domain.volume_lvs():
+            slot = tags.lease_slot(lv.tags)
+            if slot is not None:
+                used.add(slot)
+        return used
 
     def allocate_volume_lease(self, volume_uuid: str) -> int:
-        """The slot of ``volume_uuid``'s lease, initialized (manager only): the one the
-        pool wrote for it, or a free slot written now.
+        """Pick a free slot and initialize the volume's lease in it (manager only).
 
-        The slot map is built from the LVs once per manager term, then kept by this
-        process, the only one that allocates slots or grows the LV: a slot is taken
-        here and given back when its volume's LV is removed (volume_removed), so the
-        create path reads no LVM and two creates never get one slot."""
+        The map of used slots and the slot count are built once per manager term and
+        kept up to date by this process, the only one that allocates or grows the LV
+        (no LVM read on the create path); the map is rebuilt from the LVs before the
+        leases LV is grown, so slots of deleted volumes are reused first."""
         with self._lock:
-            slot = self._taken.pop(volume_uuid, None)
-            if slot is not None:
-                self._slots[volume_uuid] = slot
-                return slot
-            slot = self._free_slot()
-        try:
+            if self._used is None or self._count is None:
+                self._used = self._scan_used()
+                self._count = self.slot_count()
+            count = self._count
+            slot = next((s for s in range(count) if s not in self._used), None)
+            if slot is None:
+                self._used = self._scan_used()
+                slot = next((s for s in range(count) if s not in self._used), None)
+            if slot is None:
+                lv = self.domain.lvm.lv(self.domain.vg_name, "leases")
+                log.info("leases LV full (%d slots): growing by %d bytes", count,
+                         LEASES_GROWTH)
+                self.domain.lvm.lvextend(self.domain.vg_name, "leases",
+                                         lv.size + LEASES_GROWTH)
+                self._count = (lv.size + LEASES_GROWTH) // self.align
+                self.domain.placement.forget(self.domain.shard(0))
+                slot = count
             self.domain.require_manager_now()  # a lease write is a write: fenced too
             leases.init_resource(self.lockspace, volume_uuid, self.slot_disk(slot),
                                  self.sector_size)
-        except BaseException:
-            with self._lock:
-                if self._used is not None:
-                    self._used.discard(slot)
-            raise
-        with self._lock:
-            self._slots[volume_uuid] = slot
-        return slot
-
-    def _free_slot(self) -> int:
-        """The lowest free slot, marked used (called with the lock held); the leases LV
-        grows when none is left."""
-        if self._used is None or self._count is None:
-            if self.volume_removed not in self.domain.on_volume_removed:
-                # Only the layout that allocates (the manager's) keeps a map.
-                self.domain.on_volume_removed.append(self.volume_removed)
-            self._slots = {lv.name: slot for lv in self.domain.volume_lvs()
-                           if (slot := tags.lease_slot(lv.tags)) is not None}
-            self._used = ({MANAGER_SLOT} | set(self._slots.values())
-                          | {slot for _, slot in self._pool} | set(self._taken.values()))
-            self._count = self.slot_count()
-        count = self._count
-        slot = next((s for s in range(count) if s not in self._used), None)
-        if slot is None:
-            lv = self.domain.lvm.lv(self.domain.vg_name, "leases")
-            log.info("leases LV full (%d slots): growing by %d bytes", count,
-                     LEASES_GROWTH)
-            self.domain.lvm.lvextend(self.domain.vg_name, "leases",
-                                     lv.size + LEASES_GROWTH)
-            self._count = (lv.size + LEASES_GROWTH) // self.align
-            self.domain.placement.forget(self.domain.shard(0))
-            slot = count
-        self._used.add(slot)
-        return slot
-
-    def _start_filler(self) -> None:
-        if self._filler is None or not self._filler.is_alive():
-            self._filler = threading.Thread(target=self._fill, name="lease-pool",
-                                            daemon=True)
-            self._filler.start()
-
-    def _fill(self) -> None:
-        """The pool's thread: tops the pool up to LEASE_POOL when asked; ends when
-        idle for a minute or at the first error (a fenced manager writes nothing; the
-        next create starts it again). A lease written across a new term is dropped:
-        its slot belongs to the old term's map."""
-        while self._wanted.wait(60):
-            self._wanted.clear()
-            while True:
-                with self._lock:
-                    if len(self._pool) >= LEASE_POOL:
-                        break
-                    term = self._term
-                    slot = self._free_slot()
-                volume = str(uuid.uuid4())
-                try:
-                    self.domain.require_manager_now()
-                    leases.init_resource(self.lockspace, volume, self.slot_disk(slot),
-                                         self.sector_size)
-                except Exception as exc:
-                    log.info("lease pool stopped: %s", exc)
-                    with self._lock:
-                        if self._used is not None and term == self._term:
-                            self._used.discard(slot)
-                    return
-                with self._lock:
-                    if term == self._term:
-                        self._pool.append((volume, slot))
+            self._used.add(slot)
+            return slot
 
     def _volume_disk(self, info: VolumeInfo) -> leases.Disk:
         if info.lease is None:

@@ -152,13 +152,17 @@ class RoleLock:
 
 class Manager:
     def __init__(self, domain: Domain, lease: ManagerLease,
-                 recover: Callable[[], list[str]] = list) -> None:
+                 recover: Callable[[], list[str]] = list,
+                 on_term: Callable[[], None] = lambda: None) -> None:
         """``recover``: finishes what a previous manager left (volume.recover); it
         returns what it could not finish, which is reported and left for later: one
-        stuck volume must not cost the domain its manager."""
+        stuck volume must not cost the domain its manager. ``on_term``: forgets what
+        a term keeps (the lease slot map), when a term begins, before any
+        operation, and when it ends, before the lease is given up."""
         self.domain = domain
         self.lease = lease
         self._recover = recover
+        self._on_term = on_term
         self.recovery_problems: list[str] = []
         self.recovering = False
         self.token: int | None = None
@@ -203,6 +207,7 @@ class Manager:
             journal.write_domain_record(dev, record)
         d.record = record
         self._checked = None
+        self._on_term()
         self.token = token
         self.generation = record.manager_generation
         d.reload_shards()
@@ -266,13 +271,13 @@ class Manager:
         if self.token is None or self.generation is None:
             raise Fenced(f"host {self.domain.host_id} is not the manager of domain "
                          f"{self.domain.name}")
-        started = _boottime()
+        token, started = self.token, _boottime()
         checked = self._checked
-        if checked is not None and checked[0] == self.token and \
+        if checked is not None and checked[0] == token and \
                 0 <= started - checked[1] < CHECK_REUSE:
             return
         self._full_check()
-        self._checked = (self.token, started)
+        self._checked = (token, started)
 
     def _full_check(self) -> None:
         version = self.lease.held_version()
@@ -302,6 +307,8 @@ class Manager:
         self.token = None
         self.generation = None
         self.domain.become_reader()
+        with contextlib.suppress(Exception):
+            self._on_term()
         with contextlib.suppress(errors.Error):
             self.lease.release()
 

@@ -53,7 +53,8 @@ class DomainService:
                                lambda: volume_mod.recover(
                                    domain, self.exclusive,
                                    {**images.recovery(domain, self.exclusive),
-                                    **copies.recovery(domain)}))
+                                    **copies.recovery(domain)}),
+                               on_term=self.layout.reset_slots)
         self.settings = settings
         self.joined = False
         self.holdoff_until = 0.0
@@ -97,7 +98,6 @@ class DomainService:
                 if (self.joined and not self.manager.active
                         and time.monotonic() >= self.holdoff_until
                         and self.manager.try_take()):
-                    self.layout.reset_slots()
                     self.mailbox_server.reset()
                     self.backups.reset()
                 if self.manager.active:

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from . import codec, errors, journal, qemu_img, tags
 from .activation import set_read_only
@@ -60,13 +60,7 @@ VOLUME_SELECT = "(" + "||".join(
 
 # Allocates and initializes a lease slot for a new volume (lease_layout): required,
 # a volume never exists without its lease.
-class LeaseAllocator(Protocol):
-    """The manager's volume leases (lease_layout.LeaseLayout)."""
-
-    def new_volume_id(self) -> str: ...
-
-    def allocate_volume_lease(self, volume_uuid: str) -> int: ...
-
+LeaseAllocator = Callable[[str], int]
 
 
 def _volume(domain: Domain, lv: LogicalVolume) -> VolumeInfo | None:
@@ -238,8 +232,7 @@ def create_volume(domain: Domain, request: CreateVolume, allocate_lease: LeaseAl
             shard = domain.placement.choose(_lv_size(request.size, request.format,
                                                      request.alloc))
             intent = codec.to_wire(_CreateIntent(
-                volume=allocate_lease.new_volume_id(),
-                image=request.image or str(uuid.uuid4()),
+                volume=str(uuid.uuid4()), image=request.image or str(uuid.uuid4()),
                 size=request.size, format=request.format, alloc=request.alloc,
                 tags=dict(request.tags), shard=shard.index))
 
@@ -274,7 +267,7 @@ def _create(domain: Domain, a: _CreateIntent, resumed: bool,
         return _finish_qcow2(domain, info, a.size, exclusive)
     # The lease exists before the volume is published (docs/design.md "Create"), and
     # the index names its shard before the LV exists (journal: "The volume index").
-    lease = allocate_lease.allocate_volume_lease(a.volume)
+    lease = allocate_lease(a.volume)
     domain.set_volume_shard(a.volume, shard)
     lv_size = _lv_size(a.size, a.format, a.alloc)
     if a.format == VolumeFormat.RAW:
@@ -616,11 +609,10 @@ def recover(domain: Domain, exclusive: ExclusiveLease,
                     shard = domain.volume_shard(info.uuid)
                     shard.activator.deactivate(shard.vg_name, info.uuid)
                     shard.lvm.lvremove(shard.vg_name, [info.uuid])
-                    domain.clear_volume_shard(info.uuid)
                 else:
                     log.warning("recovery: finishing the wipe and removal of %s", info.uuid)
                     finish_removal(domain, info.uuid)
-                    domain.clear_volume_shard(info.uuid)
+            domain.clear_volume_shard(info.uuid)  # both ways: the LV is gone
         except errors.Fenced:
             raise
         except errors.Error as exc:
