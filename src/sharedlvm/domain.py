@@ -183,6 +183,10 @@ class Domain:
         self._extent_size: int | None = None
         # Long steps (a wipe) call this as they progress: the daemon's hang watch.
         self.on_progress: Callable[[], None] | None = None
+        # The daemon's: runs a step that need not delay the answer, after it (a deleted
+        # volume's index entry cleared); without a daemon, at once.
+        self.later: Callable[[Callable[[], None]], None] | None = None
+        self._clearing: set[str] = set()  # index entries to clear later (under the lock)
         self._shards_lock = threading.Lock()
         self._journal_lock = threading.Lock()
         self._request_locks = [threading.Lock() for _ in range(64)]
@@ -327,18 +331,35 @@ class Domain:
         if self.record.format_version < 2:
             return
         with self.journal() as dev, self._journal_lock:
+            self._clearing.discard(volume_id)  # a clear still queued must not undo this
             entries, rebuilt = self._index_bucket(dev, volume_id)
             if rebuilt or entries.get(volume_id) != shard.index:
                 entries[volume_id] = shard.index
                 journal.write_index(dev, volume_id, entries)
         self._where[volume_id] = shard.index
 
-    def clear_volume_shard(self, volume_id: str) -> None:
-        """Drop ``volume_id`` from the index (manager, after its lvremove)."""
+    def clear_volume_shard(self, volume_id: str, later: bool = False) -> None:
+        """Drop ``volume_id`` from the index (manager, after its lvremove). ``later``:
+        after the answer, through :attr:`later`. An entry left behind (the manager
+        died first, or a queued clear found this host no longer manager) names a shard
+        where the LV is not: a lookup there finds no volume, which is the answer; a
+        create of the same UUID meanwhile cancels the queued clear."""
         self._where.pop(volume_id, None)
         if self.record.format_version < 2:
             return
+        if later and self.later is not None:
+            with self._journal_lock:
+                self._clearing.add(volume_id)
+            self.later(lambda: self._clear_index(volume_id, queued=True))
+        else:
+            self._clear_index(volume_id)
+
+    def _clear_index(self, volume_id: str, queued: bool = False) -> None:
         with self.journal() as dev, self._journal_lock:
+            if queued:
+                if volume_id not in self._clearing:
+                    return  # created again since
+                self._clearing.discard(volume_id)
             entries, rebuilt = self._index_bucket(dev, volume_id)
             if entries.pop(volume_id, None) is not None or rebuilt:
                 journal.write_index(dev, volume_id, entries)

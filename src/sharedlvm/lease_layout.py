@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from . import errors, leases, tags
 from .domain import Domain
@@ -166,11 +166,14 @@ class LeaseLayout:
             raise errors.VolumeHeld(info.uuid, [o.host_id for o in owners], mode) from exc
 
     @contextlib.contextmanager
-    def exclusive(self, info: VolumeInfo, fd: int) -> Iterator[None]:
+    def exclusive(self, info: VolumeInfo, fd: int,
+                  later: Callable[[Callable[[], None]], None] | None = None) -> Iterator[None]:
         """The volume's lease, held exclusively by this process for the block: no
         consumer on any host can use the volume meanwhile (the manager holds it while
         it deletes, wipes or rewrites a volume). VolumeInUse naming the holders when
-        anyone holds it, also a host that died but whose lease has not expired yet."""
+        anyone holds it, also a host that died but whose lease has not expired yet.
+        ``later``: runs the release of a block that ended well instead of releasing
+        at its end (after the answer: a delete)."""
         if info.lease is None:
             yield  # a volume without a lease slot cannot be leased by anyone either
             return
@@ -183,11 +186,19 @@ class LeaseLayout:
             if not owners:
                 raise
             raise errors.VolumeInUse(info.uuid, sorted(o.host_id for o in owners)) from exc
-        try:
-            yield
-        finally:
+        def release() -> None:
             with contextlib.suppress(errors.Error):
                 leases.release(self.lockspace, info.uuid, [disk], fd=fd)
+
+        try:
+            yield
+        except BaseException:
+            release()  # a failed block: at once (a retry would find it held)
+            raise
+        if later is None:
+            release()
+        else:
+            later(release)
 
     def release_volume(self, info: VolumeInfo, fd: int | None = None,
                        pid: int | None = None) -> None:

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,12 +50,20 @@ class DomainService:
         self.domain = domain
         self.layout = LeaseLayout(domain)
         self.sanlock_fd = sanlock_fd
+        # Steps after an answer (a deleted volume's lease given back, its index entry
+        # cleared), each kind in order on its own thread: the releases take no lock of
+        # ours, so a term's end can wait for them (no freed slot is reused while this
+        # daemon still holds the old lease on it); an index clear may wait for the
+        # journal, so nothing waits for it.
+        self._releases = ThreadPoolExecutor(1, thread_name_prefix=f"release-{domain.name}")
+        self._clears = ThreadPoolExecutor(1, thread_name_prefix=f"index-{domain.name}")
+        domain.later = lambda step: self._later(self._clears, step)
         self.manager = Manager(domain, self.layout.manager_lease(sanlock_fd()),
                                lambda: volume_mod.recover(
                                    domain, self.exclusive,
                                    {**images.recovery(domain, self.exclusive),
                                     **copies.recovery(domain)}),
-                               on_term=self.layout.reset_slots)
+                               on_term=self._on_term)
         self.settings = settings
         self.joined = False
         self.holdoff_until = 0.0
@@ -160,9 +169,31 @@ class DomainService:
             self._live_cache = (now, self.layout.live_hosts())
         return self._live_cache[1]
 
-    def exclusive(self, info: VolumeInfo) -> contextlib.AbstractContextManager[None]:
-        """The volume's lease held exclusively by the daemon (the manager) for a block."""
-        return self.layout.exclusive(info, self.sanlock_fd())
+    def exclusive(self, info: VolumeInfo, *,
+                  release_later: bool = False) -> contextlib.AbstractContextManager[None]:
+        """The volume's lease held exclusively by the daemon (the manager) for a block;
+        ``release_later``: given back after the answer (volume.ExclusiveLease)."""
+        later = (lambda step: self._later(self._releases, step)) if release_later else None
+        return self.layout.exclusive(info, self.sanlock_fd(), later)
+
+    def _later(self, pool: ThreadPoolExecutor, step: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                step()
+            except Exception as exc:  # a step's failure is its own, logged
+                log.warning("domain %s: a step after an answer failed: %s",
+                            self.domain.name, exc)
+        try:
+            pool.submit(run)
+        except RuntimeError:  # shut down (the daemon stops): now, in this thread
+            run()
+
+    def _on_term(self) -> None:
+        """A manager term begins or ends: the leases still to give back are given back
+        first, then the term's slot map is forgotten."""
+        with contextlib.suppress(RuntimeError):
+            self._releases.submit(lambda: None).result()
+        self.layout.reset_slots()
 
     def require_joined(self) -> None:
         if not self.joined:
@@ -199,6 +230,8 @@ class DomainService:
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout=60)
         self.manager.release()
+        self._releases.shutdown(wait=True)
+        self._clears.shutdown(wait=True)
         if leave and self.joined:
             with contextlib.suppress(errors.Error):
                 self.layout.leave()

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import codec, errors, journal, qemu_img, tags
 from .activation import set_read_only
@@ -113,10 +113,16 @@ def activated(domain: Domain, volume_id: str) -> Iterator[str]:
 
 # Exactly-once by request id
 
-# Holds a volume's lease exclusively for a block (lease_layout.LeaseLayout.exclusive
-# with the manager's sanlock connection): required for every change of a volume's
-# content or its removal, so no consumer can use it meanwhile.
-ExclusiveLease = Callable[[VolumeInfo], contextlib.AbstractContextManager[None]]
+class ExclusiveLease(Protocol):
+    """Holds a volume's lease exclusively for a block (lease_layout.LeaseLayout.exclusive
+    with the manager's sanlock connection): required for every change of a volume's
+    content or its removal, so no consumer can use it meanwhile. ``release_later``
+    (a delete only: nobody can ask for a volume that is gone) gives it back after the
+    answer, on the daemon's release thread, drained before a manager term begins or
+    ends (service.py)."""
+
+    def __call__(self, info: VolumeInfo, *,
+                 release_later: bool = False) -> contextlib.AbstractContextManager[None]: ...
 
 
 def request_digest(request: Request) -> str:
@@ -470,7 +476,9 @@ def _delete(domain: Domain, vol: str, wipe: bool, resumed: bool,
     on_top = children(domain, vol)
     if on_top:  # their backing file: never removed under them
         raise errors.HasChildren(vol, on_top, "delete")
-    with exclusive(info):
+    # The lease is given back and the index entry cleared after the answer: neither
+    # can matter to anyone once the LV is gone (bench/scale.py: 4 ms of a 47 ms delete).
+    with exclusive(info, release_later=True):
         failpoint("delete-holding-lease")
         shard.activator.deactivate(shard.vg_name, vol)
         if discard:
@@ -490,7 +498,7 @@ def _delete(domain: Domain, vol: str, wipe: bool, resumed: bool,
                                       delete=[tags.state_tag(info.state)])
             finish_removal(domain, vol)
     domain.placement.used(shard, -1, -info.size)
-    domain.clear_volume_shard(vol)
+    domain.clear_volume_shard(vol, later=True)
     _leaf_again(domain, info.parent)
     return Deleted(vol)
 

@@ -150,6 +150,21 @@ def test_exclusive_and_shared_volume_leases(cluster: Cluster) -> None:
         h1.cli("volume", "teardown", vol)
 
 
+def test_delete_gives_the_lease_back_after_the_answer(cluster: Cluster) -> None:
+    """A delete answers before it gives the volume's lease back (volume._delete): the
+    release still happens, on the manager's daemon and on the disk."""
+    h1 = cluster.hosts[0]
+    assert cluster.manager() is h1
+    vol = _vol(cluster)
+    slot = h1.cli_json("volume", "info", vol)["lease"]
+    h1.cli("volume", "delete", vol)
+    assert h1.daemon.pid is not None
+    _wait(lambda: vol not in [h.resource for h in leases_held_by(h1, h1.daemon.pid or 0)],
+          timeout=30)
+    leader = _leader(cluster, slot, vol)  # acquired by the manager, then released
+    assert int(leader["owner_id"]) == 1 and int(leader["timestamp"]) == 0, leader
+
+
 def leases_held_by(host: Host, pid: int) -> list[leases.Held]:
     """What sanlock on ``host`` says process ``pid`` holds."""
     code = ("import json, sys\n"
