@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import errors, images, leases
+from . import errors, images, leases, qmp, vmwatch
 from . import volume as volume_mod
 from .domain import Domain
 from .lease_layout import LeaseLayout
@@ -94,12 +94,16 @@ def run_with_leases(paths: HostPaths, domain: Domain | None,
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        _consumer(domain, infos, modes, argv, wait, chain_of)
-    return _supervise(pid, domain, infos, chain_of)
+        _consumer(domain, infos, modes, argv, wait, chain_of, paths)
+    try:
+        return _supervise(pid, domain, infos, chain_of)
+    finally:
+        vmwatch.remove_record(paths, pid)
 
 
 def _consumer(domain: Domain | None, infos: list[VolumeInfo], shared: list[bool],
-              argv: Sequence[str], wait: float, image: str | None = None) -> NoReturn:
+              argv: Sequence[str], wait: float, image: str | None = None,
+              paths: HostPaths | None = None) -> NoReturn:
     try:
         os.setpgid(0, 0)
         for signo in FORWARDED:
@@ -107,6 +111,7 @@ def _consumer(domain: Domain | None, infos: list[VolumeInfo], shared: list[bool]
         fd = leases.register()
         leases.killpath(fd, [KILL, "-KILL", "--", f"-{os.getpid()}"])
         devices: list[str] = []
+        writable: list[tuple[str, str]] = []  # (uuid, the path the command opens)
         if domain is not None:
             layout = LeaseLayout(domain)
             deadline = time.monotonic() + wait
@@ -121,10 +126,22 @@ def _consumer(domain: Domain | None, infos: list[VolumeInfo], shared: list[bool]
                 directory = images.link_chain(
                     domain, image, {i.uuid: d for i, d in zip(infos, devices, strict=True)})
                 devices = [str(directory / infos[-1].uuid)]
+                writable = [(infos[-1].uuid, devices[0])] if not shared[-1] else []
+            else:
+                writable = [(info.uuid, dev) for info, dev, ro
+                            in zip(infos, devices, shared, strict=True) if not ro]
         env = dict(os.environ, SHAREDLVM_DEVICES=" ".join(devices),
                    SHAREDLVM_DEVICE=devices[0] if devices else "")
         # Only {N} is replaced: any other brace (a shell's ${x}, JSON) stays as given.
         final = [_PLACEHOLDER.sub(lambda m: devices[int(m.group(1))], arg) for arg in argv]
+        if domain is not None and paths is not None and qmp.is_qemu(final[0]):
+            # A monitor of its own for the daemon's watch (vmwatch.py): qemu takes
+            # several, so the caller's own monitors are untouched.
+            me = os.getpid()
+            monitor = vmwatch.monitor_path(paths, me)
+            final += qmp.monitor_argv(monitor)
+            vmwatch.write_record(paths, vmwatch.VmRecord(
+                me, vmwatch.process_start(me) or 0, monitor, domain.name, tuple(writable)))
         os.set_inheritable(fd, True)  # the sanlock connection, and the leases, survive exec
         os.execvpe(final[0], final, env)
     except errors.Error as exc:

@@ -505,7 +505,7 @@ class Domain:
         several segments (``leases``) stays reachable."""
         if self.lvm.config.activation:
             path = self.special_path(lv_name)
-            if offset >= _device_size(path):
+            if offset >= device_size(path):
                 # The manager grew it (``leases``) after this host activated it: reload
                 # the mapping from the LV's segments now, or sanlock would be given an
                 # offset past the end of this host's device.
@@ -691,7 +691,7 @@ def _lun_vgs(luns: Sequence[str]) -> dict[str, str | None]:
     return found
 
 
-def _device_size(path: str) -> int:
+def device_size(path: str) -> int:
     fd = os.open(path, os.O_RDONLY)
     try:
         return os.lseek(fd, 0, os.SEEK_END)

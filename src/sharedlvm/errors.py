@@ -35,6 +35,7 @@ if a class is missing there.
     │   └── VolumeInUse       a live host holds the volume (volume, hosts)
     ├── DaemonNotRunning      no daemon answers on this host (socket)
     ├── StorageIOError        I/O on the journal or mailbox failed
+    ├── MonitorError          a VM's monitor (QMP) refused a command, or the VM is gone
     └── Timeout               no answer in time (what, seconds)
 """
 
@@ -275,6 +276,10 @@ class StorageIOError(Error):
 
 class Timeout(Error):
     pass
+
+
+class MonitorError(Error):
+    """A running VM's monitor (qmp.py) refused a command, or the VM is gone."""
 
 
 def error_classes() -> dict[str, type[Error]]:

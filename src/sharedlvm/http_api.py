@@ -83,6 +83,7 @@ STATUS: dict[type[errors.Error], int] = {
     errors.ReadOnlyVolume: 409,
     errors.DaemonNotRunning: 503,
     errors.StorageIOError: 503,
+    errors.MonitorError: 502,
     errors.Timeout: 504,
 }
 

@@ -1,0 +1,252 @@
+"""A running qemu's machine protocol (QMP): the only module that knows its commands,
+events and command-line options.
+
+The daemon watches each VM it runs (vmwatch.py) through a monitor of its own: ``run``
+adds ``-qmp unix:SOCKET,server=on,wait=off`` to a qemu command line (qemu takes several
+monitors, so a management layer's own is untouched) and the daemon connects to it. The
+watcher speaks to a :class:`VmMonitor` (below) in terms of its own: the leaf's node, a
+write threshold, the highest offset written, a VM stopped for lack of space. A libvirt
+backend (libvirt-python's events and ``setBlockThreshold``) can stand beside
+:class:`QmpMonitor` behind the same methods.
+
+The protocol, as qemu 7.2 speaks it (docs/interop/qmp-spec): one JSON object per line;
+a greeting ``{"QMP": ...}`` first, then ``qmp_capabilities`` before any other command;
+each command answered by ``{"return": ...}`` or ``{"error": {"class", "desc"}}`` with
+the ``id`` it was sent with; events (``{"event", "data", "timestamp"}``) arrive between
+answers at any time. Facts measured here: ``block-set-write-threshold`` on the protocol
+node (offsets in the image *file*, what the LV must hold) fires
+``BLOCK_WRITE_THRESHOLD`` once within milliseconds and disarms itself; an HMP command
+(``qemu-io``) holds the main loop, so this monitor's commands wait until it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import errors
+from .errors import MonitorError
+
+# How long one command may take: every command used here answers at once.
+COMMAND_TIMEOUT = 30.0
+# The longest line qemu sends (query-named-block-nodes of a deep chain is the largest).
+MAX_LINE = 64 * 1024 * 1024
+
+# Event kinds, as the watcher knows them (QMP's names stay in this module).
+THRESHOLD = "threshold"  # a write went past the armed offset (the threshold disarmed)
+IO_ERROR = "io_error"  # a request failed; ``nospace``: ENOSPC, the VM paused for it
+STOPPED = "stopped"  # the VM paused (any reason)
+RESUMED = "resumed"
+SHUTDOWN = "shutdown"  # qemu is going away
+
+_EVENTS = {"BLOCK_WRITE_THRESHOLD": THRESHOLD, "BLOCK_IO_ERROR": IO_ERROR, "STOP": STOPPED,
+           "RESUME": RESUMED, "SHUTDOWN": SHUTDOWN}
+# Block drivers of a protocol node over a file or a block device.
+_PROTOCOL_DRIVERS = ("host_device", "file")
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str
+    node: str = ""  # the node (threshold) or the drive (io_error) it is about
+    nospace: bool = False  # io_error: ENOSPC
+    reason: str = ""  # io_error: the error's text; stopped: why, when qemu says
+
+
+def monitor_argv(socket_path: str) -> list[str]:
+    """The options that give qemu a monitor for sharedlvm at ``socket_path`` (qemu
+    listens; it does not wait for the daemon to connect)."""
+    if "," in socket_path:
+        raise errors.InvalidArgument(f"invalid monitor socket {socket_path!r}: a comma "
+                                     "would end qemu's option")
+    if len(os.fsencode(socket_path)) > 107:
+        raise errors.InvalidArgument(f"the monitor socket {socket_path} is longer than a "
+                                     "unix socket path may be (107 bytes): use a shorter "
+                                     "SHAREDLVM_ROOT")
+    return ["-qmp", f"unix:{socket_path},server=on,wait=off"]
+
+
+def is_qemu(argv0: str) -> bool:
+    """A qemu system emulator, by its program name."""
+    return os.path.basename(argv0).startswith("qemu-system-")
+
+
+class Qmp:
+    """One QMP connection. Thread-safe: a command and an event wait may come from two
+    threads; events read while a command waits for its answer are kept for
+    :meth:`next_event`."""
+
+    def __init__(self, path: str, timeout: float = COMMAND_TIMEOUT) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._buf = b""
+        self._events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._next_id = 0
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.connect(path)
+            greeting = self._read(time.monotonic() + timeout)
+            if "QMP" not in greeting:
+                raise MonitorError(f"{path} is not a QMP monitor")
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Qmp:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _read(self, deadline: float) -> dict[str, Any]:
+        """The next message, or MonitorError when qemu went away or stayed silent."""
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise errors.Timeout(f"the monitor {self.path} did not answer in time")
+            ready, _, _ = select.select([self._sock], [], [], left)
+            if not ready:
+                continue
+            try:
+                chunk = self._sock.recv(65536)
+            except OSError as exc:
+                raise MonitorError(f"the monitor {self.path} failed: {exc}") from None
+            if not chunk:
+                raise MonitorError(f"the VM of {self.path} has gone (monitor closed)")
+            self._buf += chunk
+            if len(self._buf) > MAX_LINE:
+                raise MonitorError(f"the monitor {self.path} sent an oversized message")
+        line, _, self._buf = self._buf.partition(b"\n")
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise MonitorError(f"the monitor {self.path} sent {line[:80]!r}") from None
+        if not isinstance(message, dict):
+            raise MonitorError(f"the monitor {self.path} sent {line[:80]!r}")
+        return message
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                timeout: float | None = None) -> Any:
+        with self._lock:
+            self._next_id += 1
+            ident = self._next_id
+            message: dict[str, Any] = {"execute": command, "id": ident}
+            if arguments:
+                message["arguments"] = arguments
+            try:
+                self._sock.sendall(json.dumps(message).encode() + b"\n")
+            except OSError as exc:
+                raise MonitorError(f"the VM of {self.path} has gone ({exc.strerror})") \
+                    from None
+            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            while True:
+                answer = self._read(deadline)
+                if "event" in answer:
+                    self._events.append(answer)
+                    continue
+                if answer.get("id") != ident:
+                    continue  # an answer to a command that timed out before
+                if "error" in answer:
+                    err = answer["error"]
+                    raise MonitorError(f"qemu refused {command}: {err.get('class')}: "
+                                       f"{err.get('desc')}")
+                return answer.get("return")
+
+    def next_event(self, timeout: float) -> dict[str, Any] | None:
+        """The next event within ``timeout`` seconds, or None."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not self._events:
+                try:
+                    message = self._read(deadline)
+                except errors.Timeout:
+                    return None
+                if "event" in message:
+                    self._events.append(message)
+            return self._events.pop(0)
+
+
+class QmpMonitor:
+    """The watcher's view of a VM through QMP (vmwatch.VmMonitor)."""
+
+    def __init__(self, path: str, timeout: float = COMMAND_TIMEOUT) -> None:
+        self.qmp = Qmp(path, timeout)
+
+    def close(self) -> None:
+        self.qmp.close()
+
+    def leaf_node(self, image_path: str) -> str:
+        """The protocol node reading and writing ``image_path`` (the device of the
+        leaf: where a write threshold counts offsets in the LV)."""
+        wanted = os.path.realpath(image_path)
+        for node in self.qmp.execute("query-named-block-nodes", {"flat": True}):
+            if node.get("drv") in _PROTOCOL_DRIVERS and (
+                    node.get("file") == image_path
+                    or os.path.realpath(str(node.get("file"))) == wanted):
+                return str(node["node-name"])
+        raise MonitorError(f"the VM of {self.qmp.path} has no node on {image_path}")
+
+    def disk_nodes(self, image_path: str) -> set[str]:
+        """Every node opened on ``image_path``: its protocol node and the format node
+        over it (the one BLOCK_IO_ERROR names)."""
+        wanted = os.path.realpath(image_path)
+        return {str(node["node-name"])
+                for node in self.qmp.execute("query-named-block-nodes", {"flat": True})
+                if node.get("file") == image_path
+                or os.path.realpath(str(node.get("file"))) == wanted}
+
+    def arm_threshold(self, node: str, offset: int) -> None:
+        """BLOCK_WRITE_THRESHOLD once a write reaches past ``offset`` on ``node``."""
+        self.qmp.execute("block-set-write-threshold",
+                         {"node-name": node, "write-threshold": int(offset)})
+
+    def highest_write(self, node: str) -> int:
+        """The highest offset written on ``node`` since qemu started (0 when unknown):
+        the fallback when an event is missed."""
+        for entry in self.qmp.execute("query-blockstats", {"query-nodes": True}):
+            if entry.get("node-name") == node:
+                return int(entry.get("stats", {}).get("wr_highest_offset", 0))
+        return 0
+
+    def status(self) -> tuple[bool, str]:
+        """(running, qemu's run state: "running", "paused", "io-error", ...)."""
+        answer = self.qmp.execute("query-status")
+        return bool(answer.get("running")), str(answer.get("status", ""))
+
+    def resume(self) -> None:
+        self.qmp.execute("cont")
+
+    def next_event(self, timeout: float) -> Event | None:
+        """The next event the watcher cares about within ``timeout`` (others are
+        skipped), or None."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            message = self.qmp.next_event(left)
+            if message is None:
+                return None
+            kind = _EVENTS.get(str(message.get("event")))
+            if kind is None:
+                continue
+            data = message.get("data") or {}
+            if kind == THRESHOLD:
+                return Event(kind, node=str(data.get("node-name", "")))
+            if kind == IO_ERROR:
+                return Event(kind, node=str(data.get("node-name") or data.get("device", "")),
+                             nospace=bool(data.get("nospace")),
+                             reason=str(data.get("reason", "")))
+            return Event(kind)

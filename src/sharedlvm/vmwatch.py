@@ -1,0 +1,363 @@
+"""Running VMs: their thin disks grown before the guest notices, and resumed after
+ENOSPC (docs/design.md, "Disks of running VMs").
+
+``sharedlvm run --image I -- qemu-system-...`` gives qemu a monitor for sharedlvm
+(qmp.monitor_argv) and leaves a record of the VM in ``run/sharedlvm/vms/PID.json``
+(the pid, its start time, the monitor's socket, the domain, each writable volume and
+the path qemu opens it by). The daemon scans that directory (:class:`VmWatcher`), so a
+restarted daemon finds every VM again; each VM gets a thread (:class:`VmWatch`) that:
+
+- finds each thin qcow2 volume's protocol node, and arms a write threshold ``free``
+  bytes below the end of its LV (the threshold fires once, then disarms itself);
+- on the event (or, every ``fallback`` seconds, when the highest offset written is
+  past the threshold: an event missed while the daemon was down), asks the manager to
+  grow the LV by ``chunk`` (ExtendVolume ``allocation``, with a request id naming the
+  target: repeated by a restarted daemon, it is answered, not done twice), refreshes
+  the LV on this host, checks the device's new size and re-arms;
+- on a write that failed for lack of space (the drive's ``werror=enospc`` paused the
+  VM instead of failing the guest), grows the volume the same way and resumes the VM
+  only if it is paused for that I/O error (never a VM paused for any other reason);
+  a volume at its largest size (capacity + qcow2 metadata) is reported, not grown
+  again and the VM not resumed into the same error.
+
+Every extend logs and records its steps (event seen, manager done, refreshed,
+re-armed) in the daemon's metrics. The watch ends when qemu exits (its monitor
+closes); the record is the ``run`` parent's to remove (a stale one, whose process is
+gone, is removed by the scan).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import errors, qemu_img
+from .domain import device_size
+from .errors import MonitorError
+from .model import Allocation, VolumeFormat, VolumeInfo
+from .paths import HostPaths
+from .qmp import IO_ERROR, SHUTDOWN, THRESHOLD, Event, QmpMonitor
+from .units import GiB, MiB, round_up
+
+log = logging.getLogger(__name__)
+
+# How often the daemon looks for new VM records.
+SCAN_INTERVAL = 0.5
+# How long a new VM's monitor may take to appear (qemu's start under TCG).
+CONNECT_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class ThinSettings:
+    """When and by how much a running VM's thin volume grows.
+
+    vdsm extends a thin block volume by a 2.5 GiB chunk when less than about half a
+    chunk is free; sharedlvm's defaults are smaller because its LVs start at 1 GiB
+    (volume.THIN_INITIAL_SIZE): a 512 MiB threshold margin is what a guest writing
+    250 MB/s uses in 2 s, the slowest answer of an idle manager's mailbox sweep.
+    """
+
+    chunk: int = 1 * GiB  # grown by this much at a time
+    free: int = 512 * MiB  # grown when less than this is left in the LV
+    fallback: float = 2.0  # seconds between highest-write checks (a missed event)
+
+
+class VmMonitor(Protocol):
+    """What the watcher needs of a VM (qmp.QmpMonitor; a libvirt backend later)."""
+
+    def leaf_node(self, image_path: str) -> str: ...
+    def disk_nodes(self, image_path: str) -> set[str]: ...
+    def arm_threshold(self, node: str, offset: int) -> None: ...
+    def highest_write(self, node: str) -> int: ...
+    def status(self) -> tuple[bool, str]: ...
+    def resume(self) -> None: ...
+    def next_event(self, timeout: float) -> Event | None: ...
+    def close(self) -> None: ...
+
+
+# Records
+
+@dataclass(frozen=True)
+class VmRecord:
+    pid: int
+    started: int  # the process's start time (/proc/PID/stat), against pid reuse
+    monitor: str  # the socket of sharedlvm's monitor
+    domain: str
+    volumes: tuple[tuple[str, str], ...]  # (uuid, the path qemu opens it by), writable
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VmRecord:
+        return cls(int(data["pid"]), int(data["started"]), str(data["monitor"]),
+                   str(data["domain"]),
+                   tuple((str(v[0]), str(v[1])) for v in data["volumes"]))
+
+
+def vm_dir(paths: HostPaths) -> Path:
+    return paths.run_dir / "vms"
+
+
+def monitor_path(paths: HostPaths, pid: int) -> str:
+    return str(vm_dir(paths) / f"{pid}.qmp")
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of process ``pid`` in clock ticks since boot, None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: split after it
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def write_record(paths: HostPaths, record: VmRecord) -> None:
+    directory = vm_dir(paths)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / f"{record.pid}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(record)))
+    os.replace(tmp, path)
+
+
+def remove_record(paths: HostPaths, pid: int) -> None:
+    (vm_dir(paths) / f"{pid}.json").unlink(missing_ok=True)
+    Path(monitor_path(paths, pid)).unlink(missing_ok=True)
+
+
+def read_records(paths: HostPaths) -> list[VmRecord]:
+    found = []
+    for path in sorted(vm_dir(paths).glob("*.json")):
+        try:
+            found.append(VmRecord.from_json(json.loads(path.read_text())))
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            log.warning("ignoring VM record %s: %s", path, exc)
+    return found
+
+
+def alive(record: VmRecord) -> bool:
+    return process_start(record.pid) == record.started
+
+
+def max_lv_size(info: VolumeInfo) -> int:
+    """The largest LV a thin qcow2 volume can need: its capacity and full metadata."""
+    return round_up(info.capacity + qemu_img.metadata_overhead(info.capacity), MiB)
+
+
+# The watch
+
+@dataclass
+class _Disk:
+    uuid: str
+    path: str
+    node: str  # its protocol node: thresholds and highest writes count in the LV
+    nodes: set[str]  # every node on its path (BLOCK_IO_ERROR names the format node)
+    size: int  # the LV as this host maps it
+    most: int  # max_lv_size
+    armed: bool = False
+    full_reported: bool = False
+    last_extend: dict[str, float] = field(default_factory=dict)
+
+
+class Host(Protocol):
+    """The daemon, as a VM watch uses it."""
+
+    def volume_info(self, domain: str, volume: str) -> VolumeInfo: ...
+    def grow_thin(self, domain: str, volume: str, target: int) -> int: ...
+    def observe(self, what: str, ok: bool, seconds: float) -> None: ...
+
+
+class VmWatch:
+    def __init__(self, record: VmRecord, host: Host, settings: ThinSettings,
+                 stopping: threading.Event,
+                 connect: Callable[[str], VmMonitor] = QmpMonitor) -> None:
+        self.record = record
+        self.host = host
+        self.settings = settings
+        self.stopping = stopping
+        self._connect = connect
+        self.disks: list[_Disk] = []
+        self.thread = threading.Thread(target=self._run, name=f"vm-{record.pid}",
+                                       daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            monitor = self._open()
+        except (errors.Error, OSError) as exc:
+            if alive(self.record):
+                log.error("VM %d: cannot watch it: %s", self.record.pid, exc)
+            return
+        try:
+            self._watch(monitor)
+        except MonitorError as exc:
+            log.info("VM %d: watch ended: %s", self.record.pid, exc)
+        except Exception:
+            log.exception("VM %d: watch failed", self.record.pid)
+        finally:
+            monitor.close()
+
+    def _open(self) -> VmMonitor:
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while True:
+            try:
+                return self._connect(self.record.monitor)
+            except (OSError, errors.Error):
+                if not alive(self.record) or time.monotonic() > deadline \
+                        or self.stopping.is_set():
+                    raise
+            time.sleep(0.1)
+
+    def _watch(self, monitor: VmMonitor) -> None:
+        for uuid, path in self.record.volumes:
+            info = self.host.volume_info(self.record.domain, uuid)
+            if info.format != VolumeFormat.QCOW2 or info.alloc != Allocation.THIN:
+                continue  # its LV already holds all it can ever need
+            self.disks.append(_Disk(uuid, path, monitor.leaf_node(path),
+                                    monitor.disk_nodes(path), device_size(path),
+                                    max_lv_size(info)))
+        if not self.disks:
+            log.info("VM %d: no thin volume to watch", self.record.pid)
+            return
+        log.info("VM %d: watching %s", self.record.pid,
+                 ", ".join(f"{d.uuid} ({d.size} of {d.most} bytes)" for d in self.disks))
+        checked = 0.0
+        while not self.stopping.is_set():
+            for disk in self.disks:
+                if not disk.armed:
+                    self._arm(monitor, disk)
+            event = monitor.next_event(self.settings.fallback)
+            if event is not None and event.kind == SHUTDOWN:
+                return
+            if event is not None and event.kind == THRESHOLD:
+                for disk in self.disks:
+                    if event.node == disk.node:
+                        disk.armed = False
+                        self._grow(monitor, disk, "threshold")
+            elif event is not None and event.kind == IO_ERROR and event.nospace:
+                self._no_space(monitor, event)
+            if time.monotonic() - checked >= self.settings.fallback:
+                checked = time.monotonic()
+                for disk in self.disks:
+                    if disk.size < disk.most and \
+                            monitor.highest_write(disk.node) > self._threshold(disk):
+                        disk.armed = False
+                        self._grow(monitor, disk, "highest write")
+
+    def _threshold(self, disk: _Disk) -> int:
+        return max(disk.size - self.settings.free, 0)
+
+    def _arm(self, monitor: VmMonitor, disk: _Disk) -> None:
+        if disk.size >= disk.most:
+            return  # nothing left to grow into: no event to wait for
+        if monitor.highest_write(disk.node) > self._threshold(disk):
+            self._grow(monitor, disk, "written past the threshold")
+            return
+        monitor.arm_threshold(disk.node, self._threshold(disk))
+        disk.armed = True
+
+    def _grow(self, monitor: VmMonitor, disk: _Disk, why: str) -> bool:
+        """Grow ``disk`` by a chunk, refresh it here and re-arm; False when it could
+        not grow (at its largest, or the manager refused: logged)."""
+        if disk.size >= disk.most:
+            if not disk.full_reported:
+                log.error("VM %d: volume %s is at its largest size (%d bytes) and its VM "
+                          "still writes past it", self.record.pid, disk.uuid, disk.size)
+                disk.full_reported = True
+            return False
+        start = time.monotonic()
+        target = min(disk.size + self.settings.chunk, disk.most)
+        try:
+            grown = self.host.grow_thin(self.record.domain, disk.uuid, target)
+            done = time.monotonic()
+            size = device_size(disk.path)
+        except (errors.Error, OSError) as exc:
+            self.host.observe("vm.extend", False, time.monotonic() - start)
+            log.error("VM %d: growing volume %s to %d bytes failed: %s", self.record.pid,
+                      disk.uuid, target, exc)
+            return False
+        if size < grown:
+            self.host.observe("vm.extend", False, time.monotonic() - start)
+            log.error("VM %d: volume %s is %d bytes on this host after its refresh, "
+                      "expected %d", self.record.pid, disk.uuid, size, grown)
+            return False
+        disk.size = size
+        self._arm(monitor, disk)
+        armed = time.monotonic()
+        self.host.observe("vm.extend", True, armed - start)
+        self.host.observe("vm.extend.manager", True, done - start)
+        disk.last_extend = {"manager": done - start, "total": armed - start}
+        log.info("VM %d: volume %s grown to %d bytes (%s): manager and refresh %.0f ms, "
+                 "re-armed %.0f ms", self.record.pid, disk.uuid, size, why,
+                 (done - start) * 1000, (armed - start) * 1000)
+        return True
+
+    def _no_space(self, monitor: VmMonitor, event: Event) -> None:
+        mine = [d for d in self.disks if event.node in d.nodes or not event.node]
+        if not mine:
+            log.warning("VM %d: ENOSPC on %s, which is not a sharedlvm thin volume: "
+                        "left paused", self.record.pid, event.node)
+            return
+        grown = [self._grow(monitor, d, "ENOSPC") for d in mine]
+        running, state = monitor.status()
+        if running:
+            return
+        if state != "io-error":
+            log.info("VM %d is %s, not paused for an I/O error: not resumed",
+                     self.record.pid, state)
+            return
+        if not any(grown):
+            log.error("VM %d stays paused: no space could be added for it",
+                      self.record.pid)
+            return
+        monitor.resume()
+        log.info("VM %d resumed after ENOSPC", self.record.pid)
+
+
+class VmWatcher:
+    """The daemon's VM watches: one per VM record whose process lives."""
+
+    def __init__(self, paths: HostPaths, host: Host, settings: ThinSettings,
+                 stopping: threading.Event) -> None:
+        self.paths = paths
+        self.host = host
+        self.settings = settings
+        self.stopping = stopping
+        self.watches: dict[int, VmWatch] = {}
+        self.thread = threading.Thread(target=self._run, name="vm-watcher", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.wait(SCAN_INTERVAL):
+            try:
+                self.scan()
+            except Exception:
+                log.exception("VM watcher: scan failed")
+
+    def scan(self) -> None:
+        seen = set()
+        for record in read_records(self.paths):
+            seen.add(record.pid)
+            if not alive(record):
+                with contextlib.suppress(OSError):
+                    remove_record(self.paths, record.pid)
+                self.watches.pop(record.pid, None)
+                continue
+            watch = self.watches.get(record.pid)
+            if watch is None or (not watch.thread.is_alive() and watch.record != record):
+                watch = VmWatch(record, self.host, self.settings, self.stopping)
+                self.watches[record.pid] = watch
+                watch.start()
+        for pid in set(self.watches) - seen:
+            self.watches.pop(pid)

@@ -1,0 +1,144 @@
+"""Running VMs: real qemu processes on sharedlvm volumes (vmwatch.py, qmp.py).
+
+qemu runs with no guest (``-M none``): the test writes through its own QMP monitor
+with HMP ``qemu-io``, which gives exact control of what is written where; qemu prints
+each write's outcome on its stdout. The volume is on host 2, so every extend goes to
+the manager (host 1) through the storage mailbox. Checks read the disk: the LV's size
+from LVM, the data back through qemu with its pattern."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bed import Cluster, Host
+
+from sharedlvm import qmp, vmwatch
+from sharedlvm.units import GiB, MiB
+
+pytestmark = pytest.mark.integration
+
+PIECE = 64 * MiB
+
+
+class Vm:
+    """A qemu started by ``sharedlvm run`` on a host, with a monitor for the test."""
+
+    def __init__(self, host: Host, vol: str, directory: Path) -> None:
+        self.host = host
+        self.vol = vol
+        self.socket = str(directory / f"test-{host.index}.qmp")
+        self.out = directory / f"qemu-{host.index}.out"
+        self._out = self.out.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sharedlvm", "run", "--volume", vol, "--",
+             "qemu-system-x86_64", "-M", "none", "-nodefaults", "-display", "none",
+             "-drive", "file={0},format=qcow2,if=none,id=drive0,cache=none,aio=native,"
+             "werror=enospc",
+             "-qmp", f"unix:{self.socket},server=on,wait=off"],
+            env=host.env, stdout=self._out, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.qmp = qmp.Qmp(self.socket)
+                break
+            except OSError:
+                assert self.proc.poll() is None, self.out.read_text()
+                assert time.monotonic() < deadline, "qemu did not start"
+                time.sleep(0.1)
+
+    def hmp(self, line: str) -> None:
+        self.qmp.execute("human-monitor-command", {"command-line": line}, timeout=120)
+
+    def write(self, offset: int, length: int, pattern: int) -> None:
+        self.hmp(f'qemu-io drive0 "write -P {pattern:#x} {offset} {length}"')
+
+    def read_ok(self, offset: int, length: int, pattern: int) -> None:
+        self.hmp(f'qemu-io drive0 "read -P {pattern:#x} {offset} {length}"')
+
+    def threshold(self) -> int:
+        """The write threshold armed on the volume's protocol node (0: none)."""
+        nodes = self.qmp.execute("query-named-block-nodes", {"flat": True})
+        return max(int(n.get("write_threshold", 0)) for n in nodes
+                   if n.get("drv") == "host_device")
+
+    def output(self) -> str:
+        self._out.flush()
+        return self.out.read_text()
+
+    def stop(self) -> None:
+        self.qmp.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._out.close()
+
+
+@pytest.fixture
+def vms(cluster: Cluster, tmp_path: Path) -> Iterator[list[Vm]]:
+    started: list[Vm] = []
+    yield started
+    for vm in started:
+        vm.stop()
+
+
+def lv_size(cluster: Cluster, vol: str) -> int:
+    lvm = cluster.raw_lvm()
+    return next(lv.size for vg in lvm.vgs() for lv in lvm.lvs(vg.name) if lv.name == vol)
+
+
+def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.1)
+
+
+def test_thin_volume_grows_under_a_running_qemu(cluster: Cluster, vms: list[Vm],
+                                                tmp_path: Path) -> None:
+    """A thin qcow2 volume's LV starts at 1 GiB; qemu writes 3 GiB into it at a steady
+    rate and no write ever fails: the daemon of its host grows the LV ahead of the
+    writes, through the manager on another host."""
+    h2 = cluster.hosts[1]
+    vol = h2.cli_json("volume", "create", "--size", "8G", "--format", "qcow2",
+                      "--alloc", "thin")["uuid"]
+    first = lv_size(cluster, vol)  # 1 GiB + qcow2 metadata room, in whole extents
+    assert GiB <= first < 2 * GiB
+    vm = Vm(h2, vol, tmp_path)
+    vms.append(vm)
+    # the daemon found the VM and armed a threshold 512 MiB below the LV's end
+    wait_for(lambda: vm.threshold() == first - 512 * MiB, 30, "threshold armed")
+    assert [r.volumes[0][0] for r in vmwatch.read_records(h2.paths)] == [vol]
+    total = 3 * GiB
+    for i, offset in enumerate(range(0, total, PIECE)):
+        vm.write(offset, PIECE, 0x10 + i % 200)
+        time.sleep(0.25)  # ~250 MB/s at most: a steady writer
+    out = vm.output()
+    assert "failed" not in out and "error" not in out.lower(), out[-2000:]
+    assert out.count("wrote ") == total // PIECE
+    size = lv_size(cluster, vol)
+    assert size > total, size  # grown ahead of the data, in chunks
+    assert vm.threshold() == wait_for(lambda: vm.threshold(), 10, "re-armed")
+    running = vm.qmp.execute("query-status")
+    assert running["running"] and running["status"] == "running"
+    # every piece reads back with its pattern
+    for i, offset in enumerate(range(0, total, PIECE)):
+        vm.read_ok(offset, PIECE, 0x10 + i % 200)
+    out = vm.output()
+    assert "Pattern verification failed" not in out and "failed" not in out, out[-2000:]
+    metrics = h2.client.metrics()
+    assert 'op="vm.extend"' in metrics
+    grown = [line for line in (h2.root / "daemon.log").read_text().splitlines()
+             if f"volume {vol} grown to" in line]
+    print("\n".join(grown))  # each extend's timings (pytest -s)
+    assert len(grown) >= 2

@@ -1,0 +1,204 @@
+"""The VM watch's decisions (vmwatch.VmWatch) against a scripted monitor.
+
+The monitor is a fake (a list of events, a recorded list of calls); the real QMP path
+is tested with real qemu in tests/integration/test_vms.py. The fake's own behaviour is
+tested first, below."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from sharedlvm import errors, qmp, vmwatch
+from sharedlvm.model import Allocation, VolumeFormat, VolumeInfo, VolumeState
+from sharedlvm.paths import HostPaths
+from sharedlvm.units import GiB, MiB
+
+VOL = "0b6a5f3e-3c1f-4c1e-9a53-5d0d9f0e2a11"
+
+
+class FakeMonitor:
+    """Events to hand out, in order; every call recorded. ``state``: query-status."""
+
+    def __init__(self, events: list[qmp.Event], highest: int = 0,
+                 state: tuple[bool, str] = (True, "running"),
+                 pause: str | None = None) -> None:
+        self.events = list(events)
+        self.pause = pause  # the run state an ENOSPC event puts the VM in, as qemu does
+        self.calls: list[tuple[str, object]] = []
+        self.highest = highest
+        self.state = state
+        self.drained = threading.Event()
+
+    def leaf_node(self, image_path: str) -> str:
+        return "proto"
+
+    def disk_nodes(self, image_path: str) -> set[str]:
+        return {"proto", "fmt"}
+
+    def arm_threshold(self, node: str, offset: int) -> None:
+        self.calls.append(("arm", offset))
+
+    def highest_write(self, node: str) -> int:
+        return self.highest
+
+    def status(self) -> tuple[bool, str]:
+        return self.state
+
+    def resume(self) -> None:
+        self.calls.append(("resume", None))
+        self.state = (True, "running")
+
+    def next_event(self, timeout: float) -> qmp.Event | None:
+        if not self.events:
+            self.drained.set()
+            return qmp.Event(qmp.SHUTDOWN)
+        event = self.events.pop(0)
+        if event.kind == qmp.IO_ERROR and event.nospace and self.pause:
+            self.state = (False, self.pause)
+        return event
+
+    def close(self) -> None:
+        self.calls.append(("close", None))
+
+
+def test_fake_monitor_hands_out_its_events_then_shutdown() -> None:
+    m = FakeMonitor([qmp.Event(qmp.THRESHOLD, node="proto"),
+                     qmp.Event(qmp.IO_ERROR, nospace=True)], pause="io-error")
+    assert m.next_event(1) == qmp.Event(qmp.THRESHOLD, node="proto")
+    assert m.status() == (True, "running")
+    m.next_event(1)
+    assert m.status() == (False, "io-error")
+    assert m.next_event(1) == qmp.Event(qmp.SHUTDOWN) and m.drained.is_set()
+    m.resume()
+    assert m.status() == (True, "running") and m.calls == [("resume", None)]
+
+
+class FakeHost:
+    def __init__(self, path: Path, size: int, capacity: int = 4 * GiB) -> None:
+        self.path = path
+        self.capacity = capacity
+        self.grows: list[int] = []
+        self.refuse = False
+        path.write_bytes(b"")
+        self._resize(size)
+
+    def _resize(self, size: int) -> None:
+        with self.path.open("r+b") as f:
+            f.truncate(size)
+
+    def volume_info(self, domain: str, volume: str) -> VolumeInfo:
+        return VolumeInfo(uuid=volume, domain=domain, image=volume, parent=None,
+                          format=VolumeFormat.QCOW2, alloc=Allocation.THIN,
+                          capacity=self.capacity, size=self.path.stat().st_size,
+                          state=VolumeState.READY, generation=1)
+
+    def grow_thin(self, domain: str, volume: str, target: int) -> int:
+        if self.refuse:
+            raise errors.NoSpace(domain, target, 0)
+        self.grows.append(target)
+        self._resize(target)
+        return target
+
+    def observe(self, what: str, ok: bool, seconds: float) -> None:
+        pass
+
+
+def run_watch(tmp_path: Path, host: FakeHost, monitor: FakeMonitor,
+              settings: vmwatch.ThinSettings | None = None) -> None:
+    record = vmwatch.VmRecord(1, 1, "unused", "dom1", ((VOL, str(host.path)),))
+    watch = vmwatch.VmWatch(record, host, settings or vmwatch.ThinSettings(fallback=3600),
+                            threading.Event(), connect=lambda _: monitor)
+    watch._run()  # in this thread: ends at the fake's SHUTDOWN
+
+
+def test_threshold_event_grows_by_a_chunk_and_rearms(tmp_path: Path) -> None:
+    host = FakeHost(tmp_path / "dev", 1 * GiB)
+    monitor = FakeMonitor([qmp.Event(qmp.THRESHOLD, node="proto"),
+                           qmp.Event(qmp.THRESHOLD, node="other-node")])
+    run_watch(tmp_path, host, monitor)
+    assert host.grows == [2 * GiB]  # the other node's event is not this disk's
+    assert monitor.calls == [("arm", 512 * MiB), ("arm", 2 * GiB - 512 * MiB),
+                             ("close", None)]
+
+
+def test_written_past_the_threshold_grows_at_once(tmp_path: Path) -> None:
+    """A daemon restarted after the event: the highest write says it is past."""
+    host = FakeHost(tmp_path / "dev", 1 * GiB)
+    monitor = FakeMonitor([], highest=900 * MiB)
+    run_watch(tmp_path, host, monitor)
+    assert host.grows == [2 * GiB]
+    assert ("arm", 2 * GiB - 512 * MiB) in monitor.calls
+
+
+def test_enospc_grows_and_resumes_an_io_error_pause(tmp_path: Path) -> None:
+    host = FakeHost(tmp_path / "dev", 1 * GiB)
+    monitor = FakeMonitor([qmp.Event(qmp.IO_ERROR, node="fmt", nospace=True)],
+                          pause="io-error")
+    run_watch(tmp_path, host, monitor)
+    assert host.grows == [2 * GiB]
+    assert ("resume", None) in monitor.calls and monitor.state == (True, "running")
+
+
+@pytest.mark.parametrize("state", ["paused", "suspended", "inmigrate"])
+def test_a_vm_paused_for_another_reason_is_never_resumed(tmp_path: Path, state: str) -> None:
+    host = FakeHost(tmp_path / "dev", 1 * GiB)
+    monitor = FakeMonitor([qmp.Event(qmp.IO_ERROR, node="fmt", nospace=True)],
+                          state=(False, state))
+    run_watch(tmp_path, host, monitor)
+    assert ("resume", None) not in monitor.calls
+
+
+def test_enospc_on_a_disk_not_ours_changes_nothing(tmp_path: Path) -> None:
+    host = FakeHost(tmp_path / "dev", 1 * GiB)
+    monitor = FakeMonitor([qmp.Event(qmp.IO_ERROR, node="someone-else", nospace=True)],
+                          state=(False, "io-error"))
+    run_watch(tmp_path, host, monitor)
+    assert host.grows == [] and ("resume", None) not in monitor.calls
+
+
+def test_at_its_largest_it_is_reported_not_grown_or_resumed(tmp_path: Path) -> None:
+    """Capacity 1 GiB: the LV's largest size is 1 GiB + metadata (3 MiB here)."""
+    host = FakeHost(tmp_path / "dev", 1 * GiB, capacity=1 * GiB)
+    most = vmwatch.max_lv_size(host.volume_info("d", VOL))
+    events = [qmp.Event(qmp.IO_ERROR, node="fmt", nospace=True) for _ in range(3)]
+    monitor = FakeMonitor(events, pause="io-error")
+    run_watch(tmp_path, host, monitor)
+    assert host.grows == [most]  # once, to the largest; then never again
+    resumes = [c for c in monitor.calls if c[0] == "resume"]
+    assert len(resumes) == 1  # after the one grow; not for the ENOSPC at the largest
+    assert monitor.state == (False, "io-error")
+
+
+def test_a_refused_extend_leaves_the_vm_paused(tmp_path: Path) -> None:
+    host = FakeHost(tmp_path / "dev", 1 * GiB)
+    host.refuse = True
+    monitor = FakeMonitor([qmp.Event(qmp.IO_ERROR, node="fmt", nospace=True)],
+                          state=(False, "io-error"))
+    run_watch(tmp_path, host, monitor)
+    assert ("resume", None) not in monitor.calls
+
+
+def test_monitor_argv_refuses_what_qemu_would_misread() -> None:
+    assert qmp.monitor_argv("/run/a.qmp") == ["-qmp", "unix:/run/a.qmp,server=on,wait=off"]
+    for bad in ("/run/a,b.qmp", "/" + "x" * 120):
+        with pytest.raises(Exception, match="monitor socket"):
+            qmp.monitor_argv(bad)
+    assert qmp.is_qemu("/usr/bin/qemu-system-x86_64") and not qmp.is_qemu("qemu-img")
+
+
+def test_records_round_trip_and_stale_ones_are_not_alive(tmp_path: Path) -> None:
+    paths = HostPaths(tmp_path)
+    me = os.getpid()
+    record = vmwatch.VmRecord(me, vmwatch.process_start(me) or 0, "m", "dom1",
+                              ((VOL, "/dev/x"),))
+    vmwatch.write_record(paths, record)
+    (vmwatch.vm_dir(paths) / "junk.json").write_text("{")
+    assert vmwatch.read_records(paths) == [record]
+    assert vmwatch.alive(record)
+    assert not vmwatch.alive(vmwatch.VmRecord(me, record.started + 1, "m", "d", ()))
+    vmwatch.remove_record(paths, me)
+    assert vmwatch.read_records(paths) == []
