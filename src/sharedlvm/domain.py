@@ -360,6 +360,7 @@ class Domain:
                 if volume_id not in self._clearing:
                     return  # created again since
                 self._clearing.discard(volume_id)
+                self._where.pop(volume_id, None)  # a lookup meanwhile cached it
             entries, rebuilt = self._index_bucket(dev, volume_id)
             if entries.pop(volume_id, None) is not None or rebuilt:
                 journal.write_index(dev, volume_id, entries)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 from . import errors, leases, tags
 from .domain import Domain
+from .failpoints import failpoint
 from .model import VolumeInfo
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,16 @@ class LeaseLayout:
         self._sector_size: int | None = None
         self._used: set[int] | None = None
         self._count: int | None = None  # slots in the leases LV, for this manager term
-        self._lock = threading.Lock()
+        # Re-entrant: a fencing check inside an allocation (its lvextend, its lease
+        # write) drops the role, and the role's end calls reset_slots (a plain lock
+        # deadlocked the thread on itself; hostile review of 05dffcf).
+        self._lock = threading.RLock()
+        # Slots whose lease this process holds in exclusive(), from its acquire until
+        # its release returned: a volume deleted meanwhile has no LV any more, and a
+        # map rebuilt from the LVs must not hand its slot out (a new lease written
+        # there, then the old holder's release writing its dblock over it, with an
+        # lver the new lease never had: an acquire sanlock retries forever).
+        self._held: set[int] = set()
 
     # Geometry
 
@@ -110,7 +120,7 @@ class LeaseLayout:
             self._count = None
 
     def _scan_used(self) -> set[int]:
-        used = {MANAGER_SLOT}
+        used = {MANAGER_SLOT, *self._held}
         for lv in self.domain.volume_lvs():
             slot = tags.lease_slot(lv.tags)
             if slot is not None:
@@ -186,9 +196,20 @@ class LeaseLayout:
             if not owners:
                 raise
             raise errors.VolumeInUse(info.uuid, sorted(o.host_id for o in owners)) from exc
+        slot = info.lease
+        with self._lock:
+            self._held.add(slot)
+
         def release() -> None:
-            with contextlib.suppress(errors.Error):
+            failpoint("exclusive-release")
+            try:
                 leases.release(self.lockspace, info.uuid, [disk], fd=fd)
+            except errors.Error as exc:  # maybe still held: the slot stays out of use
+                log.warning("releasing the lease of %s (slot %d) failed: %s", info.uuid,
+                            slot, exc)
+                return
+            with self._lock:
+                self._held.discard(slot)
 
         try:
             yield

@@ -51,10 +51,12 @@ class DomainService:
         self.layout = LeaseLayout(domain)
         self.sanlock_fd = sanlock_fd
         # Steps after an answer (a deleted volume's lease given back, its index entry
-        # cleared), each kind in order on its own thread: the releases take no lock of
-        # ours, so a term's end can wait for them (no freed slot is reused while this
-        # daemon still holds the old lease on it); an index clear may wait for the
-        # journal, so nothing waits for it.
+        # cleared), each kind in order on its own thread. A slot whose release is
+        # queued stays out of this host's allocations (LeaseLayout._held); a term's end
+        # waits for the queued releases (sanlock calls only, no lock of a request), so
+        # the next manager, on any host, never writes a new lease over one this daemon
+        # still holds; an index clear may wait for the journal, so nothing waits for it
+        # but a clean stop.
         self._releases = ThreadPoolExecutor(1, thread_name_prefix=f"release-{domain.name}")
         self._clears = ThreadPoolExecutor(1, thread_name_prefix=f"index-{domain.name}")
         domain.later = lambda step: self._later(self._clears, step)
@@ -173,8 +175,14 @@ class DomainService:
                   release_later: bool = False) -> contextlib.AbstractContextManager[None]:
         """The volume's lease held exclusively by the daemon (the manager) for a block;
         ``release_later``: given back after the answer (volume.ExclusiveLease)."""
-        later = (lambda step: self._later(self._releases, step)) if release_later else None
+        later = self._release_later if release_later else None
         return self.layout.exclusive(info, self.sanlock_fd(), later)
+
+    def _release_later(self, step: Callable[[], None]) -> None:
+        if not self.manager.active:
+            step()  # the term ended (fenced, released): its drain may be past
+        else:
+            self._later(self._releases, step)
 
     def _later(self, pool: ThreadPoolExecutor, step: Callable[[], None]) -> None:
         def run() -> None:
@@ -229,9 +237,9 @@ class DomainService:
         self.stopped.set()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout=60)
+        self._clears.shutdown(wait=True)  # while still manager: the clears can run
         self.manager.release()
         self._releases.shutdown(wait=True)
-        self._clears.shutdown(wait=True)
         if leave and self.joined:
             with contextlib.suppress(errors.Error):
                 self.layout.leave()

@@ -302,19 +302,22 @@ class VmWatch:
         return True
 
     def _no_space(self, monitor: VmMonitor, event: Event) -> None:
+        running, state = monitor.status()
+        if running:
+            # Several requests in flight fail at once, each with its event: the first
+            # one's grow and resume answered them all (measured: one chunk too many
+            # per extra event, before this check).
+            return
         mine = [d for d in self.disks if event.node in d.nodes or not event.node]
         if not mine:
             log.warning("VM %d: ENOSPC on %s, which is not a sharedlvm thin volume: "
                         "left paused", self.record.pid, event.node)
             return
-        grown = [self._grow(monitor, d, "ENOSPC") for d in mine]
-        running, state = monitor.status()
-        if running:
-            return
         if state != "io-error":
             log.info("VM %d is %s, not paused for an I/O error: not resumed",
                      self.record.pid, state)
             return
+        grown = [self._grow(monitor, d, "ENOSPC") for d in mine]
         if not any(grown):
             log.error("VM %d stays paused: no space could be added for it",
                       self.record.pid)

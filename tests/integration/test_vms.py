@@ -8,6 +8,7 @@ from LVM, the data back through qemu with its pattern."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import time
@@ -18,7 +19,10 @@ import pytest
 from bed import Cluster, Host
 
 from sharedlvm import qmp, vmwatch
+from sharedlvm.command import Runner
 from sharedlvm.units import GiB, MiB
+from sharedlvm_testbed.vmbed import writer
+from sharedlvm_testbed.vmbed.image import build_image
 
 pytestmark = pytest.mark.integration
 
@@ -142,3 +146,60 @@ def test_thin_volume_grows_under_a_running_qemu(cluster: Cluster, vms: list[Vm],
              if f"volume {vol} grown to" in line]
     print("\n".join(grown))  # each extend's timings (pytest -s)
     assert len(grown) >= 2
+
+
+@pytest.fixture
+def small_chunks(cluster: Cluster) -> Iterator[Host]:
+    """Host 2's daemon growing thin volumes by one 128 MiB extent when less than 1 MiB
+    is left: a guest's burst outruns every extend, so each one pauses it."""
+    h2 = cluster.hosts[1]
+    config = h2.paths.config_dir / "daemon.toml"
+    config.write_text("[daemon]\nthin_chunk_mib = 128\nthin_free_mib = 1\n")
+    try:
+        h2.restart_daemon()
+        yield h2
+    finally:
+        config.unlink()
+        h2.restart_daemon()
+
+
+def test_guest_burst_pauses_on_enospc_and_resumes_with_nothing_lost(
+        cluster: Cluster, small_chunks: Host, tmp_path: Path) -> None:
+    """A guest kernel writes 1.5 GiB through virtio-blk into a thin volume whose LV
+    starts at 1 GiB + room, growing 128 MiB at a time with 1 MiB of warning: its
+    writes run past the LV's end, qemu pauses it (werror=enospc), the daemon grows
+    the LV and resumes it, again and again; the guest never sees an error and every
+    byte is on the disk (qemu-img compare with what was written)."""
+    image = build_image(Runner())
+    h2 = small_chunks
+    vol = h2.cli_json("volume", "create", "--size", "2G", "--format", "qcow2",
+                      "--alloc", "thin")["uuid"]
+    first = lv_size(cluster, vol)
+    blob = tmp_path / "blob"
+    blob.write_bytes(random.Random(7).randbytes(16 * MiB))
+    copies = 96  # 1.5 GiB
+    initrd = tmp_path / "initrd"
+    writer.writer_initrd(image, blob, copies, initrd)
+    console = tmp_path / "console.log"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sharedlvm", "run", "--volume", vol, "--",
+         "qemu-system-x86_64", *writer.writer_qemu_args(image, initrd, console)],
+        env=h2.env, capture_output=True, text=True, timeout=600)
+    out = console.read_text()
+    assert proc.returncode == 0, (proc.stderr, out[-2000:])
+    assert writer.DONE in out and writer.FAILED not in out, out[-2000:]
+    log = (h2.root / "daemon.log").read_text()
+    resumed = log.count("resumed after ENOSPC")
+    grown = [line for line in log.splitlines() if f"volume {vol} grown to" in line]
+    print("\n".join(grown[-5:]), f"\n{resumed} ENOSPC pauses resumed")
+    assert resumed >= 1 and lv_size(cluster, vol) > first
+    # the disk holds exactly what the guest wrote, and zeroes after it
+    reference = tmp_path / "reference.raw"
+    with reference.open("wb") as f:
+        data = blob.read_bytes()
+        for _ in range(copies):
+            f.write(data)
+        f.truncate(2 * GiB)
+    compared = h2.cli("run", "--volume", f"{vol}:ro", "--", "qemu-img", "compare",
+                      "-f", "qcow2", "-F", "raw", "{0}", str(reference), check=False)
+    assert compared.returncode == 0, compared.stdout + compared.stderr

@@ -143,6 +143,17 @@ def test_enospc_grows_and_resumes_an_io_error_pause(tmp_path: Path) -> None:
     assert ("resume", None) in monitor.calls and monitor.state == (True, "running")
 
 
+def test_enospc_events_of_one_pause_grow_once(tmp_path: Path) -> None:
+    """Requests in flight fail together, each with its event: the first one's grow and
+    resume answer them all."""
+    host = FakeHost(tmp_path / "dev", 1 * GiB)
+    event = qmp.Event(qmp.IO_ERROR, node="fmt", nospace=True)
+    monitor = FakeMonitor([event, event, event], state=(False, "io-error"))
+    run_watch(tmp_path, host, monitor)
+    assert host.grows == [2 * GiB]
+    assert [c for c in monitor.calls if c[0] == "resume"] == [("resume", None)]
+
+
 @pytest.mark.parametrize("state", ["paused", "suspended", "inmigrate"])
 def test_a_vm_paused_for_another_reason_is_never_resumed(tmp_path: Path, state: str) -> None:
     host = FakeHost(tmp_path / "dev", 1 * GiB)
