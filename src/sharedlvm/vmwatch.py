@@ -65,9 +65,18 @@ class ThinSettings:
     250 MB/s uses in 2 s, the slowest answer of an idle manager's mailbox sweep.
     """
 
-    chunk: int = 1 * GiB  # grown by this much at a time
-    free: int = 512 * MiB  # grown when less than this is left in the LV
+    chunk: int = 1 * GiB  # grown by this much at a time, at least
+    free: int = 512 * MiB  # grown when less than this is left in the LV, at least
     fallback: float = 2.0  # seconds between highest-write checks (a missed event)
+
+    def sized(self, rate: float, latency: float) -> tuple[int, int]:
+        """(free margin, chunk) for a guest writing ``rate`` bytes/s whose extends take
+        ``latency`` s: the margin holds 4 extends' worth of writing (the next extend
+        must land before the guest reaches the end, with room for a slower one), the
+        chunk twice the margin, so that a steady writer asks at most every few
+        extend latencies; never below the settings."""
+        want = round_up(int(rate * latency * 4), MiB)
+        return max(self.free, want), max(self.chunk, 2 * want)
 
 
 class VmMonitor(Protocol):
@@ -164,6 +173,12 @@ class _Disk:
     armed: bool = False
     full_reported: bool = False
     last_extend: dict[str, float] = field(default_factory=dict)
+    # Measured: how fast the guest fills the LV and how long an extend takes; the
+    # margin and the chunk grow with their product (ThinSettings.margin_for).
+    rate: float = 0.0  # bytes/s, between the last two extends
+    latency: float = 0.0  # seconds, the last extend from its start to re-armed
+    grown_at: float = 0.0  # monotonic time of the last extend's start
+    grown_from: int = 0  # the LV's size then
 
 
 class Host(Protocol):
@@ -254,7 +269,8 @@ class VmWatch:
                         self._grow(monitor, disk, "highest write")
 
     def _threshold(self, disk: _Disk) -> int:
-        return max(disk.size - self.settings.free, 0)
+        free, _ = self.settings.sized(disk.rate, disk.latency)
+        return max(disk.size - free, 0)
 
     def _arm(self, monitor: VmMonitor, disk: _Disk) -> None:
         if disk.size >= disk.most:
@@ -275,7 +291,12 @@ class VmWatch:
                 disk.full_reported = True
             return False
         start = time.monotonic()
-        target = min(disk.size + self.settings.chunk, disk.most)
+        if disk.grown_at:  # the guest filled (size - grown_from) since the last one
+            disk.rate = max(disk.size - disk.grown_from, 0) / max(start - disk.grown_at,
+                                                                  0.001)
+        disk.grown_at, disk.grown_from = start, disk.size
+        _, chunk = self.settings.sized(disk.rate, disk.latency)
+        target = min(disk.size + chunk, disk.most)
         try:
             grown = self.host.grow_thin(self.record.domain, disk.uuid, target)
             done = time.monotonic()
@@ -296,9 +317,11 @@ class VmWatch:
         self.host.observe("vm.extend", True, armed - start)
         self.host.observe("vm.extend.manager", True, done - start)
         disk.last_extend = {"manager": done - start, "total": armed - start}
+        disk.latency = armed - start
         log.info("VM %d: volume %s grown to %d bytes (%s): manager and refresh %.0f ms, "
-                 "re-armed %.0f ms", self.record.pid, disk.uuid, size, why,
-                 (done - start) * 1000, (armed - start) * 1000)
+                 "re-armed %.0f ms; writes at %.0f MB/s", self.record.pid, disk.uuid,
+                 size, why, (done - start) * 1000, (armed - start) * 1000,
+                 disk.rate / 1e6)
         return True
 
     def _no_space(self, monitor: VmMonitor, event: Event) -> None:

@@ -8,7 +8,9 @@ from LVM, the data back through qemu with its pattern."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -203,3 +205,36 @@ def test_guest_burst_pauses_on_enospc_and_resumes_with_nothing_lost(
     compared = h2.cli("run", "--volume", f"{vol}:ro", "--", "qemu-img", "compare",
                       "-f", "qcow2", "-F", "raw", "{0}", str(reference), check=False)
     assert compared.returncode == 0, compared.stdout + compared.stderr
+
+
+def test_watch_resumes_after_a_daemon_restart_and_ends_with_qemu(
+        cluster: Cluster, vms: list[Vm], tmp_path: Path) -> None:
+    """The daemon is down while qemu writes past the threshold (its event is lost):
+    the restarted daemon finds the VM by its record, sees the highest write past the
+    threshold and grows the LV with no further write. Then qemu is SIGKILLed: its
+    lease is free at once (another host runs the volume), its record is gone."""
+    h1, h2 = cluster.hosts[0], cluster.hosts[1]
+    vol = h2.cli_json("volume", "create", "--size", "4G", "--format", "qcow2",
+                      "--alloc", "thin")["uuid"]
+    first = lv_size(cluster, vol)
+    vm = Vm(h2, vol, tmp_path)
+    vms.append(vm)
+    wait_for(lambda: vm.threshold() == first - 512 * MiB, 30, "threshold armed")
+    h2.daemon.stop()
+    try:
+        for i, offset in enumerate(range(0, first - 128 * MiB, PIECE)):
+            vm.write(offset, PIECE, 0x40 + i)
+        assert lv_size(cluster, vol) == first  # nobody grew it: the daemon is down
+    finally:
+        h2.daemon.start()
+    wait_for(lambda: lv_size(cluster, vol) > first, 60, "grown by the restarted daemon")
+    wait_for(lambda: vm.threshold() > first - 512 * MiB, 30, "re-armed")
+    assert "failed" not in vm.output()
+    records = vmwatch.read_records(h2.paths)
+    assert [r.volumes[0][0] for r in records] == [vol]
+    qemu_pid = records[0].pid
+    os.kill(qemu_pid, signal.SIGKILL)
+    vm.proc.wait(timeout=60)
+    assert vmwatch.read_records(h2.paths) == []
+    # the lease went with the process: host 1 takes the volume at once
+    assert h1.cli("run", "--volume", vol, "--", "true", timeout=60).returncode == 0

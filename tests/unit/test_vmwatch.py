@@ -213,3 +213,11 @@ def test_records_round_trip_and_stale_ones_are_not_alive(tmp_path: Path) -> None
     assert not vmwatch.alive(vmwatch.VmRecord(me, record.started + 1, "m", "d", ()))
     vmwatch.remove_record(paths, me)
     assert vmwatch.read_records(paths) == []
+
+
+def test_margin_and_chunk_follow_write_rate_times_extend_latency() -> None:
+    s = vmwatch.ThinSettings()
+    assert s.sized(0.0, 0.0) == (512 * MiB, 1 * GiB)  # nothing measured: the settings
+    assert s.sized(100e6, 0.15) == (512 * MiB, 1 * GiB)  # 60 MB of need: the settings
+    free, chunk = s.sized(1e9, 0.5)  # 1 GB/s, extends of 0.5 s: 2 GB of margin
+    assert free == 1908 * MiB and chunk == 2 * free
