@@ -15,10 +15,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from bed import Cluster, Host
+from bed import Cluster, Host, destroy_cluster, make_cluster
 
 from sharedlvm import qmp, vmwatch
 from sharedlvm.command import Runner
@@ -238,3 +239,47 @@ def test_watch_resumes_after_a_daemon_restart_and_ends_with_qemu(
     assert vmwatch.read_records(h2.paths) == []
     # the lease went with the process: host 1 takes the volume at once
     assert h1.cli("run", "--volume", vol, "--", "true", timeout=60).returncode == 0
+
+
+def test_thin_writers_on_three_hosts_at_once(tmp_path: Path) -> None:
+    """Three hosts, a qemu on each writing 2 GiB into its own thin volume at once (one
+    volume per shard: the loop bed maps an LV of one segment only, and a shard's LVs
+    grown in turns would interleave): every LV grows, no write fails, each disk reads
+    back its own data."""
+    c = make_cluster(tmp_path / "bed", hosts=3, luns=3, size=8 * GiB)
+    started: list[Vm] = []
+    try:
+        vols = [h.cli_json("volume", "create", "--size", "4G", "--format", "qcow2",
+                           "--alloc", "thin")["uuid"] for h in c.hosts]
+        assert len({lv_vg(c, v) for v in vols}) == 3  # a shard each
+        first = {v: lv_size(c, v) for v in vols}
+        for host, vol in zip(c.hosts, vols, strict=True):
+            vm = Vm(host, vol, tmp_path)
+            started.append(vm)
+        for vm, vol in zip(started, vols, strict=True):
+            wait_for(lambda vm=vm, vol=vol: vm.threshold() == first[vol] - 512 * MiB,
+                     30, "threshold armed")
+
+        def write(index: int) -> None:
+            vm = started[index]
+            for i, offset in enumerate(range(0, 2 * GiB, PIECE)):
+                vm.write(offset, PIECE, 0x20 * (index + 1) + i % 16)
+                time.sleep(0.2)
+
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(write, range(3)))
+        for index, (vm, vol) in enumerate(zip(started, vols, strict=True)):
+            assert lv_size(c, vol) > 2 * GiB, vol
+            for i, offset in enumerate(range(0, 2 * GiB, PIECE)):
+                vm.read_ok(offset, PIECE, 0x20 * (index + 1) + i % 16)
+            out = vm.output()
+            assert "failed" not in out and out.count("wrote ") == 2 * GiB // PIECE, out[-800:]
+    finally:
+        for vm in started:
+            vm.stop()
+        destroy_cluster(c)
+
+
+def lv_vg(cluster: Cluster, vol: str) -> str:
+    lvm = cluster.raw_lvm()
+    return next(lv.vg_name for vg in lvm.vgs() for lv in lvm.lvs(vg.name) if lv.name == vol)
