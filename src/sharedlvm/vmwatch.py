@@ -86,6 +86,7 @@ class VmMonitor(Protocol):
     def disk_nodes(self, image_path: str) -> set[str]: ...
     def arm_threshold(self, node: str, offset: int) -> None: ...
     def highest_write(self, node: str) -> int: ...
+    def nospace_nodes(self) -> set[str]: ...
     def status(self) -> tuple[bool, str]: ...
     def resume(self) -> None: ...
     def next_event(self, timeout: float) -> Event | None: ...
@@ -262,6 +263,12 @@ class VmWatch:
                 self._no_space(monitor, event)
             if time.monotonic() - checked >= self.settings.fallback:
                 checked = time.monotonic()
+                # Still paused for lack of space on one of ours: its grow failed (a
+                # manager failing over, the mailbox timing out): try again.
+                for node in monitor.nospace_nodes():
+                    if any(node in d.nodes for d in self.disks):
+                        self._no_space(monitor, Event(IO_ERROR, node=node, nospace=True))
+                        break
                 for disk in self.disks:
                     if disk.size < disk.most and \
                             monitor.highest_write(disk.node) > self._threshold(disk):
@@ -342,8 +349,9 @@ class VmWatch:
             return
         grown = [self._grow(monitor, d, "ENOSPC") for d in mine]
         if not any(grown):
-            log.error("VM %d stays paused: no space could be added for it",
-                      self.record.pid)
+            if not all(d.size >= d.most for d in mine):  # at the largest: said once
+                log.error("VM %d stays paused: no space could be added for it (tried "
+                          "again every %g s)", self.record.pid, self.settings.fallback)
             return
         monitor.resume()
         log.info("VM %d resumed after ENOSPC", self.record.pid)

@@ -23,11 +23,12 @@ VOL = "0b6a5f3e-3c1f-4c1e-9a53-5d0d9f0e2a11"
 class FakeMonitor:
     """Events to hand out, in order; every call recorded. ``state``: query-status."""
 
-    def __init__(self, events: list[qmp.Event], highest: int = 0,
+    def __init__(self, events: list[qmp.Event | None], highest: int = 0,
                  state: tuple[bool, str] = (True, "running"),
                  pause: str | None = None) -> None:
         self.events = list(events)
         self.pause = pause  # the run state an ENOSPC event puts the VM in, as qemu does
+        self.nospace: set[str] = set()  # nodes of ENOSPC errors not resumed yet
         self.calls: list[tuple[str, object]] = []
         self.highest = highest
         self.state = state
@@ -48,17 +49,23 @@ class FakeMonitor:
     def status(self) -> tuple[bool, str]:
         return self.state
 
+    def nospace_nodes(self) -> set[str]:
+        return set(self.nospace)
+
     def resume(self) -> None:
         self.calls.append(("resume", None))
         self.state = (True, "running")
+        self.nospace.clear()
 
     def next_event(self, timeout: float) -> qmp.Event | None:
         if not self.events:
             self.drained.set()
             return qmp.Event(qmp.SHUTDOWN)
         event = self.events.pop(0)
-        if event.kind == qmp.IO_ERROR and event.nospace and self.pause:
-            self.state = (False, self.pause)
+        if event is not None and event.kind == qmp.IO_ERROR and event.nospace:
+            self.nospace.add(event.node)
+            if self.pause:
+                self.state = (False, self.pause)
         return event
 
     def close(self) -> None:
@@ -182,6 +189,26 @@ def test_at_its_largest_it_is_reported_not_grown_or_resumed(tmp_path: Path) -> N
     resumes = [c for c in monitor.calls if c[0] == "resume"]
     assert len(resumes) == 1  # after the one grow; not for the ENOSPC at the largest
     assert monitor.state == (False, "io-error")
+
+
+def test_a_failed_extend_is_tried_again_while_the_vm_waits(tmp_path: Path) -> None:
+    """The first grow fails (the manager failing over); the VM stays paused for
+    ENOSPC; the next highest-write check finds it so, grows and resumes it."""
+    host = FakeHost(tmp_path / "dev", 1 * GiB)
+    host.refuse = True
+    real = host.grow_thin
+
+    def once_refused(domain: str, volume: str, target: int) -> int:
+        host.refuse = False
+        host.grow_thin = real  # type: ignore[method-assign]
+        raise errors.Timeout("no answer from the manager")
+
+    host.grow_thin = once_refused  # type: ignore[method-assign]
+    monitor = FakeMonitor([qmp.Event(qmp.IO_ERROR, node="fmt", nospace=True), None, None],
+                          pause="io-error")
+    run_watch(tmp_path, host, monitor, vmwatch.ThinSettings(fallback=0.0))
+    assert host.grows == [2 * GiB]
+    assert ("resume", None) in monitor.calls and monitor.state == (True, "running")
 
 
 def test_a_refused_extend_leaves_the_vm_paused(tmp_path: Path) -> None:
