@@ -38,7 +38,7 @@ mib=$(($($bb stat -c %s /@BLOB@) / 1048576))
 echo "writer: writing $mib MiB @COUNT@ times after $($bb cut -d' ' -f1 /proc/uptime) s"
 i=0
 while [ $i -lt @COUNT@ ]; do
-    $bb dd if=/@BLOB@ of=/dev/vda bs=1M seek=$((i * mib)) conv=notrunc,fsync 2>/dev/null \
+    $bb dd if=/@BLOB@ of=/dev/vda bs=4M seek=$((i * mib / 4)) conv=notrunc,fsync 2>/dev/null \
         || echo "@FAILED@ $i"
     i=$((i + 1))
 done
