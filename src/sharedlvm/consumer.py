@@ -82,6 +82,8 @@ def run_with_leases(paths: HostPaths, domain: Domain | None,
         for vol, ro in zip(infos, modes, strict=True):
             if not ro:
                 images.require_writable(vol, "write", "use UUID:ro")
+    if domain is not None and qmp.is_qemu(argv[0]):
+        qmp.check_argv(list(argv))  # before anything is acquired or activated
     placeholders = 1 if chain_of is not None else len(infos)
     for arg in argv:
         for m in _PLACEHOLDER.finditer(arg):
@@ -95,10 +97,11 @@ def run_with_leases(paths: HostPaths, domain: Domain | None,
     pid = os.fork()
     if pid == 0:
         _consumer(domain, infos, modes, argv, wait, chain_of, paths)
+    started = vmwatch.process_start(pid)
     try:
         return _supervise(pid, domain, infos, chain_of)
     finally:
-        vmwatch.remove_record(paths, pid)
+        vmwatch.remove_record(paths, pid, started)
 
 
 def _consumer(domain: Domain | None, infos: list[VolumeInfo], shared: list[bool],

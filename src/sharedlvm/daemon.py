@@ -139,6 +139,11 @@ class DaemonConfig:
             else:
                 values[key] = float(value)
         config = cls(**values)
+        if config.thin_free_mib >= config.thin_chunk_mib:
+            raise errors.InvalidArgument(
+                f"{path}: thin_free_mib ({config.thin_free_mib:g}) must be less than "
+                f"thin_chunk_mib ({config.thin_chunk_mib:g}): a grow must leave the LV "
+                "above its next threshold")
         if config.http_listen:
             # HttpApi refuses it too; here it stops the daemon before it joins anything.
             tls = bool(config.http_cert and config.http_key)
@@ -332,13 +337,21 @@ class Daemon:
         (this host, or through the mailbox), then refresh it on this host; the LV's
         size. The request id names the target: asked again (a restarted daemon), it is
         answered from the journal, not done twice."""
-        info: VolumeInfo = self.dispatch(ExtendVolume(
-            volume=volume, allocation=str(target), request_id=f"thin-{volume}-{target}",
-            domain=domain))
         d = self.domain(domain)
+        size = self.volume_info(domain, volume).size
+        if size < target:  # else grown already (a retry, or by hand): refresh only
+            info: VolumeInfo = self.dispatch(ExtendVolume(
+                volume=volume, allocation=str(target),
+                request_id=f"thin-{volume}-{target}", domain=domain))
+            size = info.size
         shard = d.volume_shard(volume)
+        # Only a mapping that exists: the VM may have exited meanwhile, and a refresh
+        # that mapped the LV again would be an activation without a lease.
+        if shard.activator.path(shard.vg_name, volume) is None:
+            raise errors.Unsupported(f"volume {volume} is not active on this host: "
+                                     "nothing to refresh")
         shard.activator.refresh(shard.vg_name, volume)
-        return info.size
+        return size
 
     def observe(self, what: str, ok: bool, seconds: float) -> None:
         self.metrics.observe(what, ok, seconds)

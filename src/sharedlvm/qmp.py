@@ -35,8 +35,9 @@ from .errors import MonitorError
 
 # How long one command may take: every command used here answers at once.
 COMMAND_TIMEOUT = 30.0
-# The longest line qemu sends (query-named-block-nodes of a deep chain is the largest).
-MAX_LINE = 64 * 1024 * 1024
+# The longest line qemu may send (query-named-block-nodes of a deep chain is the
+# largest; a qemu that sends more is not trusted further).
+MAX_LINE = 8 * 1024 * 1024
 
 # Event kinds, as the watcher knows them (QMP's names stay in this module).
 THRESHOLD = "threshold"  # a write went past the armed offset (the threshold disarmed)
@@ -57,6 +58,8 @@ class Event:
     node: str = ""  # the node (threshold) or the drive (io_error) it is about
     nospace: bool = False  # io_error: ENOSPC
     reason: str = ""  # io_error: the error's text; stopped: why, when qemu says
+    offset: int = -1  # threshold: the threshold that fired
+    at: float = 0.0  # when qemu sent it (wall clock, seconds)
 
 
 def monitor_argv(socket_path: str) -> list[str]:
@@ -73,8 +76,19 @@ def monitor_argv(socket_path: str) -> list[str]:
 
 
 def is_qemu(argv0: str) -> bool:
-    """A qemu system emulator, by its program name."""
-    return os.path.basename(argv0).startswith("qemu-system-")
+    """A qemu system emulator, by its program name (``qemu-system-*``, RHEL's
+    ``qemu-kvm``). A wrapper (taskset, numactl, a shell) hides it: give qemu itself."""
+    name = os.path.basename(argv0)
+    return name.startswith("qemu-system-") or name == "qemu-kvm"
+
+
+def check_argv(argv: list[str]) -> None:
+    """Refuse what would take qemu away from the leases' process: ``-daemonize`` forks
+    it out of the process group sanlock kills and ends the pid that holds them."""
+    if any(arg.lstrip("-") == "daemonize" for arg in argv[1:]):
+        raise errors.InvalidArgument("qemu's -daemonize takes the VM out of the process "
+                                     "that holds its leases: run qemu in the foreground "
+                                     "(sharedlvm run detaches nothing)")
 
 
 class Qmp:
@@ -86,7 +100,7 @@ class Qmp:
         self.path = path
         self.timeout = timeout
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._buf = b""
+        self._buf = bytearray()
         self._events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._next_id = 0
@@ -112,7 +126,9 @@ class Qmp:
 
     def _read(self, deadline: float) -> dict[str, Any]:
         """The next message, or MonitorError when qemu went away or stayed silent."""
-        while b"\n" not in self._buf:
+        scanned = 0  # the buffer before this holds no newline: search only what is new
+        while (end := self._buf.find(b"\n", scanned)) < 0:
+            scanned = len(self._buf)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise errors.Timeout(f"the monitor {self.path} did not answer in time")
@@ -128,10 +144,11 @@ class Qmp:
             self._buf += chunk
             if len(self._buf) > MAX_LINE:
                 raise MonitorError(f"the monitor {self.path} sent an oversized message")
-        line, _, self._buf = self._buf.partition(b"\n")
+        line = bytes(self._buf[:end])
+        del self._buf[:end + 1]
         try:
             message = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise MonitorError(f"the monitor {self.path} sent {line[:80]!r}") from None
         if not isinstance(message, dict):
             raise MonitorError(f"the monitor {self.path} sent {line[:80]!r}")
@@ -228,6 +245,18 @@ class QmpMonitor:
                 for dev in self.qmp.execute("query-block")
                 if dev.get("io-status") == "nospace"}
 
+    def io_errors(self) -> dict[str, str]:
+        """The top node of each drive whose last request failed and that is not yet
+        resumed, and why: "nospace" or "failed" (query-block io-status)."""
+        return {str((dev.get("inserted") or {}).get("node-name", "")): str(dev["io-status"])
+                for dev in self.qmp.execute("query-block")
+                if dev.get("io-status") not in (None, "ok")}
+
+    def migrating(self) -> bool:
+        """A migration is under way or done (its source must not be resumed)."""
+        status = (self.qmp.execute("query-migrate") or {}).get("status")
+        return status not in (None, "none", "cancelled", "failed")
+
     def status(self) -> tuple[bool, str]:
         """(running, qemu's run state: "running", "paused", "io-error", ...)."""
         answer = self.qmp.execute("query-status")
@@ -251,10 +280,13 @@ class QmpMonitor:
             if kind is None:
                 continue
             data = message.get("data") or {}
+            stamp = message.get("timestamp") or {}
+            at = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
             if kind == THRESHOLD:
-                return Event(kind, node=str(data.get("node-name", "")))
+                return Event(kind, node=str(data.get("node-name", "")),
+                             offset=int(data.get("write-threshold", -1)), at=at)
             if kind == IO_ERROR:
                 return Event(kind, node=str(data.get("node-name") or data.get("device", "")),
                              nospace=bool(data.get("nospace")),
-                             reason=str(data.get("reason", "")))
-            return Event(kind)
+                             reason=str(data.get("reason", "")), at=at)
+            return Event(kind, at=at)

@@ -44,7 +44,7 @@ from .domain import device_size
 from .errors import MonitorError
 from .model import Allocation, VolumeFormat, VolumeInfo
 from .paths import HostPaths
-from .qmp import IO_ERROR, SHUTDOWN, THRESHOLD, Event, QmpMonitor
+from .qmp import IO_ERROR, THRESHOLD, Event, QmpMonitor
 from .units import GiB, MiB, round_up
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 SCAN_INTERVAL = 0.5
 # How long a new VM's monitor may take to appear (qemu's start under TCG).
 CONNECT_TIMEOUT = 60.0
+# A watch that ended while its VM lives is started again after this long.
+RESTART_DELAY = 10.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ class VmMonitor(Protocol):
     def arm_threshold(self, node: str, offset: int) -> None: ...
     def highest_write(self, node: str) -> int: ...
     def nospace_nodes(self) -> set[str]: ...
+    def io_errors(self) -> dict[str, str]: ...
+    def migrating(self) -> bool: ...
     def status(self) -> tuple[bool, str]: ...
     def resume(self) -> None: ...
     def next_event(self, timeout: float) -> Event | None: ...
@@ -137,8 +141,17 @@ def write_record(paths: HostPaths, record: VmRecord) -> None:
     os.replace(tmp, path)
 
 
-def remove_record(paths: HostPaths, pid: int) -> None:
-    (vm_dir(paths) / f"{pid}.json").unlink(missing_ok=True)
+def remove_record(paths: HostPaths, pid: int, started: int | None = None) -> None:
+    """Remove the record of ``pid`` and its monitor socket; with ``started``, only if
+    the record is still that process's (a pid reused since has its own)."""
+    path = vm_dir(paths) / f"{pid}.json"
+    if started is not None:
+        try:
+            if VmRecord.from_json(json.loads(path.read_text())).started != started:
+                return
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            pass
+    path.unlink(missing_ok=True)
     Path(monitor_path(paths, pid)).unlink(missing_ok=True)
 
 
@@ -176,10 +189,20 @@ class _Disk:
     last_extend: dict[str, float] = field(default_factory=dict)
     # Measured: how fast the guest fills the LV and how long an extend takes; the
     # margin and the chunk grow with their product (ThinSettings.margin_for).
-    rate: float = 0.0  # bytes/s, between the last two extends
+    rate: float = 0.0  # bytes/s the guest wrote (highest offset) between two extends
     latency: float = 0.0  # seconds, the last extend from its start to re-armed
-    grown_at: float = 0.0  # monotonic time of the last extend's start
-    grown_from: int = 0  # the LV's size then
+    seen_at: float = 0.0  # monotonic time of the last extend's highest-write reading
+    seen: int = 0  # that reading
+    armed_at: int = -1  # the threshold armed now (an event of another is stale)
+    want: int = 0  # a target asked and not reached (kept for the retry)
+    # (wall time, size) of each refresh: the LV's size when an ENOSPC happened
+    history: list[tuple[float, int]] = field(default_factory=list)
+    error_at: float = 0.0  # wall time of its last ENOSPC event
+
+    def size_at(self, when: float) -> int:
+        """The LV's size on this host at wall time ``when`` (as far as known)."""
+        sizes = [size for at, size in self.history if at <= when]
+        return sizes[-1] if sizes else self.history[0][1]
 
 
 class Host(Protocol):
@@ -193,13 +216,14 @@ class Host(Protocol):
 class VmWatch:
     def __init__(self, record: VmRecord, host: Host, settings: ThinSettings,
                  stopping: threading.Event,
-                 connect: Callable[[str], VmMonitor] = QmpMonitor) -> None:
+                 connect: Callable[[str], VmMonitor] | None = None) -> None:
         self.record = record
         self.host = host
         self.settings = settings
         self.stopping = stopping
-        self._connect = connect
+        self._connect: Callable[[str], VmMonitor] = connect or QmpMonitor
         self.disks: list[_Disk] = []
+        self.ended = 0.0  # monotonic time the thread ended
         self.thread = threading.Thread(target=self._run, name=f"vm-{record.pid}",
                                        daemon=True)
 
@@ -208,8 +232,14 @@ class VmWatch:
 
     def _run(self) -> None:
         try:
+            self._run_once()
+        finally:
+            self.ended = time.monotonic()
+
+    def _run_once(self) -> None:
+        try:
             monitor = self._open()
-        except (errors.Error, OSError) as exc:
+        except (errors.Error, OSError, RecursionError) as exc:
             if alive(self.record):
                 log.error("VM %d: cannot watch it: %s", self.record.pid, exc)
             return
@@ -238,9 +268,10 @@ class VmWatch:
             info = self.host.volume_info(self.record.domain, uuid)
             if info.format != VolumeFormat.QCOW2 or info.alloc != Allocation.THIN:
                 continue  # its LV already holds all it can ever need
+            size = device_size(path)
             self.disks.append(_Disk(uuid, path, monitor.leaf_node(path),
-                                    monitor.disk_nodes(path), device_size(path),
-                                    max_lv_size(info)))
+                                    monitor.disk_nodes(path), size, max_lv_size(info),
+                                    history=[(0.0, size)]))
         if not self.disks:
             log.info("VM %d: no thin volume to watch", self.record.pid)
             return
@@ -251,12 +282,14 @@ class VmWatch:
             for disk in self.disks:
                 if not disk.armed:
                     self._arm(monitor, disk)
+            # SHUTDOWN is not the end: with -no-shutdown qemu stays (a reset, then
+            # cont); the watch ends when the monitor closes (MonitorError).
             event = monitor.next_event(self.settings.fallback)
-            if event is not None and event.kind == SHUTDOWN:
-                return
             if event is not None and event.kind == THRESHOLD:
                 for disk in self.disks:
-                    if event.node == disk.node:
+                    # an event of a threshold armed before (the highest-write check
+                    # already grew past it) is stale: growing again would double
+                    if event.node == disk.node and event.offset == disk.armed_at:
                         disk.armed = False
                         self._grow(monitor, disk, "threshold")
             elif event is not None and event.kind == IO_ERROR and event.nospace:
@@ -285,7 +318,8 @@ class VmWatch:
         if monitor.highest_write(disk.node) > self._threshold(disk):
             self._grow(monitor, disk, "written past the threshold")
             return
-        monitor.arm_threshold(disk.node, self._threshold(disk))
+        disk.armed_at = self._threshold(disk)
+        monitor.arm_threshold(disk.node, disk.armed_at)
         disk.armed = True
 
     def _grow(self, monitor: VmMonitor, disk: _Disk, why: str) -> bool:
@@ -298,12 +332,14 @@ class VmWatch:
                 disk.full_reported = True
             return False
         start = time.monotonic()
-        if disk.grown_at:  # the guest filled (size - grown_from) since the last one
-            disk.rate = max(disk.size - disk.grown_from, 0) / max(start - disk.grown_at,
-                                                                  0.001)
-        disk.grown_at, disk.grown_from = start, disk.size
+        seen = monitor.highest_write(disk.node)
+        if disk.seen_at and seen > disk.seen:  # what the guest wrote since the last one
+            disk.rate = (seen - disk.seen) / max(start - disk.seen_at, 0.5)
+        disk.seen_at, disk.seen = start, seen
         _, chunk = self.settings.sized(disk.rate, disk.latency)
-        target = min(disk.size + chunk, disk.most)
+        # a target asked before and not reached is asked again, never a smaller one
+        target = min(max(disk.size + chunk, disk.want), disk.most)
+        disk.want = target
         try:
             grown = self.host.grow_thin(self.record.domain, disk.uuid, target)
             done = time.monotonic()
@@ -319,6 +355,8 @@ class VmWatch:
                       "expected %d", self.record.pid, disk.uuid, size, grown)
             return False
         disk.size = size
+        disk.want = 0
+        disk.history = [*disk.history[-15:], (time.time(), size)]
         self._arm(monitor, disk)
         armed = time.monotonic()
         self.host.observe("vm.extend", True, armed - start)
@@ -332,7 +370,7 @@ class VmWatch:
         return True
 
     def _no_space(self, monitor: VmMonitor, event: Event) -> None:
-        running, state = monitor.status()
+        running, _ = monitor.status()
         if running:
             # Several requests in flight fail at once, each with its event: the first
             # one's grow and resume answered them all (measured: one chunk too many
@@ -343,15 +381,34 @@ class VmWatch:
             log.warning("VM %d: ENOSPC on %s, which is not a sharedlvm thin volume: "
                         "left paused", self.record.pid, event.node)
             return
-        if state != "io-error":
-            log.info("VM %d is %s, not paused for an I/O error: not resumed",
-                     self.record.pid, state)
-            return
-        grown = [self._grow(monitor, d, "ENOSPC") for d in mine]
-        if not any(grown):
+        # The failed write did not fit the LV as it was when it failed: room added
+        # since (a threshold grow that finished after it) is enough to go on with.
+        for disk in mine:
+            disk.error_at = event.at or disk.error_at
+        for disk in mine:
+            if disk.size <= disk.size_at(disk.error_at):
+                self._grow(monitor, disk, "ENOSPC")
+        if not any(d.size > d.size_at(d.error_at) for d in mine):
             if not all(d.size >= d.most for d in mine):  # at the largest: said once
                 log.error("VM %d stays paused: no space could be added for it (tried "
                           "again every %g s)", self.record.pid, self.settings.fallback)
+            return
+        # The grow may have taken seconds: what the VM is now decides, read just before
+        # cont. Resumed only when paused for an I/O error (not by a user, not a
+        # migration's end: a source resumed after its lease moved would be a second
+        # writer) and every failed drive failed for lack of space on one of ours (an
+        # EIO is the administrator's to handle).
+        running, state = monitor.status()
+        if running or state != "io-error" or monitor.migrating():
+            log.info("VM %d is %s, not paused for an I/O error: not resumed",
+                     self.record.pid, "running" if running else state)
+            return
+        failed = monitor.io_errors()
+        ours = set().union(*(d.nodes for d in self.disks))
+        others = {n: s for n, s in failed.items() if s != "nospace" or n not in ours}
+        if others:
+            log.warning("VM %d stays paused: drive errors not sharedlvm's to resolve: %s",
+                        self.record.pid, ", ".join(f"{n} {s}" for n, s in sorted(others.items())))
             return
         monitor.resume()
         log.info("VM %d resumed after ENOSPC", self.record.pid)
@@ -385,11 +442,15 @@ class VmWatcher:
             seen.add(record.pid)
             if not alive(record):
                 with contextlib.suppress(OSError):
-                    remove_record(self.paths, record.pid)
+                    remove_record(self.paths, record.pid, record.started)
                 self.watches.pop(record.pid, None)
                 continue
             watch = self.watches.get(record.pid)
-            if watch is None or (not watch.thread.is_alive() and watch.record != record):
+            # A watch that ended while its qemu lives (a stalled monitor, a transient
+            # error) starts again, at most every RESTART_DELAY: a VM left unwatched
+            # would pause at its LV's end for good.
+            if watch is None or (not watch.thread.is_alive()
+                                 and time.monotonic() - watch.ended >= RESTART_DELAY):
                 watch = VmWatch(record, self.host, self.settings, self.stopping)
                 self.watches[record.pid] = watch
                 watch.start()

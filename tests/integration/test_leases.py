@@ -292,22 +292,22 @@ def test_leases_lv_grows_past_its_slots(tmp_path: Path) -> None:
 
 def test_slot_of_a_lease_still_held_is_never_reused(tmp_path: Path) -> None:
     """A delete gives the volume's lease back after its answer (on the daemon's release
-    thread, here 8 s late). Meanwhile the leases LV is full and a create rebuilds the
+    thread, here 5 s late). Meanwhile the leases LV is full and a create rebuilds the
     slot map from the LVs, where the deleted volume is gone: its slot must not be
     handed out, or the late release writes the old lease's dblock over the new lease
     and sanlock retries the new volume's acquire forever (hostile review of 05dffcf)."""
     c = make_cluster(tmp_path / "bed", hosts=2, sector_size=4096,
                      extra=("--leases-size", "128M"),
-                     daemon_env={"SHAREDLVM_PAUSEPOINT": "exclusive-release:8"})
+                     daemon_env={"SHAREDLVM_PAUSEPOINT": "exclusive-release:5"})
     try:
         h1 = c.first
         vols = [h1.cli_json("volume", "create", "--size", "128M") for _ in range(15)]
         assert sorted(v["lease"] for v in vols) == list(range(1, 16))  # 16 slots: full
         gone = vols[4]
-        h1.cli("volume", "delete", gone["uuid"])  # answered; its release sleeps 8 s
+        h1.cli("volume", "delete", gone["uuid"])  # answered; its release sleeps 5 s
         new = h1.cli_json("volume", "create", "--size", "128M")
         assert new["lease"] != gone["lease"], "a slot whose lease is still held was reused"
-        time.sleep(9)  # the late release has run
+        time.sleep(6)  # the late release has run
         # the new volume's lease works: a consumer acquires it (in seconds, not never)
         done = h1.cli("run", "--volume", new["uuid"], "--", "true", timeout=60)
         assert done.returncode == 0

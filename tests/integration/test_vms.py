@@ -30,7 +30,7 @@ from sharedlvm_testbed.vmbed.image import build_image
 pytestmark = pytest.mark.integration
 
 PIECE = 64 * MiB
-TOTAL3 = 1536 * MiB  # written by each of the three hosts' qemus
+TOTAL3 = 1 * GiB  # written by each of the three hosts' qemus: past the threshold
 
 
 class Vm:
@@ -130,7 +130,7 @@ def test_thin_volume_grows_under_a_running_qemu(cluster: Cluster, vms: list[Vm],
     total = 3 * GiB
     for i, offset in enumerate(range(0, total, PIECE)):
         vm.write(offset, PIECE, 0x10 + i % 200)
-        time.sleep(0.15)  # ~300 MB/s at most: a steady writer
+        time.sleep(0.1)  # ~400 MB/s at most: a steady writer
     out = vm.output()
     assert "failed" not in out and "error" not in out.lower(), out[-2000:]
     assert out.count("wrote ") == total // PIECE
@@ -243,7 +243,7 @@ def test_watch_resumes_after_a_daemon_restart_and_ends_with_qemu(
 
 
 def test_thin_writers_on_three_hosts_at_once(tmp_path: Path) -> None:
-    """Three hosts, a qemu on each writing 1.5 GiB into its own thin volume at once (one
+    """Three hosts, a qemu on each writing 1 GiB into its own thin volume at once (one
     volume per shard: the loop bed maps an LV of one segment only, and a shard's LVs
     grown in turns would interleave): every LV grows, no write fails, each disk reads
     back its own data."""
@@ -265,12 +265,12 @@ def test_thin_writers_on_three_hosts_at_once(tmp_path: Path) -> None:
             vm = started[index]
             for i, offset in enumerate(range(0, TOTAL3, PIECE)):
                 vm.write(offset, PIECE, 0x20 * (index + 1) + i % 16)
-                time.sleep(0.1)
+                time.sleep(0.05)
 
         with ThreadPoolExecutor(3) as pool:
             list(pool.map(write, range(3)))
         for index, (vm, vol) in enumerate(zip(started, vols, strict=True)):
-            assert lv_size(c, vol) > TOTAL3 > first[vol], vol
+            assert lv_size(c, vol) > first[vol] >= TOTAL3, vol
             for i, offset in enumerate(range(0, TOTAL3, PIECE)):
                 vm.read_ok(offset, PIECE, 0x20 * (index + 1) + i % 16)
             out = vm.output()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ VOL = "0b6a5f3e-3c1f-4c1e-9a53-5d0d9f0e2a11"
 
 
 class FakeMonitor:
-    """Events to hand out, in order; every call recorded. ``state``: query-status."""
+    """Events to hand out, in order, then SHUTDOWN, then the monitor closes (as qemu
+    does); every call recorded. ``state``: query-status."""
 
     def __init__(self, events: list[qmp.Event | None], highest: int = 0,
                  state: tuple[bool, str] = (True, "running"),
@@ -29,6 +31,9 @@ class FakeMonitor:
         self.events = list(events)
         self.pause = pause  # the run state an ENOSPC event puts the VM in, as qemu does
         self.nospace: set[str] = set()  # nodes of ENOSPC errors not resumed yet
+        self.armed = -1
+        self.migration = False
+        self.other_errors: dict[str, str] = {}
         self.calls: list[tuple[str, object]] = []
         self.highest = highest
         self.state = state
@@ -42,6 +47,7 @@ class FakeMonitor:
 
     def arm_threshold(self, node: str, offset: int) -> None:
         self.calls.append(("arm", offset))
+        self.armed = offset
 
     def highest_write(self, node: str) -> int:
         return self.highest
@@ -52,6 +58,12 @@ class FakeMonitor:
     def nospace_nodes(self) -> set[str]:
         return set(self.nospace)
 
+    def io_errors(self) -> dict[str, str]:
+        return {**{n: "nospace" for n in self.nospace}, **self.other_errors}
+
+    def migrating(self) -> bool:
+        return self.migration
+
     def resume(self) -> None:
         self.calls.append(("resume", None))
         self.state = (True, "running")
@@ -59,9 +71,13 @@ class FakeMonitor:
 
     def next_event(self, timeout: float) -> qmp.Event | None:
         if not self.events:
+            if self.drained.is_set():  # qemu gone: its monitor closed
+                raise errors.MonitorError("the VM has gone (monitor closed)")
             self.drained.set()
             return qmp.Event(qmp.SHUTDOWN)
         event = self.events.pop(0)
+        if event is not None and event.kind == qmp.THRESHOLD and event.offset == -1:
+            event = qmp.Event(qmp.THRESHOLD, node=event.node, offset=self.armed)  # qemu's
         if event is not None and event.kind == qmp.IO_ERROR and event.nospace:
             self.nospace.add(event.node)
             if self.pause:
@@ -80,6 +96,8 @@ def test_fake_monitor_hands_out_its_events_then_shutdown() -> None:
     m.next_event(1)
     assert m.status() == (False, "io-error")
     assert m.next_event(1) == qmp.Event(qmp.SHUTDOWN) and m.drained.is_set()
+    with pytest.raises(errors.MonitorError):
+        m.next_event(1)
     m.resume()
     assert m.status() == (True, "running") and m.calls == [("resume", None)]
 
@@ -132,6 +150,40 @@ def test_threshold_event_grows_by_a_chunk_and_rearms(tmp_path: Path) -> None:
                              ("close", None)]
 
 
+def test_a_stale_threshold_event_is_not_grown_on(tmp_path: Path) -> None:
+    host = FakeHost(tmp_path / "dev", 1 * GiB)
+    monitor = FakeMonitor([qmp.Event(qmp.THRESHOLD, node="proto", offset=12345)])
+    run_watch(tmp_path, host, monitor)
+    assert host.grows == []
+
+
+def test_no_resume_when_a_migration_is_under_way_or_another_drive_failed(
+        tmp_path: Path) -> None:
+    for setup in ("migration", "eio"):
+        host = FakeHost(tmp_path / f"dev-{setup}", 1 * GiB)
+        monitor = FakeMonitor([qmp.Event(qmp.IO_ERROR, node="fmt", nospace=True)],
+                              pause="io-error")
+        if setup == "migration":
+            monitor.migration = True
+        else:
+            monitor.other_errors = {"someone-elses-drive": "failed"}
+        run_watch(tmp_path, host, monitor)
+        assert host.grows == [2 * GiB], setup  # grown: the room is needed anyway
+        assert ("resume", None) not in monitor.calls, setup
+
+
+def test_room_added_after_the_error_resumes_without_another_grow(tmp_path: Path) -> None:
+    """A write in flight past the old end fails while a threshold grow runs: the LV
+    already has the room when the ENOSPC event is handled."""
+    host = FakeHost(tmp_path / "dev", 1 * GiB)
+    monitor = FakeMonitor([qmp.Event(qmp.THRESHOLD, node="proto"),
+                           qmp.Event(qmp.IO_ERROR, node="fmt", nospace=True, at=1.0)],
+                          pause="io-error")
+    run_watch(tmp_path, host, monitor)
+    assert host.grows == [2 * GiB]  # the threshold's only
+    assert ("resume", None) in monitor.calls
+
+
 def test_written_past_the_threshold_grows_at_once(tmp_path: Path) -> None:
     """A daemon restarted after the event: the highest write says it is past."""
     host = FakeHost(tmp_path / "dev", 1 * GiB)
@@ -182,7 +234,8 @@ def test_at_its_largest_it_is_reported_not_grown_or_resumed(tmp_path: Path) -> N
     """Capacity 1 GiB: the LV's largest size is 1 GiB + metadata (3 MiB here)."""
     host = FakeHost(tmp_path / "dev", 1 * GiB, capacity=1 * GiB)
     most = vmwatch.max_lv_size(host.volume_info("d", VOL))
-    events = [qmp.Event(qmp.IO_ERROR, node="fmt", nospace=True) for _ in range(3)]
+    events = [qmp.Event(qmp.IO_ERROR, node="fmt", nospace=True, at=time.time() + i)
+              for i in range(3)]  # qemu stamps its events; these come after the grow
     monitor = FakeMonitor(events, pause="io-error")
     run_watch(tmp_path, host, monitor)
     assert host.grows == [most]  # once, to the largest; then never again
@@ -248,3 +301,76 @@ def test_margin_and_chunk_follow_write_rate_times_extend_latency() -> None:
     assert s.sized(100e6, 0.15) == (512 * MiB, 1 * GiB)  # 60 MB of need: the settings
     free, chunk = s.sized(1e9, 0.5)  # 1 GB/s, extends of 0.5 s: 2 GB of margin
     assert free == 1908 * MiB and chunk == 2 * free
+
+
+def test_qemu_that_would_leave_its_leases_is_refused() -> None:
+    assert qmp.is_qemu("/usr/libexec/qemu-kvm")
+    qmp.check_argv(["qemu-system-x86_64", "-m", "512"])
+    for flag in ("-daemonize", "--daemonize"):
+        with pytest.raises(errors.InvalidArgument, match="daemonize"):
+            qmp.check_argv(["qemu-system-x86_64", flag])
+
+
+def test_a_record_is_removed_only_for_its_own_process(tmp_path: Path) -> None:
+    paths = HostPaths(tmp_path)
+    record = vmwatch.VmRecord(4242, 100, "m", "dom1", ())
+    vmwatch.write_record(paths, record)
+    vmwatch.remove_record(paths, 4242, started=99)  # a pid reused since: not ours
+    assert vmwatch.read_records(paths) == [record]
+    vmwatch.remove_record(paths, 4242, started=100)
+    assert vmwatch.read_records(paths) == []
+
+
+def test_thin_settings_that_would_grow_forever_are_refused(tmp_path: Path) -> None:
+    from sharedlvm.daemon import DaemonConfig
+
+    paths = HostPaths(tmp_path)
+    paths.config_dir.mkdir(parents=True)
+    (paths.config_dir / "daemon.toml").write_text(
+        "[daemon]\nthin_chunk_mib = 256\nthin_free_mib = 256\n")
+    with pytest.raises(errors.InvalidArgument, match="thin_free_mib"):
+        DaemonConfig.load(paths)
+
+
+def test_qmp_client_reads_what_qemu_sends(tmp_path: Path) -> None:
+    """A scripted QMP peer: a greeting with oob, an event before an answer, a message
+    split over two sends, an answer to an old command id skipped, then EOF mid-line."""
+    import json
+    import socket
+
+    path = str(tmp_path / "q.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+
+    def peer() -> None:
+        conn, _ = server.accept()
+        f = conn.makefile("rb")
+
+        def send(*parts: bytes) -> None:
+            for part in parts:
+                conn.sendall(part)
+                time.sleep(0.01)
+
+        send(b'{"QMP": {"version": {}, "capabilities": ["oob"]}}\r\n')
+        req = json.loads(f.readline())
+        send(json.dumps({"return": {}, "id": req["id"]}).encode() + b"\n")
+        req = json.loads(f.readline())
+        event = {"event": "BLOCK_WRITE_THRESHOLD", "timestamp": {"seconds": 5,
+                 "microseconds": 500000}, "data": {"node-name": "n", "write-threshold": 7}}
+        answer = json.dumps({"return": {"running": False, "status": "io-error"},
+                             "id": req["id"]}).encode() + b"\n"
+        send(b'{"return": {}, "id": 999}\n', json.dumps(event).encode() + b"\n",
+             answer[:10], answer[10:])
+        send(b'{"event": "STOP", "timest')
+        conn.close()
+
+    thread = threading.Thread(target=peer, daemon=True)
+    thread.start()
+    monitor = qmp.QmpMonitor(path, timeout=5)
+    assert monitor.status() == (False, "io-error")
+    assert monitor.next_event(1) == qmp.Event(qmp.THRESHOLD, node="n", offset=7, at=5.5)
+    with pytest.raises(errors.MonitorError, match="gone"):
+        monitor.next_event(5)
+    monitor.close()
+    server.close()

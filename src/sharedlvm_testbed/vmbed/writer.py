@@ -49,7 +49,12 @@ $bb poweroff -f
 
 
 def writer_initrd(image: GuestImage, blob: Path, count: int, output: Path) -> None:
-    """The bed's initramfs with the writer's /init and ``blob`` appended."""
+    """The bed's initramfs with the writer's /init and ``blob`` appended (whole 4 MiB
+    blocks: the guest writes it with ``dd bs=4M``)."""
+    size = blob.stat().st_size
+    if not size or size % (4 << 20) or size >= 1 << 32:
+        raise ValueError(f"the blob must be a whole number of 4 MiB blocks under 4 GiB, "
+                         f"not {size} bytes")
     init = (_INIT.replace("@BLOB@", BLOB).replace("@COUNT@", str(count))
             .replace("@DONE@", DONE).replace("@FAILED@", FAILED))
     with output.open("wb") as out:
