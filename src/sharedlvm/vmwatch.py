@@ -273,7 +273,11 @@ class VmWatch:
                                     monitor.disk_nodes(path), size, max_lv_size(info),
                                     history=[(0.0, size)]))
         if not self.disks:
+            # Nothing to grow; stay connected until qemu goes (MonitorError), rather
+            # than end and be started again by the scan every RESTART_DELAY.
             log.info("VM %d: no thin volume to watch", self.record.pid)
+            while not self.stopping.is_set():
+                monitor.next_event(60.0)
             return
         log.info("VM %d: watching %s", self.record.pid,
                  ", ".join(f"{d.uuid} ({d.size} of {d.most} bytes)" for d in self.disks))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,15 @@ def run_watch(tmp_path: Path, host: FakeHost, monitor: FakeMonitor,
     watch = vmwatch.VmWatch(record, host, settings or vmwatch.ThinSettings(fallback=3600),
                             threading.Event(), connect=lambda _: monitor)
     watch._run()  # in this thread: ends at the fake's SHUTDOWN
+
+
+def test_a_vm_without_thin_volumes_is_watched_until_it_goes(tmp_path: Path) -> None:
+    host = FakeHost(tmp_path / "dev", 1 * GiB)
+    host.volume_info = lambda d, v: replace(  # type: ignore[method-assign]
+        FakeHost.volume_info(host, d, v), format=VolumeFormat.RAW, alloc=Allocation.PREALLOCATED)
+    monitor = FakeMonitor([qmp.Event(qmp.THRESHOLD, node="proto")])
+    run_watch(tmp_path, host, monitor)  # returns once the monitor closed
+    assert monitor.drained.is_set() and monitor.calls == [("close", None)]
 
 
 def test_threshold_event_grows_by_a_chunk_and_rearms(tmp_path: Path) -> None:
