@@ -237,14 +237,6 @@ class QmpMonitor:
                 return int(entry.get("stats", {}).get("wr_highest_offset", 0))
         return 0
 
-    def nospace_nodes(self) -> set[str]:
-        """The top nodes of the drives whose last error was ENOSPC and not yet
-        resumed (query-block's io-status; kept by qemu for drives with a werror
-        policy that stops, reset by cont)."""
-        return {str((dev.get("inserted") or {}).get("node-name", ""))
-                for dev in self.qmp.execute("query-block")
-                if dev.get("io-status") == "nospace"}
-
     def io_errors(self) -> dict[str, str]:
         """The top node of each drive whose last request failed and that is not yet
         resumed, and why: "nospace" or "failed" (query-block io-status)."""

@@ -88,7 +88,6 @@ class VmMonitor(Protocol):
     def disk_nodes(self, image_path: str) -> set[str]: ...
     def arm_threshold(self, node: str, offset: int) -> None: ...
     def highest_write(self, node: str) -> int: ...
-    def nospace_nodes(self) -> set[str]: ...
     def io_errors(self) -> dict[str, str]: ...
     def migrating(self) -> bool: ...
     def status(self) -> tuple[bool, str]: ...
@@ -186,7 +185,6 @@ class _Disk:
     most: int  # max_lv_size
     armed: bool = False
     full_reported: bool = False
-    last_extend: dict[str, float] = field(default_factory=dict)
     # Measured: how fast the guest fills the LV and how long an extend takes; the
     # margin and the chunk grow with their product (ThinSettings.margin_for).
     rate: float = 0.0  # bytes/s the guest wrote (highest offset) between two extends
@@ -302,8 +300,8 @@ class VmWatch:
                 checked = time.monotonic()
                 # Still paused for lack of space on one of ours: its grow failed (a
                 # manager failing over, the mailbox timing out): try again.
-                for node in monitor.nospace_nodes():
-                    if any(node in d.nodes for d in self.disks):
+                for node, why in monitor.io_errors().items():
+                    if why == "nospace" and any(node in d.nodes for d in self.disks):
                         self._no_space(monitor, Event(IO_ERROR, node=node, nospace=True))
                         break
                 for disk in self.disks:
@@ -365,7 +363,6 @@ class VmWatch:
         armed = time.monotonic()
         self.host.observe("vm.extend", True, armed - start)
         self.host.observe("vm.extend.manager", True, done - start)
-        disk.last_extend = {"manager": done - start, "total": armed - start}
         disk.latency = armed - start
         log.info("VM %d: volume %s grown to %d bytes (%s): manager and refresh %.0f ms, "
                  "re-armed %.0f ms; writes at %.0f MB/s", self.record.pid, disk.uuid,

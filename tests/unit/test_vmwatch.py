@@ -56,9 +56,6 @@ class FakeMonitor:
     def status(self) -> tuple[bool, str]:
         return self.state
 
-    def nospace_nodes(self) -> set[str]:
-        return set(self.nospace)
-
     def io_errors(self) -> dict[str, str]:
         return {**{n: "nospace" for n in self.nospace}, **self.other_errors}
 
