@@ -51,6 +51,7 @@ GROUP_HELP = {
     "image": "chains of volumes: inspect, prepare for a consumer, delete",
     "manager": "the manager role",
     "host": "hosts of a domain",
+    "vm": "VMs started by 'run': live migration between hosts",
 }
 
 
@@ -473,7 +474,21 @@ def cmd_run(args: argparse.Namespace) -> None:
     d = (domain_mod.Domain.open(paths, Runner(), args.domain) if volumes or image
          else None)
     raise SystemExit(run_with_leases(paths, d, volumes, command, wait=args.wait,
-                                     image=image))
+                                     image=image, incoming=args.incoming or ""))
+
+
+def cmd_vm_migrate(args: argparse.Namespace) -> None:
+    from .client import migrate_vm
+
+    done = migrate_vm(Client(), args.pid, Client(args.to_root), args.to_pid, args.uri,
+                      timeout=args.timeout)
+    if args.json:
+        _print_json(codec.to_wire(done))
+    else:
+        print(f"VM {done.pid} migrated: runs as {done.dest_pid} with its leases at "
+              f"{', '.join(f'{v} version {n}' for v, n in sorted(done.versions.items()))}; "
+              f"qemu's downtime {done.downtime_ms} ms, lease handoff "
+              f"{done.handoff_ms:.0f} ms")
 
 
 def _add_local_commands(groups: dict[str, Any], top: Any) -> None:
@@ -523,6 +538,20 @@ def _add_local_commands(groups: dict[str, Any], top: Any) -> None:
     p.add_argument("--domain", help="domain name (default: the only attached one)")
     p.set_defaults(func=cmd_volume_deactivate)
 
+    p = groups["vm"].add_parser(
+        "migrate", help="live-migrate a VM to a destination qemu started with 'run "
+        "--incoming': incoming, migrate-out, take-over, quit (resume on a failure)")
+    p.add_argument("pid", type=int, help="the VM's qemu on this host")
+    p.add_argument("--to-root", required=True, metavar="ROOT",
+                   help="the destination host's SHAREDLVM_ROOT (its daemon's socket)")
+    p.add_argument("--to-pid", type=int, required=True, metavar="PID",
+                   help="the destination's qemu (run --incoming URI)")
+    p.add_argument("--uri", required=True, help="the URI the destination listens on")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="cancel qemu's migration after this long (default 600)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_vm_migrate)
+
     p = top.add_parser("daemon", help="run this host's daemon (foreground)")
     p.add_argument("--log-file")
     p.add_argument("--show-config", action="store_true", help="print the effective config")
@@ -539,6 +568,11 @@ def _add_local_commands(groups: dict[str, Any], top: Any) -> None:
     p.add_argument("--domain")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="if another host holds a lease, try again for up to SECONDS")
+    p.add_argument("--incoming", metavar="URI",
+                   help="qemu as a live migration's destination, listening on URI "
+                        "(unix:PATH or tcp:HOST:PORT) once 'vm incoming PID' is asked; "
+                        "its writable volumes' leases come with the migration "
+                        "('vm migrate')")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS")
     p.set_defaults(func=cmd_run)
 

@@ -36,6 +36,7 @@ from .domain import Domain
 from .lease_layout import LeaseLayout
 from .model import VolumeInfo, check_uuid
 from .paths import HostPaths
+from .requests import check_migration_uri
 
 # How often ``run --wait`` tries again a lease another host holds. The holder's
 # release is seen within this; sanlock answers a refused acquire in a few ms.
@@ -57,12 +58,20 @@ def parse_volume_arg(text: str) -> tuple[str, bool]:
 
 def run_with_leases(paths: HostPaths, domain: Domain | None,
                     volumes: Sequence[tuple[str, bool]], argv: Sequence[str],
-                    wait: float = 0.0, image: tuple[str, bool] | None = None) -> int:
+                    wait: float = 0.0, image: tuple[str, bool] | None = None,
+                    incoming: str = "") -> int:
     """Run ``argv`` as a registered consumer holding ``volumes``, or the chain of
     ``image`` (its leaf exclusive unless read-only, the rest shared); its exit
-    status."""
+    status. ``incoming``: qemu as a live migration's destination listening on that
+    URI, its writable volumes active without their leases, which the handoff gives
+    it (vmmigrate.py)."""
     if not argv:
         raise errors.InvalidArgument("no command given after --")
+    if incoming:
+        if not qmp.is_qemu(argv[0]) or domain is None:
+            raise errors.InvalidArgument("--incoming is for a qemu-system-* VM with "
+                                         "--volume or --image")
+        check_migration_uri(incoming)
     if wait < 0:
         raise errors.InvalidArgument(f"invalid wait {wait}: must be >= 0 seconds")
     if (volumes or image) and domain is None:
@@ -96,7 +105,7 @@ def run_with_leases(paths: HostPaths, domain: Domain | None,
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        _consumer(domain, infos, modes, argv, wait, chain_of, paths)
+        _consumer(domain, infos, modes, argv, wait, chain_of, paths, incoming)
     started = vmwatch.process_start(pid)
     try:
         return _supervise(pid, domain, infos, chain_of)
@@ -106,7 +115,7 @@ def run_with_leases(paths: HostPaths, domain: Domain | None,
 
 def _consumer(domain: Domain | None, infos: list[VolumeInfo], shared: list[bool],
               argv: Sequence[str], wait: float, image: str | None = None,
-              paths: HostPaths | None = None) -> NoReturn:
+              paths: HostPaths | None = None, incoming: str = "") -> NoReturn:
     try:
         os.setpgid(0, 0)
         for signo in FORWARDED:
@@ -121,6 +130,8 @@ def _consumer(domain: Domain | None, infos: list[VolumeInfo], shared: list[bool]
             # One global order (by uuid): two consumers waiting for the same volumes
             # can never each hold one the other waits for.
             for i in sorted(range(len(infos)), key=lambda i: infos[i].uuid):
+                if incoming and not shared[i]:
+                    continue  # the source's lease, until the handoff (vmmigrate.py)
                 _acquire(layout, infos[i], shared[i], fd, deadline)
             devices = [volume_mod.volume_path(domain, info.uuid, read_only=ro)
                        for info, ro in zip(infos, shared, strict=True)]
@@ -143,8 +154,11 @@ def _consumer(domain: Domain | None, infos: list[VolumeInfo], shared: list[bool]
             me = os.getpid()
             monitor = vmwatch.monitor_path(paths, me)
             final += qmp.monitor_argv(monitor)
+            if incoming:
+                final += qmp.incoming_argv()
             vmwatch.write_record(paths, vmwatch.VmRecord(
-                me, vmwatch.process_start(me) or 0, monitor, domain.name, tuple(writable)))
+                me, vmwatch.process_start(me) or 0, monitor, domain.name, tuple(writable),
+                incoming))
         os.set_inheritable(fd, True)  # the sanlock connection, and the leases, survive exec
         os.execvpe(final[0], final, env)
     except errors.Error as exc:

@@ -184,6 +184,10 @@ class Daemon:
         self.sanlock_fd = -1
         self.server: socketserver.UnixStreamServer | None = None
         self.metrics = Metrics()
+        self.vms = VmWatcher(self.paths, self, ThinSettings(
+            chunk=int(self.config.thin_chunk_mib) * MiB,
+            free=int(self.config.thin_free_mib) * MiB, fallback=self.config.thin_check),
+            self.stopping)
 
     # Life cycle
 
@@ -208,9 +212,7 @@ class Daemon:
                                self.render_metrics)).start()
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True,
                          args=(watch,)).start()
-        VmWatcher(self.paths, self, ThinSettings(
-            chunk=int(self.config.thin_chunk_mib) * MiB, free=int(self.config.thin_free_mib) * MiB,
-            fallback=self.config.thin_check), self.stopping).start()
+        self.vms.start()
         (self.paths.run_dir / "daemon.pid").write_text(f"{os.getpid()}\n")
         log.info("sharedlvm daemon ready (pid %d, socket %s)", os.getpid(),
                  rpc.socket_path(self.paths.run_dir))

@@ -36,6 +36,9 @@ if a class is missing there.
     ├── DaemonNotRunning      no daemon answers on this host (socket)
     ├── StorageIOError        I/O on the journal or mailbox failed
     ├── MonitorError          a VM's monitor (QMP) refused a command, or the VM is gone
+    │   └── MigrationFailed   ... qemu's migration failed (pid, reason): the source runs on
+    ├── HandoffFailed         a migration's destination could not take the VM over
+    │                         (pid, reason, versions: what the source may resume at)
     └── Timeout               no answer in time (what, seconds)
 """
 
@@ -280,6 +283,32 @@ class Timeout(Error):
 
 class MonitorError(Error):
     """A running VM's monitor (qmp.py) refused a command, or the VM is gone."""
+
+
+class MigrationFailed(MonitorError):
+    """qemu's live migration failed or was cancelled before it completed: the source VM
+    keeps its leases and runs on (qemu resumes it by itself)."""
+
+    def __init__(self, pid: int, reason: str) -> None:
+        self.pid = pid
+        self.reason = reason
+        super().__init__(f"the migration of VM {pid} failed: {reason}; it runs on at "
+                         "its source")
+
+
+class HandoffFailed(Error):
+    """A migration's destination could not take the VM over (the lease, a refresh,
+    ``cont``): its qemu was ended. ``versions``: the lease version of each volume the
+    source may re-acquire them at and resume (the destination never ran); empty when
+    the destination may have run the VM: then the source must not be resumed."""
+
+    def __init__(self, pid: int, reason: str, versions: dict[str, int]) -> None:
+        self.pid = pid
+        self.reason = reason
+        self.versions = dict(versions)
+        then = ("the source may resume" if versions else
+                "the source must not be resumed: the destination may have run it")
+        super().__init__(f"VM {pid} could not be taken over: {reason}; {then}")
 
 
 def error_classes() -> dict[str, type[Error]]:

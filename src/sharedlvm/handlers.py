@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from typing import Any, Protocol
 
-from . import copies, errors, images
+from . import copies, errors, images, vmmigrate
 from . import domain as domain_mod
 from . import volume as volume_mod
 from .copies import CopySettings
@@ -29,9 +29,11 @@ from .model import (
     ImageDeleted,
     ImageInfo,
     ManagerStatus,
+    MigratedOut,
     Prepared,
     Released,
     ServiceStatus,
+    TakenOver,
     VolumeInfo,
 )
 from .requests import (
@@ -64,6 +66,11 @@ from .requests import (
     TeardownVolume,
     TemplateVolume,
     UploadVolume,
+    VmIncoming,
+    VmMigrateOut,
+    VmQuit,
+    VmResume,
+    VmTakeOver,
 )
 from .service import DomainService
 
@@ -306,3 +313,29 @@ def reload(ctx: Context, req: Reload) -> list[str]:
 
 def get_metrics(ctx: Context, req: GetMetrics) -> str:
     return ctx.render_metrics()
+
+
+# Running VMs: live migration's steps (vmmigrate.py)
+
+
+def vm_incoming(ctx: Context, req: VmIncoming) -> Done:
+    vmmigrate.incoming(ctx, req.pid)
+    return Done()
+
+
+def vm_migrate_out(ctx: Context, req: VmMigrateOut) -> MigratedOut:
+    return vmmigrate.migrate_out(ctx, req.pid, req.uri, req.timeout)
+
+
+def vm_take_over(ctx: Context, req: VmTakeOver) -> TakenOver:
+    return vmmigrate.take_over(ctx, req.pid, req.versions)
+
+
+def vm_resume(ctx: Context, req: VmResume) -> Done:
+    vmmigrate.resume_source(ctx, req.pid, req.versions)
+    return Done()
+
+
+def vm_quit(ctx: Context, req: VmQuit) -> Done:
+    vmmigrate.quit_vm(ctx, req.pid)
+    return Done()

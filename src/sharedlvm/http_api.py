@@ -84,6 +84,8 @@ STATUS: dict[type[errors.Error], int] = {
     errors.DaemonNotRunning: 503,
     errors.StorageIOError: 503,
     errors.MonitorError: 502,
+    errors.MigrationFailed: 502,
+    errors.HandoffFailed: 409,
     errors.Timeout: 504,
 }
 

@@ -164,11 +164,13 @@ class LeaseLayout:
         return self.slot_disk(info.lease)
 
     def acquire_volume(self, info: VolumeInfo, shared: bool, fd: int | None = None,
-                       pid: int | None = None) -> None:
-        """Acquire for this process (``fd``) or on behalf of a registered ``pid``."""
+                       pid: int | None = None, version: int | None = None) -> None:
+        """Acquire for this process (``fd``) or on behalf of a registered ``pid``;
+        with ``version``, only at that lease version (a migration's handoff)."""
         disk = self._volume_disk(info)
         try:
-            leases.acquire(self.lockspace, info.uuid, [disk], shared=shared, fd=fd, pid=pid)
+            leases.acquire(self.lockspace, info.uuid, [disk], shared=shared, fd=fd, pid=pid,
+                           version=version)
         except errors.LeaseHeld as exc:
             owners = leases.read_resource_owners(self.lockspace, info.uuid, [disk],
                                                  self.sector_size)
@@ -224,6 +226,9 @@ class LeaseLayout:
     def release_volume(self, info: VolumeInfo, fd: int | None = None,
                        pid: int | None = None) -> None:
         leases.release(self.lockspace, info.uuid, [self._volume_disk(info)], fd=fd, pid=pid)
+
+    def lease_version(self, info: VolumeInfo) -> int:
+        return leases.read_version(self._volume_disk(info), self.sector_size)
 
     def holders(self, info: VolumeInfo) -> list[int]:
         disk = self._volume_disk(info)

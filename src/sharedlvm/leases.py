@@ -226,11 +226,16 @@ def _owner(fd: int | None, pid: int | None) -> dict[str, int]:
 
 
 def acquire(lockspace: str, resource: str, disks: Sequence[Disk], *, shared: bool,
-            fd: int | None = None, pid: int | None = None) -> None:
+            fd: int | None = None, pid: int | None = None,
+            version: int | None = None) -> None:
+    """``version``: acquire only if the lease is still at that version, i.e. nobody
+    acquired it since the holder of that version (a migration's source) released it;
+    sanlock refuses otherwise (SANLK_ACQUIRE_LVER)."""
     with _FD_LOCK:
         try:
             _call(f"cannot acquire lease {resource}", sanlock.acquire, lockspace.encode(),
-                  resource.encode(), _disks(disks), shared=shared, **_owner(fd, pid))
+                  resource.encode(), _disks(disks), shared=shared, version=version,
+                  **_owner(fd, pid))
         except errors.LockspaceError as exc:
             # EEXIST from acquire: another process of this host holds the resource
             # (sanlock keeps one token per resource per host daemon).
@@ -261,6 +266,14 @@ def inquire(fd: int | None = None, pid: int | None = None) -> list[Held]:
         held = _call("cannot inquire leases", sanlock.inquire, **_owner(fd, pid))
     return [Held(h["lockspace"].decode(), h["resource"].decode(), int(h["version"]),
                  bool(h["flags"] & sanlock.RES_SHARED)) for h in held]
+
+
+def read_version(disk: Disk, sector_size: int) -> int:
+    """The version of the lease at ``disk`` as written on the disk (each acquire
+    raises it by one; a release leaves it)."""
+    data = _call("cannot read a lease", sanlock.read_resource, disk.path, disk.offset,
+                 **_geometry(sector_size))
+    return int(data["version"])
 
 
 def read_resource_owners(lockspace: str, resource: str, disks: Sequence[Disk],

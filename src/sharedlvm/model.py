@@ -136,6 +136,38 @@ class Done:
 
 
 @dataclass(frozen=True)
+class MigratedOut:
+    """A live migration's source side, done: qemu completed the migration (the guest
+    stopped, its images flushed and inactive) and the leases it held were released, at
+    these versions (the destination acquires each only at its version)."""
+
+    pid: int
+    versions: dict[str, int]  # volume -> the lease version the source held
+    downtime_ms: int  # the guest stopped on the source (qemu's own figure)
+
+
+@dataclass(frozen=True)
+class TakenOver:
+    """A live migration's destination side, done: leases acquired at the source's
+    versions, volumes refreshed, the VM resumed."""
+
+    pid: int
+    versions: dict[str, int]  # volume -> the version of the lease held now
+    handoff_ms: float  # acquired, refreshed and resumed, in this many ms
+
+
+@dataclass(frozen=True)
+class Migrated:
+    """A live migration, end to end (client.migrate_vm)."""
+
+    pid: int  # the source's qemu (ended)
+    dest_pid: int  # the destination's qemu, running with the leases
+    versions: dict[str, int]
+    downtime_ms: int  # qemu's own downtime
+    handoff_ms: float  # added by the lease handoff: source released -> destination resumed
+
+
+@dataclass(frozen=True)
 class Released:
     released: bool
 

@@ -130,6 +130,16 @@ TABLE: tuple[Operation, ...] = (
     Operation(rq.GetStatus, handlers.get_status, http=("GET", "/v1/status")),
     Operation(rq.Reload, handlers.reload, http=("POST", "/v1/reload")),
     Operation(rq.GetMetrics, handlers.get_metrics, cli=("metrics",)),
+    Operation(rq.VmIncoming, handlers.vm_incoming, http=("POST", "/v1/vms/{pid}/incoming"),
+              cli=("vm", "incoming")),
+    Operation(rq.VmMigrateOut, handlers.vm_migrate_out,
+              http=("POST", "/v1/vms/{pid}/migrate-out"), cli=("vm", "migrate-out")),
+    Operation(rq.VmTakeOver, handlers.vm_take_over, http=("POST", "/v1/vms/{pid}/take-over"),
+              cli=("vm", "take-over")),
+    Operation(rq.VmResume, handlers.vm_resume, http=("POST", "/v1/vms/{pid}/resume"),
+              cli=("vm", "resume")),
+    Operation(rq.VmQuit, handlers.vm_quit, http=("POST", "/v1/vms/{pid}/quit"),
+              cli=("vm", "quit")),
 )
 
 OPERATIONS: dict[str, Operation] = {op.name: op for op in TABLE}

@@ -21,6 +21,7 @@ node (offsets in the image *file*, what the LV must hold) fires
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -82,6 +83,13 @@ def is_qemu(argv0: str) -> bool:
     return name.startswith("qemu-system-") or name == "qemu-kvm"
 
 
+def incoming_argv() -> list[str]:
+    """The options of a migration's destination qemu: stopped (``-S``) and waiting for
+    ``migrate-incoming`` (QmpMonitor.listen_incoming), so that sharedlvm can set its
+    capabilities before the stream arrives and resume it after the lease handoff."""
+    return ["-S", "-incoming", "defer"]
+
+
 def check_argv(argv: list[str]) -> None:
     """Refuse what would take qemu away from the leases' process: ``-daemonize`` forks
     it out of the process group sanlock kills and ends the pid that holds them."""
@@ -89,6 +97,10 @@ def check_argv(argv: list[str]) -> None:
         raise errors.InvalidArgument("qemu's -daemonize takes the VM out of the process "
                                      "that holds its leases: run qemu in the foreground "
                                      "(sharedlvm run detaches nothing)")
+    if any(arg in ("-incoming", "--incoming") for arg in argv[1:]):
+        raise errors.InvalidArgument("give 'sharedlvm run --incoming' instead of qemu's "
+                                     "-incoming: the destination's lease handoff needs "
+                                     "the options sharedlvm adds")
 
 
 class Qmp:
@@ -182,17 +194,26 @@ class Qmp:
                 return answer.get("return")
 
     def next_event(self, timeout: float) -> dict[str, Any] | None:
-        """The next event within ``timeout`` seconds, or None."""
+        """The next event within ``timeout`` seconds, or None. The wait itself holds no
+        lock: a command from another thread (a migration's ``cont``) goes at once."""
         deadline = time.monotonic() + timeout
-        with self._lock:
-            while not self._events:
-                try:
-                    message = self._read(deadline)
-                except errors.Timeout:
-                    return None
-                if "event" in message:
-                    self._events.append(message)
-            return self._events.pop(0)
+        while True:
+            with self._lock:
+                if self._events:
+                    return self._events.pop(0)
+                if b"\n" in self._buf or select.select([self._sock], [], [], 0)[0]:
+                    try:  # a message is there or arriving: read it whole
+                        message = self._read(time.monotonic() + self.timeout)
+                    except errors.Timeout:
+                        raise MonitorError(f"the monitor {self.path} stopped in the "
+                                           "middle of a message") from None
+                    if "event" in message:
+                        self._events.append(message)
+                    continue  # else an answer to a command that timed out: dropped
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            select.select([self._sock], [], [], min(left, 0.1))
 
 
 class QmpMonitor:
@@ -256,6 +277,40 @@ class QmpMonitor:
 
     def resume(self) -> None:
         self.qmp.execute("cont")
+
+    # Live migration (vmmigrate.py). The destination qemu runs with ``-S -incoming
+    # defer`` (incoming_argv): ``late-block-activate`` keeps its images inactive (no
+    # I/O, not even a read of the qcow2 header) until ``cont``, which sharedlvm sends
+    # only once the leaf's lease is its own. Measured here (qemu 7.2): a write through
+    # an inactive node is refused ("Block node is read-only"); the source's status is
+    # ``postmigrate`` after ``completed``, its images inactivated and flushed.
+
+    def listen_incoming(self, uri: str) -> None:
+        """Make a qemu started with incoming_argv() listen for the migration stream."""
+        self.qmp.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "late-block-activate", "state": True}]})
+        self.qmp.execute("migrate-incoming", {"uri": uri})
+
+    def migrate(self, uri: str) -> None:
+        """Start migrating this VM to a destination listening on ``uri``."""
+        self.qmp.execute("migrate", {"uri": uri})
+
+    def migration(self) -> tuple[str, int | None, str]:
+        """(status, qemu's downtime in ms when completed, the error when failed): status
+        is "none", "setup", "active", ..., "completed", "failed" or "cancelled"."""
+        answer = self.qmp.execute("query-migrate") or {}
+        downtime = answer.get("downtime")
+        return (str(answer.get("status", "none")),
+                int(downtime) if downtime is not None else None,
+                str(answer.get("error-desc", "")))
+
+    def cancel_migration(self) -> None:
+        self.qmp.execute("migrate_cancel")
+
+    def quit(self) -> None:
+        """End qemu (the VM moved away, or must not run)."""
+        with contextlib.suppress(MonitorError):  # qemu may close before it answers
+            self.qmp.execute("quit")
 
     def next_event(self, timeout: float) -> Event | None:
         """The next event the watcher cares about within ``timeout`` (others are

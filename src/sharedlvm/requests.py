@@ -34,9 +34,11 @@ from .model import (
     ImageDeleted,
     ImageInfo,
     ManagerStatus,
+    MigratedOut,
     Prepared,
     Released,
     ServiceStatus,
+    TakenOver,
     VolumeFormat,
     VolumeInfo,
     check_request_id,
@@ -687,6 +689,122 @@ class GetMetrics(Request):
 
     op: ClassVar[str] = "metrics"
     Result: ClassVar[Any] = str
+
+
+# Running VMs: the steps of a live migration (vmmigrate.py), each run on one host
+
+_PID_HELP = "the VM's qemu process on this host (started by 'sharedlvm run')"
+
+
+def _pid_from_path(value: Any) -> Any:
+    """An HTTP route's ``{pid}`` arrives as text."""
+    return int(value) if isinstance(value, str) and value.isdigit() else value
+
+
+def _pid_arg() -> Any:
+    return arg(_PID_HELP, positional=True, cli_parse=int, decode=_pid_from_path)
+
+
+def _check_pid(pid: int) -> None:
+    if not 1 < pid < 2**22:
+        raise InvalidArgument(f"invalid pid {pid}")
+
+
+def check_migration_uri(uri: str) -> None:
+    if not uri.startswith(("unix:", "tcp:")) or len(uri) > 200 \
+            or any(c.isspace() or c == "," for c in uri):
+        raise InvalidArgument(f"invalid migration uri {uri!r}: unix:PATH or tcp:HOST:PORT")
+
+
+def _versions(text: str) -> dict[str, int]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise InvalidArgument(f"invalid versions {text!r}: give a JSON object "
+                              '{"VOLUME": VERSION, ...}') from None
+    return value  # type: ignore[no-any-return]
+
+
+def _check_versions(versions: Any) -> None:
+    if not isinstance(versions, dict) or not versions or len(versions) > 64 or not all(
+            isinstance(k, str) and type(v) is int and 0 < v < 2**64
+            for k, v in versions.items()):
+        raise InvalidArgument("invalid versions: a JSON object of 1 to 64 volumes, each "
+                              "with its lease version (a positive integer)")
+    for volume in versions:
+        check_uuid(volume)
+
+
+@dataclass(frozen=True)
+class _VmRequest(Request):
+    pid: int = _pid_arg()
+
+    def __post_init__(self) -> None:
+        _check_pid(self.pid)
+
+
+@dataclass(frozen=True)
+class VmIncoming(_VmRequest):
+    """make a migration's destination VM (run --incoming) listen for the stream"""
+
+    op: ClassVar[str] = "vm.incoming"
+    Result: ClassVar[Any] = Done
+
+
+@dataclass(frozen=True)
+class VmMigrateOut(_VmRequest):
+    """migrate a VM to a listening destination; release its leases once qemu is done"""
+
+    op: ClassVar[str] = "vm.migrate-out"
+    Result: ClassVar[Any] = MigratedOut
+    long_running: ClassVar[bool] = True
+
+    uri: str = arg("the destination qemu's migration address (unix:PATH, tcp:HOST:PORT)",
+                   "")
+    timeout: float = arg("cancel the migration if it has not completed in this many "
+                         "seconds (the VM runs on here)", 600.0, cli_parse=float)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_migration_uri(self.uri)
+        if not 1 <= self.timeout <= 86400:
+            raise InvalidArgument(f"invalid timeout {self.timeout}: 1 to 86400 seconds")
+
+
+@dataclass(frozen=True)
+class _VmVersions(_VmRequest):
+    versions: dict[str, int] = arg(
+        "the lease version of each volume, as the source's migrate-out answered: a JSON "
+        "object", cli_parse=_versions, default_factory=dict,
+        schema={"type": "object", "additionalProperties": {"type": "integer"}})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_versions(self.versions)
+
+
+@dataclass(frozen=True)
+class VmTakeOver(_VmVersions):
+    """take a migrated VM over: its leases at the source's versions, refresh, resume"""
+
+    op: ClassVar[str] = "vm.take-over"
+    Result: ClassVar[Any] = TakenOver
+
+
+@dataclass(frozen=True)
+class VmResume(_VmVersions):
+    """resume a migration's source after a failed handoff: its leases back, cont"""
+
+    op: ClassVar[str] = "vm.resume"
+    Result: ClassVar[Any] = Done
+
+
+@dataclass(frozen=True)
+class VmQuit(_VmRequest):
+    """end a VM's qemu (a migration's source once the destination runs)"""
+
+    op: ClassVar[str] = "vm.quit"
+    Result: ClassVar[Any] = Done
 
 
 def _check_common(request: Any) -> None:

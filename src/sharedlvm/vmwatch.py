@@ -94,6 +94,12 @@ class VmMonitor(Protocol):
     def resume(self) -> None: ...
     def next_event(self, timeout: float) -> Event | None: ...
     def close(self) -> None: ...
+    # live migration (vmmigrate.py)
+    def listen_incoming(self, uri: str) -> None: ...
+    def migrate(self, uri: str) -> None: ...
+    def migration(self) -> tuple[str, int | None, str]: ...
+    def cancel_migration(self) -> None: ...
+    def quit(self) -> None: ...
 
 
 # Records
@@ -105,12 +111,16 @@ class VmRecord:
     monitor: str  # the socket of sharedlvm's monitor
     domain: str
     volumes: tuple[tuple[str, str], ...]  # (uuid, the path qemu opens it by), writable
+    # A migration's destination (``run --incoming URI``): qemu waits for the stream and
+    # holds no lease of ``volumes`` until the handoff (vmmigrate.take_over) clears it.
+    incoming: str = ""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VmRecord:
         return cls(int(data["pid"]), int(data["started"]), str(data["monitor"]),
                    str(data["domain"]),
-                   tuple((str(v[0]), str(v[1])) for v in data["volumes"]))
+                   tuple((str(v[0]), str(v[1])) for v in data["volumes"]),
+                   str(data.get("incoming", "")))
 
 
 def vm_dir(paths: HostPaths) -> Path:
@@ -222,6 +232,18 @@ class VmWatch:
         self._connect: Callable[[str], VmMonitor] = connect or QmpMonitor
         self.disks: list[_Disk] = []
         self.ended = 0.0  # monotonic time the thread ended
+        # The connected monitor, for a migration's steps (vmmigrate.py), which run on
+        # the daemon's request threads beside this watch (the QMP client is
+        # thread-safe) one at a time (``migration_lock``).
+        self.monitor: VmMonitor | None = None
+        self.connected = threading.Event()
+        self.migration_lock = threading.Lock()
+        self.listening = False  # a destination's migrate-incoming was sent
+        # A destination's watch grows nothing before the handoff: its disks are sized
+        # after the refresh that follows the lease's acquisition.
+        self.handed_over = threading.Event()
+        if not record.incoming:
+            self.handed_over.set()
         self.thread = threading.Thread(target=self._run, name=f"vm-{record.pid}",
                                        daemon=True)
 
@@ -241,13 +263,21 @@ class VmWatch:
             if alive(self.record):
                 log.error("VM %d: cannot watch it: %s", self.record.pid, exc)
             return
+        self.monitor = monitor
+        self.connected.set()
         try:
+            while not self.handed_over.is_set():
+                if self.stopping.is_set():
+                    return
+                monitor.next_event(0.2)  # qemu gone: MonitorError
             self._watch(monitor)
         except MonitorError as exc:
             log.info("VM %d: watch ended: %s", self.record.pid, exc)
         except Exception:
             log.exception("VM %d: watch failed", self.record.pid)
         finally:
+            self.connected.clear()
+            self.monitor = None
             monitor.close()
 
     def _open(self) -> VmMonitor:
@@ -436,6 +466,23 @@ class VmWatcher:
                 self.scan()
             except Exception:
                 log.exception("VM watcher: scan failed")
+
+    def watch_of(self, pid: int, timeout: float = CONNECT_TIMEOUT) -> VmWatch:
+        """The watch of VM ``pid`` with its monitor connected (waiting up to
+        ``timeout`` for a VM just started); NotFound when no VM of this host has that
+        pid."""
+        deadline = time.monotonic() + timeout
+        while True:
+            watch = self.watches.get(pid)
+            if watch is None and not (vm_dir(self.paths) / f"{pid}.json").exists():
+                raise errors.NotFound(f"no VM with pid {pid} runs on this host through "
+                                      "'sharedlvm run'")
+            if watch is not None and watch.connected.wait(0.1) and watch.monitor:
+                return watch
+            if time.monotonic() > deadline:
+                raise errors.Timeout(f"VM {pid}: its monitor did not answer within "
+                                     f"{timeout:g} s")
+            time.sleep(0.1)
 
     def scan(self) -> None:
         seen = set()

@@ -80,6 +80,22 @@ def test_errors_live_in_errors_py() -> None:
 
 # Requests
 
+@pytest.mark.parametrize("make", [
+    lambda: rq.VmMigrateOut(4321, "ftp://x"),
+    lambda: rq.VmMigrateOut(4321, "unix:/a,b"),
+    lambda: rq.VmMigrateOut(4321, "tcp:h:1", timeout=0),
+    lambda: rq.VmMigrateOut(1, "tcp:h:1"),
+    lambda: rq.VmTakeOver(4321, {}),
+    lambda: rq.VmTakeOver(4321, {VOL: 0}),
+    lambda: rq.VmTakeOver(4321, {VOL: True}),
+    lambda: rq.VmTakeOver(4321, {"not-a-uuid": 3}),
+    lambda: rq.VmResume(4321, {VOL: "3"}),
+])
+def test_bad_migration_requests_are_refused(make) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(errors.InvalidArgument):
+        make()
+
+
 def test_every_request_round_trips() -> None:
     samples: list[rq.Request] = [
         rq.CreateVolume(size=10 * 1024**3, format=VolumeFormat.QCOW2, tags={"vm": "web 1"},
@@ -105,6 +121,8 @@ def test_every_request_round_trips() -> None:
         rq.PublishVolume(VOL, host_id=7, request_id="r-5:publish"),
         rq.MergeVolume(VOL, request_id="r-6"),
         rq.DeleteImage(VOL, wipe=True, request_id="r-7"),
+        rq.VmIncoming(4321), rq.VmMigrateOut(4321, "unix:/run/m.sock", timeout=60),
+        rq.VmTakeOver(4321, {VOL: 7}), rq.VmResume(4321, {VOL: 7}), rq.VmQuit(4321),
     ]
     assert {type(s) for s in samples} == {op.request for op in operations.TABLE}
     for sample in samples:
