@@ -265,12 +265,18 @@ def migrate_vm(source: Client, pid: int, dest: Client, dest_pid: int, uri: str,
         if exc.versions:
             source.vm_resume(pid, exc.versions)
         raise
-    except errors.Error:
-        # Not answered (the destination's daemon is gone, or refused before it
-        # acquired): the source takes its leases back only at the versions it released
-        # them at, so never after anyone else held them.
+    except errors.Error as exc:
+        # No answer that says what the destination did (its daemon gone, a timeout):
+        # the source takes its leases back at the versions it released them at, which
+        # sanlock refuses if the destination (or anyone) acquired one since. Only then
+        # is the destination ended: if it took the leases, it may be running the VM.
+        try:
+            source.vm_resume(pid, out.versions)
+        except errors.Error as again:
+            raise errors.HandoffFailed(
+                dest_pid, f"{exc}; the source could not take its leases back ({again}): "
+                "the destination may hold them and run the VM", {}) from exc
         _quietly(dest.vm_quit, dest_pid)
-        source.vm_resume(pid, out.versions)
         raise
     handoff_ms = (time.monotonic() - released) * 1000
     _quietly(source.vm_quit, pid)

@@ -340,12 +340,18 @@ class Daemon:
         size. The request id names the target: asked again (a restarted daemon), it is
         answered from the journal, not done twice."""
         d = self.domain(domain)
-        size = self.volume_info(domain, volume).size
-        if size < target:  # else grown already (a retry, or by hand): refresh only
+        try:
             info: VolumeInfo = self.dispatch(ExtendVolume(
                 volume=volume, allocation=str(target),
                 request_id=f"thin-{volume}-{target}", domain=domain))
             size = info.size
+        except errors.InvalidArgument:
+            # Refused only when the LV is already larger than the target (grown by a
+            # daemon that died before its refresh, or by hand): refresh only. Read
+            # here, not before every extend: the hot path asks the manager at once.
+            size = self.volume_info(domain, volume).size
+            if size < target:
+                raise
         shard = d.volume_shard(volume)
         # Only a mapping that exists: the VM may have exited meanwhile, and a refresh
         # that mapped the LV again would be an activation without a lease.

@@ -266,9 +266,12 @@ class QmpMonitor:
                 if dev.get("io-status") not in (None, "ok")}
 
     def migrating(self) -> bool:
-        """A migration is under way or done (its source must not be resumed)."""
+        """A migration is under way (its source must not be resumed). Not "completed":
+        qemu 7.2 keeps saying so for good on a destination and on a source resumed
+        after a failed handoff; a source that completed is in run state
+        ``postmigrate``, which nothing resumes but the handoff's ``vm resume``."""
         status = (self.qmp.execute("query-migrate") or {}).get("status")
-        return status not in (None, "none", "cancelled", "failed")
+        return status not in (None, "none", "cancelled", "failed", "completed")
 
     def status(self) -> tuple[bool, str]:
         """(running, qemu's run state: "running", "paused", "io-error", ...)."""
@@ -280,7 +283,7 @@ class QmpMonitor:
 
     # Live migration (vmmigrate.py). The destination qemu runs with ``-S -incoming
     # defer`` (incoming_argv): ``late-block-activate`` keeps its images inactive (no
-    # I/O, not even a read of the qcow2 header) until ``cont``, which sharedlvm sends
+    # write; opening them read the qcow2 headers) until ``cont``, which sharedlvm sends
     # only once the leaf's lease is its own. Measured here (qemu 7.2): a write through
     # an inactive node is refused ("Block node is read-only"); the source's status is
     # ``postmigrate`` after ``completed``, its images inactivated and flushed.

@@ -36,6 +36,7 @@ no version and the source stays stopped for the administrator.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -55,10 +56,6 @@ log = logging.getLogger(__name__)
 # How often the source's migration status is read (the handoff starts at most this
 # long after qemu completed).
 POLL = 0.01
-# qemu's run states of a source that may be migrated.
-_MIGRATABLE = ("running", "paused", "io-error")
-
-
 def _monitor(watch: VmWatch) -> VmMonitor:
     monitor = watch.monitor
     if monitor is None:
@@ -100,40 +97,72 @@ def migrate_out(ctx: Any, pid: int, uri: str, timeout: float) -> MigratedOut:
                 raise errors.Unsupported(f"VM {pid} does not hold volume {info.uuid}'s "
                                          "lease exclusively: nothing to hand over")
             versions[info.uuid] = lease.version
+        # Only a running VM: qemu restarts a running source after a failed migration,
+        # not a paused one (it would be left in postmigrate), and a VM paused for
+        # ENOSPC is the watch's to grow and resume first.
         _, state = monitor.status()
-        if state not in _MIGRATABLE:
-            raise errors.Busy(f"VM {pid} is {state}: not migrated")
+        if state != "running":
+            raise errors.Busy(f"VM {pid} is {state}, not running: resume it before "
+                              "migrating it")
         start = time.monotonic()
         monitor.migrate(uri)
         log.info("VM %d: migrating to %s", pid, uri)
-        while True:
-            status, downtime, error = monitor.migration()
-            if status == "completed":
-                break
-            if status in ("failed", "cancelled"):
-                raise errors.MigrationFailed(pid, error or status)
-            if time.monotonic() - start > timeout:
-                monitor.cancel_migration()
-                raise errors.MigrationFailed(pid, f"not completed in {timeout:g} s: "
-                                                  "cancelled")
-            time.sleep(POLL)
+        status, downtime = _wait_migration(monitor, pid, start, timeout)
+        if status != "completed":
+            raise errors.MigrationFailed(pid, status)
         # qemu completed: the guest is stopped and every image flushed and inactive;
-        # this qemu writes no more (a `cont` here would re-activate them: vm resume).
+        # this qemu writes no more (only `vm resume` at these versions would `cont`).
+        watch.record = dataclasses.replace(watch.record, released=tuple(versions.items()))
+        write_record(ctx.paths, watch.record)
         failpoint("migrate-out-release")
+        done: list[str] = []
         for info, _ in vols:
-            layout.release_volume(info, pid=pid)
+            try:
+                layout.release_volume(info, pid=pid)
+            except errors.Error as exc:
+                raise errors.LeaseError(
+                    f"VM {pid} migrated but the lease of {info.uuid} was not released "
+                    f"({exc}); released: {', '.join(done) or 'none'}: the destination "
+                    "cannot take over; 'vm resume' runs the VM here again") from exc
+            done.append(info.uuid)
         log.info("VM %d: migrated in %.1f s (downtime %s ms); leases released at %s",
                  pid, time.monotonic() - start, downtime, versions)
         return MigratedOut(pid, versions, int(downtime or 0))
+
+
+def _wait_migration(monitor: VmMonitor, pid: int, start: float,
+                    timeout: float) -> tuple[str, int | None]:
+    """qemu's migration to its end: ("completed", downtime), or a failure's reason.
+    Past ``timeout`` it is cancelled, and what qemu then says decides: a migration
+    that completed before the cancel reached it is completed."""
+    cancelled = False
+    while True:
+        try:
+            status, downtime, error = monitor.migration()
+        except (OSError, ValueError) as exc:  # the watch closed the monitor
+            raise errors.MonitorError(f"VM {pid}: its monitor failed during the "
+                                      f"migration: {exc}") from exc
+        if status == "completed":
+            return status, downtime
+        if status in ("failed", "cancelled"):
+            return (f"not completed in {timeout:g} s: cancelled" if cancelled
+                    else error or status), None
+        if not cancelled and time.monotonic() - start > timeout:
+            with contextlib.suppress(errors.MonitorError):
+                monitor.cancel_migration()
+            cancelled = True
+        if cancelled and time.monotonic() - start > timeout + 60:
+            raise errors.MonitorError(f"VM {pid}: qemu did not end its migration 60 s "
+                                      "after the cancel")
+        time.sleep(POLL)
 
 
 def take_over(ctx: Any, pid: int, versions: dict[str, int]) -> TakenOver:
     start = time.monotonic()
     watch = ctx.vms.watch_of(pid)
     record = watch.record
-    if not record.incoming or watch.handed_over.is_set():
-        raise errors.InvalidArgument(f"VM {pid} is not a migration's destination waiting "
-                                     "for its handoff")
+    if not record.incoming:
+        raise errors.InvalidArgument(f"VM {pid} is not a migration's destination")
     vols_asked = {uuid for uuid, _ in record.volumes}
     if set(versions) != vols_asked:
         raise errors.InvalidArgument(f"versions name {sorted(versions)}, the VM writes "
@@ -142,14 +171,21 @@ def take_over(ctx: Any, pid: int, versions: dict[str, int]) -> TakenOver:
         monitor = _monitor(watch)
         layout = LeaseLayout(ctx.domain(record.domain))
         vols = _volumes(ctx, record)
+        held = {h.resource for h in leases.inquire(pid=pid)
+                if h.lockspace == layout.lockspace}
         acquired: list[VolumeInfo] = []
         resumed = False
         try:
-            status, _, error = monitor.migration()
-            if status != "completed":
-                raise errors.MigrationFailed(pid, f"the stream is {status}, not completed"
-                                             + (f": {error}" if error else ""))
+            running, state = monitor.status()
+            if running and not vols_asked <= held:
+                # resumed by someone else (a `cont` on the user's own monitor): it
+                # may have written without its leases
+                resumed = True
+                raise errors.Busy(f"VM {pid} was resumed outside the handoff ({state})")
+            _wait_incoming(monitor, pid)
             for info, _ in sorted(vols, key=lambda v: v[0].uuid):
+                if info.uuid in held:
+                    continue  # a repeated take-over: acquired by the first
                 layout.acquire_volume(info, shared=False, pid=pid,
                                       version=versions[info.uuid])
                 acquired.append(info)
@@ -160,6 +196,8 @@ def take_over(ctx: Any, pid: int, versions: dict[str, int]) -> TakenOver:
                 # ``info`` was read after the source completed: every extend its qemu
                 # wrote into was committed before the source's own refresh, so before
                 # that read. Mapped here at that size (or more: an extend since).
+                if device_size(path) >= info.size:
+                    continue  # no extend since it was mapped: the mapping is whole
                 shard = domain.volume_shard(info.uuid)
                 shard.activator.refresh(shard.vg_name, info.uuid)
                 if device_size(path) < info.size:
@@ -168,26 +206,44 @@ def take_over(ctx: Any, pid: int, versions: dict[str, int]) -> TakenOver:
                                           f"{info.size}")
             refreshed_at = time.monotonic()
             resumed = True
-            monitor.resume()
+            if not running:
+                monitor.resume()
         except Exception as exc:
             _give_up(watch, monitor, layout, acquired, resumed)
-            now = {} if resumed else {info.uuid: layout.lease_version(info)
-                                      for info, _ in vols}
+            # The source may take its leases back only where nobody acquired since it
+            # released them: at its own versions, and only if this destination took
+            # none (a lease acquired here, even released, could have been used).
+            now = {} if acquired or resumed or held else dict(versions)
             reason = str(exc) if isinstance(exc, errors.Error) else repr(exc)
             raise errors.HandoffFailed(pid, reason, now) from exc
-        held = {h.resource: h.version for h in leases.inquire(pid=pid)
+        mine = {h.resource: h.version for h in leases.inquire(pid=pid)
                 if h.lockspace == layout.lockspace}
-        watch.record = VmRecord(record.pid, record.started, record.monitor, record.domain,
-                                record.volumes)
-        with contextlib.suppress(OSError):  # a restarted daemon must know it runs here
+        watch.record = dataclasses.replace(record, incoming="")
+        try:  # a restarted daemon must know it runs here
             write_record(ctx.paths, watch.record)
+        except OSError as exc:
+            log.error("VM %d: its record could not be written: %s", pid, exc)
         watch.handed_over.set()
         took = (time.monotonic() - start) * 1000
         log.info("VM %d: taken over in %.0f ms (leases acquired %.0f ms, refreshed %.0f "
                  "ms, resumed %.0f ms), leases at %s", pid, took,
                  (acquired_at - start) * 1000, (refreshed_at - acquired_at) * 1000,
-                 took - (refreshed_at - start) * 1000, held)
-        return TakenOver(pid, {u: held.get(u, 0) for u in vols_asked}, took)
+                 took - (refreshed_at - start) * 1000, mine)
+        return TakenOver(pid, {u: mine.get(u, 0) for u in vols_asked}, took)
+
+
+def _wait_incoming(monitor: VmMonitor, pid: int, timeout: float = 30.0) -> None:
+    """The destination's side of the stream at its end: the source says "completed"
+    once it has sent everything, the destination once it has loaded it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, _, error = monitor.migration()
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled", "none") or time.monotonic() > deadline:
+            raise errors.MigrationFailed(pid, f"the destination's stream is {status}, not "
+                                              "completed" + (f": {error}" if error else ""))
+        time.sleep(POLL)
 
 
 def _give_up(watch: VmWatch, monitor: VmMonitor, layout: LeaseLayout,
@@ -215,23 +271,34 @@ def _give_up(watch: VmWatch, monitor: VmMonitor, layout: LeaseLayout,
 
 
 def resume_source(ctx: Any, pid: int, versions: dict[str, int]) -> None:
-    """A migration's source after a failed handoff: its leases back at ``versions``
-    (refused if anyone else acquired them since), then ``cont``."""
+    """A migration's source after a failed handoff: its leases back at the versions it
+    released them at (refused by sanlock if anyone acquired them since), then
+    ``cont``."""
     watch = ctx.vms.watch_of(pid)
+    if not watch.handed_over.is_set():
+        raise errors.InvalidArgument(f"VM {pid} is a migration's destination, not its "
+                                     "source")
     with watch.migration_lock:
         monitor = _monitor(watch)
+        released = dict(watch.record.released)
         layout = LeaseLayout(ctx.domain(watch.record.domain))
         held = {h.resource for h in leases.inquire(pid=pid)
                 if h.lockspace == layout.lockspace}
-        for info, _ in _volumes(ctx, watch.record):
-            if info.uuid in held:
-                continue  # qemu's migration failed: nothing was released
-            if info.uuid not in versions:
-                raise errors.InvalidArgument(f"no version given for volume {info.uuid}")
-            layout.acquire_volume(info, shared=False, pid=pid, version=versions[info.uuid])
+        vols = _volumes(ctx, watch.record)
+        missing = [info.uuid for info, _ in vols if info.uuid not in held]
+        if missing and versions != released:
+            raise errors.InvalidArgument(
+                f"VM {pid} released its leases at {released or 'no version'}: it resumes "
+                f"at those only, not {versions}")
+        for info, _ in vols:
+            if info.uuid not in held:
+                layout.acquire_volume(info, shared=False, pid=pid,
+                                      version=released[info.uuid])
         _, state = monitor.status()
         if state == "postmigrate":
             monitor.resume()  # qemu activates its images again
+        watch.record = dataclasses.replace(watch.record, released=())
+        write_record(ctx.paths, watch.record)
         log.info("VM %d: resumed at its source (it was %s)", pid, state)
 
 

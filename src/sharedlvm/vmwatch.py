@@ -114,13 +114,17 @@ class VmRecord:
     # A migration's destination (``run --incoming URI``): qemu waits for the stream and
     # holds no lease of ``volumes`` until the handoff (vmmigrate.take_over) clears it.
     incoming: str = ""
+    # A migration's source that completed and released its leases, at these versions
+    # (vmmigrate.migrate_out): only ``vm resume`` at exactly these may run it again.
+    released: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VmRecord:
         return cls(int(data["pid"]), int(data["started"]), str(data["monitor"]),
                    str(data["domain"]),
                    tuple((str(v[0]), str(v[1])) for v in data["volumes"]),
-                   str(data.get("incoming", "")))
+                   str(data.get("incoming", "")),
+                   tuple((str(v[0]), int(v[1])) for v in data.get("released", ())))
 
 
 def vm_dir(paths: HostPaths) -> Path:
@@ -297,9 +301,12 @@ class VmWatch:
             if info.format != VolumeFormat.QCOW2 or info.alloc != Allocation.THIN:
                 continue  # its LV already holds all it can ever need
             size = device_size(path)
-            self.disks.append(_Disk(uuid, path, monitor.leaf_node(path),
-                                    monitor.disk_nodes(path), size, max_lv_size(info),
-                                    history=[(0.0, size)]))
+            node = monitor.leaf_node(path)
+            # the first extend's rate: what was written since the watch began
+            self.disks.append(_Disk(uuid, path, node, monitor.disk_nodes(path), size,
+                                    max_lv_size(info), history=[(0.0, size)],
+                                    seen_at=time.monotonic(),
+                                    seen=monitor.highest_write(node)))
         if not self.disks:
             # Nothing to grow; stay connected until qemu goes (MonitorError), rather
             # than end and be started again by the scan every RESTART_DELAY.
@@ -364,10 +371,8 @@ class VmWatch:
                 disk.full_reported = True
             return False
         start = time.monotonic()
-        seen = monitor.highest_write(disk.node)
-        if disk.seen_at and seen > disk.seen:  # what the guest wrote since the last one
-            disk.rate = (seen - disk.seen) / max(start - disk.seen_at, 0.5)
-        disk.seen_at, disk.seen = start, seen
+        # The manager is asked first; qemu's highest write (the rate) is read after
+        # the refresh: a monitor command can wait behind qemu's main loop.
         _, chunk = self.settings.sized(disk.rate, disk.latency)
         # a target asked before and not reached is asked again, never a smaller one
         target = min(max(disk.size + chunk, disk.want), disk.most)
@@ -389,6 +394,10 @@ class VmWatch:
         disk.size = size
         disk.want = 0
         disk.history = [*disk.history[-15:], (time.time(), size)]
+        seen, seen_at = monitor.highest_write(disk.node), time.monotonic()
+        if disk.seen_at and seen > disk.seen:  # what the guest wrote since the last one
+            disk.rate = (seen - disk.seen) / max(seen_at - disk.seen_at, 0.5)
+        disk.seen_at, disk.seen = seen_at, seen
         self._arm(monitor, disk)
         armed = time.monotonic()
         self.host.observe("vm.extend", True, armed - start)
@@ -423,6 +432,21 @@ class VmWatch:
             if not all(d.size >= d.most for d in mine):  # at the largest: said once
                 log.error("VM %d stays paused: no space could be added for it (tried "
                           "again every %g s)", self.record.pid, self.settings.fallback)
+            return
+        # Never beside a migration's step (vmmigrate.py holds the lock for a whole
+        # migration): checked and resumed under the lock, so a migration cannot start,
+        # complete and release the leases between the check and the cont.
+        if not self.migration_lock.acquire(blocking=False):
+            log.info("VM %d: a migration step runs: not resumed now", self.record.pid)
+            return
+        try:
+            self._resume_if_no_space(monitor)
+        finally:
+            self.migration_lock.release()
+
+    def _resume_if_no_space(self, monitor: VmMonitor) -> None:
+        if self.record.released:
+            log.info("VM %d migrated out: only 'vm resume' runs it again", self.record.pid)
             return
         # The grow may have taken seconds: what the VM is now decides, read just before
         # cont. Resumed only when paused for an I/O error (not by a user, not a

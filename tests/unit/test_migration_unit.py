@@ -92,8 +92,17 @@ def test_an_unanswered_handoff_resumes_the_source_only_at_its_own_versions() -> 
     """The destination's daemon gone: maybe it acquired; the source asks for the
     version it released at, which sanlock refuses if anyone acquired since."""
     log = run(fail_dest={"take-over": errors.DaemonNotRunning("no daemon")})
-    assert log[-3:] == [("B", "quit", 22), ("A", "resume", {VOL: 5}),
+    assert log[-3:] == [("A", "resume", {VOL: 5}), ("B", "quit", 22),
                         ("client", "raised", "DaemonNotRunning")]
+
+
+def test_an_unanswered_handoff_the_source_cannot_undo_leaves_the_destination() -> None:
+    """The source's resume refused (the destination acquired): the destination may be
+    running the VM, so it is not ended, and the error says so."""
+    log = run(fail_source={"resume": errors.LeaseError("lease version changed")},
+              fail_dest={"take-over": errors.Timeout("no answer")})
+    assert not any(step == "quit" for _, step, _ in log)
+    assert log[-1] == ("client", "raised", "HandoffFailed")
 
 
 def test_the_destinations_watch_grows_nothing_before_its_handoff(tmp_path: Path) -> None:
@@ -167,3 +176,37 @@ def test_qemus_own_incoming_is_refused(argv: list[str]) -> None:
     with pytest.raises(errors.InvalidArgument, match="run --incoming"):
         qmp.check_argv(["qemu-system-x86_64", *argv])
     qmp.check_argv(["qemu-system-x86_64", "-name", "incoming"])
+
+
+def test_a_completed_migration_is_not_one_under_way() -> None:
+    """qemu 7.2 keeps "completed" on a destination for good (and on a source resumed
+    after a failed handoff): only a migration in progress stops an ENOSPC resume."""
+    monitor = qmp.QmpMonitor.__new__(qmp.QmpMonitor)
+    for status, under_way in (("completed", False), ("active", True), ("failed", False),
+                              ("pre-switchover", True), ("none", False)):
+        monitor.qmp = type("Q", (), {"execute": lambda self, c, a=None, s=status:
+                                     {"status": s}})()
+        assert monitor.migrating() is under_way, status
+
+
+def test_no_enospc_resume_while_a_migration_step_runs(tmp_path: Path) -> None:
+    """A migration step holds the watch's migration lock: the check and the cont of an
+    ENOSPC resume never run beside it (the source could complete and release its
+    leases between them, and a cont in postmigrate runs the guest again)."""
+    host = FakeHost(tmp_path / "dev", 1 * GiB)
+    monitor = FakeMonitor([qmp.Event(qmp.IO_ERROR, node="fmt", nospace=True)],
+                          pause="io-error")
+    record = vmwatch.VmRecord(1, 1, "unused", "dom1", ((VOL, str(host.path)),))
+    watch = vmwatch.VmWatch(record, host, vmwatch.ThinSettings(fallback=3600),
+                            threading.Event(), connect=lambda _: monitor)
+    with watch.migration_lock:
+        watch._run()
+    assert host.grows and ("resume", None) not in monitor.calls
+    monitor2 = FakeMonitor([qmp.Event(qmp.IO_ERROR, node="fmt", nospace=True)],
+                           pause="io-error")
+    host2 = FakeHost(tmp_path / "dev2", 1 * GiB)
+    watch2 = vmwatch.VmWatch(
+        vmwatch.VmRecord(1, 1, "unused", "dom1", ((VOL, str(host2.path)),)), host2,
+        vmwatch.ThinSettings(fallback=3600), threading.Event(), connect=lambda _: monitor2)
+    watch2._run()
+    assert ("resume", None) in monitor2.calls  # the same without a migration step
