@@ -63,8 +63,8 @@ from sharedlvm.lvm import Lvm
 from sharedlvm.units import GiB, MiB
 
 PIECE = 64 * MiB
-GROWN = re.compile(r"VM (\d+): volume (\S+) grown to (\d+) bytes \(([^)]*)\): manager and "
-                   r"refresh (\d+) ms, re-armed (\d+) ms")
+GROWN = re.compile(r"VM (\d+): volume (\S+) grown to (\d+) bytes \(([^)]*)\): manager "
+                   r"(\d+) ms, refreshed (\d+) ms, re-armed (\d+) ms")
 
 
 def configure(hosts: list[Host], chunk_mib: int, free_mib: int) -> None:
@@ -74,13 +74,15 @@ def configure(hosts: list[Host], chunk_mib: int, free_mib: int) -> None:
         h.restart_daemon()
 
 
-def extends_logged(hosts: list[Host], since: dict[int, int]) -> list[tuple[float, str]]:
-    """(manager-and-refresh ms, why) of each extend logged since ``since`` (bytes of
-    each host's daemon log)."""
+def extends_logged(hosts: list[Host], since: dict[int, int]
+                   ) -> list[tuple[float, float, str]]:
+    """(start to refreshed ms, of which the manager's answer ms, why) of each extend
+    logged since ``since`` (bytes of each host's daemon log)."""
     found = []
     for h in hosts:
         text = (h.root / "daemon.log").read_bytes()[since.get(h.index, 0):].decode()
-        found += [(float(m.group(5)), m.group(4)) for m in GROWN.finditer(text)]
+        found += [(float(m.group(6)), float(m.group(5)), m.group(4))
+                  for m in GROWN.finditer(text)]
     return found
 
 
@@ -89,7 +91,7 @@ def log_sizes(hosts: list[Host]) -> dict[int, int]:
 
 
 def write_round(c: Any, work: Path, writers: list[Host], disks: int, total: int,
-                tag: str) -> tuple[list[tuple[float, str]], int, float]:
+                tag: str) -> tuple[list[tuple[float, float, str]], int, float]:
     """``disks`` thin volumes, each written ``total`` bytes by a qemu on a writer host
     (round-robin), all at once: (extends, failed writes, MB/s of all the writers)."""
     since = log_sizes(writers)
@@ -202,11 +204,14 @@ def main() -> int:
             if not ms:
                 notes.append(f"{disks} disk(s): no extend logged")
                 continue
+            asked = [e[1] for e in extends]
             rows.append([f"extend, {disks} disk(s) writing ({rate:.0f} MB/s in all), "
                          f"{len(ms)} extends", f"{pct(ms, .5):.0f} / {pct(ms, .95):.0f} / "
                          f"{pct(ms, .99):.0f} ms", f"lvextend {b50:.0f} ms",
                          f"{pct(ms, .5) / b50:.1f}x", "p50 <= 150, p99 <= 500 ms"])
-            notes.append(f"{disks} disk(s): {failed} failed writes (pauses)")
+            notes.append(f"{disks} disk(s): the manager's answer p50 {pct(asked, .5):.0f} ms "
+                         f"(p95 {pct(asked, .95):.0f}), the rest the refresh on the writer's "
+                         f"host; {failed} writes failed for lack of space (pauses)")
         configure(writers, 1024, 512)
         extends, failed, rate = write_round(c, work, writers, 3, int(args.pause_gib * GiB),
                                             "pause")

@@ -336,15 +336,14 @@ class Daemon:
 
     def grow_thin(self, domain: str, volume: str, target: int) -> int:
         """Grow a running VM's thin volume's LV to ``target`` bytes through the manager
-        (this host, or through the mailbox), then refresh it on this host; the LV's
-        size. The request id names the target: asked again (a restarted daemon), it is
-        answered from the journal, not done twice."""
-        d = self.domain(domain)
+        (this host, or through the mailbox); the LV's size. The request id names the
+        target: asked again (a restarted daemon), it is answered from the journal, not
+        done twice."""
         try:
             info: VolumeInfo = self.dispatch(ExtendVolume(
                 volume=volume, allocation=str(target),
                 request_id=f"thin-{volume}-{target}", domain=domain))
-            size = info.size
+            return info.size
         except errors.InvalidArgument:
             # Refused only when the LV is already larger than the target (grown by a
             # daemon that died before its refresh, or by hand): refresh only. Read
@@ -352,6 +351,11 @@ class Daemon:
             size = self.volume_info(domain, volume).size
             if size < target:
                 raise
+            return size
+
+    def refresh_thin(self, domain: str, volume: str) -> None:
+        """Map a grown LV's new size on this host."""
+        d = self.domain(domain)
         shard = d.volume_shard(volume)
         # Only a mapping that exists: the VM may have exited meanwhile, and a refresh
         # that mapped the LV again would be an activation without a lease.
@@ -359,7 +363,6 @@ class Daemon:
             raise errors.Unsupported(f"volume {volume} is not active on this host: "
                                      "nothing to refresh")
         shard.activator.refresh(shard.vg_name, volume)
-        return size
 
     def observe(self, what: str, ok: bool, seconds: float) -> None:
         self.metrics.observe(what, ok, seconds)

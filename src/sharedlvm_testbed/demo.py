@@ -5,8 +5,9 @@ one sanlock daemon and one sharedlvm daemon each), real LVM and sanlock: host 1 
 a domain and becomes manager, hosts 2 and 3 attach; volumes are created, extended and
 deleted by the manager, also when asked on another host (storage mailbox); LVM itself
 refuses a metadata write anywhere else; a volume held by one host is refused to
-another; the manager role
-is handed over cleanly, then the manager host crashes and another takes over after
+another; images, templates and linked clones; a qemu writes a thin disk that its
+host's daemon grows under it, and the VM migrates live to another host with its lease;
+the manager role is handed over cleanly, then the manager host crashes and another takes over after
 sanlock's host-dead time. Everything is removed at the end, whatever happens.
 """
 
@@ -20,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sharedlvm import errors, rpc
+from sharedlvm import errors, qmp, rpc
 from sharedlvm.command import Runner
 from sharedlvm.domain import make_lvm
 from sharedlvm.leases import host_dead_seconds
@@ -37,13 +38,16 @@ def say(text: str) -> None:
     print(f"\n{BOLD}== {text}{RESET}", flush=True)
 
 
-def sharedlvm(root: Path, *args: str, expect_fail: bool = False) -> str:
+def sharedlvm(root: Path, *args: str, expect_fail: bool = False, quiet: bool = False) -> str:
+    """Run ``sharedlvm ARGS`` as host ``root``, printing it and its output (``quiet``:
+    neither, a look-up of the demo's own)."""
     host = root.name
-    print(f"{DIM}[{host}]{RESET} $ sharedlvm {' '.join(args)}", flush=True)
+    if not quiet:
+        print(f"{DIM}[{host}]{RESET} $ sharedlvm {' '.join(args)}", flush=True)
     proc = subprocess.run([sys.executable, "-m", "sharedlvm", *args], capture_output=True,
                           text=True, env=dict(os.environ, **{ROOT_ENV: str(root)}), timeout=300)
     out = proc.stdout + proc.stderr
-    for line in out.rstrip().splitlines():
+    for line in ([] if quiet else out.rstrip().splitlines()):
         print(f"    {line}")
     if expect_fail:
         if proc.returncode == 0:
@@ -172,6 +176,8 @@ def run_story(hosts: list[Path], luns: list[str]) -> None:
     sharedlvm(h2, "volume", "merge", snap["uuid"])
     sharedlvm(h2, "image", "info", clones[0]["image"])
 
+    running_vm(h1, h2, h3)
+
     say("Clean handover: host1 gives the manager role up; another host takes it at once")
     start = time.monotonic()
     sharedlvm(h1, "manager", "release")
@@ -198,6 +204,102 @@ def run_story(hosts: list[Path], luns: list[str]) -> None:
     print(f"    {asker.name} asks again; the new manager ({survivor.name}) does it:")
     sharedlvm(asker, "volume", "create", "--size", "1G")
     sharedlvm(survivor, "domain", "info")
+
+
+class DemoVm:
+    """A qemu with no guest, started by ``sharedlvm run`` on a host, written through a
+    monitor of the demo's own (HMP qemu-io: what a guest's writes would do)."""
+
+    def __init__(self, host: Path, vol: str, directory: Path, name: str,
+                 incoming: str = "") -> None:
+        self.socket = str(directory / f"{name}.qmp")
+        before = set(_vm_pids(host))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sharedlvm", "run", "--volume", vol,
+             *(["--incoming", incoming] if incoming else []), "--",
+             "qemu-system-x86_64", "-M", "none", "-nodefaults", "-display", "none",
+             "-drive", "file={0},format=qcow2,if=none,id=drive0,cache=none,aio=native,"
+             "werror=enospc", "-qmp", f"unix:{self.socket},server=on,wait=off"],
+            env=dict(os.environ, **{ROOT_ENV: str(host)}), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.qmp = qmp.Qmp(self.socket)
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("demo: qemu did not start") from None
+                time.sleep(0.1)
+        self.pid = next(p for p in _vm_pids(host) if p not in before)
+
+    def io(self, command: str) -> None:
+        self.qmp.execute("human-monitor-command",
+                         {"command-line": f'qemu-io drive0 "{command}"'}, timeout=120)
+
+    def stop(self) -> None:
+        self.qmp.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=60)
+        lines = [ln for ln in out.splitlines() if ln.startswith(("wrote", "read"))]
+        if any("fail" in ln.lower() for ln in out.splitlines()):
+            raise SystemExit(f"demo: a qemu-io request failed:\n{out[-1000:]}")
+        print(f"    qemu's own output: {len(lines)} requests, none failed")
+
+
+def _vm_pids(host: Path) -> list[int]:
+    return [int(p.stem) for p in (HostPaths(host).run_dir / "vms").glob("*.json")]
+
+
+def _lv_size(host: Path, vol: str) -> int:
+    return int(json.loads(sharedlvm(host, "volume", "info", vol, "--json", quiet=True))["size"])
+
+
+def running_vm(h1: Path, h2: Path, h3: Path) -> None:
+    say("Running VMs: host2 runs a qemu on a thin qcow2 volume (its LV starts at 1 GiB); "
+        "host2's daemon watches it through a monitor of its own")
+    vol = json.loads(sharedlvm(h2, "volume", "create", "--size", "4G", "--format",
+                               "qcow2", "--alloc", "thin", "--json"))["uuid"]
+    first = _lv_size(h2, vol)
+    with tempfile.TemporaryDirectory(prefix="vm-", dir=h2.parent) as tmp:
+        directory = Path(tmp)
+        vm = DemoVm(h2, vol, directory, "source")
+        vms = [vm]
+        try:
+            time.sleep(1.5)  # the daemon finds the VM and arms its write threshold
+            print(f"    the guest writes 1 GiB; the LV is {first >> 20} MiB:")
+            for i in range(16):
+                vm.io(f"write -P {0x10 + i:#x} {i * 64}M 64M")
+            deadline = time.monotonic() + 30
+            while _lv_size(h2, vol) == first and time.monotonic() < deadline:
+                time.sleep(0.2)
+            grown = [ln.split(": ", 2)[-1] for ln in
+                     (h2 / "daemon.log").read_text().splitlines()
+                     if f"volume {vol} grown to" in ln]
+            for line in grown:
+                print(f"    host2's daemon: {line}")
+            print(f"    the LV is now {_lv_size(h2, vol) >> 20} MiB: grown through the "
+                  "manager (host1) by the storage mailbox, before the guest reached its end")
+
+            say("Live migration: host3 starts the same VM waiting for the stream (its "
+                "volume active, its lease still host2's); the lease moves with the writer")
+            uri = f"unix:{directory}/migration.sock"
+            dest = DemoVm(h3, vol, directory, "destination", incoming=uri)
+            vms.append(dest)
+            sharedlvm(h2, "vm", "migrate", str(vm.pid), "--to-root", str(h3),
+                      "--to-pid", str(dest.pid), "--uri", uri)
+            vm.proc.communicate(timeout=60)  # the source's qemu quit
+            vms.remove(vm)
+            print("    on host3, every byte the guest wrote on host2 reads back:")
+            for i in range(16):
+                dest.io(f"read -P {0x10 + i:#x} {i * 64}M 64M")
+            sharedlvm(h3, "image", "info", json.loads(sharedlvm(
+                h3, "volume", "info", vol, "--json", quiet=True))["image"])
+        finally:
+            for v in vms:
+                v.stop()
+    sharedlvm(h3, "volume", "delete", vol)
 
 
 def wait_manager(hosts: list[Path], exclude: Path | None = None, timeout: float = 30,

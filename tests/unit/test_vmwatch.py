@@ -126,6 +126,9 @@ class FakeHost:
         self._resize(target)
         return target
 
+    def refresh_thin(self, domain: str, volume: str) -> None:
+        pass
+
     def observe(self, what: str, ok: bool, seconds: float) -> None:
         pass
 
