@@ -13,18 +13,19 @@ from sharedlvm import qmp, vmwatch
 
 
 class Qemu:
-    """A qemu started by ``sharedlvm run --volume VOL`` on a host (``incoming``: as a
-    migration's destination), with a monitor of the test's own."""
+    """A qemu started by ``sharedlvm run --volume VOL`` (``image``: ``--image VOL``, an
+    image's chain) on a host (``incoming``: as a migration's destination), with a
+    monitor of the test's own."""
 
     def __init__(self, host: Host, vol: str, directory: Path, name: str,
-                 incoming: str = "") -> None:
+                 incoming: str = "", image: bool = False) -> None:
         self.host = host
         self.socket = str(directory / f"{name}.qmp")
         self.out = directory / f"{name}.out"
         self._out = self.out.open("w")
         before = {r.pid for r in vmwatch.read_records(host.paths)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sharedlvm", "run", "--volume", vol,
+            [sys.executable, "-m", "sharedlvm", "run", "--image" if image else "--volume", vol,
              *(["--incoming", incoming] if incoming else []), "--",
              "qemu-system-x86_64", "-M", "none", "-nodefaults", "-display", "none",
              "-drive", "file={0},format=qcow2,if=none,id=drive0,cache=none,aio=native,"

@@ -108,7 +108,7 @@ def run_with_leases(paths: HostPaths, domain: Domain | None,
         _consumer(domain, infos, modes, argv, wait, chain_of, paths, incoming)
     started = vmwatch.process_start(pid)
     try:
-        return _supervise(pid, domain, infos, chain_of)
+        return _supervise(pid, domain, infos, chain_of, paths)
     finally:
         vmwatch.remove_record(paths, pid, started)
 
@@ -170,7 +170,7 @@ def _consumer(domain: Domain | None, infos: list[VolumeInfo], shared: list[bool]
 
 
 def _supervise(pid: int, domain: Domain | None, infos: list[VolumeInfo],
-               image: str | None = None) -> int:
+               image: str | None = None, paths: HostPaths | None = None) -> int:
     def forward(signo: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signo)
@@ -189,9 +189,27 @@ def _supervise(pid: int, domain: Domain | None, infos: list[VolumeInfo],
     if domain is not None:
         if image is not None:
             images.unlink_chain(domain, image, [i.uuid for i in infos])
-        deactivate_unused(domain, infos)
+        deactivate_unused(domain, infos + _added_live(domain, paths, pid, infos))
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell
+
+
+def _added_live(domain: Domain, paths: HostPaths | None, pid: int,
+                infos: list[VolumeInfo]) -> list[VolumeInfo]:
+    """Volumes the VM's record names that ``run`` did not activate itself (a live
+    snapshot's new leaf, vmlive.py): deactivated with the rest."""
+    if paths is None:
+        return []
+    known = {i.uuid for i in infos}
+    added = []
+    for record in vmwatch.read_records(paths):
+        if record.pid != pid:
+            continue
+        for uuid, _ in record.volumes:
+            if uuid not in known:
+                with contextlib.suppress(errors.Error):
+                    added.append(volume_mod.get_volume(domain, uuid))
+    return added
 
 
 def deactivate_unused(domain: Domain, infos: list[VolumeInfo]) -> None:

@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from typing import Any, Protocol
 
-from . import copies, errors, images, vmmigrate
+from . import copies, errors, images, vmlive, vmmigrate
 from . import domain as domain_mod
 from . import volume as volume_mod
 from .copies import CopySettings
@@ -52,6 +52,7 @@ from .requests import (
     GetVolume,
     ListHosts,
     ListVolumes,
+    LiveSnapshotVolume,
     MergeVolume,
     PrepareImage,
     PrepareVolume,
@@ -70,6 +71,7 @@ from .requests import (
     VmMigrateOut,
     VmQuit,
     VmResume,
+    VmSnapshot,
     VmTakeOver,
 )
 from .service import DomainService
@@ -129,6 +131,14 @@ def snapshot_volume(ctx: Context, req: SnapshotVolume) -> VolumeInfo:
     service = ctx.service(req.domain)
     return images.snapshot_volume(service.domain, req, service.layout.allocate_volume_lease,
                                   service.exclusive, ctx.max_chain)
+
+
+def snapshot_volume_live(ctx: Context, req: LiveSnapshotVolume) -> VolumeInfo:
+    service = ctx.service(req.domain)
+    return images.snapshot_volume(service.domain, SnapshotVolume(
+        req.volume, req.tags, req.request_id, req.domain), service.layout.allocate_volume_lease,
+        service.exclusive, ctx.max_chain, live_host=req.host_id,
+        holders=service.layout.holders)
 
 
 def merge_volume(ctx: Context, req: MergeVolume) -> VolumeInfo:
@@ -334,6 +344,10 @@ def vm_take_over(ctx: Context, req: VmTakeOver) -> TakenOver:
 def vm_resume(ctx: Context, req: VmResume) -> Done:
     vmmigrate.resume_source(ctx, req.pid, req.versions)
     return Done()
+
+
+def vm_snapshot(ctx: Context, req: VmSnapshot) -> VolumeInfo:
+    return vmlive.snapshot(ctx, req.pid, req.volume, req.tags, req.request_id)
 
 
 def vm_quit(ctx: Context, req: VmQuit) -> Done:

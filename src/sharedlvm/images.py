@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -163,13 +164,28 @@ class _OverlayIntent:
     # A snapshot turns its parent internal (and an abort turns it back to a leaf).
     snapshot: bool
     tags: dict[str, str]
+    # A live snapshot's (vmlive.py): the parent is a running VM's leaf, its lease the
+    # VM's; the VM switches to the new leaf once it is made.
+    live: bool = False
 
 
 def snapshot_volume(domain: Domain, request: SnapshotVolume, allocate_lease: LeaseAllocator,
-                    exclusive: ExclusiveLease, max_chain: int = MAX_CHAIN) -> VolumeInfo:
-    """A new empty qcow2 leaf over ``request.volume``, which becomes read-only."""
+                    exclusive: ExclusiveLease, max_chain: int = MAX_CHAIN,
+                    live_host: int | None = None,
+                    holders: Callable[[VolumeInfo], list[int]] | None = None
+                    ) -> VolumeInfo:
+    """A new empty qcow2 leaf over ``request.volume``, which becomes read-only.
+    ``live_host``: the leaf is a running VM's on that host, which holds its lease and
+    switches to the new leaf (vmlive.py); checked: nobody else holds it."""
 
     def check(parent: VolumeInfo) -> None:
+        if live_host is not None and holders is not None:
+            held = holders(parent)
+            if held != [live_host]:
+                raise errors.Busy(f"volume {parent.uuid} is held by "
+                                  f"{', '.join(f'host {h}' for h in held) or 'no host'}, "
+                                  f"not by the VM of host {live_host} alone: no live "
+                                  "snapshot")
         if parent.role == VolumeRole.TEMPLATE:
             raise errors.ReadOnlyVolume(parent.uuid, parent.role.value, "snapshot",
                                         "clone it with --linked")
@@ -184,7 +200,8 @@ def snapshot_volume(domain: Domain, request: SnapshotVolume, allocate_lease: Lea
                 f"allowed (max_chain {max_chain}): merge a snapshot first")
 
     return _overlay(domain, request.volume, request.request_id, request, "snapshot", check,
-                    allocate_lease, exclusive, snapshot=True, user_tags=request.tags)
+                    allocate_lease, exclusive, snapshot=True, user_tags=request.tags,
+                    live=live_host is not None)
 
 
 def clone_volume(domain: Domain, request: CloneVolume, allocate_lease: LeaseAllocator,
@@ -211,8 +228,8 @@ def clone_volume(domain: Domain, request: CloneVolume, allocate_lease: LeaseAllo
 
 def _overlay(domain: Domain, parent_id: str, request_id: str | None, request: Any, op: str,
              check: Any, allocate_lease: LeaseAllocator, exclusive: ExclusiveLease, *,
-             snapshot: bool, user_tags: dict[str, str], image: str | None = None
-             ) -> VolumeInfo:
+             snapshot: bool, user_tags: dict[str, str], image: str | None = None,
+             live: bool = False) -> VolumeInfo:
     domain.require_manager()
     with domain.request_lock(request_id), domain.chain_lock(parent_id):
         def plan() -> Any:
@@ -226,7 +243,7 @@ def _overlay(domain: Domain, parent_id: str, request_id: str | None, request: An
                 volume=str(uuid.uuid4()),
                 image=parent.image if snapshot else (image or str(uuid.uuid4())),
                 parent=parent.uuid, parent_format=parent.format, capacity=parent.capacity,
-                shard=shard.index, snapshot=snapshot, tags=dict(user_tags)))
+                shard=shard.index, snapshot=snapshot, tags=dict(user_tags), live=live))
 
         intent = _intent(domain, request_id, plan)
 
@@ -253,8 +270,11 @@ def _make_overlay(domain: Domain, a: _OverlayIntent, resumed: bool,
     if existing is not None and tags.volume_from_lv(existing).state == VolumeState.READY:
         return get_volume(domain, a.volume)  # published: never formatted again
     # A snapshot holds its parent's lease throughout: nobody writes the parent while
-    # it becomes read-only (a running VM's leaf is refused here; issue: live snapshot).
-    hold_parent = exclusive(parent) if a.snapshot else contextlib.nullcontext()
+    # it becomes read-only. Not a live one: the parent is the running VM's, which
+    # writes it until it switches to the new leaf (reads of the new leaf fall through
+    # to it meanwhile: its content is the snapshot's, as of the switch).
+    hold_parent = (exclusive(parent) if a.snapshot and not a.live
+                   else contextlib.nullcontext())
     with hold_parent:
         if existing is None:
             if a.snapshot:  # checked again under the lease: nothing changed meanwhile

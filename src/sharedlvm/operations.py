@@ -138,6 +138,11 @@ TABLE: tuple[Operation, ...] = (
               cli=("vm", "take-over")),
     Operation(rq.VmResume, handlers.vm_resume, http=("POST", "/v1/vms/{pid}/resume"),
               cli=("vm", "resume")),
+    Operation(rq.VmSnapshot, handlers.vm_snapshot, http=("POST", "/v1/vms/{pid}/snapshot"),
+              cli=("vm", "snapshot")),
+    # asked by the VM's host's daemon only (vm snapshot): no command, no route
+    Operation(rq.LiveSnapshotVolume, handlers.snapshot_volume_live, manager_only=True,
+              forward=True, idempotent=True),
     Operation(rq.VmQuit, handlers.vm_quit, http=("POST", "/v1/vms/{pid}/quit"),
               cli=("vm", "quit")),
 )

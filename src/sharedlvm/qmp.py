@@ -310,6 +310,35 @@ class QmpMonitor:
     def cancel_migration(self) -> None:
         self.qmp.execute("migrate_cancel")
 
+    # Live snapshot (vmlive.py): a new qcow2 node on the new leaf's device, its backing
+    # the drive's active layer (blockdev-add with no backing, then blockdev-snapshot).
+
+    def active_node(self, image_path: str) -> str:
+        """The top node of the drive whose active layer is ``image_path``."""
+        wanted = os.path.realpath(image_path)
+        for dev in self.qmp.execute("query-block"):
+            top = dev.get("inserted") or {}
+            if top.get("file") == image_path or \
+                    os.path.realpath(str(top.get("file"))) == wanted:
+                return str(top["node-name"])
+        raise MonitorError(f"the VM of {self.qmp.path} has no drive on {image_path}")
+
+    def add_overlay(self, node: str, image_path: str) -> None:
+        """A qcow2 node ``node`` on the device ``image_path`` (O_DIRECT, as cache=none),
+        its backing left to blockdev-snapshot."""
+        self.qmp.execute("blockdev-add", {
+            "driver": "qcow2", "node-name": node, "backing": None,
+            "cache": {"direct": True},
+            "file": {"driver": "host_device", "filename": image_path,
+                     "cache": {"direct": True}}})
+
+    def snapshot(self, active: str, overlay: str) -> None:
+        """Make ``overlay`` the drive's active layer, backed by ``active``."""
+        self.qmp.execute("blockdev-snapshot", {"node": active, "overlay": overlay})
+
+    def remove_node(self, node: str) -> None:
+        self.qmp.execute("blockdev-del", {"node-name": node})
+
     def quit(self) -> None:
         """End qemu (the VM moved away, or must not run)."""
         with contextlib.suppress(MonitorError):  # qemu may close before it answers

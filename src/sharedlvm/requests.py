@@ -239,6 +239,27 @@ class SnapshotVolume(Request):
 
 
 @dataclass(frozen=True)
+class LiveSnapshotVolume(Request):
+    """a snapshot of a running VM's leaf, asked by the VM's host (vm snapshot)"""
+
+    op: ClassVar[str] = "volume.snapshot-live"
+    Result: ClassVar[Any] = VolumeInfo
+
+    volume: str = arg("the running VM's leaf", positional=True)
+    host_id: int = arg("the VM's host: the only holder of the leaf's lease", 0)
+    tags: dict[str, str] = _user_tags("user tag of the new leaf, key=value (repeatable)")
+    request_id: str | None = arg("makes the request idempotent", None)
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_uuid(self.volume)
+        if not 1 <= self.host_id <= 2000:
+            raise InvalidArgument(f"invalid host id {self.host_id}")
+        _check_tags(self.tags)
+        _check_common(self)
+
+
+@dataclass(frozen=True)
 class TemplateVolume(Request):
     """make a leaf a template: read-only, the shared base of linked clones
 
@@ -797,6 +818,26 @@ class VmResume(_VmVersions):
 
     op: ClassVar[str] = "vm.resume"
     Result: ClassVar[Any] = Done
+
+
+@dataclass(frozen=True)
+class VmSnapshot(_VmRequest):
+    """snapshot a running VM's disk: a new leaf, which the VM writes from now on"""
+
+    op: ClassVar[str] = "vm.snapshot"
+    Result: ClassVar[Any] = VolumeInfo
+
+    volume: str | None = arg("the volume to snapshot (default: the one the VM writes)",
+                             None)
+    tags: dict[str, str] = _user_tags("user tag of the new leaf, key=value (repeatable)")
+    request_id: str | None = arg("makes the request idempotent", None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.volume is not None:
+            check_uuid(self.volume)
+        _check_tags(self.tags)
+        _check_common(self)
 
 
 @dataclass(frozen=True)

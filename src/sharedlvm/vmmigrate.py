@@ -56,13 +56,6 @@ log = logging.getLogger(__name__)
 # How often the source's migration status is read (the handoff starts at most this
 # long after qemu completed).
 POLL = 0.01
-def _monitor(watch: VmWatch) -> VmMonitor:
-    monitor = watch.monitor
-    if monitor is None:
-        raise errors.MonitorError(f"VM {watch.record.pid}: its monitor is not connected")
-    return monitor
-
-
 def _volumes(ctx: Any, record: VmRecord) -> list[tuple[VolumeInfo, str]]:
     domain = ctx.domain(record.domain)
     return [(volume_mod.get_volume(domain, uuid), path) for uuid, path in record.volumes]
@@ -74,7 +67,7 @@ def incoming(ctx: Any, pid: int) -> None:
         raise errors.InvalidArgument(f"VM {pid} was not started with 'run --incoming'")
     with watch.migration_lock:
         if not watch.listening:
-            _monitor(watch).listen_incoming(watch.record.incoming)
+            watch.connected_monitor().listen_incoming(watch.record.incoming)
             watch.listening = True
     log.info("VM %d: waiting for a migration on %s", pid, watch.record.incoming)
 
@@ -85,7 +78,7 @@ def migrate_out(ctx: Any, pid: int, uri: str, timeout: float) -> MigratedOut:
         raise errors.InvalidArgument(f"VM {pid} is a migration's destination, not running "
                                      "here yet")
     with watch.migration_lock:
-        monitor = _monitor(watch)
+        monitor = watch.connected_monitor()
         vols = _volumes(ctx, watch.record)
         layout = LeaseLayout(ctx.domain(watch.record.domain))
         held = {h.resource: h for h in leases.inquire(pid=pid)
@@ -168,7 +161,7 @@ def take_over(ctx: Any, pid: int, versions: dict[str, int]) -> TakenOver:
         raise errors.InvalidArgument(f"versions name {sorted(versions)}, the VM writes "
                                      f"{sorted(vols_asked)}")
     with watch.migration_lock:
-        monitor = _monitor(watch)
+        monitor = watch.connected_monitor()
         layout = LeaseLayout(ctx.domain(record.domain))
         vols = _volumes(ctx, record)
         held = {h.resource for h in leases.inquire(pid=pid)
@@ -279,7 +272,7 @@ def resume_source(ctx: Any, pid: int, versions: dict[str, int]) -> None:
         raise errors.InvalidArgument(f"VM {pid} is a migration's destination, not its "
                                      "source")
     with watch.migration_lock:
-        monitor = _monitor(watch)
+        monitor = watch.connected_monitor()
         released = dict(watch.record.released)
         layout = LeaseLayout(ctx.domain(watch.record.domain))
         held = {h.resource for h in leases.inquire(pid=pid)
@@ -305,4 +298,4 @@ def resume_source(ctx: Any, pid: int, versions: dict[str, int]) -> None:
 def quit_vm(ctx: Any, pid: int) -> None:
     watch = ctx.vms.watch_of(pid)
     with watch.migration_lock:
-        _monitor(watch).quit()
+        watch.connected_monitor().quit()

@@ -100,6 +100,11 @@ class VmMonitor(Protocol):
     def migration(self) -> tuple[str, int | None, str]: ...
     def cancel_migration(self) -> None: ...
     def quit(self) -> None: ...
+    # live snapshot (vmlive.py)
+    def active_node(self, image_path: str) -> str: ...
+    def add_overlay(self, node: str, image_path: str) -> None: ...
+    def snapshot(self, active: str, overlay: str) -> None: ...
+    def remove_node(self, node: str) -> None: ...
 
 
 # Records
@@ -249,11 +254,21 @@ class VmWatch:
         self.handed_over = threading.Event()
         if not record.incoming:
             self.handed_over.set()
+        # The VM writes other volumes now (a live snapshot's new leaf): the watch
+        # finds its disks again from ``record``.
+        self.reload = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"vm-{record.pid}",
                                        daemon=True)
 
     def start(self) -> None:
         self.thread.start()
+
+    def connected_monitor(self) -> VmMonitor:
+        """The monitor, for a step beside the watch (the VM's migration lock held)."""
+        monitor = self.monitor
+        if monitor is None:
+            raise MonitorError(f"VM {self.record.pid}: its monitor is not connected")
+        return monitor
 
     def _run(self) -> None:
         try:
@@ -296,7 +311,8 @@ class VmWatch:
                     raise
             time.sleep(0.1)
 
-    def _watch(self, monitor: VmMonitor) -> None:
+    def _load(self, monitor: VmMonitor) -> None:
+        self.disks = []
         for uuid, path in self.record.volumes:
             info = self.host.volume_info(self.record.domain, uuid)
             if info.format != VolumeFormat.QCOW2 or info.alloc != Allocation.THIN:
@@ -308,17 +324,24 @@ class VmWatch:
                                     max_lv_size(info), history=[(0.0, size)],
                                     seen_at=time.monotonic(),
                                     seen=monitor.highest_write(node)))
-        if not self.disks:
+
+    def _watch(self, monitor: VmMonitor) -> None:
+        self._load(monitor)
+        if not self.disks and not self.reload.is_set():
             # Nothing to grow; stay connected until qemu goes (MonitorError), rather
             # than end and be started again by the scan every RESTART_DELAY.
             log.info("VM %d: no thin volume to watch", self.record.pid)
-            while not self.stopping.is_set():
-                monitor.next_event(60.0)
-            return
+            while not self.stopping.is_set() and not self.reload.is_set():
+                monitor.next_event(1.0)
         log.info("VM %d: watching %s", self.record.pid,
                  ", ".join(f"{d.uuid} ({d.size} of {d.most} bytes)" for d in self.disks))
         checked = 0.0
         while not self.stopping.is_set():
+            if self.reload.is_set():
+                self.reload.clear()
+                self._load(monitor)
+                log.info("VM %d: now watching %s", self.record.pid,
+                         ", ".join(d.uuid for d in self.disks) or "no thin volume")
             for disk in self.disks:
                 if not disk.armed:
                     self._arm(monitor, disk)

@@ -22,7 +22,7 @@ import pytest
 from bed import Cluster, Host, destroy_cluster, make_cluster
 from qemu_vm import Qemu
 
-from sharedlvm import vmwatch
+from sharedlvm import leases, vmwatch
 from sharedlvm.command import Runner
 from sharedlvm.units import GiB, MiB
 from sharedlvm_testbed.vmbed import writer
@@ -233,3 +233,67 @@ def test_thin_writers_on_three_hosts_at_once(tmp_path: Path) -> None:
 def lv_vg(cluster: Cluster, vol: str) -> str:
     lvm = cluster.raw_lvm()
     return next(lv.vg_name for vg in lvm.vgs() for lv in lvm.lvs(vg.name) if lv.name == vol)
+
+
+def test_live_snapshot_switches_a_writing_vm_to_a_new_leaf(
+        cluster: Cluster, vms: list[Qemu], tmp_path: Path) -> None:
+    """`vm snapshot` of a running qemu: the manager makes the new leaf (the VM holds
+    the old one's lease), qemu switches to it without stopping, and from then on every
+    write lands in the new leaf: the old leaf, read alone once the VM is gone, holds
+    exactly what was written before the snapshot; the chain reads both; the new leaf
+    grows under the VM as the old one did, and both are deactivated when qemu ends."""
+    h2, h3 = cluster.hosts[1], cluster.hosts[2]
+    vol = h2.cli_json("volume", "create", "--size", "4G", "--format", "qcow2",
+                      "--alloc", "thin")["uuid"]
+    vm = Vm(h2, vol, tmp_path)
+    vms.append(vm)
+    vm.write(0, PIECE, 0x51)
+    wait_for(lambda: vm.threshold(), 30, "threshold armed")
+    new = h2.cli_json("vm", "snapshot", str(vm.pid), "--tag", "why=test")
+    assert new["parent"] == vol and new["role"] == "leaf" and new["tags"] == {"why": "test"}
+    chain = h2.cli_json("image", "info", new["image"])
+    assert [v["uuid"] for v in chain["chain"]] == [vol, new["uuid"]]
+    assert chain["chain"][0]["role"] == "internal"
+    assert vm.status() == "running"
+    leases.use_run_dir(h2.paths.sanlock_run_dir)
+    held = {h.resource: h.shared for h in leases.inquire(pid=vm.pid)}
+    assert held == {vol: True, new["uuid"]: False}  # the old leaf is only read now
+    vm.write(0, MiB, 0x53)  # over the snapshot's data: lands in the new leaf
+    vm.write(PIECE, PIECE, 0x52)
+    first = lv_size(cluster, new["uuid"])
+    # the watch follows the new leaf: written toward its end, it grows
+    for i in range(2, (first - 64 * MiB) // PIECE):
+        vm.write(i * PIECE, PIECE, 0x60 + i % 16)
+    wait_for(lambda: lv_size(cluster, new["uuid"]) > first, 60, "new leaf grown")
+    assert lv_size(cluster, vol) < first + GiB  # the old leaf was not grown
+    vm.read_ok(0, MiB, 0x53)
+    vm.read_ok(MiB, PIECE - MiB, 0x51)
+    vm.read_ok(PIECE, PIECE, 0x52)
+    # the VM, now on a chain, migrates to host 3, started on the image (its old leaf
+    # shared, as the source now holds it)
+    uri = f"unix:{tmp_path}/mig.sock"
+    dest = Qemu(h3, new["image"], tmp_path, "dest", incoming=uri, image=True)
+    vms.append(dest)
+    h2.cli("vm", "migrate", str(vm.pid), "--to-root", str(h3.root), "--to-pid",
+           str(dest.pid), "--uri", uri)
+    vm.proc.wait(timeout=60)
+    vms.remove(vm)
+    dest.read_ok(0, MiB, 0x53)
+    dest.read_ok(MiB, PIECE - MiB, 0x51)
+    dest.read_ok(PIECE, PIECE, 0x52)
+    dest.stop()
+    vms.remove(dest)
+    # nothing left mapped on host 2 or 3; host 3 reads the old leaf alone, the chain
+    for h in (h2, h3):
+        assert not vmwatch.read_records(h.paths)
+        for uuid in (vol, new["uuid"]):
+            shard = h.domain().volume_shard(uuid)
+            assert shard.activator.path(shard.vg_name, uuid) is None, (h.index, uuid)
+    old = h3.cli("run", "--volume", f"{vol}:ro", "--", "qemu-io", "-r", "-f", "qcow2",
+                 "-c", f"read -P 0x51 0 {PIECE}", "-c", f"read -P 0 {PIECE} {PIECE}", "{0}")
+    assert "Pattern verification failed" not in old.stdout, old.stdout
+    both = h3.cli("run", "--image", f"{new['image']}:ro", "--", "qemu-io", "-r", "-f",
+                  "qcow2", "-c", f"read -P 0x53 0 {MiB}", "-c",
+                  f"read -P 0x51 {MiB} {PIECE - MiB}", "-c", f"read -P 0x52 {PIECE} {PIECE}",
+                  "{0}")
+    assert "Pattern verification failed" not in both.stdout, both.stdout
