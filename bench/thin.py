@@ -10,9 +10,11 @@ run`` on its own thin qcow2 volume, written by HMP ``qemu-io`` in 64 MiB request
 back to back, as fast as qemu takes them. The loop bed maps an LV of one segment only,
 so each disk is in a shard (a LUN) of its own.
 
-- **Extend latency**, rounds of 1 and 10 disks writing at once (``--disks``): the
-  writers' daemons grow by ``--chunk`` MiB when less than ``--free`` MiB is left
-  (smaller than the defaults, so that each disk extends several times); each extend's
+- **Extend latency**, rounds of 1 and 10 disks writing at once (``--disks``), each
+  at ``--rate`` MB/s (40: a busy VM; on 2 cores ten unthrottled writers starve the
+  daemons, whose latency is then the CPU's): the writers' daemons grow by ``--chunk``
+  MiB when less than ``--free`` MiB is left (smaller than the defaults, so that each
+  disk extends several times); each extend's
   time from its start (the event, or the highest-write check) to the LV refreshed on
   the writer's host, as the daemon logs it, p50/p95/p99. Baseline: a bare
   ``lvextend`` of an LV by the same chunk (sharedlvm's LVM settings, a scratch LUN,
@@ -91,9 +93,11 @@ def log_sizes(hosts: list[Host]) -> dict[int, int]:
 
 
 def write_round(c: Any, work: Path, writers: list[Host], disks: int, total: int,
-                tag: str) -> tuple[list[tuple[float, float, str]], int, float]:
+                tag: str, rate: float = 0.0) -> tuple[list[tuple[float, float, str]], int,
+                                                      float]:
     """``disks`` thin volumes, each written ``total`` bytes by a qemu on a writer host
-    (round-robin), all at once: (extends, failed writes, MB/s of all the writers)."""
+    (round-robin), all at once, each at ``rate`` MB/s at most (0: as fast as qemu
+    goes): (extends, failed writes, MB/s of all the writers)."""
     since = log_sizes(writers)
     vols = [writers[i % len(writers)].cli_json(
         "volume", "create", "--size", f"{total // GiB + 2}G", "--format", "qcow2",
@@ -104,8 +108,12 @@ def write_round(c: Any, work: Path, writers: list[Host], disks: int, total: int,
 
     def write(i: int) -> None:
         q = qemus[i]
+        began = time.monotonic()
         for n, offset in enumerate(range(0, total, PIECE)):
             q.hmp(f'qemu-io drive0 "write -P {0x10 + n % 200:#x} {offset} {PIECE}"')
+            if rate:
+                time.sleep(max(0.0, began + (offset + PIECE) / (rate * 1e6)
+                               - time.monotonic()))
         failed[i] = sum(1 for line in q.output().splitlines()
                         if "fail" in line.lower() or "error" in line.lower())
 
@@ -179,6 +187,9 @@ def main() -> int:
     parser.add_argument("--disks", default="1,10", help="disks at once, per round")
     parser.add_argument("--write-gib", type=float, default=2.0,
                         help="written into each disk of a latency round")
+    parser.add_argument("--rate", type=float, default=40.0,
+                        help="MB/s per disk in the latency rounds (0: as fast as qemu "
+                             "goes)")
     parser.add_argument("--chunk", type=int, default=128, help="MiB, latency rounds")
     parser.add_argument("--free", type=int, default=64, help="MiB, latency rounds")
     parser.add_argument("--pause-gib", type=float, default=4.0,
@@ -199,7 +210,8 @@ def main() -> int:
         configure(writers, args.chunk, args.free)
         for disks in counts:
             extends, failed, rate = write_round(
-                c, work, writers, disks, int(args.write_gib * GiB), f"lat{disks}")
+                c, work, writers, disks, int(args.write_gib * GiB), f"lat{disks}",
+                args.rate)
             ms = [e[0] for e in extends]
             if not ms:
                 notes.append(f"{disks} disk(s): no extend logged")
@@ -232,7 +244,8 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nsharedlvm thin disks of running VMs (bench/thin.py): writers on hosts 2-4, "
           f"manager on host 1; {os.cpu_count()} cores, loop devices on sparse files; "
-          f"latency rounds grow by {args.chunk} MiB with {args.free} MiB left\n")
+          f"latency rounds: each disk at up to {args.rate:g} MB/s, grown by {args.chunk} "
+          f"MiB with {args.free} MiB left\n")
     print("| measure | sharedlvm (p50 / p95 / p99) | baseline | ratio | target |")
     print("|---|---:|---:|---:|---|")
     for row in rows:

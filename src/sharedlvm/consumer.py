@@ -205,8 +205,9 @@ def _added_live(domain: Domain, paths: HostPaths | None, pid: int,
     for record in vmwatch.read_records(paths):
         if record.pid != pid:
             continue
-        for uuid, _ in record.volumes:
+        for uuid in [u for u, _ in record.volumes] + list(record.others):
             if uuid not in known:
+                known.add(uuid)
                 with contextlib.suppress(errors.Error):
                     added.append(volume_mod.get_volume(domain, uuid))
     return added

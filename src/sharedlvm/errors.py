@@ -36,6 +36,7 @@ if a class is missing there.
     ├── DaemonNotRunning      no daemon answers on this host (socket)
     ├── StorageIOError        I/O on the journal or mailbox failed
     ├── MonitorError          a VM's monitor (QMP) refused a command, or the VM is gone
+    │   ├── MonitorRefused    ... qemu answered with an error: the command was not done
     │   └── MigrationFailed   ... qemu's migration failed (pid, reason): the source runs on
     ├── HandoffFailed         a migration's destination could not take the VM over
     │                         (pid, reason, versions: what the source may resume at)
@@ -283,6 +284,11 @@ class Timeout(Error):
 
 class MonitorError(Error):
     """A running VM's monitor (qmp.py) refused a command, or the VM is gone."""
+
+
+class MonitorRefused(MonitorError):
+    """qemu answered a command with an error: it did not do it (unlike a command
+    whose answer never came, which qemu may have done)."""
 
 
 class MigrationFailed(MonitorError):

@@ -85,6 +85,7 @@ STATUS: dict[type[errors.Error], int] = {
     errors.StorageIOError: 503,
     errors.MonitorError: 502,
     errors.MigrationFailed: 502,
+    errors.MonitorRefused: 502,
     errors.HandoffFailed: 409,
     errors.Timeout: 504,
 }

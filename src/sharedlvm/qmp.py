@@ -189,8 +189,8 @@ class Qmp:
                     continue  # an answer to a command that timed out before
                 if "error" in answer:
                     err = answer["error"]
-                    raise MonitorError(f"qemu refused {command}: {err.get('class')}: "
-                                       f"{err.get('desc')}")
+                    raise errors.MonitorRefused(
+                        f"qemu refused {command}: {err.get('class')}: {err.get('desc')}")
                 return answer.get("return")
 
     def next_event(self, timeout: float) -> dict[str, Any] | None:
@@ -338,6 +338,13 @@ class QmpMonitor:
 
     def remove_node(self, node: str) -> None:
         self.qmp.execute("blockdev-del", {"node-name": node})
+
+    def read_only(self, node: str) -> bool:
+        """qemu opened ``node`` read-only (it writes nothing through it)."""
+        for entry in self.qmp.execute("query-named-block-nodes", {"flat": True}):
+            if entry.get("node-name") == node:
+                return bool(entry.get("ro"))
+        raise MonitorError(f"the VM of {self.qmp.path} has no node {node}")
 
     def quit(self) -> None:
         """End qemu (the VM moved away, or must not run)."""

@@ -28,11 +28,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 import uuid as uuid_mod
 from typing import Any
 
-from . import errors
+from . import errors, leases
 from . import volume as volume_mod
+from .activation import set_read_only
 from .lease_layout import LeaseLayout
 from .model import VolumeInfo
 from .requests import DeleteVolume, LiveSnapshotVolume
@@ -58,54 +60,123 @@ def snapshot(ctx: Any, pid: int, volume: str | None, tags: dict[str, str],
             volume = next(iter(writes))
         if volume not in writes:
             raise errors.InvalidArgument(f"VM {pid} does not write volume {volume}")
-        monitor = watch.connected_monitor()
-        active = monitor.active_node(writes[volume])
         domain = ctx.domain(record.domain)
-        rid = request_id or f"live-snapshot-{uuid_mod.uuid4()}"
-        new: VolumeInfo = ctx.ask(LiveSnapshotVolume(
-            volume, domain.host_id, dict(tags), rid, record.domain))
         layout = LeaseLayout(domain)
-        node = f"sl-{new.uuid[:8]}"
-        acquired = added = False
+        mine = {h.resource: h.shared for h in leases.inquire(pid=pid)
+                if h.lockspace == layout.lockspace}
+        if mine.get(volume) is not False:
+            raise errors.Busy(f"VM {pid} does not hold volume {volume}'s lease "
+                              "exclusively: no live snapshot")
+        monitor = watch.connected_monitor()
+        old_path = writes[volume]
+        active = monitor.active_node(old_path)
+        rid = request_id or f"live-snapshot-{uuid_mod.uuid4()}"
         try:
+            new: VolumeInfo = ctx.ask(LiveSnapshotVolume(
+                volume, domain.host_id, dict(tags), rid, record.domain))
+        except errors.Error as exc:
+            log.error("VM %d: live snapshot of %s: no new leaf (%s); if the manager made "
+                      "one, 'vm snapshot %d --request-id %s' finishes it", pid, volume,
+                      exc, pid, rid)
+            raise
+        node = f"sl-{new.uuid[:8]}"
+        acquired = added = sent = False
+        try:
+            # Recorded before it is activated (`run` deactivates what the record names
+            # when qemu ends), then as written by the VM too until the switch is known:
+            # a daemon restarted meanwhile watches (and grows) whichever qemu writes.
+            _save(ctx, watch, dataclasses.replace(
+                record, others=(*record.others, new.uuid)))
             layout.acquire_volume(new, shared=False, pid=pid)
             acquired = True
             path = volume_mod.volume_path(domain, new.uuid, info=new)
+            _save(ctx, watch, dataclasses.replace(
+                record, volumes=(*record.volumes, (new.uuid, path)),
+                others=(*record.others, new.uuid)))
             monitor.add_overlay(node, path)
             added = True
+            sent = True
             monitor.snapshot(active, node)
         except Exception as exc:
+            if sent and not isinstance(exc, errors.MonitorRefused):
+                # No answer: qemu may have switched. Everything stays the VM's (the
+                # new leaf's lease dies with qemu; both volumes in its record are
+                # watched and deactivated at its end): never undone blind.
+                watch.reload.set()
+                raise errors.MonitorError(
+                    f"VM {pid}: the switch to the new leaf {new.uuid} got no answer "
+                    f"({exc}): qemu may write either volume; both stay the VM's until "
+                    "it ends") from exc
             log.error("VM %d: live snapshot of %s failed before the switch: %s; undoing",
                       pid, volume, exc)
-            if added:
-                with contextlib.suppress(errors.Error):
-                    monitor.remove_node(node)
-            if acquired:
-                with contextlib.suppress(errors.Error):
-                    layout.release_volume(new, pid=pid)
-            with contextlib.suppress(errors.Error):
-                domain.deactivate_volume(new.uuid)
-            ctx.ask(DeleteVolume(new.uuid, request_id=f"{rid}:undo",
-                                 domain=record.domain))
+            _undo(ctx, watch, record, layout, domain, new, node, added, acquired, rid)
             raise
-        # The old leaf is only read now: its lease becomes shared, so that a
-        # migration's destination can take its own shared lease on it. sanlock has no
-        # conversion here: released, then acquired shared at once. In between nobody
-        # can take it exclusively for a write: it is internal, with a child.
-        old = volume_mod.get_volume(domain, volume)
-        try:
-            layout.release_volume(old, pid=pid)
-            layout.acquire_volume(old, shared=True, pid=pid)
-        except errors.Error as exc:
-            log.error("VM %d: the lease of %s, now read only, could not be made shared "
-                      "(%s): a migration of this VM will be refused until it restarts",
-                      pid, volume, exc)
-        watch.record = dataclasses.replace(record, volumes=tuple(
-            (new.uuid, path) if u == volume else (u, p) for u, p in record.volumes))
-        try:
-            write_record(ctx.paths, watch.record)
-        except OSError as exc:  # the watch knows; a restarted daemon would not
-            log.error("VM %d: its record could not be written: %s", pid, exc)
+        # Switched: qemu writes the new leaf only; the old one is read.
+        others = tuple(dict.fromkeys((*record.others, volume)))
+        _save(ctx, watch, dataclasses.replace(record, volumes=tuple(
+            (new.uuid, path) if u == volume else (u, p) for u, p in record.volumes),
+            others=others))
         watch.reload.set()
+        _old_leaf_shared(ctx, monitor, layout, domain, pid, volume, active, old_path)
         log.info("VM %d: live snapshot: writes %s now, over %s", pid, new.uuid, volume)
         return volume_mod.get_volume(domain, new.uuid)
+
+
+def _save(ctx: Any, watch: Any, record: Any) -> None:
+    """The VM's record as it is now (a restarted daemon watches from it; `run`
+    deactivates what it names): a step that cannot be recorded is not taken."""
+    write_record(ctx.paths, record)
+    watch.record = record
+
+
+def _undo(ctx: Any, watch: Any, record: Any, layout: LeaseLayout, domain: Any,
+          new: VolumeInfo, node: str, added: bool, acquired: bool, rid: str) -> None:
+    """Before the switch: the node removed, the new leaf deactivated, then its lease
+    released (never a mapping without a lease), then the leaf deleted, which makes the
+    old one the leaf again."""
+    monitor = watch.monitor
+    if added and monitor is not None:
+        with contextlib.suppress(errors.Error):
+            monitor.remove_node(node)
+    try:
+        domain.deactivate_volume(new.uuid)
+    except errors.Error as exc:
+        log.error("VM %d: the new leaf %s stays active and leased (%s): it is deactivated "
+                  "when the VM ends; delete it then", watch.record.pid, new.uuid, exc)
+        return
+    if acquired:
+        with contextlib.suppress(errors.Error):
+            layout.release_volume(new, pid=watch.record.pid)
+    with contextlib.suppress(OSError):
+        _save(ctx, watch, record)
+    deadline = time.monotonic() + 15  # a dead qemu's lease: freed by sanlock at once
+    while True:
+        try:
+            ctx.ask(DeleteVolume(new.uuid, request_id=f"{rid}:undo", domain=record.domain))
+            return
+        except errors.VolumeInUse:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _old_leaf_shared(ctx: Any, monitor: Any, layout: LeaseLayout, domain: Any, pid: int,
+                     volume: str, active: str, path: str) -> None:
+    """The old leaf is read only now: once qemu says it opened it read-only, its
+    device is made read-only too (a write would fail, not land) and its lease shared
+    (released, then acquired shared: sanlock has no conversion here; in between
+    nobody can take it to write it: it is internal, with a child), so that a
+    migration's destination can take its own shared lease on it."""
+    try:
+        if not monitor.read_only(active):
+            log.error("VM %d: qemu still has %s open read-write after the switch: its "
+                      "lease stays exclusive", pid, volume)
+            return
+        set_read_only(domain.runner, path, True)
+        old = volume_mod.get_volume(domain, volume)
+        layout.release_volume(old, pid=pid)
+        layout.acquire_volume(old, shared=True, pid=pid)
+    except errors.Error as exc:
+        log.error("VM %d: the lease of %s, now read only, could not be made shared (%s): "
+                  "a migration's destination cannot open the chain until the VM ends",
+                  pid, volume, exc)

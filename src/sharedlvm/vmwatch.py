@@ -105,6 +105,7 @@ class VmMonitor(Protocol):
     def add_overlay(self, node: str, image_path: str) -> None: ...
     def snapshot(self, active: str, overlay: str) -> None: ...
     def remove_node(self, node: str) -> None: ...
+    def read_only(self, node: str) -> bool: ...
 
 
 # Records
@@ -122,6 +123,9 @@ class VmRecord:
     # A migration's source that completed and released its leases, at these versions
     # (vmmigrate.migrate_out): only ``vm resume`` at exactly these may run it again.
     released: tuple[tuple[str, int], ...] = ()
+    # Volumes the VM reads that ``run`` did not activate (the leaves it had before a
+    # live snapshot): deactivated with the rest when it ends.
+    others: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VmRecord:
@@ -129,7 +133,8 @@ class VmRecord:
                    str(data["domain"]),
                    tuple((str(v[0]), str(v[1])) for v in data["volumes"]),
                    str(data.get("incoming", "")),
-                   tuple((str(v[0]), int(v[1])) for v in data.get("released", ())))
+                   tuple((str(v[0]), int(v[1])) for v in data.get("released", ())),
+                   tuple(str(v) for v in data.get("others", ())))
 
 
 def vm_dir(paths: HostPaths) -> Path:
@@ -348,6 +353,11 @@ class VmWatch:
             # SHUTDOWN is not the end: with -no-shutdown qemu stays (a reset, then
             # cont); the watch ends when the monitor closes (MonitorError).
             event = monitor.next_event(self.settings.fallback)
+            if self.reload.is_set():  # a live snapshot's new leaf: before its event
+                self.reload.clear()
+                self._load(monitor)
+                for disk in self.disks:
+                    self._arm(monitor, disk)
             if event is not None and event.kind == THRESHOLD:
                 for disk in self.disks:
                     # an event of a threshold armed before (the highest-write check

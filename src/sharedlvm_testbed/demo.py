@@ -237,15 +237,17 @@ class DemoVm:
         self.qmp.execute("human-monitor-command",
                          {"command-line": f'qemu-io drive0 "{command}"'}, timeout=120)
 
-    def stop(self) -> None:
+    def stop(self) -> str:
+        """End qemu (through ``run``, which deactivates); what it printed."""
         self.qmp.close()
         if self.proc.poll() is None:
             self.proc.terminate()
-        out, _ = self.proc.communicate(timeout=60)
-        lines = [ln for ln in out.splitlines() if ln.startswith(("wrote", "read"))]
-        if any("fail" in ln.lower() for ln in out.splitlines()):
-            raise SystemExit(f"demo: a qemu-io request failed:\n{out[-1000:]}")
-        print(f"    qemu's own output: {len(lines)} requests, none failed")
+        try:
+            out, _ = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return out or ""
 
 
 def _vm_pids(host: Path) -> list[int]:
@@ -264,6 +266,7 @@ def running_vm(h1: Path, h2: Path, h3: Path) -> None:
     first = _lv_size(h2, vol)
     with tempfile.TemporaryDirectory(prefix="vm-", dir=h2.parent) as tmp:
         directory = Path(tmp)
+        outputs: list[str] = []
         vm = DemoVm(h2, vol, directory, "source")
         vms = [vm]
         try:
@@ -289,16 +292,20 @@ def running_vm(h1: Path, h2: Path, h3: Path) -> None:
             vms.append(dest)
             sharedlvm(h2, "vm", "migrate", str(vm.pid), "--to-root", str(h3),
                       "--to-pid", str(dest.pid), "--uri", uri)
-            vm.proc.communicate(timeout=60)  # the source's qemu quit
             vms.remove(vm)
+            outputs.append(vm.stop())  # the source's qemu quit by itself
             print("    on host3, every byte the guest wrote on host2 reads back:")
             for i in range(16):
                 dest.io(f"read -P {0x10 + i:#x} {i * 64}M 64M")
             sharedlvm(h3, "image", "info", json.loads(sharedlvm(
                 h3, "volume", "info", vol, "--json", quiet=True))["image"])
         finally:
-            for v in vms:
-                v.stop()
+            outputs += [v.stop() for v in vms]
+    for out in outputs:
+        if any("fail" in ln.lower() for ln in out.splitlines()):
+            raise SystemExit(f"demo: a qemu-io request failed:\n{out[-1000:]}")
+        requests = [ln for ln in out.splitlines() if ln.startswith(("wrote", "read"))]
+        print(f"    qemu's own output: {len(requests)} requests, none failed")
     sharedlvm(h3, "volume", "delete", vol)
 
 

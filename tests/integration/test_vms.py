@@ -281,19 +281,24 @@ def test_live_snapshot_switches_a_writing_vm_to_a_new_leaf(
     dest.read_ok(0, MiB, 0x53)
     dest.read_ok(MiB, PIECE - MiB, 0x51)
     dest.read_ok(PIECE, PIECE, 0x52)
+    # a second snapshot on host 3: the VM's third volume
+    third = h3.cli_json("vm", "snapshot", str(dest.pid))
+    assert third["parent"] == new["uuid"]
+    dest.write(2 * MiB, MiB, 0x54)
     dest.stop()
     vms.remove(dest)
     # nothing left mapped on host 2 or 3; host 3 reads the old leaf alone, the chain
     for h in (h2, h3):
         assert not vmwatch.read_records(h.paths)
-        for uuid in (vol, new["uuid"]):
+        for uuid in (vol, new["uuid"], third["uuid"]):
             shard = h.domain().volume_shard(uuid)
             assert shard.activator.path(shard.vg_name, uuid) is None, (h.index, uuid)
     old = h3.cli("run", "--volume", f"{vol}:ro", "--", "qemu-io", "-r", "-f", "qcow2",
                  "-c", f"read -P 0x51 0 {PIECE}", "-c", f"read -P 0 {PIECE} {PIECE}", "{0}")
     assert "Pattern verification failed" not in old.stdout, old.stdout
     both = h3.cli("run", "--image", f"{new['image']}:ro", "--", "qemu-io", "-r", "-f",
-                  "qcow2", "-c", f"read -P 0x53 0 {MiB}", "-c",
-                  f"read -P 0x51 {MiB} {PIECE - MiB}", "-c", f"read -P 0x52 {PIECE} {PIECE}",
-                  "{0}")
+                  "qcow2", "-c", f"read -P 0x53 0 {MiB}", "-c", f"read -P 0x54 {2 * MiB} {MiB}",
+                  "-c",
+                  f"read -P 0x51 {3 * MiB} {PIECE - 3 * MiB}", "-c",
+                  f"read -P 0x52 {PIECE} {PIECE}", "{0}")
     assert "Pattern verification failed" not in both.stdout, both.stdout
