@@ -22,7 +22,7 @@ from torturelib import Config, run_torture
 pytestmark = pytest.mark.integration
 
 SEED = 20261123
-MINUTES = 0.8  # of operations and faults; with set-up and the final checks ~80 s
+MINUTES = 0.7  # of operations and faults; with set-up and the final checks ~70 s
 # Faults closer than the long runs' 5-12 s: each fault's settle and check take seconds
 # of the minute too, and at 5-12 s a minute sometimes held only 3 faults.
 FAULT_GAP = (2.0, 5.0)

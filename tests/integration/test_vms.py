@@ -63,7 +63,7 @@ def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-d
 
 def test_thin_volume_grows_under_a_running_qemu(cluster: Cluster, vms: list[Qemu],
                                                 tmp_path: Path) -> None:
-    """A thin qcow2 volume's LV starts at 1 GiB; qemu writes 3 GiB into it at a steady
+    """A thin qcow2 volume's LV starts at 1 GiB; qemu writes 2.5 GiB into it at a steady
     rate and no write ever fails: the daemon of its host grows the LV ahead of the
     writes, through the manager on another host."""
     h2 = cluster.hosts[1]
@@ -76,7 +76,7 @@ def test_thin_volume_grows_under_a_running_qemu(cluster: Cluster, vms: list[Qemu
     # the daemon found the VM and armed a threshold 512 MiB below the LV's end
     wait_for(lambda: vm.threshold() == first - 512 * MiB, 30, "threshold armed")
     assert [r.volumes[0][0] for r in vmwatch.read_records(h2.paths)] == [vol]
-    total = 3 * GiB
+    total = 5 * GiB // 2
     for i, offset in enumerate(range(0, total, PIECE)):
         vm.write(offset, PIECE, 0x10 + i % 200)
         time.sleep(0.1)  # ~400 MB/s at most: a steady writer
