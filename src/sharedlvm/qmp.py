@@ -281,6 +281,9 @@ class QmpMonitor:
     def resume(self) -> None:
         self.qmp.execute("cont")
 
+    def pause(self) -> None:
+        self.qmp.execute("stop")
+
     # Live migration (vmmigrate.py). The destination qemu runs with ``-S -incoming
     # defer`` (incoming_argv): ``late-block-activate`` keeps its images inactive (no
     # write; opening them read the qcow2 headers) until ``cont``, which sharedlvm sends

@@ -38,7 +38,7 @@ from .activation import set_read_only
 from .lease_layout import LeaseLayout
 from .model import VolumeInfo
 from .requests import DeleteVolume, LiveSnapshotVolume
-from .vmwatch import write_record
+from .vmwatch import alive, write_record
 
 log = logging.getLogger(__name__)
 
@@ -83,26 +83,29 @@ def snapshot(ctx: Any, pid: int, volume: str | None, tags: dict[str, str],
         acquired = added = sent = False
         try:
             # Recorded before it is activated (`run` deactivates what the record names
-            # when qemu ends), then as written by the VM too until the switch is known:
-            # a daemon restarted meanwhile watches (and grows) whichever qemu writes.
+            # when qemu ends), then, once qemu has a node on it, as written by the VM
+            # too until the switch is known: a daemon restarted meanwhile watches (and
+            # grows) whichever qemu writes.
             _save(ctx, watch, dataclasses.replace(
                 record, others=(*record.others, new.uuid)))
             layout.acquire_volume(new, shared=False, pid=pid)
             acquired = True
             path = volume_mod.volume_path(domain, new.uuid, info=new)
+            sent = True  # from here a lost answer may hide a done command
+            monitor.add_overlay(node, path)
+            added = True
             _save(ctx, watch, dataclasses.replace(
                 record, volumes=(*record.volumes, (new.uuid, path)),
                 others=(*record.others, new.uuid)))
-            monitor.add_overlay(node, path)
-            added = True
-            sent = True
             monitor.snapshot(active, node)
         except Exception as exc:
             if sent and not isinstance(exc, errors.MonitorRefused):
-                # No answer: qemu may have switched. Everything stays the VM's (the
-                # new leaf's lease dies with qemu; both volumes in its record are
-                # watched and deactivated at its end): never undone blind.
-                watch.reload.set()
+                # No answer: qemu may have the node, or have switched. Everything stays
+                # the VM's (the new leaf's lease dies with qemu; what its record names
+                # is watched and deactivated at its end): never undone blind.
+                _remember(watch, dataclasses.replace(
+                    record, volumes=(*record.volumes, (new.uuid, path)),
+                    others=(*record.others, new.uuid)))
                 raise errors.MonitorError(
                     f"VM {pid}: the switch to the new leaf {new.uuid} got no answer "
                     f"({exc}): qemu may write either volume; both stay the VM's until "
@@ -111,15 +114,28 @@ def snapshot(ctx: Any, pid: int, volume: str | None, tags: dict[str, str],
                       pid, volume, exc)
             _undo(ctx, watch, record, layout, domain, new, node, added, acquired, rid)
             raise
-        # Switched: qemu writes the new leaf only; the old one is read.
+        # Switched: qemu writes the new leaf only; the old one is read. The watch
+        # follows even if the record cannot be written (a restarted daemon would not).
         others = tuple(dict.fromkeys((*record.others, volume)))
-        _save(ctx, watch, dataclasses.replace(record, volumes=tuple(
+        switched = dataclasses.replace(record, volumes=tuple(
             (new.uuid, path) if u == volume else (u, p) for u, p in record.volumes),
-            others=others))
-        watch.reload.set()
-        _old_leaf_shared(ctx, monitor, layout, domain, pid, volume, active, old_path)
+            others=others)
+        try:
+            write_record(ctx.paths, switched)
+        except OSError as exc:
+            log.error("VM %d: its record could not be written after the switch: %s",
+                      pid, exc)
+        _remember(watch, switched)
+        with watch.grow_lock:  # no grow of the old leaf in flight: its refresh would
+            _old_leaf_shared(ctx, monitor, layout, domain, pid, volume, active, old_path)
         log.info("VM %d: live snapshot: writes %s now, over %s", pid, new.uuid, volume)
         return volume_mod.get_volume(domain, new.uuid)
+
+
+def _remember(watch: Any, record: Any) -> None:
+    """The watch follows ``record`` (its disks reloaded before its next event)."""
+    watch.record = record
+    watch.reload.set()
 
 
 def _save(ctx: Any, watch: Any, record: Any) -> None:
@@ -147,8 +163,9 @@ def _undo(ctx: Any, watch: Any, record: Any, layout: LeaseLayout, domain: Any,
     if acquired:
         with contextlib.suppress(errors.Error):
             layout.release_volume(new, pid=watch.record.pid)
-    with contextlib.suppress(OSError):
-        _save(ctx, watch, record)
+    if alive(watch.record):  # else `run` has removed the record: not written again
+        with contextlib.suppress(OSError):
+            _save(ctx, watch, record)
     deadline = time.monotonic() + 15  # a dead qemu's lease: freed by sanlock at once
     while True:
         try:
@@ -175,8 +192,23 @@ def _old_leaf_shared(ctx: Any, monitor: Any, layout: LeaseLayout, domain: Any, p
         set_read_only(domain.runner, path, True)
         old = volume_mod.get_volume(domain, volume)
         layout.release_volume(old, pid=pid)
-        layout.acquire_volume(old, shared=True, pid=pid)
     except errors.Error as exc:
-        log.error("VM %d: the lease of %s, now read only, could not be made shared (%s): "
-                  "a migration's destination cannot open the chain until the VM ends",
+        log.error("VM %d: the lease of %s, now read only, stays exclusive (%s): a "
+                  "migration's destination cannot open the chain until the VM ends",
                   pid, volume, exc)
+        return
+    # Released: the VM reads it with no lease until one of these succeeds.
+    for shared in (True, True, True, False, False):
+        try:
+            layout.acquire_volume(old, shared=shared, pid=pid)
+            return
+        except errors.Error as exc:
+            log.warning("VM %d: re-acquiring the lease of %s (%s): %s", pid, volume,
+                        "shared" if shared else "exclusive", exc)
+            time.sleep(0.2)
+    # Nobody may change a volume a running VM reads: the VM is stopped (not resumed
+    # by sharedlvm: a pause that is not its own) for the administrator.
+    log.critical("VM %d: no lease could be taken back on %s, which it reads: VM paused",
+                 pid, volume)
+    with contextlib.suppress(errors.Error):
+        monitor.pause()

@@ -92,6 +92,7 @@ class VmMonitor(Protocol):
     def migrating(self) -> bool: ...
     def status(self) -> tuple[bool, str]: ...
     def resume(self) -> None: ...
+    def pause(self) -> None: ...
     def next_event(self, timeout: float) -> Event | None: ...
     def close(self) -> None: ...
     # live migration (vmmigrate.py)
@@ -262,6 +263,9 @@ class VmWatch:
         # The VM writes other volumes now (a live snapshot's new leaf): the watch
         # finds its disks again from ``record``.
         self.reload = threading.Event()
+        # Held by a grow (manager, then refresh) and by a live snapshot's change of the
+        # old leaf to read-only: a refresh in flight must not undo that.
+        self.grow_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"vm-{record.pid}",
                                        daemon=True)
 
@@ -322,8 +326,12 @@ class VmWatch:
             info = self.host.volume_info(self.record.domain, uuid)
             if info.format != VolumeFormat.QCOW2 or info.alloc != Allocation.THIN:
                 continue  # its LV already holds all it can ever need
-            size = device_size(path)
-            node = monitor.leaf_node(path)
+            try:
+                size = device_size(path)
+                node = monitor.leaf_node(path)
+            except (OSError, MonitorError) as exc:  # recorded, not (yet) opened by qemu
+                log.warning("VM %d: volume %s not watched: %s", self.record.pid, uuid, exc)
+                continue
             # the first extend's rate: what was written since the watch began
             self.disks.append(_Disk(uuid, path, node, monitor.disk_nodes(path), size,
                                     max_lv_size(info), history=[(0.0, size)],
@@ -412,11 +420,14 @@ class VmWatch:
         target = min(max(disk.size + chunk, disk.want), disk.most)
         disk.want = target
         try:
-            grown = self.host.grow_thin(self.record.domain, disk.uuid, target)
-            done = time.monotonic()
-            self.host.refresh_thin(self.record.domain, disk.uuid)
-            refreshed = time.monotonic()
-            size = device_size(disk.path)
+            with self.grow_lock:
+                if self.reload.is_set():  # a live snapshot changed the VM's volumes
+                    return False
+                grown = self.host.grow_thin(self.record.domain, disk.uuid, target)
+                done = time.monotonic()
+                self.host.refresh_thin(self.record.domain, disk.uuid)
+                refreshed = time.monotonic()
+                size = device_size(disk.path)
         except (errors.Error, OSError) as exc:
             self.host.observe("vm.extend", False, time.monotonic() - start)
             log.error("VM %d: growing volume %s to %d bytes failed: %s", self.record.pid,

@@ -32,14 +32,19 @@ def info(uuid: str, parent: str | None = None) -> VolumeInfo:
 
 class Monitor:
     def __init__(self, log: list[Any], switch: Exception | None = None,
-                 ro: bool = True) -> None:
-        self.log, self.switch, self.ro = log, switch, ro
+                 ro: bool = True, add: Exception | None = None) -> None:
+        self.log, self.switch, self.ro, self.add = log, switch, ro, add
 
     def active_node(self, path: str) -> str:
         return "old-top"
 
     def add_overlay(self, node: str, path: str) -> None:
         self.log.append(("add", node, path))
+        if self.add:
+            raise self.add
+
+    def pause(self) -> None:
+        self.log.append(("pause",))
 
     def snapshot(self, active: str, overlay: str) -> None:
         self.log.append(("switch", active, overlay))
@@ -54,12 +59,16 @@ class Monitor:
 
 
 class Layout:
+    refuse_again = False  # the old leaf's lease cannot be taken back
+
     def __init__(self, log: list[Any]) -> None:
         self.log = log
         self.lockspace = "ls"
 
     def acquire_volume(self, vol: VolumeInfo, shared: bool, pid: int) -> None:
         self.log.append(("acquire", vol.uuid, "shared" if shared else "exclusive"))
+        if vol.uuid == VOL and Layout.refuse_again:
+            raise errors.LeaseError("held")
 
     def release_volume(self, vol: VolumeInfo, pid: int) -> None:
         self.log.append(("release", vol.uuid))
@@ -110,6 +119,7 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     monkeypatch.setattr(vmlive.volume_mod, "get_volume", lambda d, uuid: info(uuid))
     monkeypatch.setattr(vmlive, "set_read_only",
                         lambda runner, path, ro: log.append(("setro", path)))
+    monkeypatch.setattr(vmlive, "alive", lambda record: True)
     return log
 
 
@@ -200,3 +210,39 @@ def test_grow_thin_asks_the_manager_first_and_reads_only_when_refused(
     daemon.volume_info = lambda d, v: replace(info(v), size=GiB)  # type: ignore
     with pytest.raises(errors.InvalidArgument):
         daemon.grow_thin("dom1", VOL, 2 * GiB)
+
+
+def test_a_lost_answer_to_the_node_is_never_undone(tmp_path: Path,
+                                                   fakes: list[Any]) -> None:
+    ctx = Ctx(tmp_path, fakes, Monitor(fakes, add=errors.Timeout("no answer")))
+    with pytest.raises(errors.MonitorError, match="may write either"):
+        vmlive.snapshot(ctx, PID, None, {}, None)
+    assert steps(fakes) == ["ask", "acquire", "activate", "add"]
+    assert ctx.watch.record.others == (NEW,) and ctx.watch.reload.is_set()
+
+
+def test_the_watch_follows_the_switch_when_the_record_cannot_be_written(
+        tmp_path: Path, fakes: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = Ctx(tmp_path, fakes, Monitor(fakes))
+    real = vmlive.write_record
+    writes = []
+
+    def write(paths: HostPaths, record: Any) -> None:
+        writes.append(record)
+        if len(writes) == 3:  # the one after the switch
+            raise OSError(28, "No space left on device")
+        real(paths, record)
+
+    monkeypatch.setattr(vmlive, "write_record", write)
+    vmlive.snapshot(ctx, PID, None, {}, None)
+    assert ctx.watch.record.volumes == ((NEW, "/dev/new"),) and ctx.watch.reload.is_set()
+
+
+def test_an_old_leaf_whose_lease_cannot_be_taken_back_pauses_the_vm(
+        tmp_path: Path, fakes: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Layout, "refuse_again", True)
+    monkeypatch.setattr(vmlive.time, "sleep", lambda s: None)
+    vmlive.snapshot(Ctx(tmp_path, fakes, Monitor(fakes)), PID, None, {}, None)
+    retakes = [e[2] for e in fakes if e[0] == "acquire" and e[1] == VOL]
+    assert retakes == ["shared"] * 3 + ["exclusive"] * 2
+    assert fakes[-1] == ("pause",)
