@@ -308,7 +308,14 @@ def _show_hosts(request: rq.Request, hosts: list[HostInfo]) -> None:
 
 
 # How each result is shown to people (--json shows the result as it travels).
+def _show_vms(found: list[Any]) -> None:
+    _table([[str(v.pid), v.domain, v.state, "yes" if v.watched else "no",
+             ",".join(v.writes) or "-", ",".join(v.reads) or "-"] for v in found],
+           ["PID", "DOMAIN", "STATE", "WATCHED", "WRITES", "ALSO READS"])
+
+
 _PRINTERS: dict[str, Callable[[Any, Any], None]] = {
+    "vm.list": lambda a, r: _show_vms(r),
     "volume.create": lambda a, r: _show_volumes([r]),
     "volume.extend": lambda a, r: _show_volumes([r]),
     "volume.info": lambda a, r: _show_volumes([r]),

@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from typing import Any, Protocol
 
-from . import copies, errors, images, vmlive, vmmigrate
+from . import copies, errors, images, vmlive, vmmigrate, vmwatch
 from . import domain as domain_mod
 from . import volume as volume_mod
 from .copies import CopySettings
@@ -34,6 +34,7 @@ from .model import (
     Released,
     ServiceStatus,
     TakenOver,
+    VmInfo,
     VolumeInfo,
 )
 from .requests import (
@@ -51,6 +52,7 @@ from .requests import (
     GetStatus,
     GetVolume,
     ListHosts,
+    ListVms,
     ListVolumes,
     LiveSnapshotVolume,
     MergeVolume,
@@ -326,6 +328,10 @@ def get_metrics(ctx: Context, req: GetMetrics) -> str:
 
 
 # Running VMs: live migration's steps (vmmigrate.py)
+
+
+def list_vms(ctx: Context, req: ListVms) -> list[VmInfo]:
+    return vmwatch.list_vms(ctx)
 
 
 def vm_incoming(ctx: Context, req: VmIncoming) -> Done:

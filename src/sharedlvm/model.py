@@ -136,6 +136,18 @@ class Done:
 
 
 @dataclass(frozen=True)
+class VmInfo:
+    """A VM started by ``sharedlvm run`` on this host, as its record and watch say."""
+
+    pid: int  # its qemu: the PID of the ``vm`` commands
+    domain: str
+    writes: list[str]  # the volumes it writes
+    reads: list[str]  # volumes it reads that run did not activate (former leaves)
+    state: str  # "running", a migration's "incoming" or "migrated-out"
+    watched: bool  # the daemon's watch is connected to its monitor
+
+
+@dataclass(frozen=True)
 class MigratedOut:
     """A live migration's source side, done: qemu completed the migration (the guest
     stopped, its images flushed and inactive) and the leases it held were released, at

@@ -130,6 +130,7 @@ TABLE: tuple[Operation, ...] = (
     Operation(rq.GetStatus, handlers.get_status, http=("GET", "/v1/status")),
     Operation(rq.Reload, handlers.reload, http=("POST", "/v1/reload")),
     Operation(rq.GetMetrics, handlers.get_metrics, cli=("metrics",)),
+    Operation(rq.ListVms, handlers.list_vms, http=("GET", "/v1/vms"), cli=("vm", "list")),
     Operation(rq.VmIncoming, handlers.vm_incoming, http=("POST", "/v1/vms/{pid}/incoming"),
               cli=("vm", "incoming")),
     Operation(rq.VmMigrateOut, handlers.vm_migrate_out,

@@ -39,6 +39,7 @@ from .model import (
     Released,
     ServiceStatus,
     TakenOver,
+    VmInfo,
     VolumeFormat,
     VolumeInfo,
     check_request_id,
@@ -754,6 +755,14 @@ def _check_versions(versions: Any) -> None:
                               "with its lease version (a positive integer)")
     for volume in versions:
         check_uuid(volume)
+
+
+@dataclass(frozen=True)
+class ListVms(Request):
+    """VMs started by 'sharedlvm run' on this host: their qemu pids, volumes, state"""
+
+    op: ClassVar[str] = "vm.list"
+    Result: ClassVar[Any] = list[VmInfo]
 
 
 @dataclass(frozen=True)

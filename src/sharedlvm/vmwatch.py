@@ -42,7 +42,7 @@ from typing import Any, Protocol
 from . import errors, qemu_img
 from .domain import device_size
 from .errors import MonitorError
-from .model import Allocation, VolumeFormat, VolumeInfo
+from .model import Allocation, VmInfo, VolumeFormat, VolumeInfo
 from .paths import HostPaths
 from .qmp import IO_ERROR, THRESHOLD, Event, QmpMonitor
 from .units import GiB, MiB, round_up
@@ -575,3 +575,18 @@ class VmWatcher:
                 watch.start()
         for pid in set(self.watches) - seen:
             self.watches.pop(pid)
+
+
+def list_vms(ctx: Any) -> list[VmInfo]:
+    """The VMs of this host whose qemu lives, as their records and watches say."""
+    found = []
+    for record in read_records(ctx.paths):
+        if not alive(record):
+            continue
+        watch = ctx.vms.watches.get(record.pid)
+        state = ("incoming" if record.incoming else
+                 "migrated-out" if record.released else "running")
+        found.append(VmInfo(record.pid, record.domain, [u for u, _ in record.volumes],
+                            list(record.others), state,
+                            bool(watch is not None and watch.connected.is_set())))
+    return found

@@ -106,6 +106,10 @@ def test_live_migration_hands_the_lease_over_with_an_extend_during_it(
     qemus.append(b)
     assert b.status() == "inmigrate"
     assert lease_on_disk(h2, vol) == ([2], version)  # the destination holds nothing
+    listed = wait_for(lambda: [(v["pid"], v["state"], v["writes"], v["watched"])
+                               for v in h3.cli_json("vm", "list")
+                               if v["watched"]], 30, "destination watched")
+    assert listed == [(b.pid, "incoming", [vol], True)]
     pause_before_switchover(a)
     proc = migrate(a, b, uri)
     wait_for(lambda: a.migration() == "pre-switchover" or proc.poll() is not None, 60,
@@ -136,6 +140,9 @@ def test_live_migration_hands_the_lease_over_with_an_extend_during_it(
     # take it for a migration under way (ENOSPC resume would never happen again)
     assert b.migration() == "completed"
     assert a.proc.wait(timeout=60) == 0  # the source's qemu quit, its run ended
+    assert [(v["pid"], v["state"]) for v in h3.cli_json("vm", "list")] == [(b.pid,
+                                                                            "running")]
+    assert h2.cli_json("vm", "list") == []
     assert [r.pid for r in vmwatch.read_records(h2.paths)] == []
     for i in range(last):  # everything the source wrote, read on the destination
         b.read_ok(i * PIECE, PIECE, 0x30 + i)

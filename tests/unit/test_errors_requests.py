@@ -123,7 +123,7 @@ def test_every_request_round_trips() -> None:
         rq.DeleteImage(VOL, wipe=True, request_id="r-7"),
         rq.VmIncoming(4321), rq.VmMigrateOut(4321, "unix:/run/m.sock", timeout=60),
         rq.VmTakeOver(4321, {VOL: 7}), rq.VmResume(4321, {VOL: 7}), rq.VmQuit(4321),
-        rq.VmSnapshot(4321, VOL, {"k": "v"}, "r-8"),
+        rq.VmSnapshot(4321, VOL, {"k": "v"}, "r-8"), rq.ListVms(),
         rq.LiveSnapshotVolume(VOL, 3, request_id="r-9"),
     ]
     assert {type(s) for s in samples} == {op.request for op in operations.TABLE}

@@ -210,3 +210,23 @@ def test_no_enospc_resume_while_a_migration_step_runs(tmp_path: Path) -> None:
         vmwatch.ThinSettings(fallback=3600), threading.Event(), connect=lambda _: monitor2)
     watch2._run()
     assert ("resume", None) in monitor2.calls  # the same without a migration step
+
+
+def test_vm_list_shows_live_vms_and_their_state(tmp_path: Path) -> None:
+    """`vm list`: the pids the `vm` commands take, from the records of live qemus (a
+    record of a process gone is not shown)."""
+    import os
+
+    from sharedlvm.paths import HostPaths
+
+    paths = HostPaths(tmp_path)
+    me = os.getpid()
+    start = vmwatch.process_start(me) or 0
+    vmwatch.write_record(paths, vmwatch.VmRecord(me, start, "m", "dom1", ((VOL, "/dev/x"),),
+                                                 released=((VOL, 4),), others=("o",)))
+    vmwatch.write_record(paths, vmwatch.VmRecord(2**22 - 1, 1, "m", "dom1", ()))
+    ctx = type("Ctx", (), {"paths": paths,
+                           "vms": type("V", (), {"watches": {}})()})()
+    (vm,) = vmwatch.list_vms(ctx)
+    assert (vm.pid, vm.writes, vm.reads, vm.state, vm.watched) == (
+        me, [VOL], ["o"], "migrated-out", False)
