@@ -6,8 +6,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from bed import Host
+from bed import Cluster, Host
 
 from sharedlvm import qmp, vmwatch
 
@@ -92,3 +93,19 @@ class Qemu:
             self.proc.kill()
             self.proc.wait()
         self._out.close()
+
+
+def lv_size(cluster: Cluster, vol: str) -> int:
+    """The LV's size as LVM has it on the LUN."""
+    lvm = cluster.raw_lvm()
+    return next(lv.size for vg in lvm.vgs() for lv in lvm.lvs(vg.name) if lv.name == vol)
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)

@@ -32,12 +32,13 @@ import time
 import uuid as uuid_mod
 from typing import Any
 
-from . import errors, leases
+from . import errors
 from . import volume as volume_mod
 from .activation import set_read_only
 from .lease_layout import LeaseLayout
 from .model import VolumeInfo
 from .requests import DeleteVolume, LiveSnapshotVolume
+from .vmmigrate import held_by, running_watch
 from .vmwatch import alive, write_record
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,7 @@ log = logging.getLogger(__name__)
 
 def snapshot(ctx: Any, pid: int, volume: str | None, tags: dict[str, str],
              request_id: str | None) -> VolumeInfo:
-    watch = ctx.vms.watch_of(pid)
-    if not watch.handed_over.is_set():
-        raise errors.InvalidArgument(f"VM {pid} is a migration's destination, not running "
-                                     "here yet")
+    watch = running_watch(ctx, pid, "live snapshot")
     with watch.migration_lock:
         record = watch.record
         writes = dict(record.volumes)
@@ -62,9 +60,8 @@ def snapshot(ctx: Any, pid: int, volume: str | None, tags: dict[str, str],
             raise errors.InvalidArgument(f"VM {pid} does not write volume {volume}")
         domain = ctx.domain(record.domain)
         layout = LeaseLayout(domain)
-        mine = {h.resource: h.shared for h in leases.inquire(pid=pid)
-                if h.lockspace == layout.lockspace}
-        if mine.get(volume) is not False:
+        lease = held_by(pid, layout).get(volume)
+        if lease is None or lease.shared:
             raise errors.Busy(f"VM {pid} does not hold volume {volume}'s lease "
                               "exclusively: no live snapshot")
         monitor = watch.connected_monitor()

@@ -56,6 +56,21 @@ log = logging.getLogger(__name__)
 # How often the source's migration status is read (the handoff starts at most this
 # long after qemu completed).
 POLL = 0.01
+def running_watch(ctx: Any, pid: int, doing: str) -> VmWatch:
+    """The watch of VM ``pid``, which runs here (not a migration's destination
+    waiting for its handoff)."""
+    watch: VmWatch = ctx.vms.watch_of(pid)
+    if not watch.handed_over.is_set():
+        raise errors.InvalidArgument(f"VM {pid} is a migration's destination, not "
+                                     f"running here yet: no {doing}")
+    return watch
+
+
+def held_by(pid: int, layout: LeaseLayout) -> dict[str, leases.Held]:
+    """The leases of ``layout``'s domain that process ``pid`` holds now, by volume."""
+    return {h.resource: h for h in leases.inquire(pid=pid) if h.lockspace == layout.lockspace}
+
+
 def _volumes(ctx: Any, record: VmRecord) -> list[tuple[VolumeInfo, str]]:
     domain = ctx.domain(record.domain)
     return [(volume_mod.get_volume(domain, uuid), path) for uuid, path in record.volumes]
@@ -73,16 +88,12 @@ def incoming(ctx: Any, pid: int) -> None:
 
 
 def migrate_out(ctx: Any, pid: int, uri: str, timeout: float) -> MigratedOut:
-    watch = ctx.vms.watch_of(pid)
-    if not watch.handed_over.is_set():
-        raise errors.InvalidArgument(f"VM {pid} is a migration's destination, not running "
-                                     "here yet")
+    watch = running_watch(ctx, pid, "migration out")
     with watch.migration_lock:
         monitor = watch.connected_monitor()
         vols = _volumes(ctx, watch.record)
         layout = LeaseLayout(ctx.domain(watch.record.domain))
-        held = {h.resource: h for h in leases.inquire(pid=pid)
-                if h.lockspace == layout.lockspace}
+        held = held_by(pid, layout)
         versions = {}
         for info, _ in vols:
             lease = held.get(info.uuid)
@@ -164,8 +175,7 @@ def take_over(ctx: Any, pid: int, versions: dict[str, int]) -> TakenOver:
         monitor = watch.connected_monitor()
         layout = LeaseLayout(ctx.domain(record.domain))
         vols = _volumes(ctx, record)
-        held = {h.resource for h in leases.inquire(pid=pid)
-                if h.lockspace == layout.lockspace}
+        held = set(held_by(pid, layout))
         acquired: list[VolumeInfo] = []
         resumed = False
         try:
@@ -209,8 +219,7 @@ def take_over(ctx: Any, pid: int, versions: dict[str, int]) -> TakenOver:
             now = {} if acquired or resumed or held else dict(versions)
             reason = str(exc) if isinstance(exc, errors.Error) else repr(exc)
             raise errors.HandoffFailed(pid, reason, now) from exc
-        mine = {h.resource: h.version for h in leases.inquire(pid=pid)
-                if h.lockspace == layout.lockspace}
+        mine = {u: h.version for u, h in held_by(pid, layout).items()}
         watch.record = dataclasses.replace(record, incoming="")
         try:  # a restarted daemon must know it runs here
             write_record(ctx.paths, watch.record)
@@ -267,16 +276,12 @@ def resume_source(ctx: Any, pid: int, versions: dict[str, int]) -> None:
     """A migration's source after a failed handoff: its leases back at the versions it
     released them at (refused by sanlock if anyone acquired them since), then
     ``cont``."""
-    watch = ctx.vms.watch_of(pid)
-    if not watch.handed_over.is_set():
-        raise errors.InvalidArgument(f"VM {pid} is a migration's destination, not its "
-                                     "source")
+    watch = running_watch(ctx, pid, "resume of a migration's source")
     with watch.migration_lock:
         monitor = watch.connected_monitor()
         released = dict(watch.record.released)
         layout = LeaseLayout(ctx.domain(watch.record.domain))
-        held = {h.resource for h in leases.inquire(pid=pid)
-                if h.lockspace == layout.lockspace}
+        held = set(held_by(pid, layout))
         vols = _volumes(ctx, watch.record)
         missing = [info.uuid for info, _ in vols if info.uuid not in held]
         if missing and versions != released:

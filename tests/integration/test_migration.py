@@ -17,14 +17,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from bed import Cluster, Host
-from qemu_vm import Qemu
+from qemu_vm import Qemu, lv_size, wait_for
 
 from sharedlvm import leases, vmwatch
 from sharedlvm.command import Runner
@@ -53,21 +51,6 @@ def lease_on_disk(host: Host, vol: str) -> tuple[list[int], int]:
     info = get_volume(domain, vol)
     layout = LeaseLayout(domain)
     return sorted(layout.holders(info)), layout.lease_version(info)
-
-
-def lv_size(cluster: Cluster, vol: str) -> int:
-    lvm = cluster.raw_lvm()
-    return next(lv.size for vg in lvm.vgs() for lv in lvm.lvs(vg.name) if lv.name == vol)
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.05)
 
 
 def migrate(source: Qemu, dest: Qemu, uri: str, env: dict[str, str] | None = None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from bed import Cluster, Host, destroy_cluster, make_cluster
-from qemu_vm import Qemu
+from qemu_vm import Qemu, lv_size, wait_for
 
 from sharedlvm import leases, vmwatch
 from sharedlvm.command import Runner
@@ -44,21 +44,6 @@ def vms(cluster: Cluster, tmp_path: Path) -> Iterator[list[Qemu]]:
     yield started
     for vm in started:
         vm.stop()
-
-
-def lv_size(cluster: Cluster, vol: str) -> int:
-    lvm = cluster.raw_lvm()
-    return next(lv.size for vg in lvm.vgs() for lv in lvm.lvs(vg.name) if lv.name == vol)
-
-
-def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.1)
 
 
 def test_thin_volume_grows_under_a_running_qemu(cluster: Cluster, vms: list[Qemu],
