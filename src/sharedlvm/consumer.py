@@ -91,6 +91,7 @@ def run_with_leases(paths: HostPaths, domain: Domain | None,
         for vol, ro in zip(infos, modes, strict=True):
             if not ro:
                 images.require_writable(vol, "write", "use UUID:ro")
+    images.require_current(infos)
     if domain is not None and qmp.is_qemu(argv[0]):
         qmp.check_argv(list(argv))  # before anything is acquired or activated
     placeholders = 1 if chain_of is not None else len(infos)
@@ -189,7 +190,7 @@ def _supervise(pid: int, domain: Domain | None, infos: list[VolumeInfo],
     if domain is not None:
         if image is not None:
             images.unlink_chain(domain, image, [i.uuid for i in infos])
-        deactivate_unused(domain, infos + _added_live(domain, paths, pid, infos))
+        deactivate_unused(domain, infos + _added_live(domain, paths, pid, infos), dead=pid)
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell
 
@@ -213,11 +214,27 @@ def _added_live(domain: Domain, paths: HostPaths | None, pid: int,
     return added
 
 
-def deactivate_unused(domain: Domain, infos: list[VolumeInfo]) -> None:
-    """Deactivate the volumes no process on this host holds (sanlock frees a dead
-    consumer's leases within moments; a volume another local process still holds
-    stays)."""
+# How long sanlock may take to free a dead consumer's leases: within moments when idle,
+# but each release is a write on the lease area, queued behind whatever else the
+# host's storage is doing (seen: over 2 s on a busy loop bed).
+RELEASE_WAIT = 15.0
+
+
+def deactivate_unused(domain: Domain, infos: list[VolumeInfo], dead: int | None = None
+                      ) -> None:
+    """Deactivate the volumes no process on this host holds; a volume another local
+    process still holds stays. ``dead``: the consumer that held them, gone: its leases
+    are waited for until sanlock has freed them all (up to RELEASE_WAIT)."""
     layout = LeaseLayout(domain)
+    if dead is not None:
+        deadline = time.monotonic() + RELEASE_WAIT
+        while time.monotonic() < deadline:
+            try:
+                if not leases.inquire(pid=dead):
+                    break
+            except errors.Error:  # sanlock forgot the process: nothing left held
+                break
+            time.sleep(0.05)
     for info in infos:
         deadline = time.monotonic() + 2.0
         while domain.host_id in layout.holders(info) and time.monotonic() < deadline:

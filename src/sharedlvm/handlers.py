@@ -54,6 +54,7 @@ from .requests import (
     ListHosts,
     ListVms,
     ListVolumes,
+    LiveMergeVolume,
     LiveSnapshotVolume,
     MergeVolume,
     PrepareImage,
@@ -70,6 +71,7 @@ from .requests import (
     TemplateVolume,
     UploadVolume,
     VmIncoming,
+    VmMerge,
     VmMigrateOut,
     VmQuit,
     VmResume,
@@ -354,6 +356,16 @@ def vm_resume(ctx: Context, req: VmResume) -> Done:
 
 def vm_snapshot(ctx: Context, req: VmSnapshot) -> VolumeInfo:
     return vmlive.snapshot(ctx, req.pid, req.volume, req.tags, req.request_id)
+
+
+def vm_merge(ctx: Context, req: VmMerge) -> VolumeInfo:
+    return vmlive.merge(ctx, req.pid, req.volume, req.request_id)
+
+
+def merged_live(ctx: Context, req: LiveMergeVolume) -> VolumeInfo:
+    service = ctx.service(req.domain)
+    return images.mark_merged(service.domain, req.volume, req.host_id,
+                              service.layout.holders)
 
 
 def vm_quit(ctx: Context, req: VmQuit) -> Done:

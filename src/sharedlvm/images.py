@@ -115,6 +115,16 @@ def require_writable(info: VolumeInfo, doing: str, hint: str = "") -> None:
         raise errors.ReadOnlyVolume(info.uuid, info.role.value, doing, hint)
 
 
+def require_current(infos: list[VolumeInfo]) -> None:
+    """No volume a running VM merged away is opened again: its parent holds newer
+    data than it (vmlive.merge)."""
+    for info in infos:
+        if info.state == VolumeState.MERGED:
+            raise errors.Busy(f"volume {info.uuid} was merged into {info.parent} by a "
+                              "running VM and is stale: 'sharedlvm volume merge "
+                              f"{info.uuid}' removes it")
+
+
 # The image directory
 
 
@@ -366,6 +376,9 @@ class _MergeIntent:
     # The parent's LV size before the merge: it is fitted afterwards, never below this
     # (0 in a journal written before it was recorded: not fitted).
     parent_size: int = 0
+    # A volume a running VM's qemu committed already (state merged, vmlive.merge):
+    # nothing is copied or rebased (qemu did both), the volume is only dropped.
+    stale: bool = False
 
 
 def merge_volume(domain: Domain, request: MergeVolume, exclusive: ExclusiveLease
@@ -395,6 +408,8 @@ def merge_volume(domain: Domain, request: MergeVolume, exclusive: ExclusiveLease
 
 def _plan_merge(domain: Domain, vol: str) -> _MergeIntent:
     info = get_volume(domain, vol)
+    if info.state == VolumeState.MERGED:
+        return _plan_drop(domain, info)
     if info.state != VolumeState.READY:
         raise errors.Busy(f"volume {vol} is {info.state}, not ready")
     if info.role == VolumeRole.TEMPLATE:
@@ -430,6 +445,65 @@ def _plan_merge(domain: Domain, vol: str) -> _MergeIntent:
                         parent_size=parent.size)
 
 
+def _plan_drop(domain: Domain, info: VolumeInfo) -> _MergeIntent:
+    """A merged volume's removal: its data is in its parent already (the running VM's
+    qemu committed it and writes the parent, or the volume above it, now)."""
+    if info.parent is None:
+        raise errors.CorruptRecord(f"volume {info.uuid} is merged but has no parent")
+    on_top = children(domain, info.uuid)
+    if len(on_top) > 1:
+        raise errors.HasChildren(info.uuid, on_top, "drop")
+    return _MergeIntent(volume=info.uuid, parent=info.parent,
+                        child=on_top[0] if on_top else None, image=info.image, above=[],
+                        stale=True)
+
+
+def mark_merged(domain: Domain, volume: str, host_id: int,
+                holders: Callable[[VolumeInfo], list[int]]) -> VolumeInfo:
+    """A running VM's live merge of ``volume`` into its parent went through in qemu
+    (vmlive.merge): the volume is marked stale (state merged) before the VM's qemu
+    writes anything more to the parent. From here on the volume is never opened
+    again (prepare refuses it) and a merge of it only drops it. Checked: the VM's host
+    alone holds its lease. One LVM commit; asked again, the same answer."""
+    domain.require_manager()
+    with domain.chain_lock(volume):
+        info = get_volume(domain, volume)
+        if info.state == VolumeState.MERGED:
+            return info
+        if info.state != VolumeState.READY:
+            raise errors.Busy(f"volume {volume} is {info.state}, not ready")
+        if info.parent is None:
+            raise errors.InvalidArgument(f"volume {volume} is the base of its chain: "
+                                         "nothing below it was merged into")
+        held = holders(info)
+        if held != [host_id]:
+            raise errors.Busy(f"volume {volume} is held by "
+                              f"{', '.join(f'host {h}' for h in held) or 'no host'}, not "
+                              f"by the VM of host {host_id} alone: not marked merged")
+        domain.require_manager_now()
+        with domain.manager_lock(domain.volume_shard(volume)):
+            _set_state(domain, volume, VolumeState.READY, VolumeState.MERGED)
+    log.info("volume %s merged into %s by a running VM on host %d", volume, info.parent,
+             host_id)
+    return get_volume(domain, volume)
+
+
+def _drop_merged(domain: Domain, a: _MergeIntent, top: VolumeInfo,
+                 exclusive: ExclusiveLease) -> VolumeInfo:
+    """A merged volume removed from its chain: the volume above it (if any) named the
+    parent's child (qemu wrote its header already), the volume's LV removed, the
+    parent a leaf again if nothing is on top. Only the merged volume's lease is taken:
+    free once the VM's host let it go, which proves no qemu has it open; the parent
+    and the child stay the running VM's."""
+    with exclusive(top):
+        domain.require_manager_now()
+        if a.child is not None:
+            _relink(domain, a)
+        _remove_merged(domain, a, top)
+    log.info("dropped volume %s, merged into %s by a running VM", a.volume, a.parent)
+    return get_volume(domain, a.parent)
+
+
 def _merge(domain: Domain, a: _MergeIntent, resumed: bool,
            exclusive: ExclusiveLease) -> VolumeInfo:
     try:
@@ -440,6 +514,8 @@ def _merge(domain: Domain, a: _MergeIntent, resumed: bool,
                 _leaf_again(domain, a.parent)
             return get_volume(domain, a.parent)
         raise
+    if a.stale:
+        return _drop_merged(domain, a, top, exclusive)
     parent = get_volume(domain, a.parent)
     # What is above may have changed while a cut merge waited for the next manager
     # (its leaf deleted): what is gone is neither held nor rebased.
@@ -465,26 +541,8 @@ def _merge(domain: Domain, a: _MergeIntent, resumed: bool,
             domain.require_manager_now()
             qemu_img.rebase_unsafe(domain.runner, c_path, a.parent, parent.format.value)
             failpoint("merge-rebased")
-            child = get_volume(domain, a.child)
-            if child.parent != a.parent:
-                shard = domain.volume_shard(a.child)
-                with domain.manager_lock(shard):
-                    shard.lvm.change_tags(shard.vg_name, a.child,
-                                          add=[tags.parent_tag(a.parent)],
-                                          delete=[tags.parent_tag(a.volume)])
-        failpoint("merge-relinked")
-        shard = domain.volume_shard(a.volume)
-        shard.activator.deactivate(shard.vg_name, a.volume)
-        with domain.manager_lock(shard):
-            domain.require_manager_now()
-            shard.lvm.lvremove_selected(shard.vg_name,
-                                        f"lv_name={a.volume}&&{VOLUME_SELECT}")
-        domain.placement.used(shard, -1, -top.size)
-        domain.clear_volume_shard(a.volume)
-        # A merged leaf: the parent is the leaf again, writable. Only now, with nothing
-        # on top of it: never a writable volume under another.
-        with domain.manager_lock(domain.volume_shard(a.parent)):
-            _leaf_again(domain, a.parent)
+            _relink(domain, a)
+        _remove_merged(domain, a, top)
         # The merge is done. Still holding the parent's lease, what the merge grew is
         # given back, best effort: a manager that dies before, or a fit that fails,
         # leaves the parent as the merge grew it, which is safe, only larger.
@@ -498,6 +556,35 @@ def _merge(domain: Domain, a: _MergeIntent, resumed: bool,
                 log.warning("merge: volume %s not fitted: %s", a.parent, exc)
     log.info("merged volume %s into %s", a.volume, a.parent)
     return get_volume(domain, a.parent)
+
+
+def _relink(domain: Domain, a: _MergeIntent) -> None:
+    """The merged volume's child named its parent's child (its tag; the header says so
+    already)."""
+    assert a.child is not None
+    if get_volume(domain, a.child).parent == a.parent:
+        return
+    shard = domain.volume_shard(a.child)
+    with domain.manager_lock(shard):
+        domain.require_manager_now()
+        shard.lvm.change_tags(shard.vg_name, a.child, add=[tags.parent_tag(a.parent)],
+                              delete=[tags.parent_tag(a.volume)])
+
+
+def _remove_merged(domain: Domain, a: _MergeIntent, top: VolumeInfo) -> None:
+    """The merged volume's LV removed (last: until here the chain reads the same with
+    or without it), then the parent the leaf again if nothing is on top of it: never
+    a writable volume under another."""
+    failpoint("merge-relinked")
+    shard = domain.volume_shard(a.volume)
+    shard.activator.deactivate(shard.vg_name, a.volume)
+    with domain.manager_lock(shard):
+        domain.require_manager_now()
+        shard.lvm.lvremove_selected(shard.vg_name, f"lv_name={a.volume}&&{VOLUME_SELECT}")
+    domain.placement.used(shard, -1, -top.size)
+    domain.clear_volume_shard(a.volume)
+    with domain.manager_lock(domain.volume_shard(a.parent)):
+        _leaf_again(domain, a.parent)
 
 
 def _exists_now(domain: Domain, volume: str) -> bool:

@@ -37,6 +37,10 @@ class VolumeState(StrEnum):
     CREATING = "creating"
     # Being wiped before removal: a new manager finishes it (rolled forward).
     REMOVING = "removing"
+    # Its data is in its parent already: a running VM's live merge committed it there
+    # and qemu went on with the parent (vmlive.merge). Stale: never opened again, only
+    # removed ("volume merge" drops it; a new manager rolls that forward).
+    MERGED = "merged"
     UNKNOWN = "unknown"
 
 

@@ -144,6 +144,11 @@ TABLE: tuple[Operation, ...] = (
     # asked by the VM's host's daemon only (vm snapshot): no command, no route
     Operation(rq.LiveSnapshotVolume, handlers.snapshot_volume_live, manager_only=True,
               forward=True, idempotent=True),
+    Operation(rq.VmMerge, handlers.vm_merge, http=("POST", "/v1/vms/{pid}/merge"),
+              cli=("vm", "merge")),
+    # asked by the VM's host's daemon only (vm merge): no command, no route
+    Operation(rq.LiveMergeVolume, handlers.merged_live, manager_only=True, forward=True,
+              idempotent=True),
     Operation(rq.VmQuit, handlers.vm_quit, http=("POST", "/v1/vms/{pid}/quit"),
               cli=("vm", "quit")),
 )

@@ -151,6 +151,7 @@ class PreparedVolumes:
 
     def _prepare(self, info: VolumeInfo, pid: int, shared: bool) -> str:
         volume = info.uuid
+        images.require_current([info])
         if not shared:
             images.require_writable(info, "prepare for writing", "use --shared")
         live = [p for p in self._held.get(volume, []) if pid_alive(p.pid)]

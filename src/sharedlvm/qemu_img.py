@@ -136,6 +136,22 @@ def measure(runner: Runner, path: str, fmt: str, target_format: str) -> dict[str
             "fully-allocated": int(data["fully-allocated"])}
 
 
+def measure_in_use(runner: Runner, node: dict[str, Any]) -> dict[str, int]:
+    """measure() of a chain a running qemu has open (``node``: alone() images): each
+    image opened read-only with ``force-share``, past qemu's image locks. What qemu
+    writes meanwhile is not counted: the caller adds room for it."""
+    def shared(n: dict[str, Any]) -> dict[str, Any]:
+        n = dict(n, **{"read-only": True, "force-share": True})
+        if n.get("backing"):
+            n["backing"] = shared(n["backing"])
+        return n
+
+    data = json.loads(_run(runner, ["qemu-img", "measure", "--output", "json", "-O",
+                                    "qcow2", json_name(shared(node))]))
+    return {"required": int(data["required"]),
+            "fully-allocated": int(data["fully-allocated"])}
+
+
 def convert_argv(source: str, source_format: str, target: str, target_format: str, *,
                  existing: bool, target_is_zero: bool, out_of_order: bool, rate: int = 0,
                  target_cache: str = "none") -> list[str]:

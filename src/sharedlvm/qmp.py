@@ -53,6 +53,32 @@ _EVENTS = {"BLOCK_WRITE_THRESHOLD": THRESHOLD, "BLOCK_IO_ERROR": IO_ERROR, "STOP
 _PROTOCOL_DRIVERS = ("host_device", "file")
 
 
+def _plain(filename: object) -> str:
+    """The path of the image a node of qemu reads: its ``filename``, or for a ``json:``
+    pseudo-filename (what qemu reports for a node whose options it cannot write as a
+    plain name: a live snapshot's overlay, added with its backing given) the filename
+    of its protocol node."""
+    name = str(filename)
+    if not name.startswith("json:"):
+        return name
+    try:
+        node = json.loads(name[5:])
+    except ValueError:
+        return name
+    while isinstance(node, dict) and isinstance(node.get("file"), dict):
+        node = node["file"]
+    if isinstance(node, dict) and isinstance(node.get("filename"), str):
+        return str(node["filename"])
+    return name
+
+
+def _names(filename: object, path: str) -> bool:
+    """qemu's ``filename`` of a node is the image ``path`` (itself, or a link to the
+    same device)."""
+    name = _plain(filename)
+    return name == path or os.path.realpath(name) == os.path.realpath(path)
+
+
 @dataclass(frozen=True)
 class Event:
     kind: str
@@ -228,22 +254,17 @@ class QmpMonitor:
     def leaf_node(self, image_path: str) -> str:
         """The protocol node reading and writing ``image_path`` (the device of the
         leaf: where a write threshold counts offsets in the LV)."""
-        wanted = os.path.realpath(image_path)
         for node in self.qmp.execute("query-named-block-nodes", {"flat": True}):
-            if node.get("drv") in _PROTOCOL_DRIVERS and (
-                    node.get("file") == image_path
-                    or os.path.realpath(str(node.get("file"))) == wanted):
+            if node.get("drv") in _PROTOCOL_DRIVERS and _names(node.get("file"), image_path):
                 return str(node["node-name"])
         raise MonitorError(f"the VM of {self.qmp.path} has no node on {image_path}")
 
     def disk_nodes(self, image_path: str) -> set[str]:
         """Every node opened on ``image_path``: its protocol node and the format node
         over it (the one BLOCK_IO_ERROR names)."""
-        wanted = os.path.realpath(image_path)
         return {str(node["node-name"])
                 for node in self.qmp.execute("query-named-block-nodes", {"flat": True})
-                if node.get("file") == image_path
-                or os.path.realpath(str(node.get("file"))) == wanted}
+                if _names(node.get("file"), image_path)}
 
     def arm_threshold(self, node: str, offset: int) -> None:
         """BLOCK_WRITE_THRESHOLD once a write reaches past ``offset`` on ``node``."""
@@ -318,11 +339,9 @@ class QmpMonitor:
 
     def active_node(self, image_path: str) -> str:
         """The top node of the drive whose active layer is ``image_path``."""
-        wanted = os.path.realpath(image_path)
         for dev in self.qmp.execute("query-block"):
             top = dev.get("inserted") or {}
-            if top.get("file") == image_path or \
-                    os.path.realpath(str(top.get("file"))) == wanted:
+            if top and _names(top.get("file"), image_path):
                 return str(top["node-name"])
         raise MonitorError(f"the VM of {self.qmp.path} has no drive on {image_path}")
 
@@ -348,6 +367,61 @@ class QmpMonitor:
             if entry.get("node-name") == node:
                 return bool(entry.get("ro"))
         raise MonitorError(f"the VM of {self.qmp.path} has no node {node}")
+
+    # Live merge (vmlive.merge): ``block-commit`` of a volume into the one below it,
+    # the job kept after it ends (``auto-dismiss`` off) so that its outcome is read,
+    # not missed as an event the watcher consumed.
+
+    def chain(self, image_path: str) -> list[str]:
+        """The files of the chain of the drive whose active layer is ``image_path``,
+        as qemu names them (see _names), the active layer first."""
+        for dev in self.qmp.execute("query-block"):
+            image = (dev.get("inserted") or {}).get("image")
+            if not image or not _names(image.get("filename"), image_path):
+                continue
+            files = []
+            while image:
+                files.append(_plain(image.get("filename")))
+                image = image.get("backing-image")
+            return files
+        raise MonitorError(f"the VM of {self.qmp.path} has no drive on {image_path}")
+
+    def format_node(self, image_path: str) -> str:
+        """The format node (qcow2, raw) qemu reads ``image_path`` through."""
+        for node in self.qmp.execute("query-named-block-nodes", {"flat": True}):
+            if node.get("drv") not in _PROTOCOL_DRIVERS and _names(node.get("file"),
+                                                                   image_path):
+                return str(node["node-name"])
+        raise MonitorError(f"the VM of {self.qmp.path} has no node on {image_path}")
+
+    def commit(self, job: str, device: str, top: str, base: str,
+               backing_file: str | None) -> None:
+        """Start committing node ``top`` into node ``base`` in the drive whose root
+        node is ``device``: an active commit (``top`` the active layer, pivoted by
+        complete_job once ready) or an intermediate one, whose ``backing_file`` is
+        written into the header of the image above ``top``."""
+        arguments: dict[str, Any] = {"job-id": job, "device": device, "top-node": top,
+                                     "base-node": base, "auto-dismiss": False}
+        if backing_file is not None:
+            arguments["backing-file"] = backing_file
+        self.qmp.execute("block-commit", arguments)
+
+    def job(self, job: str) -> tuple[str, str] | None:
+        """(status, error) of block job ``job``, None when qemu has no such job:
+        status "running", "ready" (an active commit in sync), "concluded", ..."""
+        for entry in self.qmp.execute("query-jobs"):
+            if entry.get("id") == job:
+                return str(entry.get("status", "")), str(entry.get("error", ""))
+        return None
+
+    def complete_job(self, job: str) -> None:
+        self.qmp.execute("job-complete", {"id": job})
+
+    def cancel_job(self, job: str) -> None:
+        self.qmp.execute("job-cancel", {"id": job})
+
+    def dismiss_job(self, job: str) -> None:
+        self.qmp.execute("job-dismiss", {"id": job})
 
     def quit(self) -> None:
         """End qemu (the VM moved away, or must not run)."""

@@ -240,15 +240,11 @@ class SnapshotVolume(Request):
 
 
 @dataclass(frozen=True)
-class LiveSnapshotVolume(Request):
-    """a snapshot of a running VM's leaf, asked by the VM's host (vm snapshot)"""
+class _HeldVolumeRequest(Request):
+    """An internal request about a volume whose lease the asking host holds."""
 
-    op: ClassVar[str] = "volume.snapshot-live"
-    Result: ClassVar[Any] = VolumeInfo
-
-    volume: str = arg("the running VM's leaf", positional=True)
-    host_id: int = arg("the VM's host: the only holder of the leaf's lease", 0)
-    tags: dict[str, str] = _user_tags("user tag of the new leaf, key=value (repeatable)")
+    volume: str = arg("volume UUID", positional=True)
+    host_id: int = arg("the host that holds the volume's lease", 0)
     request_id: str | None = arg("makes the request idempotent", None)
     domain: str | None = arg(_DOMAIN_HELP, None)
 
@@ -256,8 +252,32 @@ class LiveSnapshotVolume(Request):
         check_uuid(self.volume)
         if not 1 <= self.host_id <= 2000:
             raise InvalidArgument(f"invalid host id {self.host_id}")
-        _check_tags(self.tags)
         _check_common(self)
+
+
+@dataclass(frozen=True)
+class LiveSnapshotVolume(_HeldVolumeRequest):
+    """a snapshot of a running VM's leaf, asked by the VM's host (vm snapshot), the
+    leaf's lease's only holder"""
+
+    op: ClassVar[str] = "volume.snapshot-live"
+    Result: ClassVar[Any] = VolumeInfo
+
+    tags: dict[str, str] = _user_tags("user tag of the new leaf, key=value (repeatable)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_tags(self.tags)
+
+
+@dataclass(frozen=True)
+class LiveMergeVolume(_HeldVolumeRequest):
+    """a running VM's live merge went through: its volume is stale, its data in the
+    parent (asked by the VM's host, the volume's only holder, vm merge). Idempotent by
+    itself; the request id lets it travel through the mailbox."""
+
+    op: ClassVar[str] = "volume.merged-live"
+    Result: ClassVar[Any] = VolumeInfo
 
 
 @dataclass(frozen=True)
@@ -443,7 +463,7 @@ class ReserveVolume(Request):
 
 
 @dataclass(frozen=True)
-class PublishVolume(Request):
+class PublishVolume(_HeldVolumeRequest):
     """make a filled volume ready, while the asking host holds its lease (internal)"""
 
     op: ClassVar[str] = "volume.publish"
@@ -451,17 +471,6 @@ class PublishVolume(Request):
     # Whichever host asks again (a copy retried on another host) publishes the same
     # target once; the manager sets it from the mailbox message.
     digest_omits: ClassVar[tuple[str, ...]] = ("host_id",)
-
-    volume: str = arg("volume UUID", positional=True)
-    host_id: int = arg("the host whose copier holds the volume's lease", 0)
-    request_id: str | None = arg("makes the request idempotent", None)
-    domain: str | None = arg(_DOMAIN_HELP, None)
-
-    def __post_init__(self) -> None:
-        check_uuid(self.volume)
-        if not 0 < self.host_id <= 2000:
-            raise InvalidArgument(f"invalid host id {self.host_id}")
-        _check_common(self)
 
 
 @dataclass(frozen=True)
@@ -846,6 +855,24 @@ class VmSnapshot(_VmRequest):
         if self.volume is not None:
             check_uuid(self.volume)
         _check_tags(self.tags)
+        _check_common(self)
+
+
+@dataclass(frozen=True)
+class VmMerge(_VmRequest):
+    """merge a volume of a running VM's disk into the one below it, live"""
+
+    op: ClassVar[str] = "vm.merge"
+    Result: ClassVar[Any] = VolumeInfo
+
+    volume: str = arg("the volume merged away: the VM's leaf, or the volume under it", "")
+    request_id: str | None = arg("makes the request idempotent", None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.volume:
+            raise InvalidArgument("give --volume: the volume to merge into its parent")
+        check_uuid(self.volume)
         _check_common(self)
 
 

@@ -1,4 +1,5 @@
-"""Live snapshot of a running VM's disk (docs/design.md, "Live snapshot").
+"""Live snapshot and live merge of a running VM's disk (docs/design.md, "Live snapshot",
+"Live merge").
 
 ``vm snapshot PID`` on the VM's host:
 
@@ -28,16 +29,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 import uuid as uuid_mod
 from typing import Any
 
-from . import errors
+from . import errors, qemu_img
 from . import volume as volume_mod
 from .activation import set_read_only
 from .lease_layout import LeaseLayout
-from .model import VolumeInfo
-from .requests import DeleteVolume, LiveSnapshotVolume
+from .model import Allocation, VolumeFormat, VolumeInfo, VolumeRole, VolumeState
+from .requests import DeleteVolume, ExtendVolume, LiveMergeVolume, LiveSnapshotVolume, MergeVolume
+from .units import round_up
 from .vmmigrate import held_by, running_watch
 from .vmwatch import alive, write_record
 
@@ -70,7 +73,7 @@ def snapshot(ctx: Any, pid: int, volume: str | None, tags: dict[str, str],
         rid = request_id or f"live-snapshot-{uuid_mod.uuid4()}"
         try:
             new: VolumeInfo = ctx.ask(LiveSnapshotVolume(
-                volume, domain.host_id, dict(tags), rid, record.domain))
+                volume, domain.host_id, rid, record.domain, tags=dict(tags)))
         except errors.Error as exc:
             log.error("VM %d: live snapshot of %s: no new leaf (%s); if the manager made "
                       "one, 'vm snapshot %d --request-id %s' finishes it", pid, volume,
@@ -195,17 +198,312 @@ def _old_leaf_shared(ctx: Any, monitor: Any, layout: LeaseLayout, domain: Any, p
                   pid, volume, exc)
         return
     # Released: the VM reads it with no lease until one of these succeeds.
-    for shared in (True, True, True, False, False):
+    _reacquire(layout, monitor, pid, old, (True, True, True, False, False))
+
+
+def _reacquire(layout: LeaseLayout, monitor: Any, pid: int, info: VolumeInfo,
+               modes: tuple[bool, ...]) -> None:
+    """A lease the VM gave up on a volume it reads taken back for it: shared or
+    exclusive, in the order of ``modes``."""
+    for shared in modes:
         try:
-            layout.acquire_volume(old, shared=shared, pid=pid)
+            layout.acquire_volume(info, shared=shared, pid=pid)
             return
         except errors.Error as exc:
-            log.warning("VM %d: re-acquiring the lease of %s (%s): %s", pid, volume,
+            log.warning("VM %d: re-acquiring the lease of %s (%s): %s", pid, info.uuid,
                         "shared" if shared else "exclusive", exc)
             time.sleep(0.2)
     # Nobody may change a volume a running VM reads: the VM is stopped (not resumed
     # by sharedlvm: a pause that is not its own) for the administrator.
     log.critical("VM %d: no lease could be taken back on %s, which it reads: VM paused",
-                 pid, volume)
+                 pid, info.uuid)
     with contextlib.suppress(errors.Error):
         monitor.pause()
+
+
+# Live merge
+
+# How often a commit job is looked at, and for how long at most: it copies at the
+# disk's speed, and an active commit's mirror follows the guest's writes until ready.
+JOB_POLL = 0.05
+JOB_TIMEOUT = 6 * 3600.0
+
+
+def merge(ctx: Any, pid: int, volume: str, request_id: str | None) -> VolumeInfo:
+    """``vm merge PID --volume V``: V's data committed into the volume under it by the
+    VM's own qemu (block-commit), the VM running on, then V dropped from the chain.
+
+    V is the VM's leaf (an active commit: qemu writes both until ``job-complete``
+    pivots the drive onto the base) or the volume under the leaf (qemu then names the
+    base in the leaf's header). In this order, so that a cut anywhere leaves a chain
+    that reads right: the base grown (``qemu-img measure`` of the two, plus a chunk)
+    and its lease made exclusive; the job run; for an active commit the VM paused for
+    the pivot, so that no guest write lands in the base before the manager knows V is
+    stale; the manager marks V ``merged`` (never opened again); the VM resumed; V's
+    node, mapping and lease let go here; the manager drops V. A failure before the
+    mark cancels the job and leaves V in the chain (it still holds all it held); after
+    it, ``vm merge`` again, or ``volume merge V`` once the VM is gone, finishes."""
+    watch = running_watch(ctx, pid, "live merge")
+    with watch.migration_lock:
+        record = watch.record
+        domain = ctx.domain(record.domain)
+        layout = LeaseLayout(domain)
+        top = volume_mod.get_volume(domain, volume)
+        if top.parent is None:
+            raise errors.InvalidArgument(f"volume {volume} is the base of its chain: "
+                                         "nothing below it to merge into")
+        base = volume_mod.get_volume(domain, top.parent)
+        rid = request_id or f"merge-live-{volume}"
+        held = held_by(pid, layout)
+        if top.state == VolumeState.MERGED and volume not in held:
+            _drop(ctx, record.domain, volume, rid)  # all but the drop was done
+            return volume_mod.get_volume(domain, base.uuid)
+        if volume not in held or base.uuid not in held:
+            raise errors.InvalidArgument(f"VM {pid} does not read volume {volume} and the "
+                                         "volume under it")
+        writes = dict(record.volumes)
+        if volume in writes:
+            leaf_path, active = writes[volume], True
+        else:
+            above = volume_mod.children(domain, volume)
+            if len(above) != 1 or above[0] not in writes:
+                raise errors.Unsupported(
+                    f"volume {volume} is neither VM {pid}'s leaf nor the volume under "
+                    "it: merge the volumes above it first")
+            leaf_path, active = writes[above[0]], False
+        top_dev, base_dev = _device(domain, volume), _device(domain, base.uuid)
+        monitor = watch.connected_monitor()
+        job = f"sl-merge-{volume[:8]}"
+        if _reads(monitor, leaf_path, top_dev, base_dev):
+            if top.state == VolumeState.MERGED:
+                raise errors.CorruptRecord(f"volume {volume} is marked merged, but VM "
+                                           f"{pid} still reads it")
+            _check_base(domain, top, base)
+            _end_job(monitor, job)  # a cut merge's, from before its pivot
+            _commit(ctx, watch, monitor, domain, layout, top, base, held[base.uuid].shared,
+                    active, leaf_path, top_dev, base_dev, job)
+        else:  # a merge cut after qemu was done: what is left of it
+            with contextlib.suppress(errors.Error):
+                monitor.dismiss_job(job)
+            if top.state != VolumeState.MERGED:
+                _mark(ctx, watch, monitor, domain, volume)
+        _let_go(ctx, watch, monitor, domain, layout, top, base, active, top_dev, base_dev)
+        _drop(ctx, record.domain, volume, rid)
+        log.info("VM %d: live merge: volume %s merged into %s", pid, volume, base.uuid)
+        return volume_mod.get_volume(domain, base.uuid)
+
+
+def _check_base(domain: Any, top: VolumeInfo, base: VolumeInfo) -> None:
+    if base.role == VolumeRole.TEMPLATE:
+        raise errors.ReadOnlyVolume(base.uuid, base.role.value, f"merge volume {top.uuid} "
+                                    "into", "linked clones of it would change")
+    others = [c for c in volume_mod.children(domain, base.uuid) if c != top.uuid]
+    if others:
+        raise errors.HasChildren(base.uuid, others, f"merge volume {top.uuid} into")
+    if top.capacity > base.capacity:
+        raise errors.Unsupported(
+            f"volume {top.uuid} is larger than the volume below it ({top.capacity} > "
+            f"{base.capacity} bytes: grown after the snapshot): not merged")
+
+
+def _device(domain: Any, volume: str) -> str:
+    shard = domain.volume_shard(volume)
+    path: str | None = shard.activator.path(shard.vg_name, volume)
+    if path is None:
+        raise errors.Busy(f"volume {volume} is not active on this host")
+    return path
+
+
+def _reads(monitor: Any, leaf_path: str, top_dev: str, base_dev: str) -> bool:
+    """qemu reads the volume on ``top_dev`` in the chain of the drive on
+    ``leaf_path`` (False: it committed it; an active commit's drive is on the base
+    now)."""
+    try:
+        files = monitor.chain(leaf_path)
+    except errors.MonitorRefused:
+        raise
+    except errors.MonitorError:
+        files = monitor.chain(base_dev)  # pivoted: the base is the active layer
+    return os.path.realpath(top_dev) in {os.path.realpath(f) for f in files}
+
+
+def _end_job(monitor: Any, job: str) -> None:
+    """No job ``job`` left in qemu: cancelled (before a pivot, qemu changes nothing),
+    waited for, dismissed."""
+    state = monitor.job(job)
+    if state is None:
+        return
+    if state[0] not in ("concluded", "null"):
+        with contextlib.suppress(errors.MonitorRefused):
+            monitor.cancel_job(job)
+        _wait_job(monitor, job, "concluded", quiet=True)
+    with contextlib.suppress(errors.MonitorRefused):
+        monitor.dismiss_job(job)
+
+
+def _wait_job(monitor: Any, job: str, want: str, quiet: bool = False) -> None:
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while True:
+        state = monitor.job(job)
+        if state is None:
+            raise errors.MonitorError(f"qemu's job {job} is gone")
+        status, error = state
+        if status == "concluded" and error and not quiet:
+            raise errors.MonitorRefused(f"qemu's commit failed: {error}")
+        if status == want:
+            return
+        if status == "concluded":
+            raise errors.MonitorRefused(f"qemu's commit ended before it was {want}")
+        if time.monotonic() > deadline:
+            raise errors.MonitorError(f"qemu's job {job} is still {status}")
+        time.sleep(JOB_POLL)
+
+
+def _grow_base(ctx: Any, watch: Any, domain: Any, top: VolumeInfo, base: VolumeInfo,
+               top_dev: str, base_dev: str) -> None:
+    """Room in a thin base for what the commit writes: ``qemu-img measure`` of the two
+    (past qemu's locks), plus a chunk for what the guest writes meanwhile, never
+    beyond fully allocated. Grown by the manager, refreshed here."""
+    if base.format != VolumeFormat.QCOW2 or base.alloc != Allocation.THIN:
+        return  # holds its whole capacity already
+    required = qemu_img.measure_in_use(domain.runner, qemu_img.alone(
+        top_dev, "qcow2", qemu_img.alone(base_dev, "qcow2")))["required"]
+    full = base.capacity + qemu_img.metadata_overhead(base.capacity)
+    target = round_up(min(required + watch.settings.chunk, full), domain.record.extent_size)
+    if target <= base.size:
+        return
+    ctx.ask(ExtendVolume(base.uuid, allocation=str(target),
+                         request_id=f"merge-grow-{base.uuid}-{target}",
+                         domain=watch.record.domain))
+    shard = domain.volume_shard(base.uuid)
+    shard.activator.refresh(shard.vg_name, base.uuid)
+    log.info("VM %d: live merge: volume %s grown to %d bytes", watch.record.pid, base.uuid,
+             target)
+
+
+def _commit(ctx: Any, watch: Any, monitor: Any, domain: Any, layout: LeaseLayout,
+            top: VolumeInfo, base: VolumeInfo, base_shared: bool, active: bool,
+            leaf_path: str, top_dev: str, base_dev: str, job: str) -> None:
+    pid = watch.record.pid
+    _grow_base(ctx, watch, domain, top, base, top_dev, base_dev)
+    if base_shared:  # nobody else may read a volume being written
+        layout.release_volume(base, pid=pid)
+        try:
+            layout.acquire_volume(base, shared=False, pid=pid)
+        except errors.Error as exc:
+            _reacquire(layout, monitor, pid, base, (True, True, True))
+            raise errors.Busy(f"volume {base.uuid}'s lease could not be taken exclusively "
+                              f"({exc}): not merged") from exc
+    base_node = monitor.format_node(base_dev)
+    set_read_only(domain.runner, base_dev, False)
+    sent = False
+    paused_at: float | None = None
+    try:
+        monitor.commit(job, monitor.active_node(leaf_path), monitor.format_node(top_dev),
+                       base_node, None if active else base.uuid)
+        _wait_job(monitor, job, "ready" if active else "concluded")
+        if active:
+            # No guest write may reach the base before the manager marks the volume
+            # stale: after a pivot the base is newer than it.
+            if monitor.status()[0]:
+                _save(ctx, watch, dataclasses.replace(watch.record, merge_pause=top.uuid))
+                monitor.pause()
+                paused_at = time.monotonic()
+            sent = True  # from here qemu may have pivoted whatever the answer
+            monitor.complete_job(job)
+            _wait_job(monitor, job, "concluded")
+    except Exception as exc:
+        if sent and not isinstance(exc, errors.MonitorRefused):
+            log.critical("VM %d: the pivot of the merge of %s got no answer (%s): the VM "
+                         "stays paused; 'vm merge %d --volume %s' finds out and finishes",
+                         pid, top.uuid, exc, pid, top.uuid)
+            raise
+        log.error("VM %d: live merge of %s failed before its pivot (%s): cancelled",
+                  pid, top.uuid, exc)
+        with contextlib.suppress(errors.Error):
+            _end_job(monitor, job)
+        if base_shared:
+            with watch.grow_lock:
+                _old_leaf_shared(ctx, monitor, layout, domain, pid, base.uuid, base_node,
+                                 base_dev)
+        _lift_pause(ctx, watch, monitor, top.uuid)
+        raise
+    with contextlib.suppress(errors.MonitorRefused):
+        monitor.dismiss_job(job)
+    if _reads(monitor, leaf_path, top_dev, base_dev):
+        raise errors.MonitorError(f"qemu's commit of {top.uuid} ended, but qemu still "
+                                  "reads it")
+    _mark(ctx, watch, monitor, domain, top.uuid)
+    if paused_at is not None:
+        log.info("VM %d: live merge of %s: paused %.0f ms for the pivot and the mark",
+                 pid, top.uuid, (time.monotonic() - paused_at) * 1000)
+
+
+def _mark(ctx: Any, watch: Any, monitor: Any, domain: Any, volume: str) -> None:
+    """The manager marks ``volume`` merged; only then is the VM resumed from the
+    merge's pause."""
+    try:
+        ctx.ask(LiveMergeVolume(volume, domain.host_id, f"merge-live-{volume}:mark",
+                                watch.record.domain))
+    except errors.Error as exc:
+        log.critical("VM %d: qemu merged volume %s, but the manager did not mark it "
+                     "merged (%s): %s'vm merge %d --volume %s' again finishes",
+                     watch.record.pid, volume, exc,
+                     "the VM stays paused; " if watch.record.merge_pause else "",
+                     watch.record.pid, volume)
+        raise
+    _lift_pause(ctx, watch, monitor, volume)
+
+
+def _lift_pause(ctx: Any, watch: Any, monitor: Any, volume: str) -> None:
+    """The VM resumed from the pause its merge of ``volume`` made (only that one);
+    resumed first, then recorded: a VM must never stay paused unrecorded."""
+    if watch.record.merge_pause != volume:
+        return
+    monitor.resume()
+    with contextlib.suppress(OSError):
+        _save(ctx, watch, dataclasses.replace(watch.record, merge_pause=""))
+
+
+def _let_go(ctx: Any, watch: Any, monitor: Any, domain: Any, layout: LeaseLayout,
+            top: VolumeInfo, base: VolumeInfo, active: bool, top_dev: str,
+            base_dev: str) -> None:
+    """qemu done with the merged volume: its node (a live snapshot's, which qemu keeps
+    until deleted) removed, its mapping, then its lease given up; the base read-only
+    and shared again when it is not the leaf now; the record follows."""
+    pid = watch.record.pid
+    with contextlib.suppress(errors.Error):
+        monitor.remove_node(monitor.format_node(top_dev))
+    if monitor.disk_nodes(top_dev):
+        raise errors.MonitorError(f"qemu still has volume {top.uuid} open: it stays "
+                                  "active and leased until the VM ends; 'volume merge "
+                                  f"{top.uuid}' then drops it")
+    domain.deactivate_volume(top.uuid)
+    if top.uuid in held_by(pid, layout):
+        layout.release_volume(top, pid=pid)
+    if not active and not held_by(pid, layout)[base.uuid].shared:
+        with watch.grow_lock:
+            _old_leaf_shared(ctx, monitor, layout, domain, pid, base.uuid,
+                             monitor.format_node(base_dev), base_dev)
+    record = watch.record
+    merged = dataclasses.replace(record, volumes=tuple(
+        (base.uuid, base_dev) if u == top.uuid else (u, p) for u, p in record.volumes),
+        others=tuple(u for u in record.others if u != top.uuid))
+    try:
+        write_record(ctx.paths, merged)
+    except OSError as exc:
+        log.error("VM %d: its record could not be written after the merge: %s", pid, exc)
+    _remember(watch, merged)
+
+
+def _drop(ctx: Any, domain_name: str, volume: str, rid: str) -> None:
+    """The manager drops the merged volume (its lease is free once qemu's is gone)."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            ctx.ask(MergeVolume(volume, request_id=rid, domain=domain_name))
+            return
+        except (errors.VolumeInUse, errors.LeaseHeld):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

@@ -107,6 +107,15 @@ class VmMonitor(Protocol):
     def snapshot(self, active: str, overlay: str) -> None: ...
     def remove_node(self, node: str) -> None: ...
     def read_only(self, node: str) -> bool: ...
+    # live merge (vmlive.py)
+    def chain(self, image_path: str) -> list[str]: ...
+    def format_node(self, image_path: str) -> str: ...
+    def commit(self, job: str, device: str, top: str, base: str,
+               backing_file: str | None) -> None: ...
+    def job(self, job: str) -> tuple[str, str] | None: ...
+    def complete_job(self, job: str) -> None: ...
+    def cancel_job(self, job: str) -> None: ...
+    def dismiss_job(self, job: str) -> None: ...
 
 
 # Records
@@ -127,6 +136,10 @@ class VmRecord:
     # Volumes the VM reads that ``run`` did not activate (the leaves it had before a
     # live snapshot): deactivated with the rest when it ends.
     others: tuple[str, ...] = ()
+    # The volume whose live merge paused the VM for its pivot (vmlive.merge): that
+    # pause is sharedlvm's own, lifted by the merge (or by 'vm merge' again) once the
+    # manager knows the volume is merged. Any other pause is never lifted here.
+    merge_pause: str = ""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VmRecord:
@@ -135,7 +148,8 @@ class VmRecord:
                    tuple((str(v[0]), str(v[1])) for v in data["volumes"]),
                    str(data.get("incoming", "")),
                    tuple((str(v[0]), int(v[1])) for v in data.get("released", ())),
-                   tuple(str(v) for v in data.get("others", ())))
+                   tuple(str(v) for v in data.get("others", ())),
+                   str(data.get("merge_pause", "")))
 
 
 def vm_dir(paths: HostPaths) -> Path:

@@ -17,6 +17,9 @@ from typing import Any
 import pytest
 from bed import Cluster, crash_cluster, destroy_cluster
 
+from sharedlvm import errors
+from sharedlvm import requests as rq
+
 pytestmark = pytest.mark.integration
 
 # What the chain base <- s1 <- s2 holds, read through its leaf: (pattern, offset, len).
@@ -108,6 +111,41 @@ def test_merge_a_middle_snapshot_then_the_leaf(cluster: Cluster) -> None:
     assert lv_size(cluster, base) == size  # writable again: a thin volume's room
     qemu_io(h2, image, *READS)
     qemu_io(h2, image, "write -P 0xe5 3M 1M", "read -P 0xe5 3M 1M")
+    cluster.raw_lvm().vgck(cluster.name)
+
+
+def test_a_volume_a_running_vm_merged_is_never_opened_again_and_only_dropped(
+        cluster: Cluster) -> None:
+    """The manager's half of a live merge (vmlive.merge): the merged volume is marked
+    stale only for the host that alone holds its lease; once marked, nothing opens it
+    (its parent holds newer data than it), and a merge of it drops it without copying
+    anything: were its stale data committed, it would overwrite the parent's newer
+    data. Here the leaf s2 is marked while a consumer on host 2 holds the chain, as a
+    VM's qemu would during its merge; s2's own write (0xd4) must never reach s1."""
+    h1, h2, h3 = cluster.hosts
+    image, (base, s1, s2) = make_chain(h1)
+    consumer = h2.popen("run", "--image", image, "--", sys.executable, "-c",
+                        "import time; print('ready', flush=True); time.sleep(60)")
+    try:
+        assert consumer.stdout is not None and consumer.stdout.readline() == "ready\n"
+        with pytest.raises(errors.Busy, match="held by host 2"):
+            h1.client.call(rq.LiveMergeVolume(s2, host_id=3))
+        assert (lv_tags(cluster, s2) or {})["state"] == "ready"
+        marked = h1.client.call(rq.LiveMergeVolume(s2, host_id=2))
+        assert marked.state == "merged" and (lv_tags(cluster, s2) or {})["state"] == "merged"
+        assert h1.client.call(rq.LiveMergeVolume(s2, host_id=2)).state == "merged"
+    finally:
+        consumer.terminate()
+        consumer.wait(timeout=30)
+    before = cluster.disk_state()
+    assert "stale" in h3.refused("run", "--image", image, "--", "true")
+    assert "stale" in h3.refused("run", "--volume", f"{s2}:ro", "--", "true")
+    assert cluster.disk_state() == before
+    merged = h3.cli_json("volume", "merge", s2)
+    assert merged["uuid"] == s1 and merged["role"] == "leaf"
+    assert lv_tags(cluster, s2) is None
+    qemu_io(h3, image, "read -P 0xc3 0 512k", "read -P 0xa1 512k 512k",
+            "read -P 0xb2 1M 1M", "read -P 0 2M 1M", read_only=True)
     cluster.raw_lvm().vgck(cluster.name)
 
 

@@ -287,3 +287,75 @@ def test_live_snapshot_switches_a_writing_vm_to_a_new_leaf(
                   f"read -P 0x51 {3 * MiB} {PIECE - 3 * MiB}", "-c",
                   f"read -P 0x52 {PIECE} {PIECE}", "{0}")
     assert "Pattern verification failed" not in both.stdout, both.stdout
+
+
+def test_live_merge_under_writes_leaves_the_chain_one_volume_with_every_byte(
+        cluster: Cluster, vms: list[Qemu], tmp_path: Path) -> None:
+    """`vm merge` of a running qemu's chain (base <- s1 <- s2, two live snapshots with
+    writes between): s1, under the leaf, is committed into the base and qemu names the
+    base in s2's header; then s2, the leaf, is committed while another thread writes
+    through the VM, and qemu pivots onto the base. After each the chain on the LUN is
+    one volume shorter, the merged LV is gone, the VM holds the leases of what it still
+    reads (the base exclusive once it is the leaf again) and every byte reads back:
+    through qemu, then from the base alone on another host once the VM is gone.
+    (1 GiB: a thin LV of that capacity is made fully allocated, so the base needs no
+    growth, which the loop bed could not map once other LVs follow it in the VG: the
+    growth's steps are unit-tested, test_vmmerge_unit.py.)"""
+    h2, h3 = cluster.hosts[1], cluster.hosts[2]
+    base = h2.cli_json("volume", "create", "--size", "1G", "--format", "qcow2",
+                       "--alloc", "thin")["uuid"]
+    vm = Vm(h2, base, tmp_path)
+    vms.append(vm)
+    vm.write(0, PIECE, 0x71)
+    s1 = h2.cli_json("vm", "snapshot", str(vm.pid))["uuid"]
+    vm.write(PIECE, PIECE, 0x72)
+    vm.write(0, MiB, 0x73)
+    s2 = h2.cli_json("vm", "snapshot", str(vm.pid))["uuid"]
+    vm.write(2 * PIECE, PIECE, 0x74)
+    image = h2.cli_json("volume", "info", base)["image"]
+    leases.use_run_dir(h2.paths.sanlock_run_dir)
+
+    def chain() -> list[str]:
+        return [v["uuid"] for v in h2.cli_json("image", "info", image)["chain"]]
+
+    def held() -> dict[str, bool]:
+        return {h.resource: h.shared for h in leases.inquire(pid=vm.pid)}
+
+    def on_lun() -> set[str]:
+        lvm = cluster.raw_lvm()
+        return {lv.name for vg in lvm.vgs() for lv in lvm.lvs(vg.name)} & {base, s1, s2}
+
+    assert chain() == [base, s1, s2] and held() == {base: True, s1: True, s2: False}
+    # s1, under the leaf: into the base; s2 over the base from now on
+    merged = h2.cli_json("vm", "merge", str(vm.pid), "--volume", s1)
+    assert merged["uuid"] == base and merged["role"] == "internal"
+    assert chain() == [base, s2] and on_lun() == {base, s2}
+    assert held() == {base: True, s2: False}  # the base only read again
+    assert vm.status() == "running"
+    vm.write(3 * PIECE, MiB, 0x75)
+    # s2, the leaf, while the VM writes on: qemu pivots onto the base
+    with ThreadPoolExecutor(1) as pool:
+        writes = pool.submit(lambda: [vm.write(4 * PIECE + i * 8 * MiB, 8 * MiB, 0x76)
+                                      for i in range(8)])
+        merged = h2.cli_json("vm", "merge", str(vm.pid), "--volume", s2)
+        writes.result()
+    assert merged["uuid"] == base and merged["role"] == "leaf" and merged["state"] == "ready"
+    assert chain() == [base] and on_lun() == {base}
+    assert held() == {base: False}
+    assert vm.status() == "running"
+    record = vmwatch.read_records(h2.paths)[0]
+    assert [u for u, _ in record.volumes] == [base] and not record.merge_pause
+    vm.write(5 * PIECE, PIECE, 0x77)  # into the base, the leaf again
+    expected = [(0, MiB, 0x73), (MiB, PIECE - MiB, 0x71), (PIECE, PIECE, 0x72),
+                (2 * PIECE, PIECE, 0x74), (3 * PIECE, MiB, 0x75),
+                (4 * PIECE, PIECE, 0x76), (5 * PIECE, PIECE, 0x77)]
+    for offset, length, pattern in expected:
+        vm.read_ok(offset, length, pattern)
+    vm.stop()
+    vms.remove(vm)
+    reads = [arg for offset, length, pattern in expected
+             for arg in ("-c", f"read -P {pattern:#x} {offset} {length}")]
+    alone = h3.cli("run", "--volume", f"{base}:ro", "--", "qemu-io", "-r", "-f", "qcow2",
+                   *reads, "{0}")
+    assert "Pattern verification failed" not in alone.stdout, alone.stdout
+    assert alone.stdout.count("read ") == len(expected), alone.stdout

@@ -125,6 +125,7 @@ def test_every_request_round_trips() -> None:
         rq.VmTakeOver(4321, {VOL: 7}), rq.VmResume(4321, {VOL: 7}), rq.VmQuit(4321),
         rq.VmSnapshot(4321, VOL, {"k": "v"}, "r-8"), rq.ListVms(),
         rq.LiveSnapshotVolume(VOL, 3, request_id="r-9"),
+        rq.VmMerge(4321, VOL, "r-10"), rq.LiveMergeVolume(VOL, 3),
     ]
     assert {type(s) for s in samples} == {op.request for op in operations.TABLE}
     for sample in samples:

@@ -36,7 +36,7 @@ def test_openapi_has_every_route_with_typed_request_and_response() -> None:
     schema = volume["responses"]["200"]["content"]["application/json"]["schema"]
     assert schema["properties"]["state"] == {"type": "string",
                                              "enum": ["ready", "creating", "removing",
-                                                      "unknown"]}
+                                                      "merged", "unknown"]}
     assert schema["properties"]["parent"]["nullable"] is True
 
 
