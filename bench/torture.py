@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare-writers", action="store_true",
                         help="also run devcount on the device paths of volumes prepared "
                              "exclusively (a VM using a prepared volume)")
+    parser.add_argument("--no-vms", dest="vms", action="store_false",
+                        help="without the VM actor (a qemu written, snapshotted, merged "
+                             "and migrated live: bench/torturevm.py)")
     parser.add_argument("--dir", type=Path, help="work directory (default: a new one in /tmp)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     cfg = Config(seed=args.seed, minutes=args.minutes, hosts=args.hosts, crashes=args.crashes,
                  shards=args.shards, crash_interval=args.crash_interval,
-                 prepare_writers=args.prepare_writers,
+                 prepare_writers=args.prepare_writers, vms=args.vms,
                  workdir=args.dir, verbose=not args.quiet)
     result = run_torture(cfg)
     print(result.table)

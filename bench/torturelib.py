@@ -70,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 # isort: split
 from bed import IO_TIMEOUT, Cluster, Host, destroy_cluster, make_cluster
+from torturevm import VM_TAG, VmActor
 
 import sharedlvm
 from sharedlvm import Client, errors, failpoints, ondisk
@@ -150,6 +151,7 @@ class Config:
     first_crash_after: float = 60.0
     fault_gap: tuple[float, float] = (5.0, 12.0)  # seconds between faults
     prepare_writers: bool = False  # devcount on prepared volumes' paths (issue 9 hole 2)
+    vms: bool = True  # the VM actor (torturevm.py): a qemu snapshotted, merged, migrated
     workdir: Path | None = None
     lun_size: int = 24 * GiB
     max_volumes: int = 16
@@ -498,6 +500,7 @@ class Torture:
         self.workdir = Path()
         self.upload_file = Path()
         self.log: EventLog | None = None
+        self.vm_actor: VmActor | None = None
 
     # Small helpers
 
@@ -1538,6 +1541,8 @@ class Torture:
 
     def host_crash(self, host: Host, role: str, p: list[float]) -> None:
         self.kill_consumers_of(host.index)  # power loss: the consumers die with the host
+        if self.vm_actor is not None:
+            self.vm_actor.host_crashed(host.index)
         host.crash()
         now = time.monotonic()
         with self.lock:
@@ -1792,7 +1797,8 @@ class Torture:
             if "image" not in meta:
                 continue
             on_disk[lv.name] = (lv, meta)
-            by_rid[user.get("rid", "")].append(lv.name)
+            if user.get(VM_TAG) != "1":  # the VM actor's: it keeps its own ledger
+                by_rid[user.get("rid", "")].append(lv.name)
             slot = meta.get("lease", "")
             if not slot.isdigit() or int(slot) == 0:
                 bad("lease slot", f"volume {lv.name} has no usable lease slot "
@@ -1965,10 +1971,13 @@ class Torture:
             self.setup()
             self.t_ops_start = time.monotonic()
             self.t_ops_end = self.t_ops_start + self.cfg.minutes * 60
+            if self.cfg.vms:
+                self.vm_actor = VmActor(self)
             for name, target, args in (
                     [("monitor", self.monitor, ()), ("consumers", self.supervise, ()),
                      ("faults", self.faults, ())]
-                    + [(f"host{h.index}", self.worker, (h,)) for h in self.hosts]):
+                    + [(f"host{h.index}", self.worker, (h,)) for h in self.hosts]
+                    + ([("vm", self.vm_actor.run, ())] if self.vm_actor else [])):
                 t = threading.Thread(target=target, args=args, name=name, daemon=True)
                 t.start()
                 threads.append(t)
@@ -1990,7 +1999,7 @@ class Torture:
                 t.join(self.cfg.answer_deadline + 120)
         self.stop_ops.set()
         for t in threads:
-            if t.name.startswith("host"):
+            if t.name.startswith("host") or t.name == "vm":
                 t.join(self.cfg.answer_deadline + 60)
         with self.lock:
             alive = [c for c in self.consumers if not c.done]
@@ -2009,6 +2018,11 @@ class Torture:
         for name in self.failpoints:  # disarm
             (self.fpdir / f"{name}.fired").touch()
         self.settle(0.0)
+        if self.vm_actor is not None:
+            try:
+                self.vm_actor.finish()  # stopped, its data verified, its images deleted
+            except Exception:
+                self.harness_error("vm actor finish")
         with self.lock:
             prepared = list(self.prepared)
         for host, vol in prepared:
@@ -2042,6 +2056,8 @@ class Torture:
         self.stop_faults.set()
         self.stop_ops.set()
         self.stop_monitor.set()
+        if self.vm_actor is not None:
+            self.vm_actor.cleanup()
         with self.lock:
             consumers = list(self.consumers)
             stopped = list(self.stopped_pids)

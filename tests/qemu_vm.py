@@ -33,16 +33,25 @@ class Qemu:
              "werror=enospc",
              "-qmp", f"unix:{self.socket},server=on,wait=off"],
             env=host.env, stdout=self._out, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 60
-        while True:
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    self.qmp = qmp.Qmp(self.socket)
+                    break
+                except OSError:
+                    assert self.proc.poll() is None, self.out.read_text()
+                    assert time.monotonic() < deadline, "qemu did not start"
+                    time.sleep(0.1)
+            record = next(r for r in vmwatch.read_records(host.paths) if r.pid not in before)
+        except BaseException:
+            self.proc.terminate()  # run passes it on to qemu's process group
             try:
-                self.qmp = qmp.Qmp(self.socket)
-                break
-            except OSError:
-                assert self.proc.poll() is None, self.out.read_text()
-                assert time.monotonic() < deadline, "qemu did not start"
-                time.sleep(0.1)
-        record = next(r for r in vmwatch.read_records(host.paths) if r.pid not in before)
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            raise
         self.pid = record.pid
         self.device = record.volumes[0][1]
 

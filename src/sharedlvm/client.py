@@ -242,6 +242,23 @@ class Client:
     def vm_quit(self, pid: int) -> None:
         self.call(rq.VmQuit(pid))
 
+    # Running VMs: their disks, live (vmlive.py)
+
+    def vm_snapshot(self, pid: int, *, volume: str | None = None,
+                    tags: Mapping[str, str] | None = None,
+                    request_id: str | None = None) -> VolumeInfo:
+        """A new leaf over the VM's leaf, which it writes from now on (the new leaf)."""
+        result: VolumeInfo = self.call(rq.VmSnapshot(pid, volume, dict(tags or {}),
+                                                     request_id))
+        return result
+
+    def vm_merge(self, pid: int, volume: str, *, request_id: str | None = None
+                 ) -> VolumeInfo:
+        """``volume`` (the VM's leaf, or the volume under it) merged into the volume
+        under it while the VM runs (that volume)."""
+        result: VolumeInfo = self.call(rq.VmMerge(pid, volume, request_id))
+        return result
+
 
 def migrate_vm(source: Client, pid: int, dest: Client, dest_pid: int, uri: str,
                timeout: float = 600.0) -> Migrated:

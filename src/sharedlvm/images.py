@@ -514,7 +514,9 @@ def _merge(domain: Domain, a: _MergeIntent, resumed: bool,
                 _leaf_again(domain, a.parent)
             return get_volume(domain, a.parent)
         raise
-    if a.stale:
+    if a.stale or top.state == VolumeState.MERGED:
+        # (also a merge journaled before a running VM's qemu merged the volume: its
+        # data is older than the parent's now, and must never be copied into it)
         return _drop_merged(domain, a, top, exclusive)
     parent = get_volume(domain, a.parent)
     # What is above may have changed while a cut merge waited for the next manager
@@ -562,8 +564,11 @@ def _relink(domain: Domain, a: _MergeIntent) -> None:
     """The merged volume's child named its parent's child (its tag; the header says so
     already)."""
     assert a.child is not None
-    if get_volume(domain, a.child).parent == a.parent:
-        return
+    try:
+        if get_volume(domain, a.child).parent == a.parent:
+            return
+    except errors.VolumeNotFound:
+        return  # deleted since the merge was planned: nothing to relink
     shard = domain.volume_shard(a.child)
     with domain.manager_lock(shard):
         domain.require_manager_now()

@@ -51,6 +51,9 @@ _EVENTS = {"BLOCK_WRITE_THRESHOLD": THRESHOLD, "BLOCK_IO_ERROR": IO_ERROR, "STOP
            "RESUME": RESUMED, "SHUTDOWN": SHUTDOWN}
 # Block drivers of a protocol node over a file or a block device.
 _PROTOCOL_DRIVERS = ("host_device", "file")
+# ... and of an image's format node (filters over it, such as a commit job's, report
+# their child's filename too).
+_FORMAT_DRIVERS = ("qcow2", "raw")
 
 
 def _plain(filename: object) -> str:
@@ -387,10 +390,10 @@ class QmpMonitor:
         raise MonitorError(f"the VM of {self.qmp.path} has no drive on {image_path}")
 
     def format_node(self, image_path: str) -> str:
-        """The format node (qcow2, raw) qemu reads ``image_path`` through."""
+        """The format node (qcow2, raw; not a filter over it) qemu reads
+        ``image_path`` through."""
         for node in self.qmp.execute("query-named-block-nodes", {"flat": True}):
-            if node.get("drv") not in _PROTOCOL_DRIVERS and _names(node.get("file"),
-                                                                   image_path):
+            if node.get("drv") in _FORMAT_DRIVERS and _names(node.get("file"), image_path):
                 return str(node["node-name"])
         raise MonitorError(f"the VM of {self.qmp.path} has no node on {image_path}")
 

@@ -227,6 +227,10 @@ def _reacquire(layout: LeaseLayout, monitor: Any, pid: int, info: VolumeInfo,
 # disk's speed, and an active commit's mirror follows the guest's writes until ready.
 JOB_POLL = 0.05
 JOB_TIMEOUT = 6 * 3600.0
+# How long an active merge waits, before its pivot, for a VM paused by an I/O error
+# (ENOSPC, which the watch resolves) to run again. A VM paused by anyone else is not
+# pivoted: a resume that is not the merge's own could come before the mark.
+RUNNING_WAIT = 10.0
 
 
 def merge(ctx: Any, pid: int, volume: str, request_id: str | None) -> VolumeInfo:
@@ -236,27 +240,37 @@ def merge(ctx: Any, pid: int, volume: str, request_id: str | None) -> VolumeInfo
     V is the VM's leaf (an active commit: qemu writes both until ``job-complete``
     pivots the drive onto the base) or the volume under the leaf (qemu then names the
     base in the leaf's header). In this order, so that a cut anywhere leaves a chain
-    that reads right: the base grown (``qemu-img measure`` of the two, plus a chunk)
-    and its lease made exclusive; the job run; for an active commit the VM paused for
-    the pivot, so that no guest write lands in the base before the manager knows V is
-    stale; the manager marks V ``merged`` (never opened again); the VM resumed; V's
+    that reads right: the base grown and its lease made exclusive; the job run; for an
+    active commit the VM paused for the pivot, so that no guest write lands in the
+    base before the manager knows V is stale; the record and the watch moved to the
+    base; the manager marks V ``merged`` (never opened again); the VM resumed; V's
     node, mapping and lease let go here; the manager drops V. A failure before the
-    mark cancels the job and leaves V in the chain (it still holds all it held); after
-    it, ``vm merge`` again, or ``volume merge V`` once the VM is gone, finishes."""
+    pivot cancels the job and leaves V in the chain (it still holds all it held);
+    after it, ``vm merge`` again (qemu's chain says which it was), or ``volume merge
+    V`` once the VM is gone, finishes."""
     watch = running_watch(ctx, pid, "live merge")
+    rid = request_id or f"merge-live-{volume}"
     with watch.migration_lock:
         record = watch.record
         domain = ctx.domain(record.domain)
         layout = LeaseLayout(domain)
-        top = volume_mod.get_volume(domain, volume)
+        try:
+            top = volume_mod.get_volume(domain, volume)
+        except errors.VolumeNotFound:
+            # dropped already: the drop's answer, from the journal (or the same error)
+            done: VolumeInfo = ctx.ask(MergeVolume(volume, request_id=rid,
+                                                   domain=record.domain))
+            return done
         if top.parent is None:
             raise errors.InvalidArgument(f"volume {volume} is the base of its chain: "
                                          "nothing below it to merge into")
         base = volume_mod.get_volume(domain, top.parent)
-        rid = request_id or f"merge-live-{volume}"
         held = held_by(pid, layout)
         if top.state == VolumeState.MERGED and volume not in held:
-            _drop(ctx, record.domain, volume, rid)  # all but the drop was done
+            # all but the drop was done; the record follows if it did not yet
+            with contextlib.suppress(errors.Error):
+                _follow(ctx, watch, volume, base.uuid, _device(domain, base.uuid))
+            _drop(ctx, record.domain, volume, rid)
             return volume_mod.get_volume(domain, base.uuid)
         if volume not in held or base.uuid not in held:
             raise errors.InvalidArgument(f"VM {pid} does not read volume {volume} and the "
@@ -264,6 +278,8 @@ def merge(ctx: Any, pid: int, volume: str, request_id: str | None) -> VolumeInfo
         writes = dict(record.volumes)
         if volume in writes:
             leaf_path, active = writes[volume], True
+        elif base.uuid in writes and volume in record.others:
+            leaf_path, active = writes[base.uuid], True  # pivoted: the record followed
         else:
             above = volume_mod.children(domain, volume)
             if len(above) != 1 or above[0] not in writes:
@@ -273,30 +289,41 @@ def merge(ctx: Any, pid: int, volume: str, request_id: str | None) -> VolumeInfo
             leaf_path, active = writes[above[0]], False
         top_dev, base_dev = _device(domain, volume), _device(domain, base.uuid)
         monitor = watch.connected_monitor()
-        job = f"sl-merge-{volume[:8]}"
+        job = f"sl-merge-{volume}"
+        # A cut merge's job first: cancelled if it can be, else waited for; only once
+        # no job is left can qemu's chain say for good whether it pivoted.
+        _end_job(monitor, job)
         if _reads(monitor, leaf_path, top_dev, base_dev):
             if top.state == VolumeState.MERGED:
                 raise errors.CorruptRecord(f"volume {volume} is marked merged, but VM "
                                            f"{pid} still reads it")
-            _check_base(domain, top, base)
-            _end_job(monitor, job)  # a cut merge's, from before its pivot
-            _commit(ctx, watch, monitor, domain, layout, top, base, held[base.uuid].shared,
-                    active, leaf_path, top_dev, base_dev, job)
-        else:  # a merge cut after qemu was done: what is left of it
-            with contextlib.suppress(errors.Error):
-                monitor.dismiss_job(job)
+            _lift_pause(ctx, watch, monitor, volume)  # a cut merge's, from before a pivot
+            _check(domain, top, base)
+            _commit(ctx, watch, monitor, domain, layout, top, base, active, leaf_path,
+                    top_dev, base_dev, job, rid)
+        else:  # qemu committed it (a merge cut after that): what is left of it
+            if active:
+                _follow(ctx, watch, volume, base.uuid, base_dev)
             if top.state != VolumeState.MERGED:
-                _mark(ctx, watch, monitor, domain, volume)
+                _mark(ctx, watch, monitor, domain, top)
+            else:
+                _lift_pause(ctx, watch, monitor, volume)
         _let_go(ctx, watch, monitor, domain, layout, top, base, active, top_dev, base_dev)
         _drop(ctx, record.domain, volume, rid)
         log.info("VM %d: live merge: volume %s merged into %s", pid, volume, base.uuid)
         return volume_mod.get_volume(domain, base.uuid)
 
 
-def _check_base(domain: Any, top: VolumeInfo, base: VolumeInfo) -> None:
+def _check(domain: Any, top: VolumeInfo, base: VolumeInfo) -> None:
+    if top.role == VolumeRole.TEMPLATE:
+        raise errors.ReadOnlyVolume(top.uuid, top.role.value, "merge",
+                                    "a template is the base of linked clones")
     if base.role == VolumeRole.TEMPLATE:
         raise errors.ReadOnlyVolume(base.uuid, base.role.value, f"merge volume {top.uuid} "
                                     "into", "linked clones of it would change")
+    if top.state != VolumeState.READY or base.state != VolumeState.READY:
+        raise errors.Busy(f"volumes {top.uuid} and {base.uuid} are {top.state} and "
+                          f"{base.state}, not both ready")
     others = [c for c in volume_mod.children(domain, base.uuid) if c != top.uuid]
     if others:
         raise errors.HasChildren(base.uuid, others, f"merge volume {top.uuid} into")
@@ -328,8 +355,8 @@ def _reads(monitor: Any, leaf_path: str, top_dev: str, base_dev: str) -> bool:
 
 
 def _end_job(monitor: Any, job: str) -> None:
-    """No job ``job`` left in qemu: cancelled (before a pivot, qemu changes nothing),
-    waited for, dismissed."""
+    """No job ``job`` left in qemu: cancelled (before a pivot, qemu changes nothing;
+    a job already completing is not cancelled but waited for), dismissed."""
     state = monitor.job(job)
     if state is None:
         return
@@ -360,99 +387,179 @@ def _wait_job(monitor: Any, job: str, want: str, quiet: bool = False) -> None:
 
 
 def _grow_base(ctx: Any, watch: Any, domain: Any, top: VolumeInfo, base: VolumeInfo,
-               top_dev: str, base_dev: str) -> None:
-    """Room in a thin base for what the commit writes: ``qemu-img measure`` of the two
-    (past qemu's locks), plus a chunk for what the guest writes meanwhile, never
-    beyond fully allocated. Grown by the manager, refreshed here."""
+               base_dev: str, rid: str) -> None:
+    """Room in a thin base for all the commit may write: what the base uses now (its
+    end offset, read past qemu's locks; leaks included) + the volume's whole LV + a
+    chunk for what the guest writes meanwhile, never beyond fully allocated. Grown by
+    the manager, refreshed here; the device read-only again (a refresh may reload it
+    writable, and the base is only read until its lease is exclusive)."""
     if base.format != VolumeFormat.QCOW2 or base.alloc != Allocation.THIN:
         return  # holds its whole capacity already
-    required = qemu_img.measure_in_use(domain.runner, qemu_img.alone(
-        top_dev, "qcow2", qemu_img.alone(base_dev, "qcow2")))["required"]
+    used = qemu_img.end_offset(domain.runner, qemu_img.in_use(qemu_img.alone(base_dev,
+                                                                              "qcow2")))
     full = base.capacity + qemu_img.metadata_overhead(base.capacity)
-    target = round_up(min(required + watch.settings.chunk, full), domain.record.extent_size)
+    target = round_up(min(used + top.size + watch.settings.chunk, full),
+                      domain.record.extent_size)
     if target <= base.size:
         return
-    ctx.ask(ExtendVolume(base.uuid, allocation=str(target),
-                         request_id=f"merge-grow-{base.uuid}-{target}",
+    ctx.ask(ExtendVolume(base.uuid, allocation=str(target), request_id=f"{rid}:grow-{target}",
                          domain=watch.record.domain))
     shard = domain.volume_shard(base.uuid)
     shard.activator.refresh(shard.vg_name, base.uuid)
+    set_read_only(domain.runner, base_dev, True)
     log.info("VM %d: live merge: volume %s grown to %d bytes", watch.record.pid, base.uuid,
              target)
 
 
-def _commit(ctx: Any, watch: Any, monitor: Any, domain: Any, layout: LeaseLayout,
-            top: VolumeInfo, base: VolumeInfo, base_shared: bool, active: bool,
-            leaf_path: str, top_dev: str, base_dev: str, job: str) -> None:
-    pid = watch.record.pid
-    _grow_base(ctx, watch, domain, top, base, top_dev, base_dev)
-    if base_shared:  # nobody else may read a volume being written
+def _exclusive(layout: LeaseLayout, monitor: Any, pid: int, base: VolumeInfo) -> None:
+    """The base's lease, shared until now, held exclusively for qemu (released, then
+    acquired: sanlock has no conversion here); else shared again and Busy."""
+    lease = held_by(pid, layout).get(base.uuid)
+    if lease is None:
+        raise errors.Busy(f"VM {pid} holds no lease on volume {base.uuid}")
+    if not lease.shared:
+        return
+    try:
         layout.release_volume(base, pid=pid)
-        try:
-            layout.acquire_volume(base, shared=False, pid=pid)
-        except errors.Error as exc:
+        layout.acquire_volume(base, shared=False, pid=pid)
+    except errors.Error as exc:
+        if base.uuid not in held_by(pid, layout):
             _reacquire(layout, monitor, pid, base, (True, True, True))
-            raise errors.Busy(f"volume {base.uuid}'s lease could not be taken exclusively "
-                              f"({exc}): not merged") from exc
-    base_node = monitor.format_node(base_dev)
-    set_read_only(domain.runner, base_dev, False)
-    sent = False
+        raise errors.Busy(f"volume {base.uuid}'s lease could not be taken exclusively "
+                          f"({exc}): not merged") from exc
+
+
+def _commit(ctx: Any, watch: Any, monitor: Any, domain: Any, layout: LeaseLayout,
+            top: VolumeInfo, base: VolumeInfo, active: bool, leaf_path: str, top_dev: str,
+            base_dev: str, job: str, rid: str) -> None:
+    pid = watch.record.pid
+    _grow_base(ctx, watch, domain, top, base, base_dev, rid)
+    _exclusive(layout, monitor, pid, base)
     paused_at: float | None = None
     try:
+        base_node = monitor.format_node(base_dev)
+        set_read_only(domain.runner, base_dev, False)
         monitor.commit(job, monitor.active_node(leaf_path), monitor.format_node(top_dev),
                        base_node, None if active else base.uuid)
-        _wait_job(monitor, job, "ready" if active else "concluded")
-        if active:
-            # No guest write may reach the base before the manager marks the volume
-            # stale: after a pivot the base is newer than it.
-            if monitor.status()[0]:
-                _save(ctx, watch, dataclasses.replace(watch.record, merge_pause=top.uuid))
-                monitor.pause()
+        with watch.state_lock:
+            watch.merge_job = True  # the watch may resume an ENOSPC meanwhile
+        try:
+            _wait_job(monitor, job, "ready" if active else "concluded")
+            if active:
+                _pause_for_pivot(ctx, watch, monitor, top.uuid)
                 paused_at = time.monotonic()
-            sent = True  # from here qemu may have pivoted whatever the answer
-            monitor.complete_job(job)
-            _wait_job(monitor, job, "concluded")
+                monitor.complete_job(job)
+                _wait_job(monitor, job, "concluded")
+        finally:
+            with watch.state_lock:
+                watch.merge_job = False
+        with contextlib.suppress(errors.MonitorRefused):
+            monitor.dismiss_job(job)
+        if _reads(monitor, leaf_path, top_dev, base_dev):
+            raise errors.MonitorError(f"qemu's job on {top.uuid} ended, but qemu still "
+                                      "reads it (cancelled by someone else?)")
     except Exception as exc:
-        if sent and not isinstance(exc, errors.MonitorRefused):
-            log.critical("VM %d: the pivot of the merge of %s got no answer (%s): the VM "
-                         "stays paused; 'vm merge %d --volume %s' finds out and finishes",
-                         pid, top.uuid, exc, pid, top.uuid)
-            raise
-        log.error("VM %d: live merge of %s failed before its pivot (%s): cancelled",
-                  pid, top.uuid, exc)
-        with contextlib.suppress(errors.Error):
-            _end_job(monitor, job)
-        if base_shared:
-            with watch.grow_lock:
-                _old_leaf_shared(ctx, monitor, layout, domain, pid, base.uuid, base_node,
-                                 base_dev)
-        _lift_pause(ctx, watch, monitor, top.uuid)
-        raise
-    with contextlib.suppress(errors.MonitorRefused):
-        monitor.dismiss_job(job)
-    if _reads(monitor, leaf_path, top_dev, base_dev):
-        raise errors.MonitorError(f"qemu's commit of {top.uuid} ended, but qemu still "
-                                  "reads it")
-    _mark(ctx, watch, monitor, domain, top.uuid)
+        _after_failure(ctx, watch, monitor, domain, layout, top, base, leaf_path, top_dev,
+                       base_dev, job, exc)
+    if active:
+        _follow(ctx, watch, top.uuid, base.uuid, base_dev)
+    _mark(ctx, watch, monitor, domain, top)
     if paused_at is not None:
         log.info("VM %d: live merge of %s: paused %.0f ms for the pivot and the mark",
                  pid, top.uuid, (time.monotonic() - paused_at) * 1000)
 
 
-def _mark(ctx: Any, watch: Any, monitor: Any, domain: Any, volume: str) -> None:
-    """The manager marks ``volume`` merged; only then is the VM resumed from the
+def _pause_for_pivot(ctx: Any, watch: Any, monitor: Any, volume: str) -> None:
+    """The VM paused for its pivot, recorded as the merge's own pause first. Only a
+    running VM (waiting a little for one paused by ENOSPC, which the watch resumes):
+    a pause that is not the merge's may be lifted by whoever made it, before the
+    manager knows the volume is stale."""
+    deadline = time.monotonic() + RUNNING_WAIT
+    while True:
+        with watch.state_lock:
+            running, state = monitor.status()
+            if running:
+                watch.merge_job = False
+                _save(ctx, watch, dataclasses.replace(watch.record, merge_pause=volume))
+                monitor.pause()
+                return
+        if state != "io-error" or time.monotonic() > deadline:
+            raise errors.Busy(f"VM {watch.record.pid} is {state}, not running: its drive is "
+                              "not pivoted under a pause that is not sharedlvm's")
+        time.sleep(0.2)
+
+
+def _after_failure(ctx: Any, watch: Any, monitor: Any, domain: Any, layout: LeaseLayout,
+                   top: VolumeInfo, base: VolumeInfo, leaf_path: str, top_dev: str,
+                   base_dev: str, job: str, exc: Exception) -> None:
+    """A failure anywhere in the job: no job left, then qemu's chain decides. qemu
+    committed after all: returns (the merge goes on to the mark). It did not: the
+    base read-only and shared again, the merge's pause lifted, the failure raised.
+    Nobody can tell (qemu gone or not answering): nothing undone, the VM left as it
+    is, raised."""
+    pid = watch.record.pid
+    try:
+        _end_job(monitor, job)
+        still = _reads(monitor, leaf_path, top_dev, base_dev)
+    except errors.Error as again:
+        log.critical("VM %d: live merge of %s: %s; whether qemu pivoted cannot be told "
+                     "(%s): %sdo not resume it by any other means; 'vm merge %d --volume "
+                     "%s' finds out and finishes", pid, top.uuid, exc, again,
+                     "the VM stays paused; " if watch.record.merge_pause else "", pid,
+                     top.uuid)
+        raise exc from again
+    if not still:
+        log.warning("VM %d: live merge of %s: %s, but qemu committed it: finishing", pid,
+                    top.uuid, exc)
+        return
+    log.error("VM %d: live merge of %s failed before its pivot (%s): cancelled", pid,
+              top.uuid, exc)
+    with contextlib.suppress(errors.Error):
+        lease = held_by(pid, layout).get(base.uuid)
+        if lease is not None and not lease.shared:
+            with watch.grow_lock:
+                _old_leaf_shared(ctx, monitor, layout, domain, pid, base.uuid,
+                                 monitor.format_node(base_dev), base_dev)
+    with contextlib.suppress(errors.Error, OSError):
+        _lift_pause(ctx, watch, monitor, top.uuid)
+    raise exc
+
+
+def _follow(ctx: Any, watch: Any, volume: str, base: str, base_dev: str) -> None:
+    """qemu writes the base now (an active commit pivoted): the record and the watch
+    follow it at once (the watch grows it from the resume on); the merged volume
+    stays recorded among the others until it is let go (deactivated at the VM's end
+    otherwise)."""
+    record = watch.record
+    if not any(u == volume for u, _ in record.volumes):
+        return
+    followed = dataclasses.replace(record, volumes=tuple(
+        (base, base_dev) if u == volume else (u, p) for u, p in record.volumes),
+        others=tuple(dict.fromkeys((*record.others, volume))))
+    try:
+        write_record(ctx.paths, followed)
+    except OSError as exc:
+        log.error("VM %d: its record could not be written after the pivot: %s",
+                  record.pid, exc)
+    _remember(watch, followed)
+
+
+def _mark(ctx: Any, watch: Any, monitor: Any, domain: Any, top: VolumeInfo) -> None:
+    """The manager marks the volume merged; only then is the VM resumed from the
     merge's pause."""
     try:
-        ctx.ask(LiveMergeVolume(volume, domain.host_id, f"merge-live-{volume}:mark",
+        ctx.ask(LiveMergeVolume(top.uuid, domain.host_id, f"merge-live-{top.uuid}:mark",
                                 watch.record.domain))
     except errors.Error as exc:
-        log.critical("VM %d: qemu merged volume %s, but the manager did not mark it "
-                     "merged (%s): %s'vm merge %d --volume %s' again finishes",
-                     watch.record.pid, volume, exc,
+        log.critical("VM %d: qemu merged volume %s into %s, but the manager did not mark "
+                     "it merged (%s): %sdo not resume it by any other means (an image "
+                     "opened elsewhere meanwhile would read the stale volume over newer "
+                     "data); 'vm merge %d --volume %s' again finishes",
+                     watch.record.pid, top.uuid, top.parent, exc,
                      "the VM stays paused; " if watch.record.merge_pause else "",
-                     watch.record.pid, volume)
+                     watch.record.pid, top.uuid)
         raise
-    _lift_pause(ctx, watch, monitor, volume)
+    _lift_pause(ctx, watch, monitor, top.uuid)
 
 
 def _lift_pause(ctx: Any, watch: Any, monitor: Any, volume: str) -> None:
@@ -470,7 +577,7 @@ def _let_go(ctx: Any, watch: Any, monitor: Any, domain: Any, layout: LeaseLayout
             base_dev: str) -> None:
     """qemu done with the merged volume: its node (a live snapshot's, which qemu keeps
     until deleted) removed, its mapping, then its lease given up; the base read-only
-    and shared again when it is not the leaf now; the record follows."""
+    and shared again when it is not the leaf now; the record forgets the volume."""
     pid = watch.record.pid
     with contextlib.suppress(errors.Error):
         monitor.remove_node(monitor.format_node(top_dev))
@@ -478,16 +585,18 @@ def _let_go(ctx: Any, watch: Any, monitor: Any, domain: Any, layout: LeaseLayout
         raise errors.MonitorError(f"qemu still has volume {top.uuid} open: it stays "
                                   "active and leased until the VM ends; 'volume merge "
                                   f"{top.uuid}' then drops it")
-    domain.deactivate_volume(top.uuid)
+    with watch.grow_lock:  # no grow of it in flight: its refresh would map it again
+        domain.deactivate_volume(top.uuid)
     if top.uuid in held_by(pid, layout):
         layout.release_volume(top, pid=pid)
-    if not active and not held_by(pid, layout)[base.uuid].shared:
+    lease = held_by(pid, layout).get(base.uuid)
+    if not active and lease is not None and not lease.shared:
         with watch.grow_lock:
             _old_leaf_shared(ctx, monitor, layout, domain, pid, base.uuid,
                              monitor.format_node(base_dev), base_dev)
     record = watch.record
     merged = dataclasses.replace(record, volumes=tuple(
-        (base.uuid, base_dev) if u == top.uuid else (u, p) for u, p in record.volumes),
+        (u, p) for u, p in record.volumes if u != top.uuid),
         others=tuple(u for u in record.others if u != top.uuid))
     try:
         write_record(ctx.paths, merged)

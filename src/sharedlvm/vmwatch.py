@@ -280,6 +280,12 @@ class VmWatch:
         # Held by a grow (manager, then refresh) and by a live snapshot's change of the
         # old leaf to read-only: a refresh in flight must not undo that.
         self.grow_lock = threading.Lock()
+        # A live merge's job runs (vmlive.merge, which holds the migration lock for
+        # it, maybe for hours): an ENOSPC may be resumed meanwhile. The merge's pause
+        # for its pivot and such a resume each check the run state and act under
+        # ``state_lock``, so neither comes between the other's check and act.
+        self.state_lock = threading.Lock()
+        self.merge_job = False
         self.thread = threading.Thread(target=self._run, name=f"vm-{record.pid}",
                                        daemon=True)
 
@@ -498,10 +504,15 @@ class VmWatch:
         # migration): checked and resumed under the lock, so a migration cannot start,
         # complete and release the leases between the check and the cont.
         if not self.migration_lock.acquire(blocking=False):
+            with self.state_lock:
+                if self.merge_job:  # a live merge's job, before its pivot: no conflict
+                    self._resume_if_no_space(monitor)
+                    return
             log.info("VM %d: a migration step runs: not resumed now", self.record.pid)
             return
         try:
-            self._resume_if_no_space(monitor)
+            with self.state_lock:
+                self._resume_if_no_space(monitor)
         finally:
             self.migration_lock.release()
 

@@ -340,6 +340,8 @@ def test_live_merge_under_writes_leaves_the_chain_one_volume_with_every_byte(
         merged = h2.cli_json("vm", "merge", str(vm.pid), "--volume", s2)
         writes.result()
     assert merged["uuid"] == base and merged["role"] == "leaf" and merged["state"] == "ready"
+    print("\n", *[ln for ln in (h2.root / "daemon.log").read_text().splitlines()
+                  if "for the pivot and the mark" in ln][-1:])
     assert chain() == [base] and on_lun() == {base}
     assert held() == {base: False}
     assert vm.status() == "running"

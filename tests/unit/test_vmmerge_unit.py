@@ -45,6 +45,8 @@ class Monitor:
         self.jobs: dict[str, tuple[str, str]] = {}
         self.fail_commit = ""  # the job concludes with this error
         self.complete_error: Exception | None = None
+        self.pivot_then_fail = False  # qemu pivots, its answer is lost
+        self.gone = False  # qemu answers nothing more
         self.nodes = {path: {f"n-{path}"} for path in files}
 
     def chain(self, path: str) -> list[str]:
@@ -76,14 +78,18 @@ class Monitor:
             self.files.remove(top[2:])
 
     def job(self, job: str) -> tuple[str, str] | None:
+        if self.gone:
+            raise errors.MonitorError("qemu is gone")
         return self.jobs.get(job)
 
     def complete_job(self, job: str) -> None:
         self.log.append(("complete",))
-        if self.complete_error:
+        if self.complete_error and not self.pivot_then_fail:
             raise self.complete_error
         self.jobs[job] = ("concluded", "")
         self.files.pop(0)  # pivoted: the base is the active layer
+        if self.complete_error:
+            raise self.complete_error
 
     def cancel_job(self, job: str) -> None:
         self.log.append(("cancel",))
@@ -196,8 +202,7 @@ def setup(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, active: bool
                         lambda d, uuid: info(uuid, states[uuid]))
     monkeypatch.setattr(vmlive.volume_mod, "children", lambda d, uuid: {
         BASE: [TOP], TOP: [] if active else [LEAF], LEAF: []}[uuid])
-    monkeypatch.setattr(vmlive.qemu_img, "measure_in_use",
-                        lambda runner, node: {"required": GiB // 2})
+    monkeypatch.setattr(vmlive.qemu_img, "end_offset", lambda runner, node: GiB // 2)
     monkeypatch.setattr(vmlive, "set_read_only",
                         lambda runner, path, ro: log.append(("ro" if ro else "rw", path)))
     monkeypatch.setattr(vmlive.time, "sleep", lambda s: None)
@@ -214,7 +219,7 @@ def test_an_active_merge_pauses_from_before_the_pivot_until_the_mark(
     result = vmlive.merge(ctx, PID, TOP, None)
     assert result.uuid == BASE
     assert names(log) == [
-        "ExtendVolume", "refresh",  # room in the base first
+        "ExtendVolume", "refresh", "ro",  # room in the base first, still read-only
         "release", "acquire",  # its lease exclusive: nobody else reads what is written
         "rw", "commit", "pause", "complete",
         "LiveMergeVolume", "resume",  # marked stale before any guest write reaches it
@@ -254,16 +259,58 @@ def test_a_commit_that_fails_is_cancelled_and_gives_the_base_back(
     assert ctx.states[TOP] == VolumeState.READY and not monitor.jobs
 
 
-def test_a_pivot_with_no_answer_leaves_the_vm_paused_and_everything_held(
+def test_a_pivot_with_no_answer_is_undone_only_once_qemu_shows_it_did_not_happen(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     ctx, monitor, held, log = setup(monkeypatch, tmp_path, active=True)
-    monitor.complete_error = errors.MonitorError("qemu closed the socket")
+    monitor.complete_error = errors.MonitorError("no answer in 30 s")
+    with pytest.raises(errors.MonitorError):
+        vmlive.merge(ctx, PID, TOP, None)
+    # the job cancelled, qemu still reads the volume: undone, the merge's pause lifted
+    assert names(log)[-7:] == ["pause", "complete", "cancel", "ro", "release", "acquire",
+                               "resume"]
+    assert held == {BASE: True, TOP: False} and not ctx.watch.record.merge_pause
+
+
+def test_a_pivot_whose_answer_was_lost_is_finished(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    ctx, monitor, held, log = setup(monkeypatch, tmp_path, active=True)
+    monitor.complete_error = errors.MonitorError("no answer in 30 s")
+    monitor.pivot_then_fail = True
+    assert vmlive.merge(ctx, PID, TOP, None).uuid == BASE
+    steps = names(log)
+    assert steps.index("LiveMergeVolume") < steps.index("resume")  # never before the mark
+    assert steps[-1] == "MergeVolume" and held == {BASE: False}
+    assert ctx.watch.record.volumes == ((BASE, DEV[BASE]),)
+
+
+def test_when_qemu_cannot_tell_whether_it_pivoted_nothing_is_undone(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    ctx, monitor, held, log = setup(monkeypatch, tmp_path, active=True)
+    monitor.complete_error = errors.MonitorError("the socket closed")
+    real = monitor.complete_job
+
+    def complete(job: str) -> None:
+        monitor.gone = True
+        real(job)
+
+    monitor.complete_job = complete  # type: ignore[method-assign]
     with pytest.raises(errors.MonitorError):
         vmlive.merge(ctx, PID, TOP, None)
     assert names(log)[-2:] == ["pause", "complete"]  # not resumed, nothing undone
     assert held == {BASE: False, TOP: False}
     assert ctx.watch.record.merge_pause == TOP
     assert vmwatch.read_records(ctx.paths)[0].merge_pause == TOP
+
+
+def test_a_vm_paused_by_someone_else_is_not_pivoted(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    ctx, monitor, held, log = setup(monkeypatch, tmp_path, active=True)
+    monitor.status = lambda: (False, "paused")  # type: ignore[method-assign]
+    with pytest.raises(errors.Busy, match="not running"):
+        vmlive.merge(ctx, PID, TOP, None)
+    assert "pause" not in names(log) and "complete" not in names(log)
+    assert names(log)[-4:] == ["cancel", "ro", "release", "acquire"]
+    assert held == {BASE: True, TOP: False}
 
 
 def test_a_mark_the_manager_refused_leaves_the_vm_paused_until_merge_again(

@@ -212,6 +212,26 @@ def test_enospc_grows_and_resumes_an_io_error_pause(tmp_path: Path) -> None:
     assert ("resume", None) in monitor.calls and monitor.state == (True, "running")
 
 
+@pytest.mark.parametrize("merging", [True, False])
+def test_enospc_is_resumed_beside_a_live_merges_job_only(tmp_path: Path,
+                                                         merging: bool) -> None:
+    """A live merge holds the migration lock for its whole job (hours, for a large
+    volume): an ENOSPC meanwhile is resumed (the merge pauses for its pivot only under
+    the state lock, after a fresh look at the run state); beside any other step that
+    holds the lock (a migration), it is not."""
+    host = FakeHost(tmp_path / "dev", 1 * GiB)
+    monitor = FakeMonitor([qmp.Event(qmp.IO_ERROR, node="fmt", nospace=True)],
+                          pause="io-error")
+    record = vmwatch.VmRecord(1, 1, "unused", "dom1", ((VOL, str(host.path)),))
+    watch = vmwatch.VmWatch(record, host, vmwatch.ThinSettings(fallback=3600),
+                            threading.Event(), connect=lambda _: monitor)
+    watch.merge_job = merging
+    with watch.migration_lock:  # the merge's (or a migration's) step
+        watch._run()
+    assert host.grows == [2 * GiB]
+    assert (("resume", None) in monitor.calls) == merging
+
+
 def test_enospc_events_of_one_pause_grow_once(tmp_path: Path) -> None:
     """Requests in flight fail together, each with its event: the first one's grow and
     resume answer them all."""
