@@ -42,6 +42,7 @@ from sharedlvm import client as client_mod
 from sharedlvm import errors
 
 if TYPE_CHECKING:
+    from bed import Host
     from torturelib import Torture
 
 MiB = 1024**2
@@ -69,6 +70,8 @@ class VmActor:
         self.rng = random.Random(f"{torture.cfg.seed}:vm")
         self.vm: Vm | None = None
         self.lost: list[Vm] = []
+        self.qemus: list[Qemu] = []  # every qemu started (a migration's destinations too)
+        self.killed: set[int] = set()  # their run processes a host crash killed
         self.n = 0
         self.dir = torture.workdir / "vms"
         self.dir.mkdir(exist_ok=True)
@@ -99,6 +102,12 @@ class VmActor:
     def step(self, step: str, x: list[float]) -> None:
         self.n += 1
         vm = self.vm
+        if vm is not None and vm.qemu.proc.pid in self.killed:
+            self.vm = None  # killed with its host: verified at the end
+            vm.lost = True
+            self.lost.append(vm)
+            self.count("host crash", "VM killed with its host")
+            return
         if vm is not None and vm.qemu.proc.poll() is not None and not vm.lost:
             self.t.violation("vm gone", f"the VM of image {vm.image} (qemu {vm.qemu.pid}, "
                              f"host{vm.host}) ended without being stopped: "
@@ -126,11 +135,11 @@ class VmActor:
             vol = self.t.client(host.index).create_volume(
                 1024 * MiB, format="qcow2", alloc="thin", tags={VM_TAG: "1", "rid": rid},
                 request_id=rid)
-        except errors.Error as exc:
+        except (errors.Error, OSError) as exc:
             self.count("start", f"create refused ({type(exc).__name__})")
             return
         try:
-            qemu = Qemu(host, vol.image, self.dir, f"vm{self.n}", image=True)
+            qemu = self.qemu(host, vol.image, f"vm{self.n}")
         except Exception as exc:
             self.count("start", "qemu did not start")
             self.say(f"image {vol.image}: qemu did not start on host{host.index}: {exc}")
@@ -159,7 +168,7 @@ class VmActor:
     def do_snapshot(self, vm: Vm, x: list[float]) -> None:
         try:
             new = self.t.client(vm.host).vm_snapshot(vm.qemu.pid, tags={VM_TAG: "1"})
-        except errors.Error as exc:
+        except (errors.Error, OSError) as exc:
             self.count("snapshot", f"failed ({type(exc).__name__})")
             self.say(f"image {vm.image}: snapshot failed: {type(exc).__name__}: {exc}")
             # (a switch with no answer leaves both volumes the VM's: the chain is
@@ -185,7 +194,7 @@ class VmActor:
                 self.t.client(vm.host).vm_merge(vm.qemu.pid, pick)
                 outcome = "ok"
                 break
-            except errors.Error as exc:
+            except (errors.Error, OSError) as exc:
                 outcome = f"failed ({type(exc).__name__})"
                 self.say(f"image {vm.image}: merge of {pick} failed: "
                          f"{type(exc).__name__}: {exc}")
@@ -204,8 +213,7 @@ class VmActor:
         dest_host = self.t.host(others[int(x[0] * len(others))])
         uri = f"unix:{self.dir}/mig{self.n}.sock"
         try:
-            dest = Qemu(dest_host, vm.image, self.dir, f"vm{self.n}-in", incoming=uri,
-                        image=True)
+            dest = self.qemu(dest_host, vm.image, f"vm{self.n}-in", uri)
         except Exception as exc:
             self.count("migrate", "destination did not start")
             self.say(f"image {vm.image}: destination did not start: {exc}")
@@ -214,7 +222,7 @@ class VmActor:
         try:
             done = client_mod.migrate_vm(self.t.client(source.host.index), source.pid,
                                          self.t.client(dest_host.index), dest.pid, uri)
-        except errors.Error as exc:
+        except (errors.Error, OSError) as exc:
             self.count("migrate", f"failed ({type(exc).__name__})")
             self.say(f"image {vm.image}: migration failed: {type(exc).__name__}: {exc}")
             self.after_failed_migration(vm, dest, exc)
@@ -228,7 +236,7 @@ class VmActor:
             vm.qemu = dest
         self.check_vm(vm, "migrate", chain=vm.qemu is dest)
 
-    def after_failed_migration(self, vm: Vm, dest: Qemu, exc: errors.Error) -> None:
+    def after_failed_migration(self, vm: Vm, dest: Qemu, exc: Exception) -> None:
         """The VM runs on exactly one side: the source (dest ended), or, when the
         handoff says the destination may have run it, the destination if it runs."""
         source_runs = vm.qemu.proc.poll() is None and _status(vm.qemu) == "running"
@@ -257,7 +265,7 @@ class VmActor:
     def chain(self, vm: Vm) -> list[str] | None:
         try:
             info = self.t.client(vm.host).image_info(vm.image)
-        except errors.Error as exc:
+        except (errors.Error, OSError) as exc:
             self.say(f"image {vm.image}: no chain now ({type(exc).__name__}: {exc})")
             return None
         return [v.uuid for v in info.chain]
@@ -275,7 +283,7 @@ class VmActor:
             return
         try:
             info = self.t.client(vm.host).image_info(vm.image)
-        except errors.Error:
+        except (errors.Error, OSError):
             return
         files = _qemu_chain(vm.qemu)
         ours = [os.path.basename(os.path.realpath(f)) for f in files]
@@ -329,26 +337,27 @@ class VmActor:
             try:
                 self.t.client(host).delete_image(image, request_id=f"vm-del-{image}")
                 return
-            except errors.Error as exc:
+            except (errors.Error, OSError) as exc:
                 self.say(f"image {image}: delete on host{host} failed: {exc}")
 
     # Faults and the end
 
+    def qemu(self, host: Host, image: str, name: str, incoming: str = "") -> Qemu:
+        q = Qemu(host, image, self.dir, name, incoming=incoming, image=True)
+        self.qemus.append(q)
+        return q
+
     def host_crashed(self, index: int) -> None:
-        """A power loss on ``index`` ends its qemu with it (flushed writes survive)."""
-        vm = self.vm
-        if vm is None or vm.host != index:
-            return
-        vm.lost = True
+        """A power loss on ``index`` ends every qemu there with it (flushed writes
+        survive), whatever step the VM thread is in: it finds out at its next step."""
         from torturelib import kill_tree
 
-        if vm.qemu.proc.poll() is None:
-            kill_tree(vm.qemu.proc.pid)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            vm.qemu.proc.wait(10)
-        self.vm = None
-        self.lost.append(vm)
-        self.count("host crash", "VM killed with its host")
+        for q in self.qemus:
+            if q.host.index == index and q.proc.poll() is None:
+                self.killed.add(q.proc.pid)
+                kill_tree(q.proc.pid)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    q.proc.wait(10)
 
     def finish(self) -> None:
         """At the end: the running VM stopped, every VM verified."""
@@ -366,9 +375,9 @@ class VmActor:
     def cleanup(self) -> None:
         from torturelib import kill_tree
 
-        for vm in [self.vm, *self.lost]:
-            if vm is not None and vm.qemu.proc.poll() is None:
-                kill_tree(vm.qemu.proc.pid)
+        for q in self.qemus:
+            if q.proc.poll() is None:
+                kill_tree(q.proc.pid)
 
 
 def _pick(x: float) -> str:

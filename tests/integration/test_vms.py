@@ -48,7 +48,7 @@ def vms(cluster: Cluster, tmp_path: Path) -> Iterator[list[Qemu]]:
 
 def test_thin_volume_grows_under_a_running_qemu(cluster: Cluster, vms: list[Qemu],
                                                 tmp_path: Path) -> None:
-    """A thin qcow2 volume's LV starts at 1 GiB; qemu writes 2.5 GiB into it at a steady
+    """A thin qcow2 volume's LV starts at 1 GiB; qemu writes 6 GiB into it at a steady
     rate and no write ever fails: the daemon of its host grows the LV ahead of the
     writes, through the manager on another host."""
     h2 = cluster.hosts[1]
@@ -61,7 +61,7 @@ def test_thin_volume_grows_under_a_running_qemu(cluster: Cluster, vms: list[Qemu
     # the daemon found the VM and armed a threshold 512 MiB below the LV's end
     wait_for(lambda: vm.threshold() == first - 512 * MiB, 30, "threshold armed")
     assert [r.volumes[0][0] for r in vmwatch.read_records(h2.paths)] == [vol]
-    total = 5 * GiB // 2
+    total = 6 * GiB
     for i, offset in enumerate(range(0, total, PIECE)):
         vm.write(offset, PIECE, 0x10 + i % 200)
         time.sleep(0.1)  # ~400 MB/s at most: a steady writer
@@ -107,9 +107,12 @@ def test_guest_burst_pauses_on_enospc_and_resumes_with_nothing_lost(
     starts at 1 GiB + room, growing 128 MiB at a time with 1 MiB of warning: its
     writes run past the LV's end, qemu pauses it (werror=enospc), the daemon grows
     the LV and resumes it, again and again; the guest never sees an error and every
-    byte is on the disk (qemu-img compare with what was written)."""
+    byte is on the disk (qemu-img compare with what was written). The manager's
+    daemon (host 1) is SIGKILLed as the guest starts: every extend is answered by the
+    next manager (asked through the mailbox, exactly once by its request id), the VM
+    paused meanwhile resumes by itself."""
     image = build_image(Runner())
-    h2 = small_chunks
+    h1, h2 = cluster.hosts[0], small_chunks
     vol = h2.cli_json("volume", "create", "--size", "2G", "--format", "qcow2",
                       "--alloc", "thin")["uuid"]
     first = lv_size(cluster, vol)
@@ -119,12 +122,22 @@ def test_guest_burst_pauses_on_enospc_and_resumes_with_nothing_lost(
     initrd = tmp_path / "initrd"
     writer.writer_initrd(image, blob, copies, initrd)
     console = tmp_path / "console.log"
-    proc = subprocess.run(
+    run = subprocess.Popen(
         [sys.executable, "-m", "sharedlvm", "run", "--volume", vol, "--",
          "qemu-system-x86_64", *writer.writer_qemu_args(image, initrd, console)],
-        env=h2.env, capture_output=True, text=True, timeout=600)
+        env=h2.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: vmwatch.read_records(h2.paths), 60, "VM started")
+        assert h1.daemon.pid is not None and lv_size(cluster, vol) == first
+        os.kill(h1.daemon.pid, signal.SIGKILL)  # before the guest has written much
+        _, err = run.communicate(timeout=600)
+        assert cluster.manager(timeout=60) is not h1
+    finally:
+        if run.poll() is None:
+            run.kill()
+        h1.daemon.start()
     out = console.read_text()
-    assert proc.returncode == 0, (proc.stderr, out[-2000:])
+    assert run.returncode == 0, (err, out[-2000:])
     assert writer.DONE in out and writer.FAILED not in out, out[-2000:]
     log = (h2.root / "daemon.log").read_text()
     resumed = log.count("resumed after ENOSPC")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,6 +150,118 @@ def test_reader_refresh_after_extend(bed: GuestBed) -> None:
                             'devices{filter=["a|^/dev/vda$|","r|.*|"] use_devicesfile=0}',
                             "vmdom"])
     assert "intruder" not in out.split(), out
+
+
+# Guest 1 (manager) makes a 1 GiB volume in the domain of the first test.
+GROW_CREATE = """
+import json, uuid
+from pathlib import Path
+from sharedlvm.command import Runner
+from sharedlvm.domain import make_lvm
+from sharedlvm.paths import HostPaths
+from sharedlvm import tags
+lvm = make_lvm(HostPaths(Path("/tmp/h1")), Runner(), ["/dev/vda"], writable=True)
+vol = str(uuid.uuid4())
+lvm.lvcreate("vmdom", vol, 1 << 30, [tags.make_tag("image", str(uuid.uuid4())),
+             tags.make_tag("state", "ready"), tags.make_tag("format", "raw")])
+print(json.dumps({"volume": vol}))
+"""
+
+# Guest 2: a writer with the device open (as qemu has a thin volume's), writing 1 MiB
+# blocks (O_DIRECT) from 0 to END; a write at the device's end fails, and it waits,
+# with the device still open, until the device is larger, then writes on.
+GROW_WRITER = """
+import fcntl, mmap, os, struct, sys, time
+path, end = sys.argv[1], int(sys.argv[2])
+fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 1 << 20)
+def size():
+    return struct.unpack("Q", fcntl.ioctl(fd, 0x80081272, bytes(8)))[0]  # BLKGETSIZE64
+off = 0
+while off < end:
+    buf[:] = bytes([1 + (off >> 20) % 250]) * (1 << 20)
+    try:
+        done = os.pwrite(fd, buf, off)
+    except OSError as exc:
+        done = 0
+        print(f"write at {off} failed: {exc.strerror}", flush=True)
+    if done == 1 << 20:
+        off += done
+        continue
+    print(f"waiting at {off}, device {size()} bytes", flush=True)
+    start = time.monotonic()
+    while size() <= off:
+        if time.monotonic() - start > 300:
+            print("never grown", flush=True)
+            sys.exit(2)
+        time.sleep(0.05)
+    print(f"grown to {size()} bytes, writing on", flush=True)
+os.fsync(fd)
+print(f"done at {off}", flush=True)
+"""
+
+# Guest 2: the refresh the daemon does after a thin volume's extend (vmwatch via
+# Daemon.refresh_thin: the shard's activator), with the writer's device open.
+GROW_REFRESH = """
+import sys
+from pathlib import Path
+from sharedlvm.command import Runner
+from sharedlvm.domain import Domain
+from sharedlvm.paths import HostPaths
+d = Domain.open(HostPaths(Path("/tmp/h2")), Runner(), "vmdom")
+shard = d.volume_shard(sys.argv[1])
+shard.activator.refresh(shard.vg_name, sys.argv[1])
+"""
+
+# Guest 2: the first byte of each MiB block at the given offsets.
+GROW_READ = """
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 4096)
+for off in map(int, sys.argv[2:]):
+    os.preadv(fd, [buf], off)
+    print(off, buf[0], buf[4095])
+"""
+
+
+def test_a_writer_grows_past_the_old_end_after_a_refresh_under_it(bed: GuestBed) -> None:
+    """Thin growth through real device-mapper (run after the first test: its domain):
+    a writer on guest 2 holds the volume's device open and writes to its end, where
+    its write fails; the manager (guest 1) extends the LV; guest 2 reloads its table
+    with the writer's device still open, as the daemon does after a thin extend; the
+    writer sees the new size on its open device and writes on past the old end; every
+    block reads back, before and after the old end."""
+    manager, host = bed[0], bed[1]
+    _, out, _ = manager.run(["python3", "-c", GROW_CREATE], timeout=120)
+    vol = json.loads(out.strip().splitlines()[-1])["volume"]
+    _, path, _ = host.run(["python3", "-c", READER_PATH, vol], timeout=120)
+    path = path.strip().splitlines()[-1]
+    end = 3 * GiB // 2
+    host.spawn(["python3", "-c", GROW_WRITER, path, end], log_file="/tmp/grow.out")
+
+    def writer_says(text: str) -> str:
+        deadline = time.monotonic() + 240
+        while True:
+            out = host.run(["cat", "/tmp/grow.out"], check=False).out
+            if text in out or "never grown" in out:
+                return str(out)
+            assert time.monotonic() < deadline, out
+            time.sleep(0.5)
+
+    assert f"waiting at {GiB}" in writer_says("waiting at"), "the old end"
+    manager.run(["python3", "-c", EXTEND, vol], timeout=120)  # to 2 GiB, in use
+    _, size, _ = host.run(["blockdev", "--getsize64", path])
+    assert int(size) == GiB  # the host's table still maps the old size
+    host.run(["python3", "-c", GROW_REFRESH, vol], timeout=120)
+    out = writer_says("done at")
+    assert f"grown to {2 * GiB} bytes" in out and f"done at {end}" in out, out
+    _, table, _ = host.run(["dmsetup", "table", f"vmdom-{vol.replace('-', '--')}"])
+    assert table.split()[1] == str(2 * GiB // 512) and " linear " in table, table
+    offsets = [0, GiB - (1 << 20), GiB, end - (1 << 20)]
+    _, read, _ = host.run(["python3", "-c", GROW_READ, path, *offsets], timeout=120)
+    for line, off in zip(read.strip().splitlines(), offsets, strict=True):
+        want = 1 + (off >> 20) % 250
+        assert line.split() == [str(off), str(want), str(want)], (line, want)
 
 
 # Guest 1 formats a domain on partitions of the multipath LUN (as `domain create
