@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 from . import codec, errors, leases, operations, rpc
 from . import domain as domain_mod
-from . import mailbox as mailbox_mod
 from . import metrics as metrics_mod
 from .command import Runner
 from .copies import CopySettings
@@ -457,8 +456,7 @@ class Daemon:
             return op.handler(self, request)
 
     def _answer_mail(self, service: DomainService, msg: Message) -> dict[str, Any] | None:
-        """The manager's answer to a request from another host's outbox (or to a batch
-        of them: each answered as if asked alone, in order, in one reply)."""
+        """The manager's answer to a request from another host's outbox."""
         payload = msg.payload
         try:
             if payload.get("v") != MAILBOX_VERSION:
@@ -471,25 +469,6 @@ class Daemon:
                 # left in the outbox of a host that died is not run when it comes back.
                 raise errors.Timeout(f"request {payload.get('request_id')} expired: "
                                      f"asked {age:.0f} s ago")
-            if payload.get("op") != mailbox_mod.BATCH:
-                return self._answer_one(service, msg.host_id, payload)
-            items = (payload.get("fields") or {}).get("items")
-            if not isinstance(items, list) or not 1 <= len(items) <= mailbox_mod.MAX_BATCH \
-                    or not all(isinstance(item, dict) for item in items):
-                raise errors.InvalidArgument("malformed batch of requests")
-        except errors.Error as exc:
-            return {"ok": False, "error": exc.to_wire()}
-        answers = []
-        for item in items:
-            answer = self._answer_one(service, msg.host_id, item)
-            if answer is None:
-                return None  # not manager any more: the next one answers them all
-            answers.append(answer)
-        return mailbox_mod.batch_reply(answers)
-
-    def _answer_one(self, service: DomainService, host_id: int, payload: dict[str, Any]
-                    ) -> dict[str, Any] | None:
-        try:
             request = operations.decode(payload.get("op"), payload.get("fields"))
             mail_op = operations.get(request.op)
             if not mail_op.forward or (mail_op.runs_here and mail_op.runs_here(request)):
@@ -498,8 +477,8 @@ class Daemon:
             # The asking host named the domain by its own config (or not at all).
             request = dataclasses.replace(request, domain=service.domain.name)  # type: ignore[call-arg]
             if isinstance(request, PublishVolume):  # the host that asks is the one that holds
-                request = dataclasses.replace(request, host_id=host_id)
-            log.info("mailbox: host %d asks %s (request %s)", host_id, request.op,
+                request = dataclasses.replace(request, host_id=msg.host_id)
+            log.info("mailbox: host %d asks %s (request %s)", msg.host_id, request.op,
                      payload.get("request_id"))
             start = time.monotonic()
             ok = False
@@ -516,7 +495,7 @@ class Daemon:
         except errors.Error as exc:
             return {"ok": False, "error": exc.to_wire()}
         except Exception as exc:  # a bug must not stall the mailbox for every host
-            log.exception("mailbox request of host %d failed", host_id)
+            log.exception("mailbox request of host %d failed", msg.host_id)
             return {"ok": False, "error": errors.Error(f"internal error: {exc!r}").to_wire()}
 
     @staticmethod

@@ -7,9 +7,8 @@ The ``mailbox`` LV has one 8 KiB slot per host id (1..2000: 16,000 KiB)::
 
 Each box is one checksummed 4 KiB record (ondisk.py): whole sectors on 512 B and
 4 KiB LUNs, O_DIRECT, so no two hosts ever write the same sector and no host reads a
-cached copy. A host has at most one message in flight (a request, or a batch of the
-requests asked while the previous one was in flight); its sequence number grows by
-one per message. The manager reads the outboxes of live hosts (sanlock's host list),
+cached copy. A host has at most one request in flight; its sequence number grows by
+one per request. The manager reads the outboxes of live hosts (sanlock's host list),
 executes each new request and writes the reply with the same sequence number. A torn
 or corrupt record fails its checksum and is ignored with a log line, never executed.
 
@@ -30,14 +29,13 @@ Requests carry a request id; the manager's journal records completed ids
 (journal.RequestLog), so a request re-sent after a timeout or a manager failover is
 answered, not executed twice.
 
-:class:`MailboxClient` is the asking side (sequence numbers, one message in flight
-per host, batches), :class:`MailboxServer` the manager's side (the hot set, the sweep, the
+:class:`MailboxClient` is the asking side (sequence numbers, one request in flight
+per host), :class:`MailboxServer` the manager's side (the hot set, the sweep, the
 answered sequence numbers).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -167,165 +165,37 @@ def new_request_id() -> str:
     return f"mbx-{uuid.uuid4()}"
 
 
-# A host's requests that wait while one is in flight go out together, as one batch
-# (op "batch"): each with its own request id, executed and answered one by one by the
-# manager, in one reply. At most this many, and only as many as fit in a box with room
-# left; the manager leaves out of its reply the answers that do not fit ("again": the
-# client asks those again, with their ids, which the journal answers).
-MAX_BATCH = 8
-BATCH_BYTES = ondisk.MAX_PAYLOAD - 512
-
-
-@dataclass
-class _Ask:
-    op: str
-    fields: dict[str, Any]
-    request_id: str
-    answer: dict[str, Any] | None = None
-    error: BaseException | None = None
-    done: bool = False
-
-
 class MailboxClient:
-    """A host that is not manager asks through its outbox and waits in its inbox. One
-    message is in flight at a time; requests asked meanwhile wait, and the first of
-    them to go sends them all as one batch (the latency of a host's concurrent
-    requests is one round trip, not one each)."""
+    """A host that is not manager asks through its outbox and waits in its inbox."""
 
     def __init__(self, mailbox: Mailbox, poll: float = 0.005) -> None:
         self.mailbox = mailbox
         self.poll = poll
-        self._cond = threading.Condition()
-        self._queue: list[_Ask] = []
-        self._sending = False
+        self._lock = threading.Lock()  # one request in flight per host
         self._next_seq: int | None = None
-        self.batches = 0  # messages that carried more than one request
 
     def call(self, op: str, fields: dict[str, Any], request_id: str,
              timeout: float) -> dict[str, Any]:
         """Send one request and return the manager's answer (ok/result or error)."""
-        ask = _Ask(op, fields, request_id)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            self._queue.append(ask)
-            while self._sending and not ask.done:
-                left = deadline - time.monotonic()
-                if left <= 0 and ask in self._queue:
-                    self._queue.remove(ask)
-                    raise self._timeout(request_id, timeout)
-                self._cond.wait(max(left, self.poll))
-            if not ask.done:  # this thread sends: its request and those waiting
-                self._sending = True
-                batch = self._take(ask)
-        if not ask.done:
-            try:
-                self._send_all(batch, deadline, timeout)
-            finally:
-                with self._cond:
-                    for item in batch:
-                        item.done = True
-                    self._sending = False
-                    self._cond.notify_all()
-        if ask.error is not None:
-            raise ask.error
-        assert ask.answer is not None
-        return ask.answer
-
-    def _take(self, first: _Ask) -> list[_Ask]:
-        """``first`` and those waiting after it, as many as a box holds."""
-        self._queue.remove(first)
-        batch, size = [first], len(json.dumps(first.fields)) + 200
-        while self._queue and len(batch) < MAX_BATCH:
-            more = len(json.dumps(self._queue[0].fields)) + 200
-            if size + more > BATCH_BYTES:
-                break
-            size += more
-            batch.append(self._queue.pop(0))
-        return batch
-
-    def _send_all(self, batch: list[_Ask], deadline: float, timeout: float) -> None:
-        """Every item of ``batch`` answered, or given the error that ended it."""
-        pending = list(batch)
-        try:
-            while pending:
-                answers = self._round(pending, deadline, timeout)
-                again = []
-                for item, answer in zip(pending, answers, strict=True):
-                    if answer.get("again"):
-                        again.append(item)
-                    else:
-                        item.answer = answer
-                pending = again
-        except BaseException as exc:
-            for item in pending:
-                item.error = exc
-
-    def _round(self, items: list[_Ask], deadline: float, timeout: float
-               ) -> list[dict[str, Any]]:
         domain = self.mailbox.domain
-        if len(items) == 1:
-            request = {"v": MAILBOX_VERSION, "op": items[0].op, "fields": items[0].fields,
-                       "request_id": items[0].request_id, "host_id": domain.host_id,
-                       "time": time.time()}
-        else:
-            request = {"v": MAILBOX_VERSION, "op": BATCH, "fields": {"items": [
-                {"op": i.op, "fields": i.fields, "request_id": i.request_id}
-                for i in items]}, "request_id": items[0].request_id,
-                "host_id": domain.host_id, "time": time.time()}
-            self.batches += 1
-        # Past whatever the boxes hold now, not only past this process's last
-        # request: a record written over the outbox (a torn write, a restart with
-        # an old state) must not make the manager take new requests for answered.
-        seq = max(self._next_seq or 0, self.mailbox.last_sent() + 1)
-        self._next_seq = seq + 1
-        self.mailbox.send(seq, request)
-        while time.monotonic() < deadline:
-            answer = self.mailbox.reply_for(seq)
-            if answer is not None:
-                if len(items) == 1:
-                    return [answer]
-                if not answer.get("ok"):  # the batch as a whole refused
-                    return [answer] * len(items)
-                answers = list((answer.get("result") or {}).get("items") or [])
-                if len(answers) != len(items):
-                    raise errors.Error(f"bad batch answer from the manager: {len(answers)} "
-                                       f"answers to {len(items)} requests")
-                return answers
-            time.sleep(self.poll)
-        raise self._timeout(items[0].request_id, timeout)
-
-    def _timeout(self, request_id: str, timeout: float) -> errors.Timeout:
-        return errors.Timeout(f"no answer from the manager of domain "
-                              f"{self.mailbox.domain.name} in {timeout:g} s (request "
-                              f"{request_id}); repeat it with the same --request-id")
-
-
-BATCH = "batch"
-
-
-def batch_reply(answers: list[dict[str, Any]]) -> dict[str, Any]:
-    """The manager's reply to a batch: every answer that fits in the box, in order;
-    those that do not are marked ``again`` (the client asks them again by request id:
-    executed already, they are answered from the journal)."""
-    again = {"again": True}
-    size = len(_compact({"ok": True, "result": {"items": []}}))
-    kept: list[dict[str, Any]] = []
-    for index, answer in enumerate(answers):
-        rest = len(answers) - index - 1
-        need = len(_compact(answer)) + 1
-        if size + need + rest * (len(_compact(again)) + 1) > BATCH_REPLY_BYTES:
-            kept += [again] * (rest + 1)
-            break
-        size += need
-        kept.append(answer)
-    return {"ok": True, "result": {"items": kept}}
-
-
-def _compact(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
-
-
-BATCH_REPLY_BYTES = ondisk.MAX_PAYLOAD - 64
+        request = {"v": MAILBOX_VERSION, "op": op, "fields": fields,
+                   "request_id": request_id, "host_id": domain.host_id, "time": time.time()}
+        with self._lock:
+            # Past whatever the boxes hold now, not only past this process's last
+            # request: a record written over the outbox (a torn write, a restart with
+            # an old state) must not make the manager take new requests for answered.
+            seq = max(self._next_seq or 0, self.mailbox.last_sent() + 1)
+            self._next_seq = seq + 1
+            self.mailbox.send(seq, request)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                answer = self.mailbox.reply_for(seq)
+                if answer is not None:
+                    return answer
+                time.sleep(self.poll)
+        raise errors.Timeout(f"no answer from the manager of domain {domain.name} in "
+                             f"{timeout:g} s (request {request_id}); repeat it with the "
+                             "same --request-id")
 
 
 # The manager's answer to one request: the reply to write, or None when this host is
