@@ -231,7 +231,7 @@ class VmActor:
             self.say(f"image {vm.image}: migrated to host{dest_host.index} as qemu "
                      f"{dest.pid} (handoff {done.handoff_ms:.0f} ms)")
             with contextlib.suppress(subprocess.TimeoutExpired):
-                source.proc.wait(30)
+                source.proc.wait(5)  # quit by migrate_vm (not if its daemon was down)
             source.stop()
             vm.qemu = dest
         self.check_vm(vm, "migrate", chain=vm.qemu is dest)
