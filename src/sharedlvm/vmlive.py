@@ -587,9 +587,10 @@ def _let_go(ctx: Any, watch: Any, monitor: Any, domain: Any, layout: LeaseLayout
                                   f"{top.uuid}' then drops it")
     with watch.grow_lock:  # no grow of it in flight: its refresh would map it again
         domain.deactivate_volume(top.uuid)
-    if top.uuid in held_by(pid, layout):
+    held = held_by(pid, layout)  # one inquiry: releasing the top leaves the base's lease
+    if top.uuid in held:
         layout.release_volume(top, pid=pid)
-    lease = held_by(pid, layout).get(base.uuid)
+    lease = held.get(base.uuid)
     if not active and lease is not None and not lease.shared:
         with watch.grow_lock:
             _old_leaf_shared(ctx, monitor, layout, domain, pid, base.uuid,
