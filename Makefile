@@ -7,7 +7,10 @@ PY := $(VENV)/bin/python
 # libc6-dev: only a recommend of gcc, but the test bed's sanlock shim includes its
 # <sys/resource.h> (simhost.py).
 # fdisk: sfdisk, for shards on GPT partitions of one LUN (partitions.py).
-DEB_PACKAGES := lvm2 sanlock python3-sanlock qemu-utils util-linux fdisk kpartx gcc libc6-dev qemu-system-x86
+# libvirt: VMs run by libvirt (libvirt.py; the bed runs a libvirtd per simulated host,
+# libvirtbed.py); libvirt-sanlock is its sanlock lock driver; nothing is started by apt.
+DEB_PACKAGES := lvm2 sanlock python3-sanlock qemu-utils util-linux fdisk kpartx gcc libc6-dev qemu-system-x86 \
+  libvirt-daemon-system libvirt-clients python3-libvirt libvirt-daemon-driver-qemu libvirt-sanlock
 STAMP_DEB := $(VENV)/.deb-stamp
 STAMP_PIP := $(VENV)/.pip-stamp
 

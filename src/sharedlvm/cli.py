@@ -52,6 +52,7 @@ GROUP_HELP = {
     "manager": "the manager role",
     "host": "hosts of a domain",
     "vm": "VMs started by 'run': live migration between hosts",
+    "libvirt": "VMs run by libvirt: disk XML, lock driver and hook configuration",
 }
 
 
@@ -498,6 +499,35 @@ def cmd_vm_migrate(args: argparse.Namespace) -> None:
               f"{done.handoff_ms:.0f} ms")
 
 
+def cmd_libvirt_disk_xml(args: argparse.Namespace) -> None:
+    from . import libvirt
+
+    d = domain_mod.Domain.open(HostPaths.from_env(), Runner(), args.domain)
+    xml = libvirt.disk_xml(d, check_uuid(args.image, "image"), args.target, args.bus,
+                           args.alias or "")
+    if args.json:
+        _print_json(dataclasses.asdict(xml))
+    else:
+        print(f"<!-- in <devices>: image {xml.image}, leaf {xml.leaf} -->")
+        print(xml.disk)
+        print(xml.lease)
+
+
+def cmd_libvirt_install(args: argparse.Namespace) -> None:
+    from . import libvirt
+
+    paths = HostPaths.from_env()
+    if args.print:
+        print(f"# {args.etc}/qemu-sanlock.conf\n{libvirt.SANLOCK_CONF}")
+        print(f"# {args.etc}/qemu.conf (the lock manager line)\n{libvirt.QEMU_CONF_LINE}\n")
+        print(f"# {args.etc}/hooks/qemu (mode 0755)\n"
+              f"{libvirt.hook_script(sys.executable, str(paths.root))}")
+        return
+    for path in libvirt.install(Path(args.etc), str(paths.root)):
+        print(f"wrote {path}")
+    print("restart libvirtd for the lock manager and the hook to take effect")
+
+
 def _add_local_commands(groups: dict[str, Any], top: Any) -> None:
     dom = groups["domain"]
     p = dom.add_parser("create", help="format LUNs as a new domain; this host becomes "
@@ -558,6 +588,23 @@ def _add_local_commands(groups: dict[str, Any], top: Any) -> None:
                    help="cancel qemu's migration after this long (default 600)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_vm_migrate)
+
+    lv = groups["libvirt"]
+    p = lv.add_parser("disk-xml", help="the <disk> and <lease> elements of an image, for "
+                      "a libvirt domain's <devices>")
+    p.add_argument("image", help="image UUID")
+    p.add_argument("--target", default="vda", help="the guest's device (default vda)")
+    p.add_argument("--bus", default="virtio", help="virtio (default), scsi or sata")
+    p.add_argument("--alias", help="the disk's user alias (default ua-sharedlvm-IMAGE)")
+    p.add_argument("--domain", help="domain name (default: the only attached one)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_libvirt_disk_xml)
+    p = lv.add_parser("install", help="configure this host's libvirt: sanlock lock "
+                      "manager (no leases of its own) and sharedlvm's qemu hook")
+    p.add_argument("--etc", default="/etc/libvirt", help="libvirt's configuration "
+                   "directory (default /etc/libvirt)")
+    p.add_argument("--print", action="store_true", help="print the files, write nothing")
+    p.set_defaults(func=cmd_libvirt_install)
 
     p = top.add_parser("daemon", help="run this host's daemon (foreground)")
     p.add_argument("--log-file")

@@ -51,6 +51,9 @@ from .requests import (
     GetMetrics,
     GetStatus,
     GetVolume,
+    LibvirtPrepare,
+    LibvirtRelease,
+    LibvirtStarted,
     ListHosts,
     ListVms,
     ListVolumes,
@@ -220,6 +223,21 @@ def get_image(ctx: Context, req: GetImage) -> ImageInfo:
 def prepare_image(ctx: Context, req: PrepareImage) -> Prepared:
     return Prepared(ctx.service(req.domain).prepared.prepare_image(req.image, req.pid,
                                                                    req.shared))
+
+
+def libvirt_prepare(ctx: Context, req: LibvirtPrepare) -> Prepared:
+    return Prepared(ctx.service(req.domain).prepared.prepare_libvirt(req))
+
+
+def libvirt_started(ctx: Context, req: LibvirtStarted) -> Done:
+    ctx.service(req.domain).prepared.started_libvirt(req.image, req.vm, req.pid,
+                                                     req.incoming)
+    return Done()
+
+
+def libvirt_release(ctx: Context, req: LibvirtRelease) -> Done:
+    ctx.service(req.domain).prepared.release_libvirt(req.image, req.vm)
+    return Done()
 
 
 def delete_image(ctx: Context, req: DeleteImage) -> ImageDeleted:

@@ -112,6 +112,10 @@ TABLE: tuple[Operation, ...] = (
               cli=("image", "delete")),
     Operation(rq.TeardownImage, handlers.teardown_image, http=("POST", f"{_I}/teardown"),
               cli=("image", "teardown")),
+    # libvirt's qemu hook (libvirt_hook.py): no command, no route
+    Operation(rq.LibvirtPrepare, handlers.libvirt_prepare),
+    Operation(rq.LibvirtStarted, handlers.libvirt_started),
+    Operation(rq.LibvirtRelease, handlers.libvirt_release),
     Operation(rq.GetDomain, handlers.get_domain, local=True, http=("GET", _D),
               cli=("domain", "info")),
     # LUN paths are the manager host's: not forwarded (another host's path may differ)

@@ -31,14 +31,15 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from . import errors, images
+from . import errors, images, leases
 from . import volume as volume_mod
 from .domain import Domain
 from .lease_layout import LeaseLayout
 from .model import VolumeInfo
+from .requests import LibvirtPrepare
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class Preparation:
     volume: str
     pid: int
     shared: bool
+    # A libvirt domain's (its UUID): ``pid`` 0 until its qemu started (libvirt.py)
+    vm: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,13 @@ class ImagePreparation:
     pid: int
     shared: bool
     volumes: list[str] = field(default_factory=list)  # base first
+    vm: str = ""
+
+
+def _live(prep: Preparation | ImagePreparation) -> bool:
+    """Its consumer runs, or is a libvirt domain's qemu about to (released by the
+    hook's release, which libvirt runs after a failed start too)."""
+    return (prep.vm != "" and prep.pid == 0) or pid_alive(prep.pid)
 
 
 def pid_alive(pid: int) -> bool:
@@ -86,23 +96,24 @@ class PreparedVolumes:
             data = json.loads(self.state_file.read_text())
             if isinstance(data, list):  # before images: the list of preparations
                 data = {"volumes": data, "images": []}
-            preps = [Preparation(str(p["volume"]), int(p["pid"]), bool(p["shared"]))
-                     for p in data["volumes"]]
+            preps = [Preparation(str(p["volume"]), int(p["pid"]), bool(p["shared"]),
+                                 str(p.get("vm", ""))) for p in data["volumes"]]
             imgs = [ImagePreparation(str(i["image"]), int(i["pid"]), bool(i["shared"]),
-                                     [str(v) for v in i["volumes"]]) for i in data["images"]]
+                                     [str(v) for v in i["volumes"]], str(i.get("vm", "")))
+                    for i in data["images"]]
         except FileNotFoundError:
             return
         except (ValueError, KeyError, TypeError) as exc:
             log.error("ignoring %s: %s", self.state_file, exc)
             return
         for prep in preps:
-            if pid_alive(prep.pid):
+            if _live(prep):
                 self._held.setdefault(prep.volume, []).append(prep)
             else:
                 log.info("volume %s was prepared for process %d, which is gone",
                          prep.volume, prep.pid)
         for img in imgs:
-            if pid_alive(img.pid):
+            if _live(img):
                 self._images[img.image] = img
             else:  # its leases died with it: drop its links too
                 images.unlink_chain(self.domain, img.image, img.volumes)
@@ -154,7 +165,7 @@ class PreparedVolumes:
         images.require_current([info])
         if not shared:
             images.require_writable(info, "prepare for writing", "use --shared")
-        live = [p for p in self._held.get(volume, []) if pid_alive(p.pid)]
+        live = [p for p in self._held.get(volume, []) if _live(p)]
         for held in live:
             if held.pid == pid and held.shared == shared:
                 return volume_mod.volume_path(self.domain, volume, read_only=shared)
@@ -203,7 +214,7 @@ class PreparedVolumes:
         if info is not None and pid_alive(prep.pid):
             with contextlib.suppress(errors.LeaseError):  # it may have released it
                 self.layout.release_volume(info, pid=prep.pid)
-        left = [p for p in self._held.get(volume, []) if p != prep and pid_alive(p.pid)]
+        left = [p for p in self._held.get(volume, []) if p != prep and _live(p)]
         if left:
             self._held[volume] = left
         else:
@@ -224,8 +235,8 @@ class PreparedVolumes:
             raise errors.InvalidArgument(f"no process {pid} on this host")
         with self._lock:
             held = self._images.get(image)
-            if held is not None and pid_alive(held.pid) and \
-                    (held.pid, held.shared) != (pid, shared):
+            if held is not None and _live(held) and \
+                    (held.pid, held.shared, held.vm) != (pid, shared, ""):
                 mode = "shared" if held.shared else "exclusive"
                 raise errors.Busy(f"image {image} is already prepared here for "
                                   f"process {held.pid} ({mode})")
@@ -260,6 +271,121 @@ class PreparedVolumes:
             images.unlink_chain(self.domain, image, img.volumes)
             for vol in reversed(img.volumes):
                 for prep in [p for p in self._held.get(vol, []) if p.pid == img.pid]:
+                    self._release(vol, prep)
+            del self._images[image]
+            self._save()
+
+    # libvirt domains (libvirt.py: the qemu hook's steps). libvirt holds the leaf's
+    # lease in qemu (the domain XML's <lease>); these activate and link the chain
+    # around it, keyed by the domain's UUID until its qemu's pid is known.
+
+    def prepare_libvirt(self, req: LibvirtPrepare) -> str:
+        """Activate and link ``req.image``'s chain for a libvirt domain about to start
+        (checked: the disk names the leaf, the XML holds the leaf's lease at its slot,
+        nobody holds that lease unless the domain is a migration's destination);
+        returns the leaf's path in the image directory."""
+        self.require_joined()
+        with self._lock:
+            held = self._images.get(req.image)
+            if held is not None and _live(held) and held.vm != req.vm:
+                who = f"libvirt domain {held.vm}" if held.vm else f"process {held.pid}"
+                raise errors.Busy(f"image {req.image} is already prepared here for {who}")
+            info = images.image_info(self.domain, req.image)
+            images.require_current(info.chain)
+            leaf = info.chain[-1]
+            if req.volume != leaf.uuid:
+                raise errors.InvalidArgument(
+                    f"the disk names volume {req.volume}, which is not image "
+                    f"{req.image}'s leaf ({leaf.uuid}): print its XML again ('sharedlvm "
+                    f"libvirt disk-xml {req.image}')")
+            if not req.read_only:
+                self._check_lease(req, leaf)
+            devices: dict[str, str] = {}
+            done: list[Preparation] = []
+            try:
+                for vol in info.chain:
+                    ro = req.read_only or vol.uuid != leaf.uuid
+                    live = [p for p in self._held.get(vol.uuid, []) if _live(p)]
+                    for other in live:
+                        if other.vm != req.vm and not (other.shared and ro):
+                            raise errors.Busy(f"volume {vol.uuid} is already prepared "
+                                              f"here for process {other.pid}")
+                    mine = [p for p in live if p.vm == req.vm]
+                    devices[vol.uuid] = volume_mod.volume_path(self.domain, vol.uuid,
+                                                               read_only=ro, info=vol)
+                    if not mine:
+                        prep = Preparation(vol.uuid, 0, ro, req.vm)
+                        self._held[vol.uuid] = [*live, prep]
+                        done.append(prep)
+                directory = images.link_chain(self.domain, req.image, devices)
+            except BaseException:
+                for prep in reversed(done):
+                    with contextlib.suppress(errors.Error):
+                        self._release(prep.volume, prep)
+                raise
+            self._images[req.image] = ImagePreparation(req.image, 0, req.read_only,
+                                                       list(devices), req.vm)
+            self._save()
+            return str(directory / leaf.uuid)
+
+    def _check_lease(self, req: LibvirtPrepare, leaf: VolumeInfo) -> None:
+        images.require_writable(leaf, "run a VM on it")
+        if leaf.lease is None:
+            raise errors.LeaseError(f"volume {leaf.uuid} has no lease slot")
+        slot = self.layout.slot_disk(leaf.lease)
+        want = f"{self.layout.lockspace}:{leaf.uuid}:{slot.path}:{slot.offset}"
+        if req.lease != want:
+            # libvirt would run qemu without the leaf's lease (or lock another slot)
+            raise errors.InvalidArgument(
+                f"the domain XML has no <lease> of volume {leaf.uuid} at its slot "
+                f"(lockspace {self.layout.lockspace}, target {slot.path} offset "
+                f"{slot.offset}): add the one 'sharedlvm libvirt disk-xml {req.image}' "
+                "prints")
+        if not req.incoming:  # a migration's source holds it until the handoff
+            holders = self.layout.holders(leaf)
+            if holders:
+                raise errors.VolumeHeld(leaf.uuid, holders, "exclusive")
+
+    def started_libvirt(self, image: str, vm: str, pid: int, incoming: bool) -> None:
+        """The domain's qemu runs as ``pid``: it must hold the leaf's lease (libvirt's
+        lock driver acquired it before the CPUs started; a migration's destination
+        acquires it at the handoff); the preparations become ``pid``'s."""
+        with self._lock:
+            img = self._images.get(image)
+            if img is None or img.vm != vm:
+                raise errors.NotFound(f"image {image} is not prepared on this host for "
+                                      f"libvirt domain {vm}")
+            if not pid_alive(pid):
+                raise errors.InvalidArgument(f"no process {pid} on this host")
+            leaf = img.volumes[-1]
+            if not img.shared and not incoming:
+                try:
+                    held = leases.inquire(pid=pid)
+                except errors.LeaseError as exc:
+                    raise errors.LeaseError(
+                        f"libvirt's qemu {pid} is not registered with this host's sanlock: "
+                        "libvirt's lock manager must be sanlock ('sharedlvm libvirt "
+                        f"install'): {exc}") from exc
+                if not any(h.resource == leaf and not h.shared for h in held):
+                    raise errors.LeaseError(
+                        f"libvirt's qemu {pid} does not hold volume {leaf}'s lease: is "
+                        "libvirt's lock manager sanlock ('sharedlvm libvirt install')?")
+            for vol in img.volumes:
+                self._held[vol] = [replace(p, pid=pid) if p.vm == vm else p
+                                   for p in self._held.get(vol, [])]
+            self._images[image] = replace(img, pid=pid)
+            self._save()
+
+    def release_libvirt(self, image: str, vm: str) -> None:
+        """The domain's qemu is gone (or never started): unlink, deactivate what
+        nothing else here uses. Nothing prepared for it: nothing to do."""
+        with self._lock:
+            img = self._images.get(image)
+            if img is None or img.vm != vm:
+                return
+            images.unlink_chain(self.domain, image, img.volumes)
+            for vol in reversed(img.volumes):
+                for prep in [p for p in self._held.get(vol, []) if p.vm == vm]:
                     self._release(vol, prep)
             del self._images[image]
             self._save()

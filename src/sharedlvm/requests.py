@@ -597,6 +597,65 @@ class TeardownImage(Request):
 
 
 @dataclass(frozen=True)
+class _LibvirtRequest(Request):
+    """A step of libvirt's qemu hook (libvirt.py) for one image of a libvirt domain."""
+
+    image: str = arg("image UUID", positional=True)
+    vm: str = arg("the libvirt domain's UUID", "")
+    domain: str | None = arg(_DOMAIN_HELP, None)
+
+    def __post_init__(self) -> None:
+        check_uuid(self.image, "image")
+        check_uuid(self.vm, "libvirt domain")
+
+
+@dataclass(frozen=True)
+class LibvirtPrepare(_LibvirtRequest):
+    """activate an image's chain for a libvirt domain about to start (hook: prepare)
+
+    ``volume`` is the volume the domain's disk names (it must be the image's leaf);
+    ``lease`` the domain XML's <lease> for it as LOCKSPACE:KEY:PATH:OFFSET (required
+    for a writable disk: libvirt holds the leaf's lease in qemu)."""
+
+    op: ClassVar[str] = "libvirt.prepare"
+    Result: ClassVar[Any] = Prepared
+
+    volume: str = arg("the volume the disk names", "")
+    lease: str = arg("the XML's lease of the leaf", "")
+    read_only: bool = arg("a read-only disk: shared leases only", False)
+    incoming: bool = arg("a migration's destination: the source holds the leaf", False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_uuid(self.volume)
+
+
+@dataclass(frozen=True)
+class LibvirtStarted(_LibvirtRequest):
+    """a libvirt domain's qemu runs (hook: started): its shared leases, its lease
+    checked"""
+
+    op: ClassVar[str] = "libvirt.started"
+    Result: ClassVar[Any] = Done
+
+    pid: int = arg("the domain's qemu", 0)
+    incoming: bool = arg("a migration's destination: its leaf's lease comes later", False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 < self.pid < 2**22:
+            raise InvalidArgument(f"invalid pid {self.pid}")
+
+
+@dataclass(frozen=True)
+class LibvirtRelease(_LibvirtRequest):
+    """a libvirt domain's qemu ended (hook: release): links gone, volumes deactivated"""
+
+    op: ClassVar[str] = "libvirt.release"
+    Result: ClassVar[Any] = Done
+
+
+@dataclass(frozen=True)
 class DeleteImage(Request):
     """delete an image: every volume of its chain, the leaf first
 

@@ -126,6 +126,9 @@ def test_every_request_round_trips() -> None:
         rq.VmSnapshot(4321, VOL, {"k": "v"}, "r-8"), rq.ListVms(),
         rq.LiveSnapshotVolume(VOL, 3, request_id="r-9"),
         rq.VmMerge(4321, VOL, "r-10"), rq.LiveMergeVolume(VOL, 3),
+        rq.LibvirtPrepare(VOL, VOL, "dom1", volume=VOL, lease=f"ls:{VOL}:/dev/sdb:1048576",
+                          incoming=True),
+        rq.LibvirtStarted(VOL, VOL, pid=4321), rq.LibvirtRelease(VOL, VOL),
     ]
     assert {type(s) for s in samples} == {op.request for op in operations.TABLE}
     for sample in samples:
