@@ -108,6 +108,9 @@ class DaemonConfig:
     thin_chunk_mib: int = 1024
     thin_free_mib: int = 512
     thin_check: float = 2.0
+    # libvirt, for the watch of VMs libvirt runs (vmwatch_libvirt.py, recorded by
+    # libvirt's qemu hook: 'sharedlvm libvirt install').
+    libvirt_uri: str = "qemu:///system"
 
     @classmethod
     def load(cls, paths: HostPaths) -> DaemonConfig:
@@ -187,7 +190,7 @@ class Daemon:
         self.vms = VmWatcher(self.paths, self, ThinSettings(
             chunk=int(self.config.thin_chunk_mib) * MiB,
             free=int(self.config.thin_free_mib) * MiB, fallback=self.config.thin_check),
-            self.stopping)
+            self.stopping, self.config.libvirt_uri)
 
     # Life cycle
 
@@ -363,6 +366,14 @@ class Daemon:
             raise errors.Unsupported(f"volume {volume} is not active on this host: "
                                      "nothing to refresh")
         shard.activator.refresh(shard.vg_name, volume)
+
+    def lease_versions(self, domain: str, volumes: list[str]) -> dict[str, int]:
+        """The version of each volume's lease as written on the LUN."""
+        from .volume import get_volume
+
+        service = self.service(domain)
+        return {v: service.layout.lease_version(get_volume(service.domain, v))
+                for v in volumes}
 
     def observe(self, what: str, ok: bool, seconds: float) -> None:
         self.metrics.observe(what, ok, seconds)

@@ -248,6 +248,7 @@ class Host(Protocol):
     def volume_info(self, domain: str, volume: str) -> VolumeInfo: ...
     def grow_thin(self, domain: str, volume: str, target: int) -> int: ...
     def refresh_thin(self, domain: str, volume: str) -> None: ...
+    def lease_versions(self, domain: str, volumes: list[str]) -> dict[str, int]: ...
     def observe(self, what: str, ok: bool, seconds: float) -> None: ...
 
 
@@ -545,11 +546,12 @@ class VmWatcher:
     """The daemon's VM watches: one per VM record whose process lives."""
 
     def __init__(self, paths: HostPaths, host: Host, settings: ThinSettings,
-                 stopping: threading.Event) -> None:
+                 stopping: threading.Event, libvirt_uri: str = "qemu:///system") -> None:
         self.paths = paths
         self.host = host
         self.settings = settings
         self.stopping = stopping
+        self.libvirt_uri = libvirt_uri
         self.watches: dict[int, VmWatch] = {}
         self.thread = threading.Thread(target=self._run, name="vm-watcher", daemon=True)
 
@@ -595,11 +597,26 @@ class VmWatcher:
             # would pause at its LV's end for good.
             if watch is None or (not watch.thread.is_alive()
                                  and time.monotonic() - watch.ended >= RESTART_DELAY):
-                watch = VmWatch(record, self.host, self.settings, self.stopping)
+                watch = VmWatch(record, self.host, self.settings, self.stopping,
+                                self._connector(record))
                 self.watches[record.pid] = watch
                 watch.start()
         for pid in set(self.watches) - seen:
             self.watches.pop(pid)
+
+    def _connector(self, record: VmRecord) -> Callable[[str], VmMonitor] | None:
+        """A libvirt domain's (recorded by libvirt's hook): through libvirt."""
+        if not record.monitor.startswith("libvirt:"):
+            return None  # qemu's own monitor
+        volumes = [uuid for uuid, _ in record.volumes]
+
+        def connect(monitor: str) -> VmMonitor:
+            from .vmwatch_libvirt import LibvirtMonitor
+
+            return LibvirtMonitor(self.libvirt_uri, monitor, record.pid,
+                                  lambda: self.host.lease_versions(record.domain, volumes))
+
+        return connect
 
 
 def list_vms(ctx: Any) -> list[VmInfo]:

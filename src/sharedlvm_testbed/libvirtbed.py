@@ -67,6 +67,11 @@ class Libvirtd:
         libvirt.install(etc, str(self.paths.root))  # the product's own configuration
 
     def start(self, timeout: float = 60) -> None:
+        self.spawn()
+        self.wait(timeout)
+
+    def spawn(self) -> None:
+        """Start it; ``wait`` for it to answer (several hosts' start at once)."""
         self.configure()
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
@@ -75,6 +80,9 @@ class Libvirtd:
              str(self.paths.sanlock_run_dir)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, close_fds=True)
         out.close()
+
+    def wait(self, timeout: float = 60) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while True:
             if self.virsh("version", check=False).returncode == 0:
