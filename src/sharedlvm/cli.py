@@ -513,6 +513,27 @@ def cmd_libvirt_disk_xml(args: argparse.Namespace) -> None:
         print(xml.lease)
 
 
+def cmd_libvirt_add_leases(args: argparse.Namespace) -> None:
+    from . import libvirt
+
+    paths = HostPaths.from_env()
+    path = Path(args.file) if args.file and args.file != "-" else None
+    if args.in_place and path is None:
+        raise errors.InvalidArgument("--in-place needs a FILE")
+    try:
+        xml = path.read_text() if path else sys.stdin.read()
+    except OSError as exc:
+        raise errors.InvalidArgument(f"cannot read {args.file}: {exc.strerror}") from exc
+    out = libvirt.add_leases(xml, lambda name: domain_mod.Domain.open(paths, Runner(), name))
+    if args.in_place and path is not None:
+        if out != xml:
+            tmp = path.with_name(f".{path.name}.sharedlvm")
+            tmp.write_text(out)
+            tmp.replace(path)
+    else:
+        sys.stdout.write(out)
+
+
 def cmd_libvirt_install(args: argparse.Namespace) -> None:
     from . import libvirt
 
@@ -599,6 +620,11 @@ def _add_local_commands(groups: dict[str, Any], top: Any) -> None:
     p.add_argument("--domain", help="domain name (default: the only attached one)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_libvirt_disk_xml)
+    p = lv.add_parser("add-leases", help="a domain XML with the <lease> of each disk on a "
+                      "sharedlvm image added where missing (a cloud manager's XML)")
+    p.add_argument("file", nargs="?", help="the domain XML (default: stdin)")
+    p.add_argument("--in-place", action="store_true", help="rewrite FILE")
+    p.set_defaults(func=cmd_libvirt_add_leases)
     p = lv.add_parser("install", help="configure this host's libvirt: sanlock lock "
                       "manager (no leases of its own) and sharedlvm's qemu hook")
     p.add_argument("--etc", default="/etc/libvirt", help="libvirt's configuration "

@@ -41,6 +41,7 @@ import os
 import re
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
@@ -226,6 +227,43 @@ def leases_of(root: ET.Element) -> list[Lease]:
         found.append(Lease(lease.findtext("lockspace", ""), lease.findtext("key", ""),
                            target.get("path", ""), int(target.get("offset", "0") or 0)))
     return found
+
+
+def add_leases(xml: str, open_domain: Callable[[str], Domain]) -> str:
+    """``xml`` with a ``<lease>`` for each writable disk on a sharedlvm image that has
+    none (a domain XML written by a cloud manager that knows nothing of leases, e.g.
+    OpenNebula's deployment file): the leaf's, at its slot; and on such a disk's
+    ``<driver>`` with no error policy, ``error_policy='enospace'`` (a write past a thin
+    LV's end pauses the VM, which the watch resumes once grown, instead of failing
+    the guest's write). A disk that does not name its image's leaf is refused.
+    Returned whole; unchanged when nothing is missing."""
+    try:
+        tree = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise errors.InvalidArgument(f"the domain XML does not parse: {exc}") from exc
+    devices = tree.find("devices")
+    disks = [d for d in sharedlvm_disks(tree) if not d.read_only]
+    have = {lease.key for lease in leases_of(tree)}
+    added = False
+    for element in tree.iterfind("./devices/disk"):
+        source, driver = element.find("source"), element.find("driver")
+        path = (source.get("dev") or source.get("file") or "") if source is not None else ""
+        if path and driver is not None and element.find("readonly") is None \
+                and resolve(path) and not driver.get("error_policy"):
+            driver.set("error_policy", "enospace")
+            added = True
+    for disk in disks:
+        found = disk_xml(open_domain(disk.domain), disk.image)
+        if found.leaf != disk.volume:
+            raise errors.InvalidArgument(
+                f"disk {disk.target} names volume {disk.volume}, which is not image "
+                f"{disk.image}'s leaf ({found.leaf})")
+        if found.leaf in have or devices is None:
+            continue
+        devices.append(ET.fromstring(found.lease))
+        have.add(found.leaf)
+        added = True
+    return ET.tostring(tree, encoding="unicode") + "\n" if added else xml
 
 
 def rewrite_root(xml: str, root: str) -> str:

@@ -282,3 +282,42 @@ def test_libvirt_guest_burst_pauses_on_enospc_and_resumes(
         libvirtds[2].virsh("undefine", "burst1")
     finally:
         _configure(h2, libvirtds[2])
+
+
+def test_a_cloud_managers_domain_xml_gets_its_leases_from_add_leases(
+        cluster: Cluster, libvirtds: dict[int, Libvirtd], tmp_path: Path) -> None:
+    """A domain XML as OpenNebula writes it: the disk is the VM directory's ``disk.0``,
+    a link to a link per chain volume into the image directory, with no lease and no
+    error policy. libvirt refuses to start it (the hook's prepare: no lease, nothing
+    activated); ``sharedlvm libvirt add-leases`` adds the leaf's lease and the error
+    policy, and it runs with the lease in its qemu."""
+    h2 = cluster.hosts[1]
+    image, leaf, base = linked_clone(h2)
+    vmdir = tmp_path / "datastores" / "0" / "42"
+    vmdir.mkdir(parents=True)
+    for vol in (base, leaf):
+        (vmdir / vol).symlink_to(h2.paths.run_dir / cluster.name / image / vol)
+    (vmdir / "disk.0").symlink_to(leaf)
+    xml = (
+        "<domain type='qemu'><name>one-42</name><memory unit='MiB'>128</memory>"
+        "<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
+        "<emulator>/usr/bin/qemu-system-x86_64</emulator>"
+        "<disk type='block' device='disk'><driver name='qemu' type='qcow2' cache='none'/>"
+        f"<source dev='{vmdir}/disk.0'/><target dev='vda' bus='virtio'/></disk>"
+        "</devices></domain>")
+    plain = tmp_path / "deployment.0"
+    plain.write_text(xml)
+    refused = libvirtds[2].virsh("create", str(plain), check=False)
+    assert refused.returncode != 0 and f"no <lease> of volume {leaf}" in refused.stderr
+    assert not (h2.paths.run_dir / cluster.name / image).exists()
+
+    h2.cli("libvirt", "add-leases", "--in-place", str(plain))
+    fixed = plain.read_text()
+    assert f"<key>{leaf}</key>" in fixed and "error_policy=\"enospace\"" in fixed
+    h2.cli("libvirt", "add-leases", "--in-place", str(plain))  # again: unchanged
+    assert plain.read_text() == fixed
+    libvirtds[2].virsh("create", str(plain))
+    assert holders(h2, image)[leaf] == [2]
+    libvirtds[2].virsh("destroy", "one-42")
+    wait_for(lambda: holders(h2, image)[leaf] == [], 30, "lease free")
+    assert not (h2.paths.run_dir / cluster.name / image).exists()

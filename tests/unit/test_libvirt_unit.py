@@ -223,3 +223,27 @@ def test_a_resume_past_a_stolen_lease_kills_the_vm(fake: FakeConn, after: int,
     finally:
         victim.kill()
         victim.wait()
+
+
+def test_add_leases_refuses_a_disk_that_is_not_its_images_leaf(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    found = libvirt.DiskXml(IMG, "99999999-7777-4888-9999-aaaaaaaaaaaa", "p", "qcow2",
+                            "ls1", "/dev/sdb", 0, "<disk/>", "<lease/>")
+    monkeypatch.setattr(libvirt, "disk_xml", lambda d, image: found)
+    xml = domain_xml(f"/r/run/sharedlvm/dom1/{IMG}/{VOL}", lease=False)
+    with pytest.raises(libvirt.errors.InvalidArgument, match="not image .*'s leaf"):
+        libvirt.add_leases(xml, lambda name: None)  # type: ignore[arg-type,return-value]
+
+
+def test_add_leases_adds_the_leaf_lease_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    lease = (f"<lease><lockspace>ls1</lockspace><key>{VOL}</key>"
+             "<target path='/dev/sdb' offset='1048576'/></lease>")
+    monkeypatch.setattr(libvirt, "disk_xml", lambda d, image: libvirt.DiskXml(
+        IMG, VOL, "p", "qcow2", "ls1", "/dev/sdb", 1048576, "<disk/>", lease))
+    bare = domain_xml(f"/r/run/sharedlvm/dom1/{IMG}/{VOL}", lease=False)
+    added = libvirt.add_leases(bare, lambda name: None)  # type: ignore[arg-type,return-value]
+    assert libvirt.leases_of(ET.fromstring(added)) == [
+        libvirt.Lease("ls1", VOL, "/dev/sdb", 1048576)]
+    assert libvirt.add_leases(added, lambda name: None) == added  # type: ignore[arg-type,return-value]
+    assert libvirt.add_leases(domain_xml("/dev/sdc"), lambda name: None) == \
+        domain_xml("/dev/sdc")  # type: ignore[arg-type,return-value]
