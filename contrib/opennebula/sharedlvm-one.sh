@@ -11,6 +11,8 @@
 #   SHAREDLVM_ONE_CLONE        linked (default) or full: VM disks of non-persistent images
 #   SHAREDLVM_ONE_DOMAIN       sharedlvm domain when a datastore names none (default: the
 #                              host's only attached domain)
+#   SHAREDLVM_ONE_SUDO         how a host runs sharedlvm when the remote user is not root
+#                              ("sudo -n")
 #
 # Everything here runs under "set -euo pipefail"; a failure is one line on stderr,
 # "ERROR: <driver> <action>: <what>", and a non-zero exit.
@@ -82,6 +84,7 @@ fe_init() {
     : "${SHAREDLVM_ONE_STAGING:=/var/tmp}"
     : "${SHAREDLVM_ONE_CLONE:=linked}"
     : "${SHAREDLVM_ONE_DOMAIN:=}"
+    : "${SHAREDLVM_ONE_SUDO:=sudo -n}"
 }
 
 # fe_args N "$@": exactly N arguments, or one clear line.
@@ -149,6 +152,7 @@ fe_script() {
     cat "$SLONE_LIB"
     printf 'SLONE_WHAT=%q\n' "$SLONE_WHAT"
     printf 'SHAREDLVM_ONE_STAGING=%q\n' "$SHAREDLVM_ONE_STAGING"
+    printf 'SHAREDLVM_ONE_SUDO=%q\n' "$SHAREDLVM_ONE_SUDO"
     printf 'export LANG=C LC_ALL=C\n'
     printf '%q ' "$@"
     printf '\n'
@@ -323,7 +327,7 @@ sl_try() {
     local e
     e=$(mktemp)
     SL_RC=0
-    SL_OUT=$(sharedlvm "$@" 2>"$e" </dev/null) || SL_RC=$?
+    SL_OUT=$(sl_exec "$@" 2>"$e" </dev/null) || SL_RC=$?
     SL_ERR=$(grep -v '^[[:space:]]*$' "$e" | tail -n 1 | sed 's/^sharedlvm: //' || true)
     rm -f "$e"
     return "$SL_RC"
@@ -331,6 +335,17 @@ sl_try() {
 
 sl() {
     sl_try "$@" || die "sharedlvm $1 ${2:-}: ${SL_ERR:-exit code $SL_RC}"
+}
+
+# sl_exec ARGS: sharedlvm as root (its daemon's socket is root's): directly when this
+# script runs as root, else through SHAREDLVM_ONE_SUDO ("sudo -n" by default)
+sl_exec() {
+    if [ "$(id -u)" = 0 ]; then
+        sharedlvm "$@"
+    else
+        # shellcheck disable=SC2086  # a command with its options
+        ${SHAREDLVM_ONE_SUDO:-sudo -n} sharedlvm "$@"
+    fi
 }
 
 # h_dir PATH: the path on this host (under SHAREDLVM_ROOT: simulated hosts)
@@ -410,48 +425,72 @@ h_bump_gen() {
 # removed. Links dangle until the VM runs. Nothing is done on a host without sharedlvm
 # (the front-end of an undeployed VM): the next move makes them.
 h_relink() {
-    local dir=$1 rec n dom img want="" root
+    local dir=$1 f n root recs="" doms="" dom vols="["
     [ -d "$dir" ] || return 0
-    h_has_sharedlvm || return 0
     root="${SHAREDLVM_ROOT%/}"
-    local -A target=()
-    local nums=() f
     for f in "$dir"/disk.*.sharedlvm; do
         [ -f "$f" ] || continue
         n=${f##*/disk.}
         n=${n%.sharedlvm}
-        [[ "$n" =~ ^[0-9]+$ ]] && nums+=("$n")
+        [[ "$n" =~ ^[0-9]+$ ]] || continue
+        dom=$(rec_get "$f" DOMAIN)
+        recs="$recs$n $dom $(rec_get "$f" IMAGE)"$'\n'
+        case " $doms " in *" $dom "*) ;; *) doms="$doms $dom" ;; esac
     done
-    for n in $(printf '%s\n' "${nums[@]+"${nums[@]}"}" | sort -n); do
-        rec="disk.$n.sharedlvm"
-        dom=$(rec_get "$dir/$rec" DOMAIN)
-        img=$(rec_get "$dir/$rec" IMAGE)
-        if ! h_image_json "$dom" "$img"; then
-            warn "disk $n: image $img is not in domain $dom"
-            continue
+    for dom in $doms; do
+        if ! sl_try volume list --domain "$dom" --json; then
+            h_has_sharedlvm || return 0  # an undeployed VM's front-end
+            die "sharedlvm volume list --domain $dom: $SL_ERR"
         fi
-        local vol leaf
-        for vol in $(pyjson "$IMG_JSON" '[v["uuid"] for v in d["chain"]]'); do
-            if [ -z "${target[$vol]:-}" ]; then
-                target[$vol]="$root/run/sharedlvm/$dom/$img/$vol"
-            fi
-        done
-        leaf=$(pyjson "$IMG_JSON" 'd["leaf"]')
-        want="$want $leaf"
-        ln -sfn "$leaf" "$dir/.disk.$n.tmp"
-        mv -fT "$dir/.disk.$n.tmp" "$dir/disk.$n"
+        [ "$vols" = "[" ] || vols="$vols,"
+        vols="$vols$SL_OUT"
     done
-    local name
+    vols="$vols]"
+    # one line per link: "disk N LEAF" (disk.N -> LEAF) or "uuid UUID TARGET"
+    local plan kind name target
+    plan=$(python3 -c '
+import json, sys
+lists, recs, root = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+by_uuid = {v["uuid"]: v for vols in lists for v in vols}
+rows = sorted((int(n), dom, img) for n, dom, img in
+              (line.split() for line in recs.splitlines() if line.strip()))
+links = {}
+for n, dom, img in rows:
+    mine = [v for v in by_uuid.values() if v["image"] == img and v["domain"] == dom]
+    parents = {v["parent"] for v in mine}
+    leaves = [v["uuid"] for v in mine if v["uuid"] not in parents]
+    if len(leaves) != 1:
+        print(f"WARN: disk {n}: image {dom}/{img} has {len(leaves)} leaves: no links",
+              file=sys.stderr)
+        continue
+    print("disk", n, leaves[0])
+    vol = leaves[0]
+    while vol in by_uuid:
+        links.setdefault(vol, f"{root}/run/sharedlvm/{dom}/{img}/{vol}")
+        vol = by_uuid[vol]["parent"]
+for vol, target in links.items():
+    print("uuid", vol, target)
+' "$vols" "$recs" "$root" </dev/null)
+    local -A keep=()
+    while read -r kind name target; do
+        case "$kind" in
+            disk)
+                ln -sfn "$target" "$dir/.disk.$name.tmp"
+                mv -fT "$dir/.disk.$name.tmp" "$dir/disk.$name"
+                ;;
+            uuid)
+                keep[$name]=1
+                if [ "$(readlink "$dir/$name" 2>/dev/null || true)" != "$target" ]; then
+                    ln -sfn "$target" "$dir/.$name.tmp"
+                    mv -fT "$dir/.$name.tmp" "$dir/$name"
+                fi
+                ;;
+        esac
+    done <<< "$plan"
     for f in "$dir"/*; do
-        name=$(basename "$f")
-        if [[ "$name" =~ $SLONE_UUID_RE ]] && [ -L "$f" ] && [ -z "${target[$name]:-}" ]; then
+        name=${f##*/}
+        if [[ "$name" =~ $SLONE_UUID_RE ]] && [ -L "$f" ] && [ -z "${keep[$name]:-}" ]; then
             rm -f "$f"
-        fi
-    done
-    for name in "${!target[@]}"; do
-        if [ "$(readlink "$dir/$name" 2>/dev/null || true)" != "${target[$name]}" ]; then
-            ln -sfn "${target[$name]}" "$dir/.$name.tmp"
-            mv -fT "$dir/.$name.tmp" "$dir/$name"
         fi
     done
 }
@@ -952,11 +991,19 @@ h_fail_source() {
             migrated-out)
                 local rec versions
                 rec="${SHAREDLVM_ROOT%/}/run/sharedlvm/vms/$VM_PID.json"
+                # 'vm list' does not show them: read from sharedlvm's record of the VM
+                # (root's: through 'sharedlvm run -- cat' when not root)
+                local json
+                if [ "$(id -u)" = 0 ]; then
+                    json=$(cat "$rec" 2>/dev/null) || json=""
+                else
+                    json=$(sl_exec run -- cat "$rec" 2>/dev/null </dev/null) || json=""
+                fi
                 versions=$(python3 -c '
 import json, sys
-r = json.load(open(sys.argv[1]))
+r = json.loads(sys.argv[1])
 print(json.dumps({v: n for v, n in r.get("released", [])}))
-' "$rec" </dev/null) || die "cannot read the released lease versions of qemu $VM_PID ($rec)"
+' "$json" </dev/null 2>/dev/null) || die "cannot read the released lease versions of qemu $VM_PID ($rec)"
                 info "VM (qemu $VM_PID) released its leases: taking them back at $versions"
                 sl vm resume "$VM_PID" --versions "$versions"
                 return 0

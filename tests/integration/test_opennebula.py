@@ -602,3 +602,37 @@ def test_persistent_image_snapshots(one: One, images: dict[str, str], vms: list[
     for name in ("plain", "persistent"):
         one.ds("rm", {"ID": "7", "SOURCE": images[name]})
     assert one.volumes() == []
+
+
+def test_install(tmp_path: Path) -> None:
+    """install.sh copies the scripts into remotes/{tm,datastore}/sharedlvm and the
+    settings into remotes/etc; it changes oned.conf and vmm_execrc only when asked, and
+    asked twice it changes nothing more."""
+    remotes = tmp_path / "remotes"
+    remotes.mkdir()
+    oned = tmp_path / "oned.conf"
+    oned.write_text(
+        'TM_MAD = [\n    EXECUTABLE = "one_tm",\n    ARGUMENTS = "-t 15 -d dummy,ssh,ceph"\n]\n'
+        'DATASTORE_MAD = [\n    EXECUTABLE = "one_datastore",\n'
+        '    ARGUMENTS  = "-t 15 -d dummy,fs,ceph -s shared,ssh,ceph"\n]\n')
+    execrc = tmp_path / "vmm_execrc"
+    execrc.write_text('LIVE_DISK_SNAPSHOTS="kvm-qcow2 kvm-ceph"\n')
+    before = oned.read_text()
+    install = [str(DRIVERS / "install.sh"), "--remotes", str(remotes), "--owner",
+               "root:root"]
+    out = subprocess.run(install, capture_output=True, text=True, check=True).stdout
+    assert "oned.conf was not changed" in out and oned.read_text() == before
+    for kind, actions in (("tm", 18), ("datastore", 10)):
+        installed = remotes / kind / "sharedlvm"
+        assert len([p for p in installed.iterdir() if p.name != "sharedlvm-one.sh"]) == \
+            actions
+        assert (installed / "sharedlvm-one.sh").is_file()
+    assert (remotes / "etc/sharedlvm/sharedlvm.conf").is_file()
+    for _ in range(2):
+        subprocess.run([*install, "--edit-oned-conf", str(oned), "--edit-vmm-execrc",
+                        str(execrc)], capture_output=True, text=True, check=True)
+        text = oned.read_text()
+        assert '-d dummy,ssh,ceph,sharedlvm"' in text
+        assert "-d dummy,fs,ceph,sharedlvm -s shared,ssh,ceph,sharedlvm" in text
+        assert text.count('NAME = "sharedlvm"') == 2  # TM_MAD_CONF, DS_MAD_CONF
+        assert execrc.read_text() == 'LIVE_DISK_SNAPSHOTS="kvm-qcow2 kvm-ceph kvm-sharedlvm"\n'

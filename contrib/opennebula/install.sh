@@ -1,0 +1,125 @@
+#!/bin/bash
+# Install the sharedlvm OpenNebula drivers on the front-end:
+#   remotes/tm/sharedlvm/*, remotes/datastore/sharedlvm/* and
+#   remotes/etc/sharedlvm/sharedlvm.conf (kept if it exists).
+# oned.conf and vmm_execrc are only printed about, unless asked:
+#
+#   install.sh [--remotes DIR] [--owner USER:GROUP]
+#              [--edit-oned-conf [FILE]] [--edit-vmm-execrc [FILE]]
+#
+# Then: "onehost sync --force" (the hosts get the remotes), restart oned if its
+# configuration changed. The hosts need sharedlvm installed, its daemon running and
+# the domain attached; the remote user root, or sudo on sharedlvm (sharedlvm.conf).
+set -euo pipefail
+
+SRC=$(cd "$(dirname "$0")" && pwd)
+REMOTES=/var/lib/one/remotes
+OWNER=""
+ONED_CONF=""
+EXECRC=""
+id oneadmin >/dev/null 2>&1 && OWNER=oneadmin:oneadmin
+
+die() { echo "ERROR: install.sh: $*" >&2; exit 1; }
+
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        --remotes) REMOTES=${2:?--remotes DIR}; shift 2 ;;
+        --owner) OWNER=${2:?--owner USER:GROUP}; shift 2 ;;
+        --edit-oned-conf)
+            ONED_CONF=/etc/one/oned.conf
+            if [ "$#" -gt 1 ] && [ "${2#--}" = "$2" ]; then ONED_CONF=$2; shift; fi
+            shift ;;
+        --edit-vmm-execrc)
+            EXECRC=/etc/one/vmm_exec/vmm_execrc
+            if [ "$#" -gt 1 ] && [ "${2#--}" = "$2" ]; then EXECRC=$2; shift; fi
+            shift ;;
+        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument '$1' (see --help)" ;;
+    esac
+done
+
+[ -d "$REMOTES" ] || die "no $REMOTES: is OpenNebula installed here? (--remotes DIR)"
+
+for kind in tm datastore; do
+    dst="$REMOTES/$kind/sharedlvm"
+    mkdir -p "$dst"
+    install -m 0755 "$SRC/$kind"/* "$dst/"
+    install -m 0644 "$SRC/sharedlvm-one.sh" "$dst/sharedlvm-one.sh"
+    [ -z "$OWNER" ] || chown -R "$OWNER" "$dst"
+    echo "installed $dst"
+done
+mkdir -p "$REMOTES/etc/sharedlvm"
+if [ -e "$REMOTES/etc/sharedlvm/sharedlvm.conf" ]; then
+    echo "kept $REMOTES/etc/sharedlvm/sharedlvm.conf (the new sample: $SRC/sharedlvm.conf)"
+else
+    install -m 0644 "$SRC/sharedlvm.conf" "$REMOTES/etc/sharedlvm/sharedlvm.conf"
+    echo "installed $REMOTES/etc/sharedlvm/sharedlvm.conf"
+fi
+[ -z "$OWNER" ] || chown -R "$OWNER" "$REMOTES/etc/sharedlvm"
+
+if [ -n "$ONED_CONF" ]; then
+    [ -f "$ONED_CONF" ] || die "no $ONED_CONF"
+    backup="$ONED_CONF.bak-$(date +%Y%m%d%H%M%S)"
+    cp -p "$ONED_CONF" "$backup"
+    python3 - "$ONED_CONF" "$SRC/oned.conf.snippet" <<'PY'
+import re
+import sys
+
+path, snippet = sys.argv[1], sys.argv[2]
+text = open(path).read()
+
+def add(block_name: str, flag: str, text: str) -> str:
+    """'sharedlvm' added to the FLAG list of BLOCK's ARGUMENTS, if missing."""
+    block = re.search(block_name + r'\s*=\s*\[(.*?)\]', text, re.S)
+    if not block:
+        sys.exit(f"ERROR: install.sh: no {block_name} block in {path}: edit it by hand")
+    args = re.search(r'ARGUMENTS\s*=\s*"([^"]*)"', block.group(1))
+    if not args:
+        sys.exit(f"ERROR: install.sh: no ARGUMENTS in {block_name}: edit it by hand")
+    new_args = re.sub(r'(' + flag + r'\s+)(\S+)',
+                      lambda m: m.group(1) + (m.group(2) if "sharedlvm" in
+                                              m.group(2).split(",")
+                                              else m.group(2) + ",sharedlvm"),
+                      args.group(1), count=1)
+    start = block.start(1) + args.start(1)
+    return text[:start] + new_args + text[start + len(args.group(1)):]
+
+text = add("TM_MAD", "-d", text)
+text = add("DATASTORE_MAD", "-d", text)
+text = add("DATASTORE_MAD", "-s", text)
+if not re.search(r'NAME\s*=\s*"sharedlvm"', text):
+    text += "\n" + open(snippet).read()
+open(path, "w").write(text)
+PY
+    echo "edited $ONED_CONF (backup: $backup): restart oned"
+else
+    cat <<EOT
+
+oned.conf was not changed (--edit-oned-conf does it). By hand:
+  - add "sharedlvm" to the -d list of TM_MAD's ARGUMENTS,
+  - add "sharedlvm" to the -d and the -s lists of DATASTORE_MAD's ARGUMENTS,
+  - append $SRC/oned.conf.snippet (TM_MAD_CONF and DS_MAD_CONF),
+  - restart oned.
+EOT
+fi
+
+if [ -n "$EXECRC" ]; then
+    [ -f "$EXECRC" ] || die "no $EXECRC"
+    if grep -q 'kvm-sharedlvm' "$EXECRC"; then
+        echo "$EXECRC has kvm-sharedlvm already"
+    elif grep -q '^LIVE_DISK_SNAPSHOTS=' "$EXECRC"; then
+        cp -p "$EXECRC" "$EXECRC.bak-$(date +%Y%m%d%H%M%S)"
+        sed -i 's/^\(LIVE_DISK_SNAPSHOTS="[^"]*\)"/\1 kvm-sharedlvm"/' "$EXECRC"
+        echo "edited $EXECRC: live disk snapshots enabled for kvm-sharedlvm"
+    else
+        die "no LIVE_DISK_SNAPSHOTS line in $EXECRC: add kvm-sharedlvm by hand"
+    fi
+else
+    cat <<EOT
+
+Live disk snapshots (snap_create_live): add kvm-sharedlvm to LIVE_DISK_SNAPSHOTS in
+/etc/one/vmm_exec/vmm_execrc (--edit-vmm-execrc does it).
+EOT
+fi
+echo
+echo "Then: onehost sync --force"
