@@ -547,18 +547,19 @@ h_clone() {
         return 0
     fi
     h_image_json "$dom" "$src" || die "unknown SOURCE $dom/$src: no such image"
-    mkdir -p "$dir"
     local leaf role
     leaf=$(pyjson "$IMG_JSON" 'd["leaf"]')
     role=$(pyjson "$IMG_JSON" 'd["chain"][-1]["role"]')
     if [ "$kind" = ln ]; then
         [ "$role" != template ] || \
             die "image $dom/$src is a template (registered non-persistent): it cannot be written; make a persistent copy (oneimage clone)"
+        mkdir -p "$dir"
         rec_write "$rec" "DOMAIN=$dom" "IMAGE=$src" "OWNED=no" "KIND=ln" \
             "SOURCE=$dom/$src" "VMID=$vmid"
         h_relink "$dir"
         return 0
     fi
+    mkdir -p "$dir"
     local base new gen
     gen=$(h_gen "$dir" "$n")
     base="one-ds$dsid-vm$vmid-disk$n"

@@ -352,6 +352,9 @@ def test_datastore_actions(one: One, images: dict[str, str]) -> None:
                       VMID, IMG_DS)
     assert "unknown SOURCE" in err, err
     one.refused("tm", "clone", f"frontend:{unknown}", f"host2:{VMDIR}/disk.0", VMID)
+    err = one.refused("tm", "ln", f"frontend:{images['plain']}", f"host2:{VMDIR}/disk.0",
+                      VMID, IMG_DS)
+    assert "is a template" in err
     one.refused("tm", "snap_create", f"host2:{VMDIR}/disk.0", "x", VMID, IMG_DS)
     one.refused("tm", "premigrate", "host2", "host3", VMDIR, VMID)
     one.refused("datastore", "monitor", IMG_DS, stdin=ds_data({}, IMG_DS,
