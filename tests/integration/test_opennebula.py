@@ -357,6 +357,8 @@ def test_datastore_actions(one: One, images: dict[str, str]) -> None:
     assert "is a template" in err
     one.refused("tm", "snap_create", f"host2:{VMDIR}/disk.0", "x", VMID, IMG_DS)
     one.refused("tm", "premigrate", "host2", "host3", VMDIR, VMID)
+    err = one.refused("tm", "mkimage", 64, "qcow2", f"host9:{VMDIR}/disk.3", VMID, SYS_DS)
+    assert "Could not resolve hostname" in err
     one.refused("datastore", "monitor", IMG_DS, stdin=ds_data({}, IMG_DS,
                                                               {"BRIDGE_LIST": "nowhere"}))
     assert not one.vmdir(one.cluster.hosts[1]).exists()
@@ -380,6 +382,8 @@ def test_vm_life(one: One, images: dict[str, str], vms: list[Vm], tmp_path: Path
                IMG_DS)
         one.tm("mkimage", 64, "qcow2", f"host2:{VMDIR}/disk.3", VMID, SYS_DS)
         one.tm("mkswap", 32, f"host2:{VMDIR}/disk.4", VMID, SYS_DS)
+        # a second linked clone of the same template: the two share its UUID link
+        one.tm("clone", f"frontend:{images['plain']}", f"host2:{VMDIR}/disk.6", VMID, IMG_DS)
     ctx = tmp_path / "context.sh"
     ctx.write_text("HOSTNAME='vm42'\n")
     proc = one.run("tm", "context", ctx, f"{ctx}:extra.sh", f"host2:{VMDIR}/disk.5", VMID,
@@ -389,7 +393,7 @@ def test_vm_life(one: One, images: dict[str, str], vms: list[Vm], tmp_path: Path
     else:  # no ISO tool on this machine: the files, and a WARN saying so
         assert "WARN: " in proc.stderr
         assert (d2 / "disk.5.context" / "extra.sh").read_text() == "HOSTNAME='vm42'\n"
-    assert len(one.volumes(vm_tag)) == 4  # the persistent image is not the VM's
+    assert len(one.volumes(vm_tag)) == 5  # the persistent image is not the VM's
     img0, img1 = image_of(one, h2, 0), image_of(one, h2, 1)
     template = info(h1, images["plain"].split("/")[1])["chain"][0]["uuid"]
     linked = info(h1, img0)["chain"]
@@ -449,7 +453,7 @@ def test_vm_life(one: One, images: dict[str, str], vms: list[Vm], tmp_path: Path
     vm = Vm(h2, img0, tmp_path, "b")
     vms.append(vm)
     vm.write(3 * MiB, MiB, 0x55)
-    one.tm("premigrate", "host2", "host3", VMDIR, VMID, SYS_DS, stdin=vm_xml(6))
+    one.tm("premigrate", "host2", "host3", VMDIR, VMID, SYS_DS, stdin=vm_xml(7))
     assert os.readlink(d3 / "disk.0") == info(h1, img0)["leaf"]
     uri = f"unix:{tmp_path}/mig.sock"
     dest = Vm(h3, img0, tmp_path, "c", incoming=uri)
@@ -457,7 +461,7 @@ def test_vm_life(one: One, images: dict[str, str], vms: list[Vm], tmp_path: Path
     h2.cli("vm", "migrate", str(vm.pid), "--to-root", str(h3.root), "--to-pid",
            str(dest.pid), "--uri", uri)
     vm.proc.wait(timeout=60)
-    one.tm("postmigrate", "host2", "host3", VMDIR, VMID, SYS_DS, stdin=vm_xml(6))
+    one.tm("postmigrate", "host2", "host3", VMDIR, VMID, SYS_DS, stdin=vm_xml(7))
     assert not d2.exists()
     leaf = info(h1, img0)["leaf"]
     assert holders(h1, img0)[leaf] == [3]
@@ -467,7 +471,7 @@ def test_vm_life(one: One, images: dict[str, str], vms: list[Vm], tmp_path: Path
     vm = dest
 
     # --- a failed live migration host 3 -> host 2: failmigrate gives the lease back --
-    one.tm("premigrate", "host3", "host2", VMDIR, VMID, SYS_DS, stdin=vm_xml(6))
+    one.tm("premigrate", "host3", "host2", VMDIR, VMID, SYS_DS, stdin=vm_xml(7))
     uri = f"unix:{tmp_path}/mig2.sock"
     dest = Vm(h2, img0, tmp_path, "d", incoming=uri)
     vms.append(dest)
@@ -478,14 +482,14 @@ def test_vm_life(one: One, images: dict[str, str], vms: list[Vm], tmp_path: Path
     os.kill(dest.pid, signal.SIGKILL)
     dest.proc.wait(timeout=60)
     assert [v["state"] for v in h3.cli_json("vm", "list")] == ["migrated-out"]
-    one.tm("failmigrate", "host3", "host2", VMDIR, VMID, SYS_DS, stdin=vm_xml(6))
+    one.tm("failmigrate", "host3", "host2", VMDIR, VMID, SYS_DS, stdin=vm_xml(7))
     assert holders(h1, img0)[leaf] == [3]
     assert [v["state"] for v in h3.cli_json("vm", "list")] == ["running"]
     wait_for(lambda: vm.status() == "running", 10, "source resumed")
     vm.write(4 * MiB, MiB, 0x66)
     vm.read_ok(3 * MiB, MiB, 0x55)
     assert not d2.exists() and d3.exists()
-    one.tm("failmigrate", "host3", "host2", VMDIR, VMID, SYS_DS, stdin=vm_xml(6))  # again
+    one.tm("failmigrate", "host3", "host2", VMDIR, VMID, SYS_DS, stdin=vm_xml(7))  # again
     assert holders(h1, img0)[leaf] == [3]
 
     # --- save-as of a snapshot while the VM runs, then the current state with it off --
@@ -517,14 +521,14 @@ def test_vm_life(one: One, images: dict[str, str], vms: list[Vm], tmp_path: Path
     assert json.loads(out)["virtual-size"] == 512 * MiB
 
     # --- undeploy to the front-end, resume on host 1 ------------------------------------
-    for i in range(6):
+    for i in range(7):
         one.tm("mv", f"host3:{VMDIR}/disk.{i}", f"frontend:{VMDIR}/disk.{i}", VMID, IMG_DS)
     one.tm("mv", f"host3:{VMDIR}", f"frontend:{VMDIR}", VMID, SYS_DS)
     assert not d3.exists()
     fe = one.vmdir(one.frontend)
     assert sorted(p.name for p in fe.glob("disk.*.sharedlvm")) == [
-        f"disk.{i}.sharedlvm" for i in range(5)]
-    for i in range(6):
+        f"disk.{i}.sharedlvm" for i in (0, 1, 2, 3, 4, 6)]
+    for i in range(7):
         one.tm("mv", f"frontend:{VMDIR}/disk.{i}", f"host1:{VMDIR}/disk.{i}", VMID, IMG_DS)
     one.tm("mv", f"frontend:{VMDIR}", f"host1:{VMDIR}", VMID, SYS_DS)
     d1 = one.vmdir(h1)
@@ -542,14 +546,28 @@ def test_vm_life(one: One, images: dict[str, str], vms: list[Vm], tmp_path: Path
     # --- terminate: the persistent disk goes back (mvds), the rest is deleted --------
     persistent = images["persistent"].split("/")[1]
     one.tm("mvds", f"host1:{VMDIR}/disk.2", images["persistent"], VMID, IMG_DS)
-    for i in (0, 1, 3, 4, 5):
+    # a disk with an image of its own into a SOURCE: copied, then its own image goes
+    kept = one.ds("mkfs", {"ID": "22", "SIZE": "0", "FORMAT": "save_as"}).strip()
+    one.tm("mvds", f"host1:{VMDIR}/disk.1", kept, VMID, IMG_DS)
+    one.tm("mvds", f"host1:{VMDIR}/disk.1", kept, VMID, IMG_DS)
+    read_back(h1, kept.split("/")[1], [(0, MiB, 0x11)])
+    assert not os.path.lexists(d1 / "disk.1")
+    with pytest.raises(AssertionError, match="not found"):
+        info(h1, img1)
+    # disk 0 goes: the template's link stays, now disk 6's
+    img6 = image_of(one, h1, 6)
+    one.tm("delete", f"host1:{VMDIR}/disk.0", VMID, IMG_DS)
+    assert os.readlink(d1 / template) == str(
+        h1.root / "run/sharedlvm" / one.cluster.name / img6 / template)
+    assert not os.path.lexists(d1 / "disk.0") and not os.path.lexists(d1 / leaf)
+    for i in (0, 3, 4, 5, 6):
         one.tm("delete", f"host1:{VMDIR}/disk.{i}", VMID, IMG_DS)
         one.tm("delete", f"host1:{VMDIR}/disk.{i}", VMID, IMG_DS)
     one.tm("delete", f"host1:{VMDIR}", VMID, SYS_DS)
     assert not d1.exists()
     assert one.volumes(vm_tag) == []
     assert info(h1, persistent)["chain"]  # never deleted
-    for source in (target, target2):
+    for source in (target, target2, kept):
         one.ds("rm", {"ID": "20", "SOURCE": source})
 
 
