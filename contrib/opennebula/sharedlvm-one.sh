@@ -17,6 +17,8 @@
 # Everything here runs under "set -euo pipefail"; a failure is one line on stderr,
 # "ERROR: <driver> <action>: <what>", and a non-zero exit.
 
+# The functions here set variables their callers read (HOST, VMDIR, X, BRIDGE, ...).
+# shellcheck disable=SC2034
 set -euo pipefail
 
 SLONE_UUID_RE='^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
@@ -224,12 +226,8 @@ try:
 except Exception as exc:
     sys.exit(f"ERROR: the driver action data is not base64 XML: {exc}")
 for path in sys.argv[2:]:
-    if path.startswith(root.tag + "/"):
+    if path.startswith(root.tag + "/"):  # a bare <DATASTORE> document
         path = path[len(root.tag) + 1:]
-    elif root.tag != "DS_DRIVER_ACTION_DATA" and "/" in path:
-        # a bare <DATASTORE> or <VM> document
-        head, _, rest = path.partition("/")
-        path = rest if head == root.tag else path
     el = root.find(path)
     v = (el.text or "") if el is not None else ""
     print(" ".join(v.split()))
@@ -1136,6 +1134,7 @@ h_export() {
     local file="$SHAREDLVM_ONE_STAGING/sharedlvm-one-export-$img.qcow2"
     rm -f "$file"
     sl volume download "$(pyjson "$IMG_JSON" 'd["leaf"]')" "$file" --domain "$dom" --format qcow2
+    chmod a+r "$file" 2>/dev/null || true  # the marketplace reads it over ssh
     echo "$file $(md5sum < "$file" | cut -d' ' -f1) $(( ($(pyjson "$IMG_JSON" 'd["chain"][-1]["capacity"]') + 1048575) / 1048576 ))"
 }
 
