@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -333,8 +334,26 @@ def test_datastore_actions(one: One, images: dict[str, str]) -> None:
                    check=True)
     assert not path.exists()
 
+    # cp and stat of a URL: streamed from the front-end (curl here)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+                               str(port)], cwd=one.dir, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/src.qcow2"
+        wait_for(lambda: subprocess.run(["curl", "-fsI", url], capture_output=True)
+                 .returncode == 0, 30, "http server")
+        assert one.ds("stat", {"PATH": url}).strip() == "256"
+        fetched = one.ds("cp", {"ID": "13", "PATH": url, "PERSISTENT": "0"}).split()[0]
+    finally:
+        server.kill()
+        server.wait()
+    read_back(h1, fetched.split("/")[1], [(0, MiB, 0x11)])
+
     # rm: gone; rm again: fine
-    for source in (made, cloned.split()[0]):
+    for source in (made, cloned.split()[0], fetched):
         one.ds("rm", {"ID": "9", "SOURCE": source})
         one.ds("rm", {"ID": "9", "SOURCE": source})
     assert len(one.volumes()) == 2
