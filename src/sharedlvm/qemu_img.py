@@ -38,7 +38,11 @@ def create(runner: Runner, path: str, fmt: str, size: int,
 
 
 def resize(runner: Runner, path: str, fmt: str, size: int) -> None:
-    _run(runner, ["qemu-img", "resize", "-q", "-f", fmt, path, str(size)])
+    """Set the image's virtual size, opened alone: an overlay's backing file is its
+    parent's bare UUID, which would resolve next to the device, not in an image
+    directory (and the volumes below are not this caller's to open). The header's
+    backing file name is kept."""
+    _run(runner, ["qemu-img", "resize", "-q", json_name(alone(path, fmt)), str(size)])
 
 
 def info(runner: Runner, path: str, fmt: str | None = None) -> dict[str, Any]:

@@ -264,3 +264,19 @@ def test_a_snapshot_interrupted_by_a_manager_crash_is_rolled_back(
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+def test_capacity_of_a_snapshots_leaf_grows(cluster: Cluster) -> None:
+    """`volume extend --size` of an overlay (a snapshot's leaf): qemu-img opens the
+    leaf alone (its backing file, a bare UUID, resolves only in an image directory);
+    the header keeps naming its parent, and the chain reads through."""
+    h2 = cluster.hosts[1]
+    base = h2.cli_json("volume", "create", "--size", "1G", "--format", "qcow2")
+    leaf = h2.cli_json("volume", "snapshot", base["uuid"])
+    h2.cli("volume", "extend", leaf["uuid"], "--size", "3G")
+    assert h2.cli_json("volume", "info", leaf["uuid"])["capacity"] == 3 * GiB
+    out = h2.cli("run", "--image", f"{base['image']}:ro", "--", "qemu-img", "info",
+                 "--output", "json", "{0}").stdout
+    info = json.loads(out)
+    assert info["virtual-size"] == 3 * GiB
+    assert info["backing-filename"] == base["uuid"]
