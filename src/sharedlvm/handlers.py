@@ -28,6 +28,7 @@ from .model import (
     HostInfo,
     ImageDeleted,
     ImageInfo,
+    LeaseVersions,
     ManagerStatus,
     MigratedOut,
     Prepared,
@@ -229,10 +230,9 @@ def libvirt_prepare(ctx: Context, req: LibvirtPrepare) -> Prepared:
     return Prepared(ctx.service(req.domain).prepared.prepare_libvirt(req))
 
 
-def libvirt_started(ctx: Context, req: LibvirtStarted) -> Done:
-    ctx.service(req.domain).prepared.started_libvirt(req.image, req.vm, req.pid,
-                                                     req.incoming)
-    return Done()
+def libvirt_started(ctx: Context, req: LibvirtStarted) -> LeaseVersions:
+    return LeaseVersions(ctx.service(req.domain).prepared.started_libvirt(
+        req.image, req.vm, req.pid))
 
 
 def libvirt_release(ctx: Context, req: LibvirtRelease) -> Done:

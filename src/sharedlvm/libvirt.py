@@ -4,10 +4,11 @@ the qemu hook that prepares and tears down chains.
 libvirt starts qemu, so libvirt holds the leaf's lease, in the qemu process: a
 ``<lease>`` element in the domain XML (lockspace = the domain's, key = the leaf
 volume, target = the lease slot on the LUN) is acquired by libvirt's sanlock lock
-driver in qemu's child between fork and exec, released when qemu ends, and handed to
-the destination's qemu by a live migration (the source's inquired lease state, with
-its version, passed to the destination's acquire). sharedlvm prepares the chain around
-that, from libvirt's qemu hook (``/etc/libvirt/hooks/qemu``, which must be fast, be
+driver for qemu (registered with sanlock in qemu's child before exec) just before its
+CPUs start, released whenever libvirt pauses it or qemu ends, acquired again at a
+resume and by a migration's destination -- always without the version, which the
+watch checks instead (vmwatch_libvirt.py). sharedlvm prepares the chain around that,
+from libvirt's qemu hook (``/etc/libvirt/hooks/qemu``, which must be fast, be
 idempotent and never call libvirt):
 
 - ``prepare``: the chain of every disk whose source is in a sharedlvm image
@@ -19,10 +20,13 @@ idempotent and never call libvirt):
   lease by the time libvirt takes to fork qemu: libvirt acquires only in qemu's child,
   so nothing can take the lease first and still be opened by this qemu (a volume
   deleted meanwhile has no lease at its slot any more, and libvirt's acquire fails).
-- ``started``: qemu runs (its CPUs not yet): the volumes under the leaf get shared
-  leases held by qemu's pid (registered with sanlock by libvirt's lock driver), the
-  leaf's lease is checked to be qemu's, and the VM is recorded for the daemon's watch
-  (thin growth, ENOSPC resume through libvirt: vmwatch_libvirt.py).
+- ``started``: qemu runs (its CPUs too, unless started paused or a migration's
+  destination): it must be registered with sanlock (libvirt's lock manager is
+  sanlock), and the VM is recorded for the daemon's watch with its leaf's lease
+  version (thin growth, ENOSPC resume through libvirt: vmwatch_libvirt.py). The
+  volumes under the leaf get no lease: a libvirt ``<lease>`` is always exclusive,
+  and a lease a third party acquires for qemu's pid breaks libvirt's release.
+  Read-only and shareable disks on sharedlvm images are refused for that reason.
 - ``release``: qemu is gone: the links go, and the volumes nothing else on this
   host uses are deactivated.
 - ``migrate`` (the destination, before anything): the XML's image paths are rewritten
@@ -30,8 +34,9 @@ idempotent and never call libvirt):
   and the VM is marked incoming: its ``prepare`` skips the holder check (the source
   holds the leaf until the handoff) and its ``started`` the lease check.
 
-Learned from libvirt's src/locking/lock_driver_sanlock.c (leases registered and
-acquired in the child, released with their state at a migration's pause) and
+Learned from libvirt's src/locking/lock_driver_sanlock.c, src/locking/domain_lock.c
+and src/qemu/qemu_process.c (registered in the child, acquired at the CPUs' start,
+released at every pause, the destination's state string parsed and dropped) and
 docs/hooks.rst (phases and their stdin); written for sharedlvm.
 """
 
@@ -224,8 +229,13 @@ def leases_of(root: ET.Element) -> list[Lease]:
         target = lease.find("target")
         if target is None:
             continue
+        try:
+            offset = int(target.get("offset", "0") or 0)
+        except ValueError:
+            raise errors.InvalidArgument(f"a <lease> offset is not a number: "
+                                         f"{target.get('offset')!r}") from None
         found.append(Lease(lease.findtext("lockspace", ""), lease.findtext("key", ""),
-                           target.get("path", ""), int(target.get("offset", "0") or 0)))
+                           target.get("path", ""), offset))
     return found
 
 

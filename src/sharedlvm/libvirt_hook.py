@@ -23,6 +23,9 @@ from .paths import ROOT_ENV, HostPaths
 log = logging.getLogger(__name__)
 
 PHASES = ("prepare", "started", "release", "migrate")
+# A migration's destination mark older than this is stale (the migration never came
+# to its prepare): a plain start must check the leaf's holders again.
+INCOMING_FOR = 600.0
 
 
 def _marker(paths: HostPaths, vm: str) -> Path:
@@ -68,20 +71,26 @@ def run_hook(paths: HostPaths, argv: list[str], xml: str, out: TextIO) -> int:
     if not disks:
         return 0
     client = Client(paths.root, timeout=120)
-    incoming = _marker(paths, vm).exists()
+    marker = _marker(paths, vm)
+    with contextlib.suppress(FileNotFoundError):  # a migration that never came
+        if time.time() - marker.stat().st_mtime > INCOMING_FOR:
+            marker.unlink()
+    incoming = marker.exists()
     if phase == "prepare":
+        _check(disks)
         _prepare(client, tree, vm, disks, incoming)
     elif phase == "started":
         pid = qemu_pid(name)
+        held: dict[str, int] = {}
         for disk in disks:
-            client.call(rq.LibvirtStarted(disk.image, vm, disk.domain, pid=pid,
-                                          incoming=incoming))
-        writable = tuple((d.volume, d.source) for d in disks if not d.read_only)
+            answer = client.call(rq.LibvirtStarted(disk.image, vm, disk.domain, pid=pid))
+            held.update(answer.versions)
         started = vmwatch.process_start(pid)
-        if writable and started is not None:
+        if started is not None:
             vmwatch.write_record(paths, vmwatch.VmRecord(
-                pid, started, f"libvirt:{vm}", disks[0].domain, writable))
-        _marker(paths, vm).unlink(missing_ok=True)
+                pid, started, f"libvirt:{vm}", disks[0].domain,
+                tuple((d.volume, d.source) for d in disks), held=tuple(sorted(held.items()))))
+        marker.unlink(missing_ok=True)
     else:  # release: qemu is gone
         failed: list[str] = []
         for disk in disks:
@@ -93,6 +102,23 @@ def run_hook(paths: HostPaths, argv: list[str], xml: str, out: TextIO) -> int:
         if failed:
             raise errors.Error("release: " + "; ".join(failed))
     return 0
+
+
+def _check(disks: list[Disk]) -> None:
+    """What the hook cannot do safely is refused before anything is activated."""
+    for disk in disks:
+        if disk.read_only:
+            raise errors.Unsupported(
+                f"disk {disk.target}: a read-only or shareable disk on a sharedlvm image "
+                "is not supported under libvirt (its lease would be shared, which a "
+                "libvirt <lease> cannot be)")
+    images = [d.image for d in disks]
+    for image in set(images):
+        if images.count(image) > 1:
+            raise errors.InvalidArgument(f"image {image} is given to more than one disk")
+    if len({d.domain for d in disks}) > 1:
+        raise errors.Unsupported("disks on images of several sharedlvm domains: one "
+                                 "domain per libvirt domain")
 
 
 def _prepare(client: Client, tree: ET.Element, vm: str, disks: list[Disk],

@@ -140,6 +140,14 @@ class Done:
 
 
 @dataclass(frozen=True)
+class LeaseVersions:
+    """Volume -> the version of its lease (libvirt's started: the versions a VM's
+    leases are held at, or will be acquired one past)."""
+
+    versions: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class VmInfo:
     """A VM started by ``sharedlvm run`` on this host, as its record and watch say."""
 

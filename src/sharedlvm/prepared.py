@@ -68,6 +68,17 @@ def _live(prep: Preparation | ImagePreparation) -> bool:
     return (prep.vm != "" and prep.pid == 0) or pid_alive(prep.pid)
 
 
+def _who(prep: Preparation | ImagePreparation) -> str:
+    return f"libvirt domain {prep.vm}" if prep.vm else f"process {prep.pid}"
+
+
+def _loaded_live(prep: Preparation | ImagePreparation) -> bool:
+    """At the daemon's start: a libvirt domain's preparation whose qemu had not
+    started is dropped (its started or release may have found no daemon: nothing
+    would ever release it); if that qemu still starts, its started hook fails."""
+    return pid_alive(prep.pid)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -107,13 +118,13 @@ class PreparedVolumes:
             log.error("ignoring %s: %s", self.state_file, exc)
             return
         for prep in preps:
-            if _live(prep):
+            if _loaded_live(prep):
                 self._held.setdefault(prep.volume, []).append(prep)
             else:
                 log.info("volume %s was prepared for process %d, which is gone",
                          prep.volume, prep.pid)
         for img in imgs:
-            if _live(img):
+            if _loaded_live(img):
                 self._images[img.image] = img
             else:  # its leases died with it: drop its links too
                 images.unlink_chain(self.domain, img.image, img.volumes)
@@ -172,7 +183,7 @@ class PreparedVolumes:
             if held.pid == pid or not (held.shared and shared):
                 mode = "shared" if held.shared else "exclusive"
                 raise errors.Busy(f"volume {volume} is already prepared here for "
-                                  f"process {held.pid} ({mode})")
+                                  f"{_who(held)} ({mode})")
         try:
             self.layout.acquire_volume(info, shared=shared, pid=pid)
         except errors.LeaseError as exc:
@@ -197,6 +208,9 @@ class PreparedVolumes:
             preps = self._held.get(volume)
             if not preps:
                 raise errors.NotFound(f"volume {volume} is not prepared on this host")
+            if any(p.vm for p in preps):
+                raise errors.Busy(f"volume {volume} is prepared here for a libvirt domain: "
+                                  "libvirt's to stop (virsh destroy)")
             users = [i.image for i in self._images.values() if volume in i.volumes]
             if users:
                 raise errors.Busy(f"volume {volume} is prepared here as part of image(s) "
@@ -211,7 +225,9 @@ class PreparedVolumes:
             info: VolumeInfo | None = volume_mod.get_volume(self.domain, volume)
         except errors.VolumeNotFound:
             info = None
-        if info is not None and pid_alive(prep.pid):
+        # A libvirt domain's lease is libvirt's (and a qemu that outlived libvirt's
+        # kill, stuck in the kernel, must keep it): never released here.
+        if info is not None and pid_alive(prep.pid) and not prep.vm:
             with contextlib.suppress(errors.LeaseError):  # it may have released it
                 self.layout.release_volume(info, pid=prep.pid)
         left = [p for p in self._held.get(volume, []) if p != prep and _live(p)]
@@ -239,7 +255,7 @@ class PreparedVolumes:
                     (held.pid, held.shared, held.vm) != (pid, shared, ""):
                 mode = "shared" if held.shared else "exclusive"
                 raise errors.Busy(f"image {image} is already prepared here for "
-                                  f"process {held.pid} ({mode})")
+                                  f"{_who(held)} ({mode})")
             info = images.image_info(self.domain, image)
             if not shared:
                 images.require_writable(info.chain[-1], "prepare for writing", "use --shared")
@@ -268,6 +284,9 @@ class PreparedVolumes:
             img = self._images.get(image)
             if img is None:
                 raise errors.NotFound(f"image {image} is not prepared on this host")
+            if img.vm:
+                raise errors.Busy(f"image {image} is prepared here for libvirt domain "
+                                  f"{img.vm}: libvirt's to stop (virsh destroy)")
             images.unlink_chain(self.domain, image, img.volumes)
             for vol in reversed(img.volumes):
                 for prep in [p for p in self._held.get(vol, []) if p.pid == img.pid]:
@@ -288,8 +307,8 @@ class PreparedVolumes:
         with self._lock:
             held = self._images.get(req.image)
             if held is not None and _live(held) and held.vm != req.vm:
-                who = f"libvirt domain {held.vm}" if held.vm else f"process {held.pid}"
-                raise errors.Busy(f"image {req.image} is already prepared here for {who}")
+                raise errors.Busy(f"image {req.image} is already prepared here for "
+                                  f"{_who(held)}")
             info = images.image_info(self.domain, req.image)
             images.require_current(info.chain)
             leaf = info.chain[-1]
@@ -309,7 +328,7 @@ class PreparedVolumes:
                     for other in live:
                         if other.vm != req.vm and not (other.shared and ro):
                             raise errors.Busy(f"volume {vol.uuid} is already prepared "
-                                              f"here for process {other.pid}")
+                                              f"here for {_who(other)}")
                     mine = [p for p in live if p.vm == req.vm]
                     devices[vol.uuid] = volume_mod.volume_path(self.domain, vol.uuid,
                                                                read_only=ro, info=vol)
@@ -346,10 +365,13 @@ class PreparedVolumes:
             if holders:
                 raise errors.VolumeHeld(leaf.uuid, holders, "exclusive")
 
-    def started_libvirt(self, image: str, vm: str, pid: int, incoming: bool) -> None:
-        """The domain's qemu runs as ``pid``: it must hold the leaf's lease (libvirt's
-        lock driver acquired it before the CPUs started; a migration's destination
-        acquires it at the handoff); the preparations become ``pid``'s."""
+    def started_libvirt(self, image: str, vm: str, pid: int) -> dict[str, int]:
+        """The domain's qemu runs as ``pid``: it must be registered with sanlock (by
+        libvirt's lock manager, which then acquires the leaf's lease whenever qemu's
+        CPUs start); the preparations become ``pid``'s. Answers the leaf's lease
+        version: the one qemu holds it at, or, not held yet (a migration's
+        destination, a domain started paused), the one on the LUN, which libvirt's
+        acquire will raise by one."""
         with self._lock:
             img = self._images.get(image)
             if img is None or img.vm != vm:
@@ -358,31 +380,38 @@ class PreparedVolumes:
             if not pid_alive(pid):
                 raise errors.InvalidArgument(f"no process {pid} on this host")
             leaf = img.volumes[-1]
-            if not img.shared and not incoming:
-                try:
-                    held = leases.inquire(pid=pid)
-                except errors.LeaseError as exc:
-                    raise errors.LeaseError(
-                        f"libvirt's qemu {pid} is not registered with this host's sanlock: "
-                        "libvirt's lock manager must be sanlock ('sharedlvm libvirt "
-                        f"install'): {exc}") from exc
-                if not any(h.resource == leaf and not h.shared for h in held):
-                    raise errors.LeaseError(
-                        f"libvirt's qemu {pid} does not hold volume {leaf}'s lease: is "
-                        "libvirt's lock manager sanlock ('sharedlvm libvirt install')?")
+            try:
+                held = leases.inquire(pid=pid)
+            except errors.LeaseError as exc:
+                raise errors.LeaseError(
+                    f"libvirt's qemu {pid} is not registered with this host's sanlock: "
+                    "libvirt's lock manager must be sanlock ('sharedlvm libvirt install')"
+                    f": {exc}") from exc
+            mine = {h.resource: h.version for h in held
+                    if h.lockspace == self.layout.lockspace and not h.shared}
+            version = mine.get(leaf)
+            if version is None:
+                version = self.layout.lease_version(volume_mod.get_volume(self.domain, leaf))
             for vol in img.volumes:
                 self._held[vol] = [replace(p, pid=pid) if p.vm == vm else p
                                    for p in self._held.get(vol, [])]
             self._images[image] = replace(img, pid=pid)
             self._save()
+            return {leaf: version}
 
     def release_libvirt(self, image: str, vm: str) -> None:
         """The domain's qemu is gone (or never started): unlink, deactivate what
-        nothing else here uses. Nothing prepared for it: nothing to do."""
+        nothing else here uses. Nothing prepared for it: nothing to do. A qemu that
+        outlived libvirt's kill (stuck in the kernel) keeps its volumes and its lease:
+        they go when it ends (at the daemon's next start, if not before)."""
         with self._lock:
             img = self._images.get(image)
             if img is None or img.vm != vm:
                 return
+            if img.pid and pid_alive(img.pid):
+                raise errors.Busy(f"libvirt domain {vm}'s qemu {img.pid} still runs after "
+                                  "libvirt's release: its volumes stay active and its "
+                                  "lease its own until it ends")
             images.unlink_chain(self.domain, image, img.volumes)
             for vol in reversed(img.volumes):
                 for prep in [p for p in self._held.get(vol, []) if p.vm == vm]:

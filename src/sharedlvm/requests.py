@@ -33,6 +33,7 @@ from .model import (
     HostInfo,
     ImageDeleted,
     ImageInfo,
+    LeaseVersions,
     ManagerStatus,
     MigratedOut,
     Prepared,
@@ -632,14 +633,13 @@ class LibvirtPrepare(_LibvirtRequest):
 
 @dataclass(frozen=True)
 class LibvirtStarted(_LibvirtRequest):
-    """a libvirt domain's qemu runs (hook: started): its shared leases, its lease
-    checked"""
+    """a libvirt domain's qemu runs (hook: started): registered with sanlock (libvirt's
+    lock manager is sanlock), the preparations its; answers the leaf's lease version"""
 
     op: ClassVar[str] = "libvirt.started"
-    Result: ClassVar[Any] = Done
+    Result: ClassVar[Any] = LeaseVersions
 
     pid: int = arg("the domain's qemu", 0)
-    incoming: bool = arg("a migration's destination: its leaf's lease comes later", False)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -35,7 +35,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,7 +44,7 @@ from .domain import device_size
 from .errors import MonitorError
 from .model import Allocation, VmInfo, VolumeFormat, VolumeInfo
 from .paths import HostPaths
-from .qmp import IO_ERROR, THRESHOLD, Event, QmpMonitor
+from .qmp import IO_ERROR, RESUMED, THRESHOLD, Event, QmpMonitor
 from .units import GiB, MiB, round_up
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,10 @@ class VmRecord:
     # pause is sharedlvm's own, lifted by the merge (or by 'vm merge' again) once the
     # manager knows the volume is merged. Any other pause is never lifted here.
     merge_pause: str = ""
+    # A libvirt domain's (monitor ``libvirt:UUID``): the version of each leaf's lease
+    # as the VM holds it (or, not acquired yet, one below what libvirt's acquire will
+    # make it), kept up to date by the watch (vmwatch_libvirt.py).
+    held: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VmRecord:
@@ -149,7 +153,8 @@ class VmRecord:
                    str(data.get("incoming", "")),
                    tuple((str(v[0]), int(v[1])) for v in data.get("released", ())),
                    tuple(str(v) for v in data.get("others", ())),
-                   str(data.get("merge_pause", "")))
+                   str(data.get("merge_pause", "")),
+                   tuple((str(v[0]), int(v[1])) for v in data.get("held", ())))
 
 
 def vm_dir(paths: HostPaths) -> Path:
@@ -396,6 +401,8 @@ class VmWatch:
                         self._grow(monitor, disk, "threshold")
             elif event is not None and event.kind == IO_ERROR and event.nospace:
                 self._no_space(monitor, event)
+            elif event is not None and event.kind == RESUMED and event.reason == "migrated":
+                self._refresh_all(monitor)
             if time.monotonic() - checked >= self.settings.fallback:
                 checked = time.monotonic()
                 # Still paused for lack of space on one of ours: its grow failed (a
@@ -409,6 +416,24 @@ class VmWatch:
                             monitor.highest_write(disk.node) > self._threshold(disk):
                         disk.armed = False
                         self._grow(monitor, disk, "highest write")
+
+    def _refresh_all(self, monitor: VmMonitor) -> None:
+        """A libvirt migration's destination at its resume: its mappings were made when
+        the migration began, and the source may have grown an LV since."""
+        for disk in self.disks:
+            try:
+                with self.grow_lock:
+                    self.host.refresh_thin(self.record.domain, disk.uuid)
+                    size = device_size(disk.path)
+            except (errors.Error, OSError) as exc:
+                log.error("VM %d: refreshing volume %s after its migration failed: %s",
+                          self.record.pid, disk.uuid, exc)
+                continue
+            if size != disk.size:
+                log.info("VM %d: volume %s is %d bytes here after the migration (was %d)",
+                         self.record.pid, disk.uuid, size, disk.size)
+                disk.size = size
+            self._arm(monitor, disk)
 
     def _threshold(self, disk: _Disk) -> int:
         free, _ = self.settings.sized(disk.rate, disk.latency)
@@ -432,6 +457,12 @@ class VmWatch:
                 log.error("VM %d: volume %s is at its largest size (%d bytes) and its VM "
                           "still writes past it", self.record.pid, disk.uuid, disk.size)
                 disk.full_reported = True
+            return False
+        if not getattr(monitor, "grows_while_migrating", True) and monitor.migrating():
+            # libvirt: the destination's mapping could not be refreshed before its
+            # guest runs; the VM may pause at the LV's end and is grown there after
+            log.info("VM %d: volume %s not grown while libvirt migrates it",
+                     self.record.pid, disk.uuid)
             return False
         start = time.monotonic()
         # The manager is asked first; qemu's highest write (the rate) is read after
@@ -609,12 +640,22 @@ class VmWatcher:
         if not record.monitor.startswith("libvirt:"):
             return None  # qemu's own monitor
         volumes = [uuid for uuid, _ in record.volumes]
+        paths = self.paths
+
+        def save(versions: dict[str, int]) -> None:
+            current = next((r for r in read_records(paths) if r.pid == record.pid
+                            and r.started == record.started), None)
+            if current is not None:
+                write_record(paths, replace(current, held=tuple(sorted(versions.items()))))
 
         def connect(monitor: str) -> VmMonitor:
             from .vmwatch_libvirt import LibvirtMonitor
 
+            current = next((r for r in read_records(paths) if r.pid == record.pid
+                            and r.started == record.started), record)
             return LibvirtMonitor(self.libvirt_uri, monitor, record.pid,
-                                  lambda: self.host.lease_versions(record.domain, volumes))
+                                  lambda: self.host.lease_versions(record.domain, volumes),
+                                  dict(current.held), save)
 
         return connect
 

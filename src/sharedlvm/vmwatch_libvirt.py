@@ -19,13 +19,21 @@ error included) and acquires them again, without the version, when it resumes it
 at a migration's destination it acquires with no version either (its sanlock driver
 parses the source's lease state and then drops it: lock_driver_sanlock.c). So the lease
 of a paused libvirt VM is free, and a host that took it meanwhile would not be noticed.
-This backend checks what libvirt does not: it keeps the version of each leaf's lease
-while the VM holds it (the version on the disk at the watch's start: the VM's own, or,
-at a migration's destination, the source's, which the handoff raises by exactly one),
-refuses to resume the VM from an ENOSPC pause when the version on the disk moved, and
-when the VM resumed any other way (a user, a migration) with a version more than one
-past the one it held, someone else held the lease in between: the VM is killed
-(SIGKILL), its writes could interleave with the other holder's.
+This backend checks what libvirt does not. The version of each leaf's lease as the VM
+holds it (or, not acquired yet, one below what libvirt's acquire makes it) is in the
+VM's record, from the hook's ``started``, and kept there: a restarted watch or daemon
+starts from it, never from what the LUN says then. Each of libvirt's acquires is one
+resume (a ``RESUMED`` event: a user's, the watch's own after ENOSPC, a migration's
+handoff): once the events have settled, a version past the held one plus the resumes
+seen means someone else held the lease while the VM was paused, and the VM is killed
+(SIGKILL: its qemu's caches are stale and its writes could interleave with the other
+holder's); likewise, before the watch resumes an ENOSPC pause, a version that moved
+kills the VM instead of resuming it. Reading a paused VM's disk through sharedlvm
+(a shared acquire raises the version too) counts as such a holder.
+
+A grow is not asked while libvirt migrates the VM: the destination's mapping was made
+when the migration began and nothing can refresh it before libvirt resumes the guest
+there; the destination refreshes every volume at that resume (vmwatch.py).
 """
 
 from __future__ import annotations
@@ -83,19 +91,29 @@ class LibvirtMonitor:
     """vmwatch.VmMonitor for a libvirt domain. ``versions`` reads, from the LUN, the
     lease version of each volume the VM writes; ``pid`` is the domain's qemu."""
 
+    # A grow while libvirt migrates the VM would leave the destination's mapping short
+    # of the LV at the handoff (vmwatch.VmWatch._grow asks).
+    grows_while_migrating = False
+    # A check of the lease versions waits this long after a resume for the events of
+    # libvirt's other resumes (each raises the version by one) to arrive.
+    SETTLE = 0.2
+
     def __init__(self, uri: str, monitor: str, pid: int,
-                 versions: Callable[[], dict[str, int]]) -> None:
+                 versions: Callable[[], dict[str, int]], held: dict[str, int],
+                 save: Callable[[dict[str, int]], None]) -> None:
         if not monitor.startswith(PREFIX):
             raise MonitorError(f"not a libvirt domain: {monitor}")
         lv = self.lv = _libvirt()
         _start_event_loop()
         self.pid = pid
         self.read_versions = versions
+        self.save = save
         self.events: queue.Queue[Event] = queue.Queue()
         self.closed = threading.Event()
         self.fired: set[tuple[str, int]] = set()  # thresholds passed on since armed
         self.armed: dict[str, int] = {}  # node -> threshold, armed and not fired
-        self._ours = False  # a resume of our own in flight
+        self.callbacks: list[int] = []
+        self.conn: Any = None
         try:
             self.conn = lv.open(uri)
             self.dom = self.conn.lookupByUUIDString(monitor[len(PREFIX):])
@@ -111,10 +129,17 @@ class LibvirtMonitor:
                     self.dom, lv.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None),
             ]
         except lv.libvirtError as exc:
+            self.close()
             raise MonitorError(f"libvirt ({uri}): {exc}") from exc
-        # The versions the VM holds its leases at (or, a migration's destination not
-        # resumed yet, the source's: its handoff raises them by one).
-        self.versions = self.read_versions()
+        # The versions the VM holds its leases at, as recorded (a record written before
+        # versions were kept: what the LUN says now), and libvirt's resumes since.
+        try:
+            self.versions = dict(held) or self.read_versions()
+        except Exception:
+            self.close()
+            raise
+        self.resumes = 0
+        self.check_at = 0.0  # monotonic time of a check due (0: none)
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         if self.closed.is_set():
@@ -152,7 +177,6 @@ class LibvirtMonitor:
         lv = self.lv
         log.debug("VM %d: lifecycle event %d detail %d", self.pid, event, detail)
         if event == lv.VIR_DOMAIN_EVENT_RESUMED:
-            self._after_resume(detail)
             migrated = detail == lv.VIR_DOMAIN_EVENT_RESUMED_MIGRATED
             self.events.put(Event(RESUMED, reason="migrated" if migrated else "",
                                   at=time.time()))
@@ -164,25 +188,29 @@ class LibvirtMonitor:
             if event != lv.VIR_DOMAIN_EVENT_SHUTDOWN:
                 self.closed.set()
 
-    def _after_resume(self, detail: int) -> None:
-        """libvirt acquired the leases again (no version asked): a version more than
-        one past the one the VM held means someone held the lease in between."""
+    def _kill(self, why: str) -> None:
+        log.error("VM %d: %s; killing it: its writes could interleave with that "
+                  "holder's", self.pid, why)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    def _check_versions(self) -> None:
+        """After libvirt's resumes settled: a version past the held one plus the
+        resumes seen means another holder in between (the watch's thread)."""
         try:
             now = self.read_versions()
-        except Exception as exc:  # the LUN unreadable: nothing proven either way
-            log.error("VM %d resumed; its lease versions could not be read: %s",
-                      self.pid, exc)
+        except Exception as exc:  # the LUN unreadable: tried again at the next event
+            log.error("VM %d: its lease versions could not be read: %s", self.pid, exc)
+            self.check_at = time.monotonic() + 1.0
             return
-        stolen = {v: (self.versions.get(v, 0), n) for v, n in now.items()
-                  if n > self.versions.get(v, 0) + 1}
-        self.versions = now
-        if stolen and not self._ours:
-            log.error("VM %d was resumed (libvirt, detail %d) after another holder took "
-                      "its lease: %s; killing it, its writes could interleave with that "
-                      "holder's", self.pid, detail,
-                      ", ".join(f"{v} version {a} -> {b}" for v, (a, b) in stolen.items()))
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+        stolen = {v: n for v, n in now.items()
+                  if n > self.versions.get(v, n) + self.resumes}
+        if stolen:
+            self._kill("resumed after another holder took its lease (" + ", ".join(
+                f"{v} version {self.versions.get(v)} + {self.resumes} resume(s) -> {n}"
+                for v, n in stolen.items()) + ")")
+        self.versions, self.resumes, self.check_at = now, 0, 0.0
+        self.save(now)
 
     # the domain's XML
 
@@ -257,44 +285,52 @@ class LibvirtMonitor:
 
     def resume(self) -> None:
         """Resume after ENOSPC, only if no one took a lease since the VM let it go
-        (libvirt released it at the pause and acquires it again with no version)."""
+        (libvirt released it at the pause and acquires it again with no version);
+        if someone did, the VM is killed instead."""
         now = self.read_versions()
-        moved = {v: n for v, n in now.items() if n != self.versions.get(v, n)}
+        moved = {v: n for v, n in now.items()
+                 if n != self.versions.get(v, n) + self.resumes}
         if moved:
-            raise MonitorError(
-                "not resumed: another holder took its lease while it was paused ("
-                + ", ".join(f"{v} version {self.versions.get(v)} -> {n}"
-                            for v, n in moved.items()) + ")")
-        self._ours = True
-        try:
-            self._call("resume", self.dom.resume)
-            self.versions = self.read_versions()
-        finally:
-            self._ours = False
+            self._kill("another holder took its lease while it was paused (" + ", ".join(
+                f"{v} version {self.versions.get(v)} -> {n}" for v, n in moved.items())
+                + ")")
+            raise MonitorError("not resumed: another holder took its lease")
+        self._call("resume", self.dom.resume)
 
     def pause(self) -> None:
         self._call("suspend", self.dom.suspend)
 
     def next_event(self, timeout: float) -> Event | None:
+        if self.check_at:
+            timeout = min(timeout, max(self.check_at - time.monotonic(), 0.0))
         try:
             event = self.events.get(timeout=timeout)
         except queue.Empty:
             event = None
         if event is None and self.closed.is_set():
             raise MonitorError("the domain is gone, or libvirt's connection closed")
-        if event is not None and event.kind == RESUMED and event.reason == "migrated":
-            # a migration's destination: thresholds armed before the handoff are not
-            # carried over it (measured: TESTBED-NOTES), so armed again here
-            for node, offset in list(self.armed.items()):
-                self._call("setBlockThreshold", self.dom.setBlockThreshold, node, offset, 0)
+        if event is not None and event.kind == RESUMED:
+            self.resumes += 1  # libvirt acquired the leases again: one version each
+            self.check_at = time.monotonic() + self.SETTLE
+            if event.reason == "migrated":
+                # a migration's destination: thresholds armed before the handoff are
+                # not carried over it (measured: TESTBED-NOTES), so armed again here
+                for node, offset in list(self.armed.items()):
+                    self._call("setBlockThreshold", self.dom.setBlockThreshold, node,
+                               offset, 0)
+        elif event is None and self.check_at and time.monotonic() >= self.check_at:
+            self._check_versions()
         return event
 
     def close(self) -> None:
-        for cb in getattr(self, "callbacks", []):
+        if self.conn is None:
+            return
+        for cb in self.callbacks:
             with contextlib.suppress(self.lv.libvirtError):
                 self.conn.domainEventDeregisterAny(cb)
         with contextlib.suppress(self.lv.libvirtError):
             self.conn.close()
+        self.conn = None
 
     # sharedlvm's own migration, live snapshot and live merge drive qemu directly:
     # for a libvirt domain, libvirt does (virsh migrate, snapshot-create, blockcommit)

@@ -7,6 +7,7 @@ versions with sanlock, LV sizes with LVM."""
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import time
@@ -53,6 +54,17 @@ def libvirtds(shared_cluster: Cluster) -> Iterator[dict[int, Libvirtd]]:
         for host in hosts:
             (host.paths.config_dir / "daemon.toml").unlink(missing_ok=True)
             host.restart_daemon()
+
+
+@pytest.fixture(autouse=True)
+def no_domains_left(cluster: Cluster, libvirtds: dict[int, Libvirtd]) -> Iterator[None]:
+    """Every domain destroyed and undefined after each test (a failed one's too),
+    before the cluster is cleaned: a libvirt VM's image is libvirt's to stop."""
+    yield
+    for daemon in libvirtds.values():
+        for name in daemon.virsh("list", "--all", "--name", check=False).stdout.split():
+            daemon.virsh("destroy", name, check=False)
+            daemon.virsh("undefine", name, check=False)
 
 
 def _configure(host: Host, daemon: Libvirtd, chunk: int = 0, free: int = 0) -> None:
@@ -122,6 +134,11 @@ def fill(cluster: Cluster, vm: Domain, leaf: str, start: int, end: int, base: in
         vm.io(f"write -P {base + i % 32:#x} {offset} {PIECE}")
 
 
+def _device_size(path: Path) -> int:
+    with open(path, "rb") as f:
+        return f.seek(0, os.SEEK_END)
+
+
 def holders(host: Host, image: str) -> dict[str, list[int]]:
     """Who holds each volume's lease, read from the leases on the LUN."""
     info: dict[str, Any] = host.cli_json("image", "info", image)
@@ -164,8 +181,12 @@ def test_libvirt_runs_a_linked_clone_grows_it_refuses_a_second_start_and_migrate
     vm.start()
     assert holders(h2, image) == {base: [], leaf: [2]}  # the template: no lease (libvirt)
     version = lease_version(h2, leaf)
+    # the lease is libvirt's: sharedlvm never lets it go for the VM
+    assert "libvirt's to stop" in h2.refused("image", "teardown", image)
+    assert holders(h2, image)[leaf] == [2]
     record = wait_for(lambda: vmwatch.read_records(h2.paths), 10, "VM recorded")[0]
     assert record.pid == vm.pid() and record.monitor.startswith("libvirt:")
+    assert record.held == ((leaf, version),)
     first = lv_size(cluster, leaf)
 
     # thin growth: writes past the threshold, through the guest's disk
@@ -183,17 +204,46 @@ def test_libvirt_runs_a_linked_clone_grows_it_refuses_a_second_start_and_migrate
     assert h3.prepared_images() == []
     libvirtds[3].virsh("undefine", "web1")
 
-    # live migration: host 3 takes the lease over, one version later
-    libvirtds[2].virsh("migrate", "--live", "--persistent", "--undefinesource", "web1",
-                       libvirtds[3].uri, "--migrateuri", f"unix://{tmp_path}/mig.sock")
+    # live migration (slowed to 8 MiB/s, some seconds): host 3 takes the lease over,
+    # one version later; writes past the threshold meanwhile are not grown on host 2
+    # (host 3's mapping, made as the migration began, could not follow), host 3
+    # refreshes at its resume and grows the LV at the next write past its threshold
+    size = lv_size(cluster, leaf)
+    migration = subprocess.Popen(
+        ["virsh", "-c", libvirtds[2].uri, "migrate", "--live", "--persistent",
+         "--undefinesource", "--bandwidth", "8", "web1", libvirtds[3].uri,
+         "--migrateuri", f"unix://{tmp_path}/mig.sock"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "Unbounded" in libvirtds[2].virsh(
+            "domjobinfo", "web1", check=False).stdout, 30, "the migration running")
+        threshold = size - 512 * MiB
+        during = range(written, threshold + 2 * PIECE, PIECE)
+        for i, offset in enumerate(during):
+            vm.io(f"write -P {0x60 + i % 16:#x} {offset} {PIECE}")
+        assert migration.poll() is None, "the migration ended before the writes"
+        wait_for(lambda: "not grown while libvirt migrates" in
+                 (h2.root / "daemon.log").read_text(), 10, "the grow held back")
+        assert lv_size(cluster, leaf) == size
+        _, err = migration.communicate(timeout=300)
+        assert migration.returncode == 0, err
+    finally:
+        if migration.poll() is None:
+            migration.kill()
     moved = Domain(h3, libvirtds[3], "web1", image)
     assert moved.state() == "running"
+    device = h3.paths.run_dir / cluster.name / image / leaf
+    wait_for(lambda: _device_size(device) == lv_size(cluster, leaf), 30,
+             "host 3's mapping as large as the LV")
     assert holders(h3, image) == {base: [], leaf: [3]}
     assert lease_version(h3, leaf) == version + 1
     assert not (h2.paths.run_dir / cluster.name / image).exists()
     assert vmwatch.read_records(h2.paths) == []
     for i, offset in enumerate(range(0, written, PIECE)):
         moved.io(f"read -P {0x40 + i % 32:#x} {offset} {PIECE}")
+    for i, offset in enumerate(during):
+        moved.io(f"read -P {0x60 + i % 16:#x} {offset} {PIECE}")
+    written = during.stop
     # host 3's daemon grows it now
     size = lv_size(cluster, leaf)
     fill(cluster, moved, leaf, written, size, 0x20)

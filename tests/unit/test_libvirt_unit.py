@@ -157,7 +157,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeConn:
 def test_the_fake_connection_hands_out_its_domain_and_callbacks(fake: FakeConn) -> None:
     versions = {VOL: 4}
     mon = vmwatch_libvirt.LibvirtMonitor("qemu:///x", f"libvirt:{VM}", 4242,
-                                         lambda: dict(versions))
+                                         lambda: dict(versions), {}, lambda v: None)
     assert mon.dom is fake.dom and set(fake.callbacks) == {
         real.VIR_DOMAIN_EVENT_ID_BLOCK_THRESHOLD, real.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON,
         real.VIR_DOMAIN_EVENT_ID_LIFECYCLE}
@@ -166,7 +166,7 @@ def test_the_fake_connection_hands_out_its_domain_and_callbacks(fake: FakeConn) 
 
 def test_threshold_event_for_vda_and_its_index_is_passed_on_once(fake: FakeConn) -> None:
     mon = vmwatch_libvirt.LibvirtMonitor("qemu:///x", f"libvirt:{VM}", 4242,
-                                         lambda: {VOL: 4})
+                                         lambda: {VOL: 5}, {VOL: 4}, lambda v: None)
     mon.arm_threshold("vda", 1000)
     cb = fake.callbacks[real.VIR_DOMAIN_EVENT_ID_BLOCK_THRESHOLD]
     cb(None, None, "vda", "/p", 1000, 5, None)
@@ -187,63 +187,95 @@ def test_threshold_event_for_vda_and_its_index_is_passed_on_once(fake: FakeConn)
     assert fake.dom.thresholds[-1] == ("vda", 2000)
 
 
-def test_enospc_resume_refused_when_the_lease_moved_while_paused(fake: FakeConn) -> None:
+def resume_event(fake: FakeConn, detail: int = real.VIR_DOMAIN_EVENT_RESUMED_UNPAUSED
+                 ) -> None:
+    fake.callbacks[real.VIR_DOMAIN_EVENT_ID_LIFECYCLE](
+        None, None, real.VIR_DOMAIN_EVENT_RESUMED, detail, None)
+
+
+def drain(mon: vmwatch_libvirt.LibvirtMonitor) -> None:
+    """The watch's loop: events taken until the settled check ran."""
+    while mon.next_event(0.01) is not None or mon.check_at:
+        pass
+
+
+@pytest.fixture
+def victim() -> Any:
+    proc = subprocess.Popen(["sleep", "60"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def killed(proc: subprocess.Popen[bytes]) -> bool:
+    try:
+        return proc.wait(2) == -signal.SIGKILL
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def test_enospc_resume_refused_and_vm_killed_when_the_lease_moved_while_paused(
+        fake: FakeConn, victim: subprocess.Popen[bytes]) -> None:
     versions = {VOL: 4}
-    mon = vmwatch_libvirt.LibvirtMonitor("qemu:///x", f"libvirt:{VM}", 4242,
-                                         lambda: dict(versions))
+    saved: list[dict[str, int]] = []
+    mon = vmwatch_libvirt.LibvirtMonitor("qemu:///x", f"libvirt:{VM}", victim.pid,
+                                         lambda: dict(versions), {VOL: 4}, saved.append)
     fake.dom.state_ = (real.VIR_DOMAIN_PAUSED, real.VIR_DOMAIN_PAUSED_IOERROR)
     assert mon.status() == (False, "io-error")
     versions[VOL] = 5  # another host acquired it while libvirt had let it go
     with pytest.raises(MonitorError, match="another holder took its lease"):
         mon.resume()
-    assert fake.dom.resumed == 0
-    versions[VOL] = 4
-    mon.resume()  # untouched: resumed (libvirt acquires again, one version later)
-    assert fake.dom.resumed == 1
+    assert fake.dom.resumed == 0 and killed(victim)
 
 
-@pytest.mark.parametrize("after, killed", [(5, False), (6, True)])
-def test_a_resume_past_a_stolen_lease_kills_the_vm(fake: FakeConn, after: int,
-                                                   killed: bool) -> None:
-    victim = subprocess.Popen(["sleep", "60"])
-    try:
-        versions = {VOL: 4}
-        mon = vmwatch_libvirt.LibvirtMonitor("qemu:///x", f"libvirt:{VM}", victim.pid,
-                                             lambda: dict(versions))
-        versions[VOL] = after  # 5: libvirt's own acquire; 6: someone's in between
-        fake.callbacks[real.VIR_DOMAIN_EVENT_ID_LIFECYCLE](
-            None, None, real.VIR_DOMAIN_EVENT_RESUMED,
-            real.VIR_DOMAIN_EVENT_RESUMED_UNPAUSED, None)
-        try:
-            code = victim.wait(2)
-        except subprocess.TimeoutExpired:
-            code = None
-        assert (code == -signal.SIGKILL) is killed
-        assert mon.versions == {VOL: after}
-    finally:
-        victim.kill()
-        victim.wait()
-
-
-def test_add_leases_refuses_a_disk_that_is_not_its_images_leaf(
+def test_enospc_resume_when_untouched_and_its_own_acquire_accepted(
+        fake: FakeConn, victim: subprocess.Popen[bytes],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    found = libvirt.DiskXml(IMG, "99999999-7777-4888-9999-aaaaaaaaaaaa", "p", "qcow2",
-                            "ls1", "/dev/sdb", 0, "<disk/>", "<lease/>")
-    monkeypatch.setattr(libvirt, "disk_xml", lambda d, image: found)
-    xml = domain_xml(f"/r/run/sharedlvm/dom1/{IMG}/{VOL}", lease=False)
-    with pytest.raises(libvirt.errors.InvalidArgument, match="not image .*'s leaf"):
-        libvirt.add_leases(xml, lambda name: None)  # type: ignore[arg-type,return-value]
+    monkeypatch.setattr(vmwatch_libvirt.LibvirtMonitor, "SETTLE", 0.0)
+    versions = {VOL: 4}
+    saved: list[dict[str, int]] = []
+    mon = vmwatch_libvirt.LibvirtMonitor("qemu:///x", f"libvirt:{VM}", victim.pid,
+                                         lambda: dict(versions), {VOL: 4}, saved.append)
+    mon.resume()
+    assert fake.dom.resumed == 1
+    versions[VOL] = 5  # libvirt's acquire at that resume
+    resume_event(fake)
+    drain(mon)
+    assert saved == [{VOL: 5}] and mon.versions == {VOL: 5} and victim.poll() is None
 
 
-def test_add_leases_adds_the_leaf_lease_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    lease = (f"<lease><lockspace>ls1</lockspace><key>{VOL}</key>"
-             "<target path='/dev/sdb' offset='1048576'/></lease>")
-    monkeypatch.setattr(libvirt, "disk_xml", lambda d, image: libvirt.DiskXml(
-        IMG, VOL, "p", "qcow2", "ls1", "/dev/sdb", 1048576, "<disk/>", lease))
-    bare = domain_xml(f"/r/run/sharedlvm/dom1/{IMG}/{VOL}", lease=False)
-    added = libvirt.add_leases(bare, lambda name: None)  # type: ignore[arg-type,return-value]
-    assert libvirt.leases_of(ET.fromstring(added)) == [
-        libvirt.Lease("ls1", VOL, "/dev/sdb", 1048576)]
-    assert libvirt.add_leases(added, lambda name: None) == added  # type: ignore[arg-type,return-value]
-    assert libvirt.add_leases(domain_xml("/dev/sdc"), lambda name: None) == \
-        domain_xml("/dev/sdc")  # type: ignore[arg-type,return-value]
+@pytest.mark.parametrize("resumes, after, kill", [
+    (1, 5, False),  # libvirt's own acquire
+    (2, 6, False),  # two quick suspend/resume cycles, events handled late
+    (1, 6, True),  # someone else's acquire in between
+    (0, 4, False),  # nothing happened
+])
+def test_a_resume_past_a_stolen_lease_kills_the_vm(
+        fake: FakeConn, victim: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch,
+        resumes: int, after: int, kill: bool) -> None:
+    monkeypatch.setattr(vmwatch_libvirt.LibvirtMonitor, "SETTLE", 0.0)
+    versions = {VOL: 4}
+    saved: list[dict[str, int]] = []
+    mon = vmwatch_libvirt.LibvirtMonitor("qemu:///x", f"libvirt:{VM}", victim.pid,
+                                         lambda: dict(versions), {VOL: 4}, saved.append)
+    versions[VOL] = after
+    for _ in range(resumes):
+        resume_event(fake)
+    drain(mon)
+    assert killed(victim) is kill
+    assert saved == ([{VOL: after}] if resumes else [])
+
+
+def test_a_restarted_watch_starts_from_the_recorded_version(
+        fake: FakeConn, victim: subprocess.Popen[bytes],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The version another holder left is not taken as the VM's own by a watch that
+    (re)connects while the VM is paused: the record's is."""
+    monkeypatch.setattr(vmwatch_libvirt.LibvirtMonitor, "SETTLE", 0.0)
+    versions = {VOL: 6}  # the VM held 4; someone took it while the watch was away
+    mon = vmwatch_libvirt.LibvirtMonitor("qemu:///x", f"libvirt:{VM}", victim.pid,
+                                         lambda: dict(versions), {VOL: 4}, lambda v: None)
+    versions[VOL] = 7
+    resume_event(fake)
+    drain(mon)
+    assert killed(victim)
