@@ -6,6 +6,11 @@
 #
 #   install.sh [--remotes DIR] [--owner USER:GROUP]
 #              [--edit-oned-conf [FILE]] [--edit-vmm-execrc [FILE]]
+#              [--edit-kvm-deploy]
+#
+# --edit-kvm-deploy: OpenNebula's kvm deploy script (remotes/vmm/kvm/deploy) passes
+# the deployment file through 'sharedlvm libvirt add-leases' before libvirt starts
+# the VM: the <lease> libvirt holds in qemu for each disk on a sharedlvm image.
 #
 # Then: "onehost sync --force" (the hosts get the remotes), restart oned if its
 # configuration changed. The hosts need sharedlvm installed, its daemon running and
@@ -17,6 +22,7 @@ REMOTES=/var/lib/one/remotes
 OWNER=""
 ONED_CONF=""
 EXECRC=""
+KVM_DEPLOY=no
 id oneadmin >/dev/null 2>&1 && OWNER=oneadmin:oneadmin
 
 die() { echo "ERROR: install.sh: $*" >&2; exit 1; }
@@ -33,12 +39,15 @@ while [ "$#" -gt 0 ]; do
             EXECRC=/etc/one/vmm_exec/vmm_execrc
             if [ "$#" -gt 1 ] && [ "${2#--}" = "$2" ]; then EXECRC=$2; shift; fi
             shift ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --edit-kvm-deploy) KVM_DEPLOY=yes; shift ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
 
 [ -d "$REMOTES" ] || die "no $REMOTES: is OpenNebula installed here? (--remotes DIR)"
+[ "$KVM_DEPLOY" = no ] || [ -f "$REMOTES/vmm/kvm/deploy" ] || \
+    die "no $REMOTES/vmm/kvm/deploy (--edit-kvm-deploy): nothing installed"
 
 for kind in tm datastore; do
     dst="$REMOTES/$kind/sharedlvm"
@@ -119,6 +128,41 @@ else
 
 Live disk snapshots (snap_create_live): add kvm-sharedlvm to LIVE_DISK_SNAPSHOTS in
 /etc/one/vmm_exec/vmm_execrc (--edit-vmm-execrc does it).
+EOT
+fi
+DEPLOY="$REMOTES/vmm/kvm/deploy"
+MARK="# sharedlvm (install.sh --edit-kvm-deploy)"
+if [ "$KVM_DEPLOY" = yes ]; then
+    [ -f "$DEPLOY" ] || die "no $DEPLOY"
+    if grep -qF "$MARK" "$DEPLOY"; then
+        echo "$DEPLOY adds sharedlvm's leases already"
+    elif grep -q "^cat > \\\$DEP_FILE\$" "$DEPLOY"; then
+        cp -p "$DEPLOY" "$DEPLOY.bak-$(date +%Y%m%d%H%M%S)"
+        python3 - "$DEPLOY" "$MARK" <<'PY'
+import sys
+
+path, mark = sys.argv[1], sys.argv[2]
+lines = open(path).read().split("\n")
+at = lines.index("cat > $DEP_FILE") + 1
+lines[at:at] = [
+    mark + ": the <lease> of each disk on a sharedlvm image,",
+    "# held by libvirt in qemu ('sharedlvm libvirt add-leases')",
+    'if [ "$(id -u)" = 0 ]; then SL_ADD=(sharedlvm); else SL_ADD=(sudo -n sharedlvm); fi',
+    '"${SL_ADD[@]}" libvirt add-leases --in-place "$DEP_FILE" || exit 1',
+]
+open(path, "w").write("\n".join(lines))
+PY
+        echo "edited $DEPLOY: deployment files get sharedlvm's leases"
+    else
+        die "no 'cat > \$DEP_FILE' line in $DEPLOY: add 'sharedlvm libvirt add-leases --in-place \$DEP_FILE' after the deployment file is written, by hand"
+    fi
+else
+    cat <<EOT
+
+VMs run by libvirt need the lease of each sharedlvm disk in their domain XML: OpenNebula's
+kvm deploy script ($DEPLOY) must run 'sharedlvm libvirt add-leases --in-place \$DEP_FILE'
+(as root) after writing the deployment file (--edit-kvm-deploy does it). On every host:
+'sharedlvm libvirt install' (the sanlock lock driver and sharedlvm's qemu hook).
 EOT
 fi
 echo

@@ -529,10 +529,16 @@ def test_vm_life(one: One, images: dict[str, str], vms: list[Vm], tmp_path: Path
     one.tm("cpds", disk3, target2, -1, VMID, IMG_DS)
     read_back(h3, target2.split("/")[1], [(5 * MiB, MiB, 0x77)])
 
-    # --- resize (VM off): the volatile disk (a volume with a parent is not resized by
-    # this sharedlvm: its qemu-img resize opens the backing file, see the README) ---
+    # --- resize (VM off): the volatile disk, and disk 0, a linked clone's chain ----
     for _ in range(2):
         one.tm("resize", f"host3:{VMDIR}/disk.3", 512, VMID, SYS_DS)
+    leaf0 = info(h3, img0)["leaf"]
+    grown = h3.cli_json("volume", "info", leaf0)["capacity"] + 64 * MiB
+    one.tm("resize", f"host3:{VMDIR}/disk.0", grown // MiB, VMID, IMG_DS)
+    assert h1.cli_json("volume", "info", leaf0)["capacity"] == grown
+    out = h3.cli("run", "--image", f"{img0}:ro", "--", "qemu-img", "info", "--output",
+                 "json", "{0}").stdout
+    assert json.loads(out)["virtual-size"] == grown
     volatile = image_of(one, h3, 3)
     assert h1.cli_json("volume", "info", info(h1, volatile)["leaf"])["capacity"] == 512 * MiB
     out = h3.cli("run", "--image", f"{volatile}:ro", "--", "qemu-img", "info", "--output",
@@ -676,3 +682,33 @@ def test_install(tmp_path: Path) -> None:
         assert "-d dummy,fs,ceph,sharedlvm -s shared,ssh,ceph,sharedlvm" in text
         assert text.count('NAME = "sharedlvm"') == 2  # TM_MAD_CONF, DS_MAD_CONF
         assert execrc.read_text() == 'LIVE_DISK_SNAPSHOTS="kvm-qcow2 kvm-ceph kvm-sharedlvm"\n'
+
+
+def test_install_makes_kvm_deploy_add_the_leases(tmp_path: Path) -> None:
+    """--edit-kvm-deploy: OpenNebula's kvm deploy script (its shape: the deployment
+    file written from stdin, then libvirt) passes the file through 'sharedlvm libvirt
+    add-leases' (tests/integration/test_libvirt.py runs that on a real domain); twice,
+    it is edited once; a deployment with no sharedlvm disk goes through unchanged."""
+    remotes = tmp_path / "remotes"
+    deploy = remotes / "vmm" / "kvm" / "deploy"
+    deploy.parent.mkdir(parents=True)
+    deploy.write_text('#!/bin/bash\nDEP_FILE=$1\nmkdir -p $(dirname $DEP_FILE)\n'
+                      'cat > $DEP_FILE\ncat "$DEP_FILE" > "$DEP_FILE.started"\n')
+    deploy.chmod(0o755)
+    install = [str(DRIVERS / "install.sh"), "--remotes", str(remotes), "--owner",
+               "root:root", "--edit-kvm-deploy"]
+    for _ in range(2):
+        subprocess.run(install, capture_output=True, text=True, check=True)
+    text = deploy.read_text()
+    assert text.count("libvirt add-leases --in-place") == 1
+    assert text.index("cat > $DEP_FILE") < text.index("add-leases") < \
+        text.index(".started")
+    xml = "<domain type='kvm'><name>one-1</name><devices/></domain>\n"
+    dep = tmp_path / "one" / "deployment.0"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    subprocess.run([str(deploy), str(dep)], input=xml, text=True, check=True, env=env)
+    assert (tmp_path / "one" / "deployment.0.started").read_text() == xml
+    refused = subprocess.run([str(DRIVERS / "install.sh"), "--remotes", str(tmp_path),
+                              "--edit-kvm-deploy"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "nothing installed" in refused.stderr
+    assert not (tmp_path / "tm").exists()
