@@ -132,36 +132,42 @@ EOT
 fi
 DEPLOY="$REMOTES/vmm/kvm/deploy"
 MARK="# sharedlvm (install.sh --edit-kvm-deploy)"
+# shellcheck disable=SC2016  # the deploy script's own line, not expanded here
+CREATE='DATA=`virsh --connect $LIBVIRT_URI create $DEP_FILE`'
 if [ "$KVM_DEPLOY" = yes ]; then
     [ -f "$DEPLOY" ] || die "no $DEPLOY"
     if grep -qF "$MARK" "$DEPLOY"; then
         echo "$DEPLOY adds sharedlvm's leases already"
-    elif grep -q "^cat > \\\$DEP_FILE\$" "$DEPLOY"; then
+    elif grep -qxF "$CREATE" "$DEPLOY"; then
         cp -p "$DEPLOY" "$DEPLOY.bak-$(date +%Y%m%d%H%M%S)"
-        python3 - "$DEPLOY" "$MARK" <<'PY'
+        python3 - "$DEPLOY" "$MARK" "$CREATE" <<'PY'
 import sys
 
-path, mark = sys.argv[1], sys.argv[2]
+path, mark, create = sys.argv[1], sys.argv[2], sys.argv[3]
 lines = open(path).read().split("\n")
-at = lines.index("cat > $DEP_FILE") + 1
+# right before libvirt is given the file: after OpenNebula's own edits of it (its sed
+# expects its own quoting, which add-leases does not keep)
+at = lines.index(create)
 lines[at:at] = [
     mark + ": the <lease> of each disk on a sharedlvm image,",
-    "# held by libvirt in qemu ('sharedlvm libvirt add-leases')",
-    'if [ "$(id -u)" = 0 ]; then SL_ADD=(sharedlvm); else SL_ADD=(sudo -n sharedlvm); fi',
-    '"${SL_ADD[@]}" libvirt add-leases --in-place "$DEP_FILE" || exit 1',
+    "# held by libvirt in qemu ('sharedlvm libvirt add-leases'); hosts without sharedlvm skip it",
+    "if command -v sharedlvm >/dev/null 2>&1; then",
+    '    if [ "$(id -u)" = 0 ]; then SL_ADD=(sharedlvm); else SL_ADD=(sudo -n sharedlvm); fi',
+    '    "${SL_ADD[@]}" libvirt add-leases --in-place "$DEP_FILE" || exit 1',
+    "fi",
 ]
 open(path, "w").write("\n".join(lines))
 PY
         echo "edited $DEPLOY: deployment files get sharedlvm's leases"
     else
-        die "no 'cat > \$DEP_FILE' line in $DEPLOY: add 'sharedlvm libvirt add-leases --in-place \$DEP_FILE' after the deployment file is written, by hand"
+        die "no 'DATA=\`virsh ... create \$DEP_FILE\`' line in $DEPLOY: add 'sharedlvm libvirt add-leases --in-place \$DEP_FILE' before it by hand"
     fi
 else
     cat <<EOT
 
 VMs run by libvirt need the lease of each sharedlvm disk in their domain XML: OpenNebula's
 kvm deploy script ($DEPLOY) must run 'sharedlvm libvirt add-leases --in-place \$DEP_FILE'
-(as root) after writing the deployment file (--edit-kvm-deploy does it). On every host:
+(as root) right before 'virsh create' (--edit-kvm-deploy does it). On every host:
 'sharedlvm libvirt install' (the sanlock lock driver and sharedlvm's qemu hook).
 EOT
 fi

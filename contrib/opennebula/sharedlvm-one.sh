@@ -244,6 +244,27 @@ fe_xml_into() {
     unset 'X[${#X[@]}-1]'
 }
 
+# fe_check_path PATH RESTRICTED_DIRS SAFE_DIRS: a front-end file a user may register as
+# an image: not under OpenNebula's own directories, the driver user's home or the
+# datastore's RESTRICTED_DIRS, unless under its SAFE_DIRS (as OpenNebula's fs driver
+# does, libfs.sh): else any user could read oneadmin's credentials through a VM.
+fe_check_path() {
+    local real d s
+    real=$(realpath -e -- "$1" 2>/dev/null) || die "cannot read $1"
+    # shellcheck disable=SC2086  # space-separated lists, as OpenNebula's
+    for d in /var/lib/one/ /etc/one/ ${HOME:+"$HOME/"} $2; do
+        d=$(realpath -m -- "$d")
+        case "${real%/}/" in
+            "${d%/}/"*)
+                for s in $3; do
+                    s=$(realpath -m -- "$s")
+                    case "${real%/}/" in "${s%/}/"*) return 0 ;; esac
+                done
+                die "$1 is in a restricted directory ($d): not registered (SAFE_DIRS of the datastore allow it)" ;;
+        esac
+    done
+}
+
 # fe_read_xml: stdin (base64 XML) into DRV_ACTION
 fe_read_xml() {
     DRV_ACTION=$(cat)
@@ -348,7 +369,7 @@ sl_exec() {
 
 # h_dir PATH: the path on this host (under SHAREDLVM_ROOT: simulated hosts)
 h_dir() {
-    printf '%s%s' "${SHAREDLVM_ROOT%/}" "$1"
+    printf '%s%s' "${SHAREDLVM_ROOT:+${SHAREDLVM_ROOT%/}}" "$1"
 }
 
 h_has_sharedlvm() {
@@ -425,7 +446,7 @@ h_bump_gen() {
 h_relink() {
     local dir=$1 f n root recs="" doms="" dom vols="["
     [ -d "$dir" ] || return 0
-    root="${SHAREDLVM_ROOT%/}"
+    root="${SHAREDLVM_ROOT:+${SHAREDLVM_ROOT%/}}"
     for f in "$dir"/disk.*.sharedlvm; do
         [ -f "$f" ] || continue
         n=${f##*/disk.}
@@ -509,7 +530,9 @@ h_rec() {
 # (empty when there is none)
 h_snap_of() {
     local pair
-    pair=$(pyjson "$IMG_JSON" "[v['parent'] + ' ' + v['uuid'] for v in d['chain'] if v['tags'].get('one.below') == '$1' and v['parent']]")
+    # only the image's own volumes: a template under it is another image's (whose
+    # own tags must never be taken for this disk's snapshots)
+    pair=$(pyjson "$IMG_JSON" "[v['parent'] + ' ' + v['uuid'] for v in d['chain'] if v['image'] == d['image'] and v['tags'].get('one.below') == '$1' and v['parent'] in [w['uuid'] for w in d['chain'] if w['image'] == d['image']]]")
     SNAP_VOL=${pair%% *}
     SNAP_CHILD=${pair#* }
     if [ -z "$pair" ]; then
@@ -609,7 +632,9 @@ h_mkimage() {
     base="one-ds$dsid-vm$vmid-disk$n"
     [ "$gen" = 0 ] || base="$base-g$gen"
     new=$(uuid5 "$base")
-    [ "$format" = raw ] && vfmt=raw
+    # oned gives swap disks DRIVER=raw (Datastore.cc): the guest must see the swap
+    # signature, not a qcow2 header
+    case "$format" in raw|swap) vfmt=raw ;; esac
     if ! h_image_json "$dom" "$new"; then
         sl volume create --domain "$dom" --size "${size}M" --format "$vfmt" --image "$new" \
             --tag "one.vm=$vmid" --tag "one.disk=$n" --request-id "$base-mkimage" --json
@@ -693,29 +718,29 @@ h_records() {
 
 # --- TM: moves between hosts ---------------------------------------------------------
 
-# h_pack VMDIR [N]: base64 tar of what the dir holds but links (records, context ISO;
+# h_pack VMDIR [N]: a tar stream (stdout) of what the dir holds but links (records, context ISO;
 # N: only disk N's record)
 h_pack() {
     local dir
     dir=$(h_dir "$1")
-    [ -d "$dir" ] || return 0
-    if [ -n "${2:-}" ]; then
-        [ -f "$dir/disk.$2.sharedlvm" ] || return 0
-        tar -C "$dir" -cf - "disk.$2.sharedlvm" | base64 -w0
+    if [ ! -d "$dir" ] || { [ -n "${2:-}" ] && [ ! -f "$dir/disk.$2.sharedlvm" ]; }; then
+        tar -cf - -T /dev/null  # an empty archive
+    elif [ -n "${2:-}" ]; then
+        tar -C "$dir" -cf - "disk.$2.sharedlvm"
     else
+        # a stream, never a variable: a suspended VM's checkpoint is its whole memory
         (cd "$dir" && find . -mindepth 1 -maxdepth 1 ! -type l ! -name '.*.tmp' -print0 |
-            tar --null -T - -cf -) | base64 -w0
+            tar --null -T - -cf -)
     fi
 }
 
-# h_unpack VMDIR B64: files into the dir, links rebuilt
+# h_unpack VMDIR: the tar stream h_pack made (stdin, after this script) into the dir,
+# links rebuilt
 h_unpack() {
     local dir
     dir=$(h_dir "$1")
     mkdir -p "$dir"
-    if [ -n "$2" ]; then
-        printf '%s' "$2" | base64 -d | tar -C "$dir" -xf -
-    fi
+    tar -C "$dir" -xf -
     h_relink "$dir"
 }
 
@@ -728,27 +753,14 @@ h_unlink_disk() {
     h_relink "$dir"
 }
 
-# h_leave VMDIR: the VM left this host: what no process here holds of its disks is
-# deactivated, then the dir removed
+# h_leave VMDIR: the VM left this host: its directory removed. Nothing is deactivated
+# here: whoever activated a chain lets it go when its qemu ends (libvirt's release
+# hook, sharedlvm run's exit), and a volume no lease covers here may still be opened by
+# another VM of this host (a template, under libvirt).
 h_leave() {
     local dir
     dir=$(h_dir "$1")
     [ -d "$dir" ] || return 0
-    if h_has_sharedlvm; then
-        local rec dom img vol myid
-        for rec in "$dir"/disk.*.sharedlvm; do
-            [ -f "$rec" ] || continue
-            dom=$(rec_get "$rec" DOMAIN)
-            img=$(rec_get "$rec" IMAGE)
-            h_image_json "$dom" "$img" || continue
-            sl domain info --domain "$dom" --json
-            myid=$(pyjson "$SL_OUT" 'd["host_id"]')
-            for vol in $(pyjson "$IMG_JSON" "[v for v, h in d['holders'].items() if $myid not in (h or [])]"); do
-                sl_try volume deactivate "$vol" --domain "$dom" || \
-                    warn "volume $vol: deactivate: $SL_ERR"
-            done
-        done
-    fi
     rm -rf "$dir"
 }
 
@@ -858,18 +870,30 @@ h_snap_create() {
         return 0
     fi
     h_vm_writing "$LEAF"
+    # the leaf in the request id: after a flatten or a revert oned numbers snapshots
+    # from 0 again, and the same id would be answered with the first one's volume
     if [ "$live" = live ]; then
         [ -n "$VM_PID" ] || \
             die "no VM that sharedlvm knows writes disk $n (volume $LEAF) on this host: live snapshot impossible"
         [ "$VM_STATE" = running ] || die "the VM writing disk $n (qemu $VM_PID) is $VM_STATE, not running"
         sl vm snapshot "$VM_PID" --volume "$LEAF" --tag "one.below=$snap" \
-            --request-id "one-$IMAGE-snap$snap-create"
+            --request-id "one-$IMAGE-$LEAF-snap$snap-create"
     else
         [ -z "$VM_PID" ] || die "disk $n is written by a running VM (qemu $VM_PID): use a live snapshot"
+        h_not_suspended "$dir"
         sl volume snapshot "$LEAF" --domain "$DOMAIN" --tag "one.below=$snap" \
-            --request-id "one-$IMAGE-snap$snap-create"
+            --request-id "one-$IMAGE-$LEAF-snap$snap-create"
     fi
+    h_image_json "$DOMAIN" "$IMAGE" || die "image $DOMAIN/$IMAGE is gone"
+    h_snap_of "$snap"
+    [ -n "$SNAP_VOL" ] || die "snapshot $snap of disk $n was not made (volume $LEAF)"
     h_relink "$dir"
+}
+
+# h_not_suspended VMDIR: a suspended VM's saved domain names its disks' leaves; an
+# offline snapshot, revert or merge would change them under it
+h_not_suspended() {
+    [ ! -e "$1/checkpoint" ] || die "the VM is suspended (its checkpoint is in $1): a snapshot change of its disk would not match the saved domain; resume it or power it off first"
 }
 
 # h_chain_snap_delete DOMAIN IMAGE SNAP_ID: snapshot SNAP_ID folded away: the volume on
@@ -931,6 +955,7 @@ h_snap_delete() {
     local dir n=$2
     dir=$(h_dir "$1")
     h_rec "$dir" "$n"
+    h_not_suspended "$dir"
     h_chain_snap_delete "$DOMAIN" "$IMAGE" "$3"
     h_relink "$dir"
 }
@@ -939,6 +964,7 @@ h_snap_revert() {
     local dir n=$2
     dir=$(h_dir "$1")
     h_rec "$dir" "$n"
+    h_not_suspended "$dir"
     h_chain_revert "$DOMAIN" "$IMAGE" "$3" "$dir/.disk.$n.revert"
     h_relink "$dir"
 }
@@ -989,7 +1015,7 @@ h_fail_source() {
                 ;;
             migrated-out)
                 local rec versions
-                rec="${SHAREDLVM_ROOT%/}/run/sharedlvm/vms/$VM_PID.json"
+                rec="${SHAREDLVM_ROOT:+${SHAREDLVM_ROOT%/}}/run/sharedlvm/vms/$VM_PID.json"
                 # 'vm list' does not show them: read from sharedlvm's record of the VM
                 # (root's: through 'sharedlvm run -- cat' when not root)
                 local json
@@ -1095,7 +1121,7 @@ h_ds_snap_delete() {
 
 h_ds_snap_revert() {
     h_chain_revert "$1" "$2" "$3" \
-        "${SHAREDLVM_ROOT%/}/var/lib/sharedlvm-one/revert/$2"
+        "${SHAREDLVM_ROOT:+${SHAREDLVM_ROOT%/}}/var/lib/sharedlvm-one/revert/$2"
 }
 
 # h_ds_snap_flatten DOMAIN IMAGE SNAP_ID: the image becomes snapshot SNAP_ID's

@@ -282,7 +282,7 @@ def images(one: One) -> dict[str, str]:
     return out
 
 
-def test_datastore_actions(one: One, images: dict[str, str]) -> None:
+def test_datastore_actions(one: One, images: dict[str, str], tmp_path: Path) -> None:
     """cp (above, twice each), stat, monitor (DS and TM), mkfs, clone, export, rm, and
     the refusals of bad input."""
     h1 = one.cluster.first
@@ -380,6 +380,20 @@ def test_datastore_actions(one: One, images: dict[str, str]) -> None:
     assert "Could not resolve hostname" in err
     one.refused("datastore", "monitor", IMG_DS, stdin=ds_data({}, IMG_DS,
                                                               {"BRIDGE_LIST": "nowhere"}))
+    # a front-end file in a restricted directory is not read (OpenNebula's own
+    # directories, the driver user's home, the datastore's RESTRICTED_DIRS), unless
+    # under SAFE_DIRS
+    secret = tmp_path / "restricted" / "one_auth"
+    secret.parent.mkdir()
+    secret.write_text("oneadmin:password\n")
+    fence = {"RESTRICTED_DIRS": str(secret.parent)}
+    for action in ("cp", "stat"):
+        err = one.refused("datastore", action, "31", stdin=ds_data(
+            {"ID": "31", "PATH": str(secret)}, IMG_DS, fence))
+        assert "restricted directory" in err, err
+    size = one.ds("stat", {"ID": "31", "PATH": str(secret)}, IMG_DS,
+                  {**fence, "SAFE_DIRS": str(secret.parent)})
+    assert size.strip() == "1"
     assert not one.vmdir(one.cluster.hosts[1]).exists()
 
 
@@ -425,7 +439,8 @@ def test_vm_life(one: One, images: dict[str, str], vms: list[Vm], tmp_path: Path
     assert image_of(one, h2, 2) == images["persistent"].split("/")[1]
     assert not any(h for vols in holders(h1, img0).values() for h in vols)  # nothing held
     swap = image_of(one, h2, 4)
-    out = h1.cli("run", "--image", f"{swap}:ro", "--", "qemu-io", "-r", "-f", "qcow2",
+    assert info(h1, swap)["chain"][0]["format"] == "raw"  # oned's DRIVER=raw for swap
+    out = h1.cli("run", "--image", f"{swap}:ro", "--", "qemu-io", "-r", "-f", "raw",
                  "-c", "read -v 4086 10", "{0}").stdout
     assert "SWAPSPACE2" in out, out
     read_back(h2, img1, [(0, MiB, 0x11)], path=str(d2 / "disk.1"))
@@ -686,14 +701,20 @@ def test_install(tmp_path: Path) -> None:
 
 def test_install_makes_kvm_deploy_add_the_leases(tmp_path: Path) -> None:
     """--edit-kvm-deploy: OpenNebula's kvm deploy script (its shape: the deployment
-    file written from stdin, then libvirt) passes the file through 'sharedlvm libvirt
-    add-leases' (tests/integration/test_libvirt.py runs that on a real domain); twice,
-    it is edited once; a deployment with no sharedlvm disk goes through unchanged."""
+    file written from stdin, later given to virsh create) passes the file through
+    'sharedlvm libvirt add-leases' right before virsh (tests/integration/test_libvirt.py
+    runs add-leases on a real domain); twice, it is edited once; a deployment with no
+    sharedlvm disk goes through unchanged."""
     remotes = tmp_path / "remotes"
     deploy = remotes / "vmm" / "kvm" / "deploy"
     deploy.parent.mkdir(parents=True)
     deploy.write_text('#!/bin/bash\nDEP_FILE=$1\nmkdir -p $(dirname $DEP_FILE)\n'
-                      'cat > $DEP_FILE\ncat "$DEP_FILE" > "$DEP_FILE.started"\n')
+                      'cat > $DEP_FILE\n'
+                      'DATA=`virsh --connect $LIBVIRT_URI create $DEP_FILE`\n')
+    shim = tmp_path / "bin" / "virsh"  # libvirt, as far as the deploy script goes
+    shim.parent.mkdir()
+    shim.write_text('#!/bin/sh\ncat "$4" > "$4.started"\n')
+    shim.chmod(0o755)
     deploy.chmod(0o755)
     install = [str(DRIVERS / "install.sh"), "--remotes", str(remotes), "--owner",
                "root:root", "--edit-kvm-deploy"]
@@ -702,13 +723,25 @@ def test_install_makes_kvm_deploy_add_the_leases(tmp_path: Path) -> None:
     text = deploy.read_text()
     assert text.count("libvirt add-leases --in-place") == 1
     assert text.index("cat > $DEP_FILE") < text.index("add-leases") < \
-        text.index(".started")
+        text.index("create $DEP_FILE")
     xml = "<domain type='kvm'><name>one-1</name><devices/></domain>\n"
     dep = tmp_path / "one" / "deployment.0"
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = dict(os.environ, LIBVIRT_URI="qemu:///system",
+               PATH=f"{shim.parent}:{Path(sys.executable).parent}:{os.environ['PATH']}")
     subprocess.run([str(deploy), str(dep)], input=xml, text=True, check=True, env=env)
     assert (tmp_path / "one" / "deployment.0.started").read_text() == xml
     refused = subprocess.run([str(DRIVERS / "install.sh"), "--remotes", str(tmp_path),
                               "--edit-kvm-deploy"], capture_output=True, text=True)
     assert refused.returncode != 0 and "nothing installed" in refused.stderr
     assert not (tmp_path / "tm").exists()
+
+
+def test_host_paths_without_sharedlvm_root() -> None:
+    """A production host has no SHAREDLVM_ROOT (ssh starts 'bash -s' without it): the
+    host side runs under 'set -u' all the same, paths as OpenNebula names them (the
+    loop bed always sets it, so this broke nothing there; seen failing before)."""
+    env = {k: v for k, v in os.environ.items() if k != "SHAREDLVM_ROOT"}
+    lib = DRIVERS / "sharedlvm-one.sh"
+    out = subprocess.run(["bash", "-c", f'. "{lib}"; h_dir /var/lib/one/datastores/0/42'],
+                         env=env, capture_output=True, text=True)
+    assert (out.returncode, out.stdout) == (0, "/var/lib/one/datastores/0/42"), out.stderr
