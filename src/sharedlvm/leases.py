@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -48,7 +49,9 @@ ERRNO_MAP: dict[int, tuple[type[errors.Error], str]] = {
     -243: (errors.LeaseHeld, "held by another live host"),  # SANLK_ACQUIRE_IDLIVE
     -244: (errors.LeaseHeld, "held by another host"),  # SANLK_ACQUIRE_OWNED
     -245: (errors.LeaseHeld, "held by another host (retry later)"),  # SANLK_ACQUIRE_OTHER
-    -246: (errors.LeaseHeld, "shared holders not yet known dead"),  # ACQUIRE_SHRETRY
+    # another host held it for a moment while taking a shared lease, past sanlock's
+    # own retries (several hosts acquiring it shared at once): acquire() retries
+    -246: (errors.LeaseHeld, "briefly held by another host taking a shared lease"),  # SHRETRY
     -242: (errors.LeaseHeld, "held by another host, its lockspace is unknown"),  # IDDISK
     -247: (errors.LeaseHeld, "held by another host (retry later)"),  # OWNED_RETRY
     errno.EAGAIN: (errors.LeaseHeld, "held in a conflicting mode"),
@@ -225,12 +228,36 @@ def _owner(fd: int | None, pid: int | None) -> dict[str, int]:
     return {"slkfd": fd} if fd is not None else {"pid": int(pid or 0)}
 
 
+# A shared acquire that met another host's short exclusive hold (SANLK_ACQUIRE_SHRETRY:
+# sanlock takes the paxos lease exclusively for a moment to add a shared holder, and
+# its own 8 retries can run out when several hosts do it at once, under load) is
+# tried again this many times, after a random pause of up to SHARED_RETRY_PAUSE s.
+SHRETRY = -246
+SHARED_RETRIES = 5
+SHARED_RETRY_PAUSE = 1.0
+
+
 def acquire(lockspace: str, resource: str, disks: Sequence[Disk], *, shared: bool,
             fd: int | None = None, pid: int | None = None,
             version: int | None = None) -> None:
     """``version``: acquire only if the lease is still at that version, i.e. nobody
     acquired it since the holder of that version (a migration's source) released it;
-    sanlock refuses otherwise (SANLK_ACQUIRE_LVER)."""
+    sanlock refuses otherwise (SANLK_ACQUIRE_LVER). A shared acquire contended by
+    other shared acquirers is tried again (SHRETRY), never an exclusive one."""
+    for attempt in range(SHARED_RETRIES + 1):
+        try:
+            _acquire_once(lockspace, resource, disks, shared=shared, fd=fd, pid=pid,
+                          version=version)
+            return
+        except errors.LeaseHeld as exc:
+            if not shared or _errno(exc.__cause__) != SHRETRY or attempt == SHARED_RETRIES:
+                raise
+        time.sleep(random.uniform(0.05, SHARED_RETRY_PAUSE))  # outside _FD_LOCK
+
+
+def _acquire_once(lockspace: str, resource: str, disks: Sequence[Disk], *,
+                  shared: bool, fd: int | None, pid: int | None,
+                  version: int | None) -> None:
     with _FD_LOCK:
         try:
             _call(f"cannot acquire lease {resource}", sanlock.acquire, lockspace.encode(),
