@@ -404,3 +404,44 @@ def test_qmp_client_reads_what_qemu_sends(tmp_path: Path) -> None:
         monitor.next_event(5)
     monitor.close()
     server.close()
+
+
+class LibvirtLikeMonitor(FakeMonitor):
+    """A monitor whose destination cannot be refreshed before its guest runs (the
+    libvirt backend's ``grows_while_migrating = False``)."""
+
+    grows_while_migrating = False
+
+
+def test_no_grow_while_libvirt_migrates_the_vm(tmp_path: Path) -> None:
+    """The destination's mapping was made as the migration began and nothing can
+    refresh it before libvirt resumes the guest there: no grow meanwhile."""
+    host = FakeHost(tmp_path / "dev", 1 * GiB)
+    monitor = LibvirtLikeMonitor([qmp.Event(qmp.THRESHOLD, node="proto")])
+    monitor.migration = True
+    run_watch(tmp_path, host, monitor)
+    assert host.grows == []
+    plain = FakeMonitor([qmp.Event(qmp.THRESHOLD, node="proto")])  # sharedlvm's own
+    plain.migration = True  # migration refreshes at its take-over: grown
+    host2 = FakeHost(tmp_path / "dev2", 1 * GiB)
+    run_watch(tmp_path, host2, plain)
+    assert host2.grows == [2 * GiB]
+
+
+def test_a_migrations_destination_refreshes_every_volume_at_its_resume(
+        tmp_path: Path) -> None:
+    """At the handoff's resume (a RESUMED event with reason 'migrated') every volume is
+    refreshed and its size read again: the source may have grown an LV after this
+    host mapped it."""
+    host = FakeHost(tmp_path / "dev", 1 * GiB)
+    refreshed: list[str] = []
+
+    def refresh(domain: str, volume: str) -> None:
+        refreshed.append(volume)
+        host._resize(2 * GiB)  # the LV the source grew, mapped again here
+
+    host.refresh_thin = refresh  # type: ignore[method-assign]
+    monitor = LibvirtLikeMonitor([qmp.Event(qmp.RESUMED, reason="migrated")])
+    run_watch(tmp_path, host, monitor)
+    assert refreshed == [VOL] and host.grows == []
+    assert monitor.calls[-2] == ("arm", 2 * GiB - 512 * MiB)  # armed at the new size
