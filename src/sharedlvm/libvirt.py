@@ -205,13 +205,16 @@ def resolve(path: str, limit: int = 16) -> re.Match[str] | None:
     return None
 
 
+def source_path(disk: ET.Element) -> str:
+    """A <disk>'s source path (block device or file), '' for none."""
+    source = disk.find("source")
+    return (source.get("dev") or source.get("file") or "") if source is not None else ""
+
+
 def sharedlvm_disks(root: ET.Element) -> list[Disk]:
     found = []
     for disk in root.iterfind("./devices/disk"):
-        source = disk.find("source")
-        if source is None:
-            continue
-        path = source.get("dev") or source.get("file") or ""
+        path = source_path(disk)
         match = resolve(path) if path else None
         if match is None:
             continue
@@ -256,8 +259,7 @@ def add_leases(xml: str, open_domain: Callable[[str], Domain]) -> str:
     have = {lease.key for lease in leases_of(tree)}
     added = False
     for element in tree.iterfind("./devices/disk"):
-        source, driver = element.find("source"), element.find("driver")
-        path = (source.get("dev") or source.get("file") or "") if source is not None else ""
+        driver, path = element.find("driver"), source_path(element)
         if path and driver is not None and element.find("readonly") is None \
                 and resolve(path) and not driver.get("error_policy"):
             driver.set("error_policy", "enospace")

@@ -61,8 +61,9 @@ def run_hook(paths: HostPaths, argv: list[str], xml: str, out: TextIO) -> int:
     if phase == "migrate":
         # the destination, before its prepare: paths under this host's root (printed
         # whole: an empty output would keep the source's)
-        out.write(rewrite_root(xml, str(paths.root)))
-        if sharedlvm_disks(ET.fromstring(rewrite_root(xml, str(paths.root)))):
+        rewritten = rewrite_root(xml, str(paths.root))
+        out.write(rewritten)
+        if sharedlvm_disks(ET.fromstring(rewritten)):
             marker = _marker(paths, vm)
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(name)

@@ -50,6 +50,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import MonitorError
+from .libvirt import source_path
 from .qmp import IO_ERROR, RESUMED, SHUTDOWN, STOPPED, THRESHOLD, Event
 
 log = logging.getLogger(__name__)
@@ -235,9 +236,7 @@ class LibvirtMonitor:
     def leaf_node(self, image_path: str) -> str:
         want = os.path.realpath(image_path)
         for disk in self._disks():
-            source, target = disk.find("source"), disk.find("target")
-            path = (source.get("dev") or source.get("file") or "") if source is not None \
-                else ""
+            target, path = disk.find("target"), source_path(disk)
             if target is not None and path and (path == image_path
                                                 or os.path.realpath(path) == want):
                 return target.get("dev", "")

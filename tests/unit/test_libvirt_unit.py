@@ -279,3 +279,28 @@ def test_a_restarted_watch_starts_from_the_recorded_version(
     resume_event(fake)
     drain(mon)
     assert killed(victim)
+
+
+def test_hook_refuses_what_it_cannot_lease_before_reaching_the_daemon(
+        tmp_path: Path) -> None:
+    """A read-only or shareable disk (its lease would be shared: a <lease> cannot be),
+    one image on two disks, disks of two domains: refused at prepare, before any
+    request (no daemon runs here: reaching one would fail differently)."""
+    paths = HostPaths(tmp_path)
+    entry = f"{tmp_path}/run/sharedlvm/dom1/{IMG}/{VOL}"
+    other = f"{tmp_path}/run/sharedlvm/dom2/{VM}/{VOL}"
+
+    def xml(*disks: str) -> str:
+        return (f"<domain><name>w</name><uuid>{VM}</uuid><devices>" + "".join(disks)
+                + "</devices></domain>")
+
+    def disk(path: str, dev: str, extra: str = "") -> str:
+        return (f"<disk type='block'><source dev='{path}'/><target dev='{dev}'/>"
+                f"{extra}</disk>")
+
+    for bad, why in ((xml(disk(entry, "vda", "<readonly/>")), "read-only or shareable"),
+                     (xml(disk(entry, "vda", "<shareable/>")), "read-only or shareable"),
+                     (xml(disk(entry, "vda"), disk(entry, "vdb")), "more than one disk"),
+                     (xml(disk(entry, "vda"), disk(other, "vdb")), "several sharedlvm")):
+        with pytest.raises(libvirt_hook.errors.Error, match=why):
+            libvirt_hook.run_hook(paths, ["w", "prepare", "begin", "-"], bad, io.StringIO())
